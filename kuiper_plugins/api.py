@@ -1,0 +1,255 @@
+"""The REST blueprint: thin views that check input with schemas and delegate to the installer and registry."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, request
+from marshmallow import ValidationError
+
+from kuiper_plugins import catalog, db, packages, registry
+from kuiper_plugins.errors import InvalidRequest, PluginError, PluginNotFound
+from kuiper_plugins.installer import Installer, type_label
+from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
+from kuiper_plugins.schemas import (
+    FunctionListSchema,
+    FunctionOwnerSchema,
+    NativeDescriptionSchema,
+    PluginRequestSchema,
+    PluginUpdateSchema,
+    PortableDescriptionSchema,
+    flatten_errors,
+)
+
+bp = Blueprint("plugins", __name__)
+
+ALL_TYPES = "any(sources, sinks, functions, portables)"
+
+create_schema = PluginRequestSchema()
+update_schema = PluginUpdateSchema()
+function_list_schema = FunctionListSchema()
+native_description = NativeDescriptionSchema()
+portable_description = PortableDescriptionSchema()
+portable_descriptions = PortableDescriptionSchema(many=True)
+function_owner = FunctionOwnerSchema()
+
+
+def services() -> Any:
+    return current_app.extensions["kuiper_plugins"]
+
+
+def installer() -> Installer:
+    return services().installer
+
+
+def connection():
+    """The request's registry connection, opened on first use and closed at teardown."""
+    if "registry" not in g:
+        g.registry = db.connect(services().layout.registry_file)
+    return g.registry
+
+
+@bp.teardown_app_request
+def close_connection(exc: BaseException | None) -> None:
+    conn = g.pop("registry", None)
+    if conn is not None:
+        conn.close()
+
+
+def text(message: str, status: int = 200) -> Response:
+    return Response(message, status=status, mimetype="text/plain")
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return Response(body, status=status, mimetype="application/json")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _check_strings(value: Any) -> None:
+    """Refuse strings that cannot be UTF-8 (lone surrogates from \\ud800 escapes)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            item.encode("utf-8")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def load_body(schema, what: str) -> dict[str, Any]:
+    """Parse the JSON body strictly and load it with `schema`; every failure is a 400 naming the cause."""
+    prefix = f"Invalid body: Error decoding the {what} json"
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        raise InvalidRequest(f"{prefix}: EOF")
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+        _check_strings(data)
+    except (ValueError, RecursionError, UnicodeError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise InvalidRequest(f"{prefix}: {detail}")
+    try:
+        return schema.load(data)
+    except ValidationError as exc:
+        raise InvalidRequest(f"{prefix}: {flatten_errors(exc.messages)}")
+
+
+def checked_name(name: str) -> str:
+    return packages.check_name(name)
+
+
+def creation_prefix(plugin_type: str, action: str = "create") -> str:
+    if plugin_type == PORTABLE:
+        return f"portable plugin {action} command error"
+    return f"{plugin_type} plugins {action} command error"
+
+
+def prefixed(exc: PluginError, prefix: str) -> PluginError:
+    """Put eKuiper's command prefix before a 400 message; other statuses keep their own words."""
+    return exc.with_prefix(prefix) if exc.status == 400 else exc
+
+
+# ------------------------------------------------------------------ plugins
+
+
+@bp.get(f"/plugins/<{ALL_TYPES}:plugin_type>")
+def list_plugins(plugin_type: str) -> Response:
+    if plugin_type == PORTABLE:
+        return json_response(portable_descriptions.dump(registry.list_descriptors(connection(), plugin_type)))
+    return json_response(registry.list_names(connection(), plugin_type))
+
+
+@bp.post(f"/plugins/<{ALL_TYPES}:plugin_type>")
+def create_plugin(plugin_type: str) -> Response:
+    body = load_body(create_schema, f"{type_label(plugin_type)} plugin")
+    try:
+        installer().install(plugin_type, _request_record(plugin_type, body))
+    except PluginError as exc:
+        raise prefixed(exc, creation_prefix(plugin_type))
+    return text(f"{type_label(plugin_type)} plugin {body['name']} is created", 201)
+
+
+def prebuilt_plugins(plugin_type: str) -> Response:
+    """GET /plugins/{sources,sinks,functions}/prebuild: the prebuilt catalogue for this machine."""
+    return json_response(catalog.prebuilt(services().settings, plugin_type))
+
+
+@bp.get(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>")
+def describe_plugin(plugin_type: str, name: str) -> Response:
+    # eKuiper routes GET .../prebuild to the catalogue before plugin names; other methods keep the name.
+    if name == "prebuild" and plugin_type in NATIVE_TYPES:
+        return prebuilt_plugins(plugin_type)
+    checked_name(name)
+    plugin = registry.find(connection(), plugin_type, name)
+    if plugin is None:
+        raise PluginNotFound(f"describe {type_label(plugin_type)} plugin {name} error: not found")
+    if plugin_type == PORTABLE:
+        return json_response(portable_description.dump(plugin.descriptor))
+    description: dict[str, Any] = {"name": plugin.name, "version": plugin.version}
+    if plugin_type == "functions":
+        description["functions"] = registry.functions_of(connection(), plugin.id)
+    return json_response(native_description.dump(description))
+
+
+@bp.delete(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>")
+def delete_plugin(plugin_type: str, name: str) -> Response:
+    checked_name(name)
+    stop = request.args.get("stop") == "1" and plugin_type != PORTABLE
+    installer().delete(plugin_type, name)
+    if plugin_type == PORTABLE:
+        return text(f"portable plugin {name} is deleted")
+    if stop:
+        response = text(f"{plugin_type} plugin {name} is deleted and eKuiper will be stopped")
+        response.call_on_close(services().stop_service)
+        return response
+    return text(f"{plugin_type} plugin {name} is deleted and eKuiper must restart for the change to take effect.")
+
+
+@bp.put(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>")
+def update_plugin(plugin_type: str, name: str) -> Response:
+    checked_name(name)
+    body = load_body(update_schema, f"{type_label(plugin_type)} plugin")
+    if body.get("name") not in (None, name):
+        raise InvalidRequest(f"the name '{body['name']}' in the body does not match '{name}' in the path")
+    body["name"] = name
+    try:
+        installer().update(plugin_type, name, _request_record(plugin_type, body))
+    except PluginError as exc:
+        action = "update" if plugin_type == PORTABLE else "create"
+        raise prefixed(exc, creation_prefix(plugin_type, action))
+    if plugin_type == PORTABLE:
+        return text(f"portable plugin {name} is updated")
+    return text(f"plugin {name} is updated and eKuiper must restart for the change to take effect.")
+
+
+def _request_record(plugin_type: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The request as kept in the registry: only the keys that apply to the type, empty ones left out."""
+    record = {"name": body["name"], "file": body["file"]}
+    if body.get("shellParas"):
+        record["shellParas"] = list(body["shellParas"])
+    if plugin_type == "functions" and body.get("functions"):
+        record["functions"] = list(body["functions"])
+    if body.get("sha256"):
+        record["sha256"] = body["sha256"].lower()
+    return record
+
+
+# ------------------------------------------------------------------ functions
+
+
+@bp.post("/plugins/functions/<name>/register")
+def register_functions(name: str) -> Response:
+    checked_name(name)
+    body = load_body(function_list_schema, "function list")
+    installer().register_functions(name, body["functions"])
+    return text(f"function plugin {name} function list is registered")
+
+
+@bp.get("/plugins/udfs")
+def list_functions() -> Response:
+    return json_response(registry.function_names(connection()))
+
+
+@bp.get("/plugins/udfs/<name>")
+def describe_function(name: str) -> Response:
+    checked_name(name)
+    plugin = registry.function_owner(connection(), name)
+    if plugin is None:
+        raise PluginNotFound(f"describe function {name} error: not found")
+    return json_response(function_owner.dump({"name": name, "plugin": plugin}))
+
+
+# ------------------------------------------------------------------ health
+
+
+@bp.get("/ping")
+def ping() -> Response:
+    return Response(status=200)
+
+
+@bp.get("/")
+def readiness() -> Response:
+    state = services()
+    counts = registry.counts(connection())
+    return json_response({
+        "version": state.settings.kuiper_version,
+        "os": sys.platform,
+        "arch": catalog.go_arch(platform.machine()),
+        "upTimeSeconds": int(time.time() - state.started_at),
+        "registry": {
+            "plugins": {t: counts["plugins"].get(t, 0) for t in (*NATIVE_TYPES, PORTABLE)},
+            "functions": counts["functions"],
+            "operationsInFlight": counts["operationsInFlight"],
+        },
+    })

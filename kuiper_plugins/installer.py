@@ -1,0 +1,479 @@
+"""Install, update and delete plugins without ever leaving one half-installed.
+
+Every operation on a plugin runs the same stages:
+1. take the plugin's flock (busy -> refused at once) and roll back any dead
+   operation a crashed worker left on that name;
+2. reserve the name in the operations table and make a staging folder
+   `data/.kuiper-plugins/staging/<operation id>` on the same filesystem;
+3. do the slow work inside staging: download, inspect, unpack, install.sh;
+4. write the journal of file moves to the registry, then move the files into
+   place with os.replace, old files going aside into the staging folder;
+5. commit the plugin row and drop the operation row in one transaction: the
+   commit point;
+6. remove the staging folder (and with it the old files of an update).
+A failure before the commit point undoes the moves from the journal; a crash
+at any point is undone the same way by `recover()` when a worker starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kuiper_plugins import archive, db, fetch, packages, registry, scripts
+from kuiper_plugins.errors import (
+    ArchiveRejected,
+    DiskFull,
+    InstallFailed,
+    InvalidRequest,
+    PackageInvalid,
+    PluginError,
+    PluginNotFound,
+    ScriptFailed,
+)
+from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE, Layout
+from kuiper_plugins.locks import blocking_lock, plugin_lock
+from kuiper_plugins.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTOR_MAX_BYTES = 1024 * 1024
+SO_FILE_NAME = re.compile(r"([A-Za-z0-9_-]+?)(?:@([A-Za-z0-9._+-]+))?\.so")
+
+
+@dataclass
+class _Operation:
+    id: str
+    staging: Path
+    journal: list[dict[str, Any]] = field(default_factory=list)
+    committed: bool = False
+
+
+def type_label(plugin_type: str) -> str:
+    """How eKuiper names a type in messages: `sources`, `sinks`, `functions`, `portable`."""
+    return "portable" if plugin_type == PORTABLE else plugin_type
+
+
+class Installer:
+    """Carries out plugin operations against one KUIPER_HOME and its registry."""
+
+    def __init__(self, settings: Settings, connect: Callable[[], sqlite3.Connection]):
+        self.settings = settings
+        self.layout = Layout(settings.home)
+        self._connect = connect
+
+    # ---------------------------------------------------------------- operations
+
+    def install(self, plugin_type: str, request: dict[str, Any]) -> None:
+        """Install a new plugin from the request's package URL."""
+        name = request["name"]
+        with self._logged("install", plugin_type, name, request) as outcome:
+            with self._operation(plugin_type, name, "install") as (conn, op):
+                existing = registry.find_by_key(conn, plugin_type, name)
+                if existing is not None:
+                    raise InvalidRequest(f"invalid name {name}: duplicate")
+                outcome.update(self._install_package(conn, op, plugin_type, request, old=None))
+
+    def update(self, plugin_type: str, name: str, request: dict[str, Any]) -> None:
+        """Replace an installed plugin by a new package; the old one stays whole until the new one is in."""
+        with self._logged("update", plugin_type, name, request) as outcome:
+            with self._operation(plugin_type, name, "update") as (conn, op):
+                old = registry.find(conn, plugin_type, name)
+                if old is None:
+                    if plugin_type != PORTABLE:
+                        raise PluginNotFound(
+                            f"update {plugin_type} plugin {name} error, cannot delete old version:"
+                            f" invalid name {name}: not exist"
+                        )
+                    if registry.find_by_key(conn, plugin_type, name) is not None:
+                        raise InvalidRequest(f"invalid name {name}: duplicate")
+                outcome.update(self._install_package(conn, op, plugin_type, request, old=old))
+
+    def delete(self, plugin_type: str, name: str) -> None:
+        """Remove exactly the files the install wrote, the plugin's functions and its registry entry."""
+        self._require(plugin_type, name, "delete")
+        with self._logged("delete", plugin_type, name, None) as outcome:
+            with self._operation(plugin_type, name, "delete") as (conn, op):
+                plugin = self._require(plugin_type, name, "delete", conn)
+                outcome["version"] = plugin.version
+                present = [f for f in registry.files_of(conn, plugin.id) if self._exists(f)]
+                self._publish(conn, op, [(None, f) for f in present])
+                with db.transaction(conn):
+                    registry.remove(conn, plugin.id)
+                    registry.end_operation(conn, op.id)
+                op.committed = True
+
+    def register_functions(self, name: str, functions: Sequence[str]) -> None:
+        """Replace the function list of a native function plugin."""
+        lock = plugin_lock(self.layout.locks, "functions", name).acquire_or_refuse(f"functions plugin {name}")
+        conn = self._connect()
+        try:
+            plugin = registry.find(conn, "functions", name)
+            if plugin is None:
+                raise PluginNotFound(f"register functions plugin {name} error: not found")
+            if not functions:
+                raise InvalidRequest(
+                    f"function plugins {name} regiser functions error: property 'functions' must not be empty"
+                )
+            self._refuse_function_clashes(conn, functions, plugin.id)
+            try:
+                with db.transaction(conn):
+                    registry.set_functions(conn, plugin.id, functions)
+            except sqlite3.IntegrityError:
+                self._refuse_function_clashes(conn, functions, plugin.id)
+                raise
+            log.info("functions plugin %s now exports %s", name, ",".join(functions))
+        finally:
+            conn.close()
+            lock.release()
+
+    # ---------------------------------------------------------------- start-up recovery
+
+    def recover(self) -> None:
+        """Roll back operations whose worker died, sweep staging debris, adopt hand-copied .so files."""
+        with blocking_lock(self.layout.locks / "recovery.lock"):
+            conn = self._connect()
+            try:
+                # List staging first: a folder seen here whose operation row is gone afterwards is debris.
+                staged = list(self.layout.staging.iterdir())
+                for op in registry.operations(conn):
+                    lock = plugin_lock(self.layout.locks, op.type, op.name)
+                    if not lock.try_acquire():
+                        continue  # its owner is alive and working
+                    try:
+                        self._roll_back(conn, op)
+                    finally:
+                        lock.release()
+                live = {op.id for op in registry.operations(conn)}
+                for folder in staged:
+                    if folder.name not in live:
+                        shutil.rmtree(folder, ignore_errors=True)
+                self._adopt(conn)
+            finally:
+                conn.close()
+
+    def _roll_back(self, conn: sqlite3.Connection, op: registry.Operation) -> None:
+        killed = scripts.kill_marked(op.id)
+        staging = self.layout.staging / op.id
+        self._undo(op.journal, staging)
+        with db.transaction(conn):
+            registry.end_operation(conn, op.id)
+        shutil.rmtree(staging, ignore_errors=True)
+        log.warning(
+            "rolled back the unfinished %s of %s plugin %s (operation %s, worker pid %d, %d processes killed)",
+            op.kind, type_label(op.type), op.name, op.id, op.pid, killed,
+        )
+
+    def _adopt(self, conn: sqlite3.Connection) -> None:
+        """List native .so files copied in by hand, as eKuiper does at start-up."""
+        recorded = registry.all_recorded_files(conn)
+        in_flight = {m["dest"] for op in registry.operations(conn) for m in op.journal}
+        for plugin_type in NATIVE_TYPES:
+            folder = self.layout.native_dir(plugin_type)
+            for so_path in sorted(folder.glob("*.so")):
+                relative = self.layout.relative(so_path)
+                if relative in recorded or relative in in_flight or not so_path.is_file():
+                    continue
+                match = SO_FILE_NAME.fullmatch(so_path.name)
+                if match is None:
+                    log.warning("ignoring %s: its name does not make a plugin name", relative)
+                    continue
+                name = match.group(1)[0].lower() + match.group(1)[1:]
+                if len(name) > 64:
+                    continue
+                with db.transaction(conn):
+                    if registry.find_by_key(conn, plugin_type, name) is not None:
+                        log.warning("ignoring %s: plugin %s is already installed", relative, name)
+                        continue
+                    functions = [name] if plugin_type == "functions" else []
+                    if functions and registry.function_clashes(conn, functions, None):
+                        functions = []
+                    registry.save(
+                        conn, plugin_type=plugin_type, name=name, version=(match.group(2) or "").removeprefix("v"),
+                        descriptor=None, request=None, sha256=None, files=[relative], functions=functions,
+                        adopted=True,
+                    )
+                log.info("adopted %s plugin %s from %s found on disk", plugin_type, name, relative)
+
+    # ---------------------------------------------------------------- the stages
+
+    def _install_package(
+        self, conn: sqlite3.Connection, op: _Operation, plugin_type: str, request: dict[str, Any],
+        old: registry.Plugin | None,
+    ) -> dict[str, Any]:
+        name = request["name"]
+        settings = self.settings
+        fetched = fetch.fetch(
+            request["file"], op.staging, uploads_dir=self.layout.uploads,
+            allow_external_file_access=settings.allow_external_file_access,
+            enable_private_net=settings.enable_private_net,
+            private_net_allow_list=settings.private_net_allow_list, max_size=settings.max_plugin_size,
+            timeout=settings.download_timeout, tls_verify=settings.tls_verify, sha256=request.get("sha256"),
+        )
+        try:
+            entries, plan = self._plan(plugin_type, name, request, fetched.path)
+            old_id = old.id if old is not None else None
+            self._refuse_function_clashes(conn, plan.functions, old_id)
+            if plan.script and not settings.install_scripts:
+                raise ScriptFailed("the package has an install.sh and basic.installScripts is false")
+            unpacked = op.staging / "unpacked"
+            unpacked.mkdir()
+            archive.extract(fetched.path, entries, unpacked)
+        except (ArchiveRejected, PackageInvalid, ScriptFailed) as exc:
+            raise exc.with_prefix("fail to install plugin")
+        finally:
+            if fetched.temporary:
+                fetched.path.unlink(missing_ok=True)
+
+        if plan.script:
+            try:
+                scripts.run_install_script(
+                    unpacked / plan.script, request.get("shellParas") or [], cwd=unpacked,
+                    timeout=settings.install_script_timeout, marker=op.id,
+                )
+            except ScriptFailed as exc:
+                raise exc.with_prefix("fail to install plugin")
+        if plan.executable:
+            os.chmod(unpacked / plan.executable, 0o755)
+
+        moves, files = self._stage_units(conn, op, plan, unpacked, old)
+        self._publish(conn, op, moves)
+        descriptor = None
+        if plan.descriptor is not None:
+            descriptor = dict(plan.descriptor)
+            descriptor["executable"] = str(self.layout.portable_dir(name) / plan.descriptor["executable"])
+        try:
+            with db.transaction(conn):
+                registry.save(
+                    conn, plugin_type=plugin_type, name=name, version=plan.version, descriptor=descriptor,
+                    request=request, sha256=fetched.sha256, files=files, functions=plan.functions,
+                    replaces=old.id if old is not None else None,
+                )
+                registry.end_operation(conn, op.id)
+        except sqlite3.IntegrityError:
+            # Another plugin took a function or file between our checks and the commit.
+            self._refuse_function_clashes(conn, plan.functions, old.id if old is not None else None)
+            raise InstallFailed(f"fail to install plugin: a file of plugin {name} was taken by another plugin")
+        op.committed = True
+        return {"version": plan.version, "sha256": fetched.sha256}
+
+    def _plan(
+        self, plugin_type: str, name: str, request: dict[str, Any], zip_path: Path
+    ) -> tuple[list[archive.Entry], packages.InstallPlan]:
+        """Inspect the zip (refusing unsafe archives) and apply the package rules to its listing."""
+        entries = archive.inspect(
+            zip_path, max_entries=self.settings.max_archive_entries,
+            max_unpacked_size=self.settings.max_unpacked_size,
+        )
+        shell_paras = request.get("shellParas") or []
+        if plugin_type == PORTABLE:
+            member = packages.descriptor_member(name)
+            present = any(e.name == member and not e.is_dir for e in entries)
+            raw = archive.read_member(zip_path, member, max_size=DESCRIPTOR_MAX_BYTES) if present else None
+            return entries, packages.plan_portable(name, entries, raw, shell_paras=shell_paras)
+        functions = request.get("functions") or [name]
+        plan = packages.plan_native(plugin_type, name, entries, shell_paras=shell_paras, functions=functions)
+        return entries, plan
+
+    def _stage_units(
+        self, conn: sqlite3.Connection, op: _Operation, plan: packages.InstallPlan, unpacked: Path,
+        old: registry.Plugin | None,
+    ) -> tuple[list[tuple[Path | None, str]], list[str]]:
+        """Materialise each unit in staging; return the moves to make and the files the plugin will own."""
+        old_files = set(registry.files_of(conn, old.id)) if old is not None else set()
+        kept_groups = {u.group for u in plan.units if u.group and self._exists(u.dest)}
+        placing = [u for u in plan.units if u.group not in kept_groups or u.group is None]
+        owners = registry.file_owners(conn, [u.dest for u in placing], old.id if old is not None else None)
+        if owners:
+            path, owner_type, owner_name = owners[0]
+            raise PackageInvalid(
+                f"fail to install plugin: {path} belongs to {type_label(owner_type)} plugin {owner_name}"
+            )
+
+        units_dir = op.staging / "units"
+        units_dir.mkdir()
+        first_copy: dict[str, Path] = {}
+        moves: list[tuple[Path | None, str]] = []
+        for index, unit in enumerate(placing):
+            staged = units_dir / str(index)
+            if unit.src in first_copy:
+                if unit.is_dir:
+                    shutil.copytree(first_copy[unit.src], staged, symlinks=True)
+                else:
+                    shutil.copyfile(first_copy[unit.src], staged)
+            elif unit.src == "":
+                # The rest of the tree is a portable plugin's own folder: drop the emptied symbol folders.
+                for kind in packages.PORTABLE_SYMBOL_KINDS:
+                    if (unpacked / kind).is_dir() and not any((unpacked / kind).iterdir()):
+                        (unpacked / kind).rmdir()
+                os.replace(unpacked, staged)
+            else:
+                os.replace(unpacked / unit.src, staged)
+                first_copy[unit.src] = staged
+            moves.append((staged, unit.dest))
+
+        placed = {u.dest for u in placing}
+        kept_owned = {u.dest for u in plan.units if u.group in kept_groups and u.dest in old_files}
+        for stale in sorted(old_files - placed - kept_owned):
+            if self._exists(stale):
+                moves.append((None, stale))
+        return moves, sorted(placed | kept_owned)
+
+    def _publish(self, conn: sqlite3.Connection, op: _Operation, moves: list[tuple[Path | None, str]]) -> None:
+        """Journal the moves in the registry, then make them: old files aside into staging, new ones in."""
+        journal = []
+        for index, (staged, dest) in enumerate(moves):
+            backup = f"backup/{index}" if self._exists(dest) else None
+            journal.append({"dest": dest, "backup": backup, "placed": staged is not None})
+        with db.transaction(conn):
+            registry.record_journal(conn, op.id, journal)
+        op.journal = journal
+        (op.staging / "backup").mkdir(exist_ok=True)
+        for (staged, _dest), entry in zip(moves, journal, strict=True):
+            target = self._inside_home(entry["dest"])
+            if entry["backup"]:
+                os.replace(target, op.staging / entry["backup"])
+            if staged is not None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, target)
+
+    def _undo(self, journal: list[dict[str, Any]], staging: Path) -> None:
+        """Reverse a journal's moves, newest first; safe to run on a partly made or repeated undo."""
+        for entry in reversed(journal):
+            target = self.layout.absolute(entry["dest"])
+            backup = staging / entry["backup"] if entry["backup"] else None
+            if backup is None:
+                if entry["placed"]:
+                    _remove(target)
+            elif os.path.lexists(backup):
+                _remove(target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(backup, target)
+
+    # ---------------------------------------------------------------- plumbing
+
+    @contextmanager
+    def _operation(self, plugin_type: str, name: str, kind: str) -> Iterator[tuple[sqlite3.Connection, _Operation]]:
+        lock = plugin_lock(self.layout.locks, plugin_type, name).acquire_or_refuse(
+            f"{type_label(plugin_type)} plugin {name}"
+        )
+        conn = self._connect()
+        op: _Operation | None = None
+        try:
+            stale = registry.operation_for(conn, plugin_type, name)
+            if stale is not None:
+                self._roll_back(conn, stale)
+            op_id = uuid.uuid4().hex
+            op = _Operation(id=op_id, staging=self.layout.staging / op_id)
+            with db.transaction(conn):
+                registry.begin_operation(conn, op.id, plugin_type, name, kind, os.getpid())
+            op.staging.mkdir()
+            try:
+                yield conn, op
+            except OSError as exc:
+                raise _os_error(exc) from exc
+        except BaseException:
+            if op is not None and not op.committed:
+                self._abandon(conn, op)
+            raise
+        finally:
+            if op is not None and (op.committed or not op.journal):
+                shutil.rmtree(op.staging, ignore_errors=True)
+            conn.close()
+            lock.release()
+
+    def _abandon(self, conn: sqlite3.Connection, op: _Operation) -> None:
+        """Undo a failed operation; if even that fails, leave its row for recovery to finish."""
+        try:
+            self._undo(op.journal, op.staging)
+            with db.transaction(conn):
+                registry.end_operation(conn, op.id)
+            op.journal = []
+        except (OSError, PluginError, sqlite3.Error):
+            log.exception("could not roll back operation %s; start-up recovery will finish it", op.id)
+
+    def _require(
+        self, plugin_type: str, name: str, verb: str, conn: sqlite3.Connection | None = None
+    ) -> registry.Plugin:
+        own = conn is None
+        conn = conn or self._connect()
+        try:
+            plugin = registry.find(conn, plugin_type, name)
+        finally:
+            if own:
+                conn.close()
+        if plugin is None:
+            if plugin_type == PORTABLE:
+                raise PluginNotFound(f"{verb} portable plugin {name} error: portable plugin {name} is not found")
+            raise PluginNotFound(f"{verb} {plugin_type} plugin {name} error: invalid name {name}: not exist")
+        return plugin
+
+    def _refuse_function_clashes(self, conn: sqlite3.Connection, functions: Sequence[str], owner: int | None):
+        clashes = registry.function_clashes(conn, functions, owner)
+        if clashes:
+            function, plugin = clashes[0]
+            raise InvalidRequest(f"function name {function} already exists (it belongs to plugin {plugin})")
+
+    def _exists(self, recorded: str) -> bool:
+        return os.path.lexists(self.layout.absolute(recorded))
+
+    def _inside_home(self, recorded: str) -> Path:
+        """The absolute destination, refusing one whose folder resolves outside KUIPER_HOME (a planted link)."""
+        target = self.layout.absolute(recorded)
+        home = os.path.realpath(self.layout.home)
+        parent = os.path.realpath(target.parent)
+        if os.path.commonpath([home, parent]) != home or os.path.islink(target):
+            raise InstallFailed(f"fail to install plugin: {recorded} resolves outside {self.layout.home}")
+        return target
+
+    @contextmanager
+    def _logged(self, action: str, plugin_type: str, name: str, request: dict[str, Any] | None):
+        """Write one structured log line per operation: what, outcome and duration."""
+        started = time.monotonic()
+        outcome: dict[str, Any] = {}
+        try:
+            yield outcome
+        except PluginError as exc:
+            _log_operation(action, plugin_type, name, request, outcome, f"refused:{exc.status}", started, exc.message)
+            raise
+        except BaseException:
+            _log_operation(action, plugin_type, name, request, outcome, "error", started, None)
+            raise
+        _log_operation(action, plugin_type, name, request, outcome, "ok", started, None)
+
+
+def _log_operation(action, plugin_type, name, request, outcome, result, started, message) -> None:
+    log.info(
+        "plugin %s: type=%s name=%s version=%s url=%s sha256=%s outcome=%s duration=%.3fs%s",
+        action, type_label(plugin_type), name, outcome.get("version", "-"),
+        (request or {}).get("file", "-"), outcome.get("sha256", "-"), result, time.monotonic() - started,
+        f" reason={message!r}" if message else "",
+    )
+
+
+def _remove(path: Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _os_error(exc: OSError) -> PluginError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"disk full while installing the plugin: {exc}")
+    log.warning("plugin operation failed on the file system: %s", exc)
+    return InstallFailed(f"fail to install plugin: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))

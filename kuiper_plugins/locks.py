@@ -1,0 +1,70 @@
+"""Per-plugin locks shared by every worker process: flock on a file under the layout's locks folder.
+
+The kernel drops a flock when its holder dies, so a SIGKILLed worker never
+leaves a stale lock behind; holding the lock is also the proof that nobody
+else is working on that plugin, which start-up recovery relies on.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kuiper_plugins.errors import PluginBusy
+
+
+class PluginLock:
+    """An exclusive, non-blocking lock on one (type, name), released by `release` or process death."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; return whether it was taken."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        self._fd = fd
+        return True
+
+    def acquire_or_refuse(self, description: str) -> PluginLock:
+        if not self.try_acquire():
+            raise PluginBusy(f"{description} is busy: another install, update or delete of it is in progress")
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> PluginLock:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def plugin_lock(locks_dir: Path, plugin_type: str, name: str) -> PluginLock:
+    """The lock of one plugin; names differing only in case share it, as they share a registry key."""
+    return PluginLock(locks_dir / f"{plugin_type}.{name.lower()}.lock")
+
+
+@contextmanager
+def blocking_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` for a with-block, waiting for it (start-up recovery)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,235 @@
+"""The package rules: a zip's listing -> an install plan. Pure: no disk, no network.
+
+`plan_native` and `plan_portable` decide which zip members become which
+installed files; the installer carries the plan out. Every refusal is a
+PackageInvalid whose message names the plugin's problem.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kuiper_plugins.archive import Entry
+from kuiper_plugins.errors import InvalidRequest, PackageInvalid
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+INSTALL_SCRIPT = "install.sh"
+PORTABLE_LANGUAGES = ("go", "python")
+PORTABLE_SYMBOL_KINDS = ("sources", "sinks", "functions")
+
+
+def check_name(name: Any, what: str = "name") -> str:
+    """Return `name` if it follows the name rule (1-64 of [A-Za-z0-9_-]), else refuse it."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        shown = name if isinstance(name, str) else repr(name)
+        raise InvalidRequest(
+            f"invalid {what} '{shown}': only 1 to 64 letters, digits, hyphens and underscores are allowed"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing to install: a staged file or folder `src` (relative to the unpacked tree) at `dest`.
+
+    Units sharing a `group` are written all or none: when any of their
+    destinations already exists, the whole group is kept as it is on disk
+    (a user's edited source yaml survives a reinstall).
+    """
+
+    src: str
+    dest: str
+    is_dir: bool = False
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class InstallPlan:
+    plugin_type: str
+    name: str
+    version: str
+    units: list[Unit]
+    script: str | None = None
+    functions: list[str] = field(default_factory=list)
+    descriptor: dict[str, Any] | None = None
+    executable: str | None = None  # member to give the run bit (portable)
+
+
+def _root_files(entries: Sequence[Entry]) -> dict[str, Entry]:
+    return {e.name: e for e in entries if not e.is_dir and "/" not in e.name}
+
+
+def _listing(entries: Sequence[Entry], limit: int = 20) -> str:
+    names = [e.name + ("/" if e.is_dir else "") for e in entries]
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} entries)" if len(names) > limit else "")
+
+
+def _check_script(has_script: bool, shell_paras: Sequence[str]) -> None:
+    if shell_paras and not has_script:
+        raise PackageInvalid(f"have shell parameters : [{' '.join(shell_paras)}] but no install.sh file")
+
+
+def plan_native(
+    plugin_type: str, name: str, entries: Sequence[Entry], *, shell_paras: Sequence[str] = (),
+    functions: Sequence[str] = (),
+) -> InstallPlan:
+    """Plan a native source, sink or function plugin from its zip listing."""
+    root = _root_files(entries)
+    has_script = INSTALL_SCRIPT in root
+    _check_script(has_script, shell_paras)
+
+    capitalised = name[0].upper() + name[1:]
+    so_pattern = re.compile(rf"(?:{re.escape(name)}|{re.escape(capitalised)})(?:@(.*))?\.so")
+    binaries = [(n, m) for n in sorted(root) if (m := so_pattern.fullmatch(n))]
+    if not binaries:
+        raise PackageInvalid(
+            f"invalid zip file: no {name}.so or {capitalised}.so (optionally @version) at the zip root;"
+            f" found: {_listing(entries)}"
+        )
+    if len(binaries) > 1:
+        raise PackageInvalid(
+            f"invalid zip file: more than one binary for plugin {name}: {', '.join(n for n, _ in binaries)}"
+        )
+    so_name, match = binaries[0]
+    version = match.group(1) or ""
+    if match.group(1) is not None and (not VERSION_PATTERN.fullmatch(version) or ".." in version):
+        raise PackageInvalid(f"invalid zip file: binary {so_name} has an invalid version {version!r}")
+
+    etc_dir, data_dir = f"etc/{plugin_type}", f"data/{plugin_type}"
+    units = [Unit(so_name, f"plugins/{plugin_type}/{so_name}")]
+    if plugin_type == "sources":
+        yaml_name = f"{name}.yaml"
+        if yaml_name not in root:
+            raise PackageInvalid(f"invalid zip file: source plugin {name} needs {yaml_name} at the zip root")
+        units += [Unit(yaml_name, f"{etc_dir}/{yaml_name}", group="yaml"),
+                  Unit(yaml_name, f"{data_dir}/{yaml_name}", group="yaml")]
+    json_name = f"{name}.json"
+    if json_name in root:
+        units += [Unit(json_name, f"{etc_dir}/{json_name}"), Unit(json_name, f"{data_dir}/{json_name}")]
+    if any(e.name == "etc" or e.name.startswith("etc/") for e in entries):
+        if "etc" in root:
+            raise PackageInvalid("invalid zip file: etc must be a folder")
+        units += [Unit("etc", f"{etc_dir}/{name}", is_dir=True), Unit("etc", f"{data_dir}/{name}", is_dir=True)]
+
+    return InstallPlan(
+        plugin_type=plugin_type,
+        name=name,
+        version=version.removeprefix("v"),
+        units=units,
+        script=INSTALL_SCRIPT if has_script else None,
+        functions=list(functions) if plugin_type == "functions" else [],
+    )
+
+
+def descriptor_member(name: str) -> str:
+    return f"{name}.json"
+
+
+def plan_portable(
+    name: str, entries: Sequence[Entry], descriptor_bytes: bytes | None, *, shell_paras: Sequence[str] = ()
+) -> InstallPlan:
+    """Plan a portable plugin from its zip listing and the bytes of its `<name>.json` descriptor."""
+    root = _root_files(entries)
+    json_name = descriptor_member(name)
+    if json_name not in root or descriptor_bytes is None:
+        raise PackageInvalid(f"missing or invalid json file {json_name}, found {len(entries)} files in total")
+    has_script = INSTALL_SCRIPT in root
+    _check_script(has_script, shell_paras)
+    try:
+        raw = json.loads(descriptor_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PackageInvalid(f"invalid json file {json_name}: {exc}")
+    if not isinstance(raw, dict):
+        raise PackageInvalid(f"invalid json file {json_name}: expected an object")
+    info = _validate_descriptor(name, raw, json_name)
+
+    executable = info["executable"]
+    files = {e.name for e in entries if not e.is_dir}
+    if executable not in files:
+        raise PackageInvalid(f"missing {executable}")
+    for source in info["sources"]:
+        if f"sources/{source}.yaml" not in files:
+            raise PackageInvalid(f"missing sources/{source}.yaml")
+
+    units: list[Unit] = []
+    for entry in entries:
+        top, _, rest = entry.name.partition("/")
+        if top not in PORTABLE_SYMBOL_KINDS or not rest:
+            continue
+        if entry.is_dir or "/" in rest:
+            raise PackageInvalid(f"invalid zip file: {entry.name}: folders under {top}/ are not supported")
+        units += [Unit(entry.name, f"etc/{entry.name}"), Unit(entry.name, f"data/{entry.name}")]
+    # The rest of the unpacked tree becomes the plugin's own folder; it must come last.
+    units.append(Unit("", f"plugins/portable/{name}", is_dir=True))
+
+    return InstallPlan(
+        plugin_type="portables",
+        name=name,
+        version=info["version"],
+        units=units,
+        script=INSTALL_SCRIPT if has_script else None,
+        functions=list(info["functions"]),
+        descriptor=info,
+        executable=executable,
+    )
+
+
+def _validate_descriptor(name: str, raw: dict[str, Any], json_name: str) -> dict[str, Any]:
+    """Check a portable descriptor in eKuiper's order and return it normalised."""
+
+    def text(key: str) -> str:
+        value = raw.get(key)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise PackageInvalid(f"invalid json file {json_name}: {key} must be a string")
+        return value
+
+    def symbols(key: str) -> list[str]:
+        value = raw.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise PackageInvalid(f"invalid json file {json_name}: {key} must be a list of names")
+        for symbol in value:
+            if not NAME_PATTERN.fullmatch(symbol):
+                raise PackageInvalid(f"invalid json file {json_name}: invalid {key} name '{symbol}'")
+        if len(set(value)) != len(value):
+            raise PackageInvalid(f"invalid json file {json_name}: {key} lists a name twice")
+        return list(value)
+
+    declared = text("name")
+    if declared and declared != name:
+        raise PackageInvalid(f"invalid plugin, expect name '{name}' but got '{declared}'")
+    language = text("language")
+    if not language:
+        raise PackageInvalid("invalid plugin, missing language")
+    executable = text("executable")
+    if not executable:
+        raise PackageInvalid("invalid plugin, missing executable")
+    sources, sinks, functions = symbols("sources"), symbols("sinks"), symbols("functions")
+    if not (sources or sinks or functions):
+        raise PackageInvalid("invalid plugin, must define at lease one source, sink or function")
+    if language not in PORTABLE_LANGUAGES:
+        raise PackageInvalid(f"invalid plugin, language '{language}' is not supported")
+    parts = executable.split("/")
+    if executable.startswith("/") or any(p in ("", ".", "..") for p in parts) or parts[0] in PORTABLE_SYMBOL_KINDS:
+        raise PackageInvalid(f"invalid plugin, executable '{executable}' must be a file inside the plugin folder")
+
+    info: dict[str, Any] = {
+        "name": name,
+        "version": text("version"),
+        "language": language,
+        "executable": executable,
+    }
+    for optional in ("virtualEnvType", "env"):
+        if raw.get(optional) is not None:
+            info[optional] = text(optional)
+    info.update(sources=sources, sinks=sinks, functions=functions)
+    return info

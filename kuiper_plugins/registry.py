@@ -1,0 +1,245 @@
+"""The plugin registry in SQLite: plugins, the files each install wrote, functions, operations.
+
+Invariants:
+- a plugin row exists only for a fully installed plugin; its files are listed
+  in plugin_files (a path belongs to at most one plugin);
+- function names are one global namespace across native and portable plugins;
+- an operations row marks an install, update or delete in flight; its journal
+  says how to undo the file moves made so far, so that a crash at any point
+  can be rolled back at start-up.
+Write functions expect to run inside `db.transaction()`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Plugin:
+    id: int
+    type: str
+    name: str
+    version: str
+    descriptor: dict[str, Any] | None
+    request: dict[str, Any] | None
+    sha256: str | None
+    adopted: bool
+
+
+@dataclass(frozen=True)
+class Operation:
+    id: str
+    type: str
+    name: str
+    kind: str
+    pid: int
+    journal: list[dict[str, Any]]
+
+
+def name_key(name: str) -> str:
+    """Names are unique within a type regardless of case (eKuiper upper-cases .so names)."""
+    return name.lower()
+
+
+def _plugin(row: sqlite3.Row) -> Plugin:
+    return Plugin(
+        id=row["id"],
+        type=row["type"],
+        name=row["name"],
+        version=row["version"],
+        descriptor=json.loads(row["descriptor"]) if row["descriptor"] else None,
+        request=json.loads(row["request"]) if row["request"] else None,
+        sha256=row["sha256"],
+        adopted=bool(row["adopted"]),
+    )
+
+
+def list_names(conn: sqlite3.Connection, plugin_type: str) -> list[str]:
+    """Names of the installed plugins of one type, sorted."""
+    rows = conn.execute("SELECT name FROM plugins WHERE type = ? ORDER BY name", (plugin_type,))
+    return [row[0] for row in rows]
+
+
+def list_descriptors(conn: sqlite3.Connection, plugin_type: str) -> list[dict[str, Any]]:
+    """Descriptors of the installed plugins of one type, sorted by name."""
+    rows = conn.execute("SELECT descriptor FROM plugins WHERE type = ? ORDER BY name", (plugin_type,))
+    return [json.loads(row[0]) for row in rows]
+
+
+def find(conn: sqlite3.Connection, plugin_type: str, name: str) -> Plugin | None:
+    """The plugin of that exact type and name, or None."""
+    row = conn.execute("SELECT * FROM plugins WHERE type = ? AND name = ?", (plugin_type, name)).fetchone()
+    return _plugin(row) if row else None
+
+
+def find_by_key(conn: sqlite3.Connection, plugin_type: str, name: str) -> Plugin | None:
+    """The plugin whose name equals `name` regardless of case, or None."""
+    row = conn.execute(
+        "SELECT * FROM plugins WHERE type = ? AND name_key = ?", (plugin_type, name_key(name))
+    ).fetchone()
+    return _plugin(row) if row else None
+
+
+def files_of(conn: sqlite3.Connection, plugin_id: int) -> list[str]:
+    rows = conn.execute("SELECT path FROM plugin_files WHERE plugin_id = ? ORDER BY path", (plugin_id,))
+    return [row[0] for row in rows]
+
+
+def functions_of(conn: sqlite3.Connection, plugin_id: int) -> list[str]:
+    rows = conn.execute("SELECT name FROM functions WHERE plugin_id = ? ORDER BY position", (plugin_id,))
+    return [row[0] for row in rows]
+
+
+def function_names(conn: sqlite3.Connection) -> list[str]:
+    """Every registered function name, sorted."""
+    return [row[0] for row in conn.execute("SELECT name FROM functions ORDER BY name")]
+
+
+def function_owner(conn: sqlite3.Connection, function: str) -> str | None:
+    """The name of the plugin that owns a function, or None."""
+    row = conn.execute(
+        "SELECT p.name FROM functions f JOIN plugins p ON p.id = f.plugin_id WHERE f.name = ?", (function,)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def function_clashes(
+    conn: sqlite3.Connection, functions: Iterable[str], except_plugin: int | None
+) -> list[tuple[str, str]]:
+    """(function, owning plugin) for each name already owned by another plugin."""
+    clashes = []
+    for function in functions:
+        row = conn.execute(
+            "SELECT f.plugin_id, p.name FROM functions f JOIN plugins p ON p.id = f.plugin_id WHERE f.name = ?",
+            (function,),
+        ).fetchone()
+        if row and row[0] != except_plugin:
+            clashes.append((function, row[1]))
+    return clashes
+
+
+def file_owners(
+    conn: sqlite3.Connection, paths: Iterable[str], except_plugin: int | None
+) -> list[tuple[str, str, str]]:
+    """(path, owner type, owner name) for each path recorded for another plugin."""
+    owners = []
+    for path in paths:
+        row = conn.execute(
+            "SELECT f.plugin_id, p.type, p.name FROM plugin_files f JOIN plugins p ON p.id = f.plugin_id"
+            " WHERE f.path = ?",
+            (path,),
+        ).fetchone()
+        if row and row[0] != except_plugin:
+            owners.append((path, row[1], row[2]))
+    return owners
+
+
+def all_recorded_files(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT path FROM plugin_files")}
+
+
+def save(
+    conn: sqlite3.Connection,
+    *,
+    plugin_type: str,
+    name: str,
+    version: str,
+    descriptor: dict[str, Any] | None,
+    request: dict[str, Any] | None,
+    sha256: str | None,
+    files: Sequence[str],
+    functions: Sequence[str],
+    replaces: int | None = None,
+    adopted: bool = False,
+) -> int:
+    """Record a fully installed plugin (replacing the row `replaces` on update); return its id."""
+    now = time.time()
+    created_at = now
+    if replaces is not None:
+        row = conn.execute("SELECT created_at FROM plugins WHERE id = ?", (replaces,)).fetchone()
+        created_at = row[0] if row else now
+        conn.execute("DELETE FROM plugins WHERE id = ?", (replaces,))
+    cursor = conn.execute(
+        "INSERT INTO plugins (type, name, name_key, version, descriptor, request, sha256, adopted,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            plugin_type,
+            name,
+            name_key(name),
+            version,
+            json.dumps(descriptor) if descriptor is not None else None,
+            json.dumps(request) if request is not None else None,
+            sha256,
+            int(adopted),
+            created_at,
+            now,
+        ),
+    )
+    plugin_id = cursor.lastrowid
+    conn.executemany("INSERT INTO plugin_files (path, plugin_id) VALUES (?, ?)", [(p, plugin_id) for p in files])
+    set_functions(conn, plugin_id, functions)
+    return plugin_id
+
+
+def set_functions(conn: sqlite3.Connection, plugin_id: int, functions: Sequence[str]) -> None:
+    """Replace a plugin's function list; raises IntegrityError when a name is owned elsewhere."""
+    conn.execute("DELETE FROM functions WHERE plugin_id = ?", (plugin_id,))
+    conn.executemany(
+        "INSERT INTO functions (name, plugin_id, position) VALUES (?, ?, ?)",
+        [(f, plugin_id, i) for i, f in enumerate(functions)],
+    )
+
+
+def remove(conn: sqlite3.Connection, plugin_id: int) -> None:
+    """Forget a plugin, its files and its functions."""
+    conn.execute("DELETE FROM plugins WHERE id = ?", (plugin_id,))
+
+
+def begin_operation(conn: sqlite3.Connection, op_id: str, plugin_type: str, name: str, kind: str, pid: int) -> None:
+    """Reserve a plugin name for one operation; IntegrityError when one is already recorded."""
+    conn.execute(
+        "INSERT INTO operations (id, type, name, name_key, kind, pid, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (op_id, plugin_type, name, name_key(name), kind, pid, time.time()),
+    )
+
+
+def record_journal(conn: sqlite3.Connection, op_id: str, journal: list[dict[str, Any]]) -> None:
+    conn.execute("UPDATE operations SET journal = ? WHERE id = ?", (json.dumps(journal), op_id))
+
+
+def end_operation(conn: sqlite3.Connection, op_id: str) -> None:
+    conn.execute("DELETE FROM operations WHERE id = ?", (op_id,))
+
+
+def _operation(row: sqlite3.Row) -> Operation:
+    return Operation(
+        id=row["id"], type=row["type"], name=row["name"], kind=row["kind"], pid=row["pid"],
+        journal=json.loads(row["journal"]),
+    )
+
+
+def operations(conn: sqlite3.Connection) -> list[Operation]:
+    """Every operation recorded as in flight."""
+    return [_operation(row) for row in conn.execute("SELECT * FROM operations ORDER BY started_at")]
+
+
+def operation_for(conn: sqlite3.Connection, plugin_type: str, name: str) -> Operation | None:
+    row = conn.execute(
+        "SELECT * FROM operations WHERE type = ? AND name_key = ?", (plugin_type, name_key(name))
+    ).fetchone()
+    return _operation(row) if row else None
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Plugins per type, functions, and operations in flight (for the readiness answer)."""
+    return {
+        "plugins": dict(conn.execute("SELECT type, COUNT(*) FROM plugins GROUP BY type").fetchall()),
+        "functions": conn.execute("SELECT COUNT(*) FROM functions").fetchone()[0],
+        "operationsInFlight": conn.execute("SELECT COUNT(*) FROM operations").fetchone()[0],
+    }

@@ -1,0 +1,154 @@
+"""Request and response schemas (marshmallow). Bodies are checked here, at the edge.
+
+Keys are matched case-insensitively and unknown keys ignored, as eKuiper's
+Go decoder does; two keys that fold to the same name are refused as
+ambiguous.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
+
+from kuiper_plugins import fetch, packages, scripts
+from kuiper_plugins.errors import InvalidRequest
+
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+MAX_FUNCTIONS = 1000
+
+
+def _name(value: str) -> None:
+    try:
+        packages.check_name(value)
+    except InvalidRequest as exc:
+        raise ValidationError(exc.message)
+
+
+def _url(value: str) -> None:
+    try:
+        fetch.check_url(value)
+    except InvalidRequest as exc:
+        raise ValidationError(exc.message)
+
+
+def _shell_paras(value: list[str]) -> None:
+    try:
+        scripts.check_shell_paras(value)
+    except InvalidRequest as exc:
+        raise ValidationError(exc.message)
+
+
+def _function_list(value: list[str]) -> None:
+    if len(value) > MAX_FUNCTIONS:
+        raise ValidationError(f"at most {MAX_FUNCTIONS} functions")
+    if len(set(value)) != len(value):
+        raise ValidationError("a function is listed twice")
+
+
+class CaseInsensitiveSchema(Schema):
+    """Match incoming keys to the declared ones regardless of case; ignore unknown keys."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    @pre_load
+    def fold_keys(self, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValidationError("expected a JSON object")
+        declared = {(f.data_key or name).lower(): f.data_key or name for name, f in self.fields.items()}
+        folded: dict[str, Any] = {}
+        for key, value in data.items():
+            canonical = declared.get(str(key).lower())
+            if canonical is None:
+                continue
+            if canonical in folded:
+                raise ValidationError(f"key {canonical!r} is given more than once")
+            folded[canonical] = value
+        return folded
+
+
+class PluginRequestSchema(CaseInsensitiveSchema):
+    """Body of POST /plugins/{type}: a name and the URL of its package."""
+
+    name = fields.String(required=True, validate=_name)
+    file = fields.String(required=True, validate=_url)
+    shellParas = fields.List(fields.String(), load_default=list, validate=_shell_paras)
+    functions = fields.List(fields.String(validate=_name), load_default=list, validate=_function_list)
+    sha256 = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(SHA256))
+
+
+class PluginUpdateSchema(PluginRequestSchema):
+    """Body of PUT /plugins/{type}/{name}: as for create; the name may be left out."""
+
+    name = fields.String(load_default=None, validate=_name)
+
+
+class FunctionListSchema(CaseInsensitiveSchema):
+    """Body of POST /plugins/functions/{name}/register."""
+
+    functions = fields.List(fields.String(validate=_name), required=True, validate=_function_list)
+
+
+class NativeDescriptionSchema(Schema):
+    """GET /plugins/{sources,sinks,functions}/{name}; keys in the order eKuiper's sorted maps give."""
+
+    class Meta:
+        ordered = True
+
+    functions = fields.List(fields.String())
+    name = fields.String(required=True)
+    version = fields.String(required=True)
+
+
+class PortableDescriptionSchema(Schema):
+    """A portable plugin's descriptor, as GET /plugins/portables and /plugins/portables/{name} answer."""
+
+    class Meta:
+        ordered = True
+
+    name = fields.String(required=True)
+    version = fields.String(required=True)
+    language = fields.String(required=True)
+    executable = fields.String(required=True)
+    virtualEnvType = fields.String()
+    env = fields.String()
+    sources = fields.List(fields.String(), required=True)
+    sinks = fields.List(fields.String(), required=True)
+    functions = fields.List(fields.String(), required=True)
+
+
+class FunctionOwnerSchema(Schema):
+    class Meta:
+        ordered = True
+
+    name = fields.String(required=True)
+    plugin = fields.String(required=True)
+
+
+class ErrorSchema(Schema):
+    """The one error envelope."""
+
+    class Meta:
+        ordered = True
+
+    error = fields.Integer(required=True)
+    message = fields.String(required=True)
+
+
+def flatten_errors(messages: Any, prefix: str = "") -> str:
+    """Turn marshmallow's nested error dict into one readable line."""
+    if isinstance(messages, dict):
+        parts = []
+        for key, value in messages.items():
+            label = f"{prefix}{key}" if key != "_schema" else prefix.rstrip(".")
+            parts.append(flatten_errors(value, f"{label}." if label else ""))
+        return "; ".join(p for p in parts if p)
+    if isinstance(messages, list):
+        text = " ".join(str(m) for m in messages if not isinstance(m, dict | list))
+        nested = "; ".join(flatten_errors(m, prefix) for m in messages if isinstance(m, dict | list))
+        label = prefix.rstrip(".")
+        head = f"{label}: {text}" if label and text else text
+        return "; ".join(p for p in (head, nested) if p)
+    return f"{prefix.rstrip('.')}: {messages}" if prefix else str(messages)

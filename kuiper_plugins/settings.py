@@ -1,0 +1,254 @@
+"""Settings: the repository's etc/kuiper.yaml < $KUIPER_HOME/etc/kuiper.yaml < KUIPER__SECTION__KEY.
+
+Keys keep eKuiper's names (``basic.restPort``); sections and keys are matched
+case-insensitively, as eKuiper's loader does, and keys this service does not
+use are ignored so that an eKuiper installation's own kuiper.yaml can be read.
+A value of the wrong type stops start-up with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from kuiper_plugins.fetch import parse_allow_list
+
+DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "etc" / "kuiper.yaml"
+ENV_PREFIX = "KUIPER__"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing its right type or range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from configuration, already checked."""
+
+    home: Path
+    rest_ip: str = "127.0.0.1"
+    rest_port: int = 9081
+    plugin_hosts: tuple[str, ...] = ("https://packages.emqx.net",)
+    enable_private_net: bool = False
+    private_net_allow_list: tuple[str, ...] = ()
+    allow_external_file_access: bool = False
+    authentication: bool = False
+    max_plugin_size: int = 512 * 1024 * 1024
+    max_unpacked_size: int = 2 * 1024 * 1024 * 1024
+    max_archive_entries: int = 10000
+    install_script_timeout: float = 300
+    download_timeout: float = 300
+    tls_verify: bool = True
+    kuiper_version: str = "2.2.0"
+    install_scripts: bool = True
+    protected_mode: bool = True
+    allowed_hosts: tuple[str, ...] = ()
+    prebuild: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "sources": ("random", "zmq", "sql", "video", "kafka"),
+            "sinks": ("image", "influx", "influx2", "zmq", "kafka", "sql"),
+            "functions": (
+                "accumulateWordCount", "countPlusOne", "echo", "geohash", "image", "labelImage", "tfLite",
+            ),
+        }
+    )
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """Return a copy with some fields replaced (tests and tools use this)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def host_allow_list(self) -> frozenset[str]:
+        """Host header values accepted: the configured ones, or the loopback names plus restIp."""
+        hosts = self.allowed_hosts or ("localhost", "127.0.0.1", "::1", self.rest_ip)
+        return frozenset(h.strip().lower().strip("[]") for h in hosts if h.strip())
+
+
+# eKuiper key (lower-cased) in section `basic` -> (field name, parser)
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError("expected true or false")
+
+
+def _int(minimum: int, maximum: int | None = None):
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected a whole number")
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and at most {maximum}" if maximum is not None else ""
+            raise ValueError(f"expected at least {minimum}{upper}")
+        return value
+
+    return parse
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number of seconds")
+    if not 0 < value <= 86400:
+        raise ValueError("expected more than 0 and at most 86400 seconds")
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float) or not str(value).strip():
+        raise ValueError("expected a non-empty text")
+    return str(value).strip()
+
+
+def _ip(value: Any) -> str:
+    text = _text(value)
+    ipaddress.ip_address(text)  # raises ValueError with a clear message
+    return text
+
+
+def _list(value: Any) -> tuple[str, ...]:
+    """Accept a YAML list, a comma-separated text, or eKuiper's env form `[a,b]`."""
+    if isinstance(value, list | tuple):
+        items = value
+    elif isinstance(value, str):
+        items = value.strip().removeprefix("[").removesuffix("]").split(",")
+    else:
+        raise ValueError("expected a list or a comma-separated text")
+    out = []
+    for item in items:
+        if not isinstance(item, str | int | float) or isinstance(item, bool):
+            raise ValueError(f"unexpected item {item!r}")
+        if str(item).strip():
+            out.append(str(item).strip())
+    return tuple(out)
+
+
+def _hosts(value: Any) -> tuple[str, ...]:
+    hosts = tuple(h.rstrip("/") for h in _list(value))
+    if not hosts:
+        raise ValueError("expected at least one http(s) URL")
+    for host in hosts:
+        parts = urlsplit(host)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{host!r} is not an http(s) URL")
+    return hosts
+
+
+def _allow_list(value: Any) -> tuple[str, ...]:
+    entries = _list(value)
+    parse_allow_list(entries)
+    return entries
+
+
+BASIC_KEYS: dict[str, tuple[str, Any]] = {
+    "restip": ("rest_ip", _ip),
+    "restport": ("rest_port", _int(1, 65535)),
+    "pluginhosts": ("plugin_hosts", _hosts),
+    "enableprivatenet": ("enable_private_net", _bool),
+    "privatenetallowlist": ("private_net_allow_list", _allow_list),
+    "allowexternalfileaccess": ("allow_external_file_access", _bool),
+    "authentication": ("authentication", _bool),
+    "maxpluginsize": ("max_plugin_size", _int(1)),
+    "maxunpackedsize": ("max_unpacked_size", _int(1)),
+    "maxarchiveentries": ("max_archive_entries", _int(1)),
+    "installscripttimeout": ("install_script_timeout", _seconds),
+    "downloadtimeout": ("download_timeout", _seconds),
+    "tlsverify": ("tls_verify", _bool),
+    "kuiperversion": ("kuiper_version", _text),
+    "installscripts": ("install_scripts", _bool),
+    "protectedmode": ("protected_mode", _bool),
+    "allowedhosts": ("allowed_hosts", _list),
+}
+PREBUILD_TYPES = ("sources", "sinks", "functions")
+
+
+def parse_env_value(text: str) -> Any:
+    """Type an environment value as eKuiper does: int, then bool, then float, else the text."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _read_yaml(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"cannot read {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of sections")
+    return _fold(data, str(path))
+
+
+def _fold(data: Mapping[Any, Any], origin: str) -> dict[str, dict[str, Any]]:
+    """Lower-case section and key names; keep the values."""
+    folded: dict[str, dict[str, Any]] = {}
+    for section, keys in data.items():
+        if keys is None:
+            continue
+        if not isinstance(keys, dict):
+            raise SettingsError(f"{origin}: section {section!r} must be a mapping")
+        target = folded.setdefault(str(section).lower(), {})
+        for key, value in keys.items():
+            target[str(key).lower()] = (value, f"{section}.{key}")
+    return folded
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    layer: dict[str, dict[str, Any]] = {}
+    for name, text in environ.items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX):].split("__")
+        if len(parts) != 2 or not all(parts):
+            continue
+        section, key = parts[0].lower(), parts[1].lower()
+        layer.setdefault(section, {})[key] = (parse_env_value(text), name)
+    return layer
+
+
+def load_settings(environ: Mapping[str, str] | None = None, defaults_file: Path = DEFAULTS_FILE) -> Settings:
+    """Build the settings from the three layers; raise SettingsError naming the first bad key."""
+    environ = os.environ if environ is None else environ
+    home = Path(environ.get("KUIPER_HOME") or "var").resolve()
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in (_read_yaml(defaults_file), _read_yaml(home / "etc" / "kuiper.yaml"), _env_layer(environ)):
+        for section, keys in layer.items():
+            merged.setdefault(section, {}).update(keys)
+
+    values: dict[str, Any] = {}
+    for key, (raw, origin) in merged.get("basic", {}).items():
+        if key not in BASIC_KEYS:
+            continue
+        field_name, parse = BASIC_KEYS[key]
+        values[field_name] = _parse(parse, raw, origin)
+    prebuild = dict(Settings.__dataclass_fields__["prebuild"].default_factory())
+    for key, (raw, origin) in merged.get("prebuild", {}).items():
+        if key in PREBUILD_TYPES:
+            prebuild[key] = _parse(_list, raw, origin)
+    return Settings(home=home, prebuild=prebuild, **values)
+
+
+def _parse(parse, raw: Any, origin: str) -> Any:
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise SettingsError(f"invalid value {raw!r} for {origin}: {exc}") from None

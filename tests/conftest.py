@@ -1,0 +1,182 @@
+"""Shared fixtures: zips built on the fly and a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+
+def make_zip(path: Path, members: dict[str, bytes | str], *, modes: dict[str, int] | None = None) -> Path:
+    """Write a zip at `path` holding `members` (name -> content; a name ending in "/" is a folder).
+
+    `modes` sets the Unix mode of chosen members (e.g. {"mirror": 0o100755}).
+    """
+    modes = modes or {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, content in members.items():
+            info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+            if name.endswith("/"):
+                info.external_attr = (0o40755 << 16) | 0x10
+            else:
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = modes.get(name, 0o100644) << 16
+            data = content.encode() if isinstance(content, str) else content
+            zf.writestr(info, data)
+    return path
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # keep pytest output quiet
+        pass
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        hook = self.server.routes.get(self.path.split("?")[0])
+        if hook is not None:
+            hook(self)
+            return
+        super().do_GET()
+
+
+class FileServer:
+    """A threaded HTTP server on 127.0.0.1 serving `root`; counts requests; routes override paths."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        handler = lambda *a, **kw: _Handler(*a, directory=str(root), **kw)  # noqa: E731
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.httpd.requests = []
+        self.httpd.routes = {}
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def requests(self) -> list[str]:
+        return self.httpd.requests
+
+    @property
+    def routes(self) -> dict:
+        """Map a path to a function(handler) that answers it instead of the file tree."""
+        return self.httpd.routes
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name.lstrip('/')}"
+
+    def start(self) -> FileServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/'served'."""
+    root = tmp_path / "served"
+    root.mkdir()
+    server = FileServer(root).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------- the service under test
+
+import hashlib  # noqa: E402
+import sqlite3  # noqa: E402
+
+from kuiper_plugins import create_app  # noqa: E402
+from kuiper_plugins.layout import Layout  # noqa: E402
+from kuiper_plugins.settings import Settings  # noqa: E402
+
+UNTRACKED = ("data/kuiper-plugins.db", "data/.kuiper-plugins/locks/")
+
+
+def disk_state(home: Path) -> dict[str, tuple]:
+    """Every file and folder under home (registry and lock files aside): type, size and digest."""
+    state = {}
+    for path in sorted(home.rglob("*")):
+        rel = path.relative_to(home).as_posix()
+        if rel.startswith(UNTRACKED) or rel.startswith(UNTRACKED[0]):
+            continue
+        if path.is_symlink():
+            state[rel] = ("link", str(path.readlink()))
+        elif path.is_dir():
+            state[rel] = ("dir",)
+        else:
+            state[rel] = ("file", path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest(),
+                          path.stat().st_mode & 0o777)
+    return state
+
+
+def registry_dump(home: Path) -> list[str]:
+    """A logical dump of the registry through a fresh connection."""
+    conn = sqlite3.connect(Layout(home).registry_file)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+class Service:
+    """The app under test with its home, a test client and helpers to check what changed."""
+
+    def __init__(self, home: Path, app, stops: list):
+        self.home = home
+        self.layout = Layout(home)
+        self.app = app
+        self.client = app.test_client()
+        self.stops = stops
+
+    def snapshot(self) -> tuple[dict, list[str]]:
+        return disk_state(self.home), registry_dump(self.home)
+
+    def assert_unchanged(self, before: tuple[dict, list[str]]) -> None:
+        """Nothing written: disk and registry exactly as in `before`, no staging debris."""
+        after = self.snapshot()
+        assert after[0] == before[0], _diff(before[0], after[0])
+        assert after[1] == before[1]
+        assert list(self.layout.staging.iterdir()) == []
+
+    def post(self, plugin_type: str, body, **kw):
+        return self.client.post(f"/plugins/{plugin_type}", json=body, **kw)
+
+
+def _diff(before: dict, after: dict) -> str:
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+    return f"added={added} removed={removed} changed={changed}"
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def make_service(home, file_server):
+    """Build the service on a fresh home; downloads from the fixture server are allowed, nothing else."""
+
+    def build(**overrides) -> Service:
+        overrides.setdefault("private_net_allow_list", (f"127.0.0.1:{file_server.port}",))
+        settings = Settings(home=home, **overrides)
+        stops: list = []
+        return Service(home, create_app(settings, stop_service=lambda: stops.append(True)), stops)
+
+    return build
+
+
+@pytest.fixture
+def service(make_service) -> Service:
+    return make_service()

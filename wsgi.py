@@ -1,0 +1,3 @@
+from kuiper_plugins import create_app
+
+app = create_app()
