@@ -24,6 +24,8 @@ accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("KUIPER_PLUGINS_LOG_LEVEL", "info")
 raw_env = ["KUIPER_PLUGINS_SERVER=gunicorn"]
+# gunicorn 23+ opens a control socket in ~/.gunicorn; several instances on one box would share it.
+control_socket_disable = True
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,

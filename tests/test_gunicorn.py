@@ -1,0 +1,152 @@
+"""End to end: the real gunicorn with several workers, a temp home, real HTTP clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import make_zip, registry_dump
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+START_TIMEOUT = 30
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Gunicorn:
+    """A real `gunicorn -c etc/gunicorn.conf.py wsgi:app` on a free loopback port."""
+
+    def __init__(self, home: Path, log_path: Path, workers: int = 2, env: dict[str, str] | None = None):
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "KUIPER_HOME": str(home),
+            "KUIPER__BASIC__RESTPORT": str(self.port),
+            "WEB_CONCURRENCY": str(workers),
+            **(env or {}),
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Gunicorn:
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"],
+            cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {self.process.returncode}: {self.log()}")
+            try:
+                if requests.get(f"{self.url}/ping", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)  # polling for readiness, bounded by the deadline
+        raise AssertionError(f"gunicorn did not answer within {START_TIMEOUT}s: {self.log()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture
+def start_gunicorn(tmp_path, file_server):
+    started: list[Gunicorn] = []
+    home = tmp_path / "home"
+
+    def start(workers: int = 2, **env: str) -> Gunicorn:
+        env.setdefault("KUIPER__BASIC__PRIVATENETALLOWLIST", f"127.0.0.1:{file_server.port}")
+        server = Gunicorn(home, tmp_path / "gunicorn.log", workers, env).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+    log = (tmp_path / "gunicorn.log").read_text(errors="replace") if (tmp_path / "gunicorn.log").exists() else ""
+    assert "Traceback" not in log, log[-4000:]
+
+
+def served_source(file_server, name="random") -> str:
+    make_zip(file_server.root / f"{name}.zip", {f"{name.capitalize()}@v1.0.0.so": b"so", f"{name}.yaml": "a: 1\n"})
+    return file_server.url(f"{name}.zip")
+
+
+def test_create_list_describe_delete_across_workers(start_gunicorn, file_server):
+    server = start_gunicorn(workers=3)
+    session = requests.Session()
+    created = session.post(f"{server.url}/plugins/sources", json={"name": "random", "file": served_source(file_server)})
+    assert created.status_code == 201, created.text
+    # Fresh connections spread over the workers; every one must see the plugin at once.
+    for _ in range(12):
+        assert requests.get(f"{server.url}/plugins/sources", timeout=10).json() == ["random"]
+        described = requests.get(f"{server.url}/plugins/sources/random", timeout=10)
+        assert described.json() == {"name": "random", "version": "1.0.0"}
+    assert requests.delete(f"{server.url}/plugins/sources/random", timeout=10).status_code == 200
+    for _ in range(12):
+        assert requests.get(f"{server.url}/plugins/sources", timeout=10).json() == []
+        assert requests.get(f"{server.url}/plugins/sources/random", timeout=10).status_code == 404
+
+
+def test_restart_keeps_the_registry_and_files(start_gunicorn, file_server, tmp_path):
+    server = start_gunicorn()
+    url = served_source(file_server)
+    assert requests.post(f"{server.url}/plugins/sources", json={"name": "random", "file": url}).status_code == 201
+    so = tmp_path / "home/plugins/sources/Random@v1.0.0.so"
+    content = so.read_bytes()
+    server.stop()
+    dump = registry_dump(tmp_path / "home")
+    again = start_gunicorn()
+    assert requests.get(f"{again.url}/plugins/sources").json() == ["random"]
+    assert so.read_bytes() == content
+    assert registry_dump(tmp_path / "home") == dump
+
+
+def test_delete_with_stop_ends_the_service(start_gunicorn, file_server):
+    server = start_gunicorn()
+    url = served_source(file_server)
+    assert requests.post(f"{server.url}/plugins/sources", json={"name": "random", "file": url}).status_code == 201
+    response = requests.delete(f"{server.url}/plugins/sources/random?stop=1", timeout=10)
+    assert response.status_code == 200
+    assert response.text == "sources plugin random is deleted and eKuiper will be stopped"
+    assert server.process.wait(timeout=30) == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/ping", timeout=2)
+
+
+def test_bad_setting_stops_start_up_naming_the_key(tmp_path):
+    env = {**os.environ, "KUIPER_HOME": str(tmp_path / "home"), "KUIPER__BASIC__RESTPORT": "not-a-port"}
+    result = subprocess.run(
+        [str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "KUIPER__BASIC__RESTPORT" in result.stderr
