@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 export KUIPER_HOME ?= $(CURDIR)/var
 
-.PHONY: venv run test lint clean
+# Debian tools the tests drive for real; installed when missing (needs root, as on CI).
+TEST_TOOLS := openssl
+
+.PHONY: venv run test lint clean system-deps bench fuzz
 
 $(BIN)/.installed: setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +22,20 @@ run: venv
 lint: venv
 	$(BIN)/ruff check kuiper_plugins tests wsgi.py etc/gunicorn.conf.py
 
-test: lint
+system-deps:
+	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+test: lint system-deps
 	$(BIN)/pytest
+
+bench: venv
+	$(BIN)/python bench/run.py
+
+fuzz: venv
+	$(BIN)/python tests/fuzz_api.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis *.egg-info

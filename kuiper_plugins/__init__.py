@@ -17,6 +17,7 @@ from kuiper_plugins.errors import register_error_handlers
 from kuiper_plugins.installer import Installer
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings, load_settings
+from kuiper_plugins.uploads import Uploads
 
 __version__ = "0.1.0"
 MAX_JSON_BODY = 1024 * 1024
@@ -31,6 +32,7 @@ class Services:
     settings: Settings
     layout: Layout
     installer: Installer
+    uploads: Uploads
     started_at: float
     stop_service: Callable[[], None]
 
@@ -57,12 +59,15 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     app.json.sort_keys = False
     app.extensions["kuiper_plugins"] = Services(
         settings=settings, layout=layout, installer=installer, started_at=time.time(),
+        uploads=Uploads(layout.uploads, layout.incoming, settings.max_plugin_size),
         stop_service=stop_service or stop_gunicorn,
     )
     from kuiper_plugins.api import bp
+    from kuiper_plugins.openapi import docs_bp
 
     register_access_checks(app, settings)
     app.register_blueprint(bp)
+    app.register_blueprint(docs_bp)
     register_error_handlers(app)
     log.info("kuiper-plugins %s serving KUIPER_HOME %s", __version__, settings.home)
     return app

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
 
-from kuiper_plugins import catalog, db, packages, registry
+from kuiper_plugins import catalog, db, fetch, packages, registry
 from kuiper_plugins.errors import InvalidRequest, PluginError, PluginNotFound
 from kuiper_plugins.installer import Installer, type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
@@ -22,6 +22,7 @@ from kuiper_plugins.schemas import (
     PluginRequestSchema,
     PluginUpdateSchema,
     PortableDescriptionSchema,
+    UploadSchema,
     flatten_errors,
 )
 
@@ -36,6 +37,7 @@ native_description = NativeDescriptionSchema()
 portable_description = PortableDescriptionSchema()
 portable_descriptions = PortableDescriptionSchema(many=True)
 function_owner = FunctionOwnerSchema()
+upload_schema = UploadSchema()
 
 
 def services() -> Any:
@@ -253,3 +255,55 @@ def readiness() -> Response:
             "operationsInFlight": counts["operationsInFlight"],
         },
     })
+
+
+# ------------------------------------------------------------------ uploads
+
+
+@bp.post("/config/uploads")
+def upload_file() -> Response:
+    """Save a file into data/uploads from JSON {name, content} / {name, file} or multipart `uploadFile`."""
+    state = services()
+    uploads = state.uploads
+    if request.mimetype == "application/json":
+        body = load_body(upload_schema, "upload")
+        if body.get("content") is not None:
+            path = uploads.save_bytes(body["name"], [body["content"].encode("utf-8")])
+        else:
+            path = _upload_from_url(body["name"], body["file"])
+    else:
+        request.max_content_length = state.settings.max_plugin_size + 64 * 1024
+        part = request.files.get("uploadFile")
+        if part is None:
+            raise InvalidRequest("Error Retrieving the File: the multipart field uploadFile is missing")
+        path = uploads.save_stream(part.filename or "", part.stream)
+    return text(str(path), 201)
+
+
+def _upload_from_url(name: str, url: str):
+    settings, layout, uploads = services().settings, services().layout, services().uploads
+    uploads.path_of(name)  # refuse a bad name before downloading anything
+    try:
+        fetched = fetch.fetch(
+            url, layout.incoming, uploads_dir=layout.uploads,
+            allow_external_file_access=settings.allow_external_file_access,
+            enable_private_net=settings.enable_private_net, private_net_allow_list=settings.private_net_allow_list,
+            max_size=settings.max_plugin_size, timeout=settings.download_timeout, tls_verify=settings.tls_verify,
+        )
+    except PluginError as exc:
+        raise prefixed(exc, "Upload error: getFile has error")
+    if fetched.temporary:
+        return uploads.adopt(name, fetched.path)
+    with open(fetched.path, "rb") as source:
+        return uploads.save_stream(name, source)
+
+
+@bp.get("/config/uploads")
+def list_uploads() -> Response:
+    return json_response(services().uploads.list())
+
+
+@bp.delete("/config/uploads/<path:name>")
+def delete_upload(name: str) -> Response:
+    services().uploads.delete(name)
+    return text("ok")

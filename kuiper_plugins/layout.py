@@ -48,6 +48,11 @@ class Layout:
         return self.work / "locks"
 
     @property
+    def incoming(self) -> Path:
+        """Uploads being written; a file is moved into data/uploads once complete."""
+        return self.work / "incoming"
+
+    @property
     def mgmt_keys(self) -> Path:
         """PEM public keys for JWT authentication, one per issuer."""
         return self.etc / "mgmt"
@@ -67,7 +72,7 @@ class Layout:
         out = [self.plugins / t for t in NATIVE_TYPES] + [self.plugins / "portable"]
         for t in NATIVE_TYPES:
             out.extend(self.config_dirs(t))
-        out += [self.uploads, self.mgmt_keys, self.staging, self.locks]
+        out += [self.uploads, self.mgmt_keys, self.staging, self.locks, self.incoming]
         return out
 
     def create(self) -> None:

@@ -10,13 +10,23 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate, validates_schema
 
 from kuiper_plugins import fetch, packages, scripts
 from kuiper_plugins.errors import InvalidRequest
 
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 MAX_FUNCTIONS = 1000
+NAME_DOC = {
+    "pattern": "^[A-Za-z0-9_-]{1,64}$",
+    "description": "1-64 letters, digits, hyphens and underscores",
+    "example": "random",
+}
+URL_DOC = {
+    "pattern": r"^(https?://[^/?#\s]+/|file:///)[^?#\s]*\.zip$",
+    "description": "an http(s) URL with a host, or a file URL with an empty host; the path ends in .zip",
+    "example": "file:///var/lib/kuiper/data/uploads/random.zip",
+}
 
 
 def _name(value: str) -> None:
@@ -72,23 +82,51 @@ class CaseInsensitiveSchema(Schema):
 class PluginRequestSchema(CaseInsensitiveSchema):
     """Body of POST /plugins/{type}: a name and the URL of its package."""
 
-    name = fields.String(required=True, validate=_name)
-    file = fields.String(required=True, validate=_url)
-    shellParas = fields.List(fields.String(), load_default=list, validate=_shell_paras)
-    functions = fields.List(fields.String(validate=_name), load_default=list, validate=_function_list)
-    sha256 = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(SHA256))
+    name = fields.String(required=True, validate=_name, metadata=NAME_DOC)
+    file = fields.String(required=True, validate=_url, metadata=URL_DOC)
+    shellParas = fields.List(
+        fields.String(), load_default=list, validate=_shell_paras,
+        metadata={"maxItems": 32, "description": "arguments of install.sh, passed as they are"},
+    )
+    functions = fields.List(
+        fields.String(validate=_name, metadata=NAME_DOC), load_default=list, validate=_function_list,
+        metadata={"maxItems": MAX_FUNCTIONS, "uniqueItems": True,
+                  "description": "function plugins only: the functions it exports (default: its name)"},
+    )
+    sha256 = fields.String(
+        load_default=None, allow_none=True, validate=validate.Regexp(SHA256),
+        metadata={"pattern": "^[0-9a-fA-F]{64}$", "description": "hex SHA-256 the package must have"},
+    )
 
 
 class PluginUpdateSchema(PluginRequestSchema):
     """Body of PUT /plugins/{type}/{name}: as for create; the name may be left out."""
 
-    name = fields.String(load_default=None, validate=_name)
+    name = fields.String(
+        load_default=None, validate=_name, metadata={**NAME_DOC, "description": "must equal the path's name"}
+    )
 
 
 class FunctionListSchema(CaseInsensitiveSchema):
     """Body of POST /plugins/functions/{name}/register."""
 
-    functions = fields.List(fields.String(validate=_name), required=True, validate=_function_list)
+    functions = fields.List(
+        fields.String(validate=_name, metadata=NAME_DOC), required=True, validate=_function_list,
+        metadata={"minItems": 1, "maxItems": MAX_FUNCTIONS, "uniqueItems": True},
+    )
+
+
+class UploadSchema(CaseInsensitiveSchema):
+    """JSON body of POST /config/uploads: a name and either the text content or a URL to fetch."""
+
+    name = fields.String(required=True, metadata={"example": "random.zip", "description": "path under data/uploads"})
+    content = fields.String(load_default=None, metadata={"description": "the file's text"})
+    file = fields.String(load_default=None, validate=_url, metadata={**URL_DOC, "description": "a URL to fetch"})
+
+    @validates_schema
+    def one_source(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if (data.get("content") is None) == (data.get("file") is None):
+            raise ValidationError("give either content or file")
 
 
 class NativeDescriptionSchema(Schema):

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
+import requests
 
 
 def make_zip(path: Path, members: dict[str, bytes | str], *, modes: dict[str, int] | None = None) -> Path:
@@ -54,7 +61,7 @@ class FileServer:
         self.httpd.requests = []
         self.httpd.routes = {}
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def requests(self) -> list[str]:
@@ -180,3 +187,85 @@ def make_service(home, file_server):
 @pytest.fixture
 def service(make_service) -> Service:
     return make_service()
+
+
+# ---------------------------------------------------------------------------- real gunicorn
+
+REPO = Path(__file__).resolve().parent.parent
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+START_TIMEOUT = 30
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Gunicorn:
+    """A real `gunicorn -c etc/gunicorn.conf.py wsgi:app` on a free loopback port."""
+
+    def __init__(self, home: Path, log_path: Path, workers: int = 2, env: dict[str, str] | None = None):
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "KUIPER_HOME": str(home),
+            "KUIPER__BASIC__RESTPORT": str(self.port),
+            "WEB_CONCURRENCY": str(workers),
+            **(env or {}),
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Gunicorn:
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"],
+            cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {self.process.returncode}: {self.log()}")
+            try:
+                if requests.get(f"{self.url}/ping", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)  # polling for readiness, bounded by the deadline
+        raise AssertionError(f"gunicorn did not answer within {START_TIMEOUT}s: {self.log()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture
+def start_gunicorn(tmp_path, file_server):
+    started: list[Gunicorn] = []
+    home = tmp_path / "home"
+
+    def start(workers: int = 2, **env: str) -> Gunicorn:
+        env.setdefault("KUIPER__BASIC__PRIVATENETALLOWLIST", f"127.0.0.1:{file_server.port}")
+        server = Gunicorn(home, tmp_path / "gunicorn.log", workers, env).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+    log = (tmp_path / "gunicorn.log").read_text(errors="replace") if (tmp_path / "gunicorn.log").exists() else ""
+    assert "Traceback" not in log, log[-4000:]
+
+

@@ -3,97 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
-
-from conftest import make_zip, registry_dump
+from conftest import GUNICORN, REPO, make_zip, registry_dump
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parent.parent
-GUNICORN = Path(sys.executable).parent / "gunicorn"
-START_TIMEOUT = 30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Gunicorn:
-    """A real `gunicorn -c etc/gunicorn.conf.py wsgi:app` on a free loopback port."""
-
-    def __init__(self, home: Path, log_path: Path, workers: int = 2, env: dict[str, str] | None = None):
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.env = {
-            **os.environ,
-            "KUIPER_HOME": str(home),
-            "KUIPER__BASIC__RESTPORT": str(self.port),
-            "WEB_CONCURRENCY": str(workers),
-            **(env or {}),
-        }
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Gunicorn:
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"],
-            cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"gunicorn exited with {self.process.returncode}: {self.log()}")
-            try:
-                if requests.get(f"{self.url}/ping", timeout=1).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.05)  # polling for readiness, bounded by the deadline
-        raise AssertionError(f"gunicorn did not answer within {START_TIMEOUT}s: {self.log()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-@pytest.fixture
-def start_gunicorn(tmp_path, file_server):
-    started: list[Gunicorn] = []
-    home = tmp_path / "home"
-
-    def start(workers: int = 2, **env: str) -> Gunicorn:
-        env.setdefault("KUIPER__BASIC__PRIVATENETALLOWLIST", f"127.0.0.1:{file_server.port}")
-        server = Gunicorn(home, tmp_path / "gunicorn.log", workers, env).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-    log = (tmp_path / "gunicorn.log").read_text(errors="replace") if (tmp_path / "gunicorn.log").exists() else ""
-    assert "Traceback" not in log, log[-4000:]
-
 
 def served_source(file_server, name="random") -> str:
     make_zip(file_server.root / f"{name}.zip", {f"{name.capitalize()}@v1.0.0.so": b"so", f"{name}.yaml": "a: 1\n"})

@@ -1,0 +1,557 @@
+"""Read a plugin zip's directory, refuse unsafe entries, and extract within limits.
+
+A downloaded zip is hostile input. `inspect` reads only the archive's
+directory and refuses the whole archive at the first unsafe or ambiguous
+entry; it never skips or rewrites a name and it writes nothing. It works in
+three passes, cheapest first:
+
+1. the end records: where the central directory lies and how many entries it
+   holds, so a 200 000-entry archive is refused before `zipfile` builds a
+   `ZipInfo` for each of them;
+2. each entry: its name, Unix file type, flags, compression method, sizes,
+   and the local header it points to;
+3. the entries together: colliding names, files used as folders, overlapping
+   data and the total unpacked size.
+
+`extract` then writes exactly the accepted entries under a fresh folder. It
+walks that folder by file descriptor with ``O_NOFOLLOW`` so no link is ever
+followed, sets fixed modes, and counts every byte against the size `inspect`
+accepted. `zipfile` is the one parser for both steps; the byte-level checks
+here only make sure it has nothing ambiguous to interpret.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import struct
+import unicodedata
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import BinaryIO
+
+from kuiper_plugins.errors import ArchiveRejected, DiskFull
+
+MAX_NAME_BYTES = 1024
+MAX_SEGMENT_BYTES = 255  # NAME_MAX of ext4 and most other filesystems
+MAX_DEPTH = 32
+MAX_RATIO = 1000
+RATIO_FREE_SIZE = 1 << 20  # entries up to 1 MiB may compress as well as they like
+CHUNK_SIZE = 1 << 20
+
+FILE_MODE = 0o644
+FOLDER_MODE = 0o755
+
+# Record layouts from PKWARE's APPNOTE.TXT, section 4.3; all little-endian, signature first.
+# End record: disk, directory's disk, entries on this disk, entries, directory size and offset, comment size.
+_END_RECORD = struct.Struct("<4s4H2LH")
+# ZIP64 locator: the ZIP64 end record's disk and offset, disk count.
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+# ZIP64 end record: its size, 2 versions, 2 disks, 2 entry counts, directory size and offset.
+_ZIP64_END_RECORD = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")
+# Local header: version, flags, method, time, date, CRC, 2 sizes, name and extra field lengths.
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+
+_END_RECORD_SIG = b"PK\x05\x06"
+_ZIP64_LOCATOR_SIG = b"PK\x06\x07"
+_ZIP64_END_RECORD_SIG = b"PK\x06\x06"
+_CENTRAL_HEADER_SIG = b"PK\x01\x02"
+_LOCAL_HEADER_SIG = b"PK\x03\x04"
+_MAX_COMMENT = 0xFFFF
+
+_FLAG_ENCRYPTED = 0x0001
+_FLAG_PATCHED_DATA = 0x0020
+_FLAG_STRONG_ENCRYPTION = 0x0040
+_FLAG_UTF8 = 0x0800
+_FLAG_MASKED_HEADERS = 0x2000
+_REFUSED_FLAGS = (
+    (_FLAG_STRONG_ENCRYPTION, "uses strong encryption"),
+    (_FLAG_ENCRYPTED, "is encrypted"),
+    (_FLAG_PATCHED_DATA, "holds compressed patched data"),
+    (_FLAG_MASKED_HEADERS, "has masked (encrypted) headers"),
+)
+# Flags the local header must repeat: zipfile reads them from the central
+# directory, other tools from the local header.
+_FLAGS_BOTH_HEADERS_SHARE = _FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION | _FLAG_UTF8
+
+_ALLOWED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_REFUSED_TYPES = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+}
+
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_DRIVE_LETTER = re.compile(r"[A-Za-z]:")
+
+# What zipfile, zlib and struct raise on a malformed archive.
+_MALFORMED = (
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,
+    UnicodeDecodeError,
+)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+_FOLDER_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One accepted archive entry."""
+
+    name: str  # "/"-separated, without the trailing "/" of a folder
+    is_dir: bool
+    size: int  # declared uncompressed size, 0 for folders
+    executable: bool  # the Unix mode has an x bit (files only)
+
+
+@dataclass(frozen=True)
+class _Directory:
+    """Where the central directory lies, as the end records describe it."""
+
+    offset: int
+    size: int
+    entry_count: int
+
+
+def inspect(zip_path: Path, *, max_entries: int, max_unpacked_size: int) -> list[Entry]:
+    """Read the zip's directory and refuse the whole archive on any unsafe or malformed entry."""
+    with open(zip_path, "rb") as archive:
+        file_size = os.fstat(archive.fileno()).st_size
+        directory = _locate_directory(archive, file_size, max_entries)
+        _count_central_headers(archive, directory)
+        with _refusing_malformed("the central directory cannot be read"):
+            with zipfile.ZipFile(archive) as parsed:
+                infos = parsed.infolist()
+        if len(infos) != directory.entry_count:
+            raise _rejected("the central directory cannot be read")
+
+        entries = [_check_entry(info) for info in infos]
+        extents = [_data_extent(archive, info, directory.offset) for info in infos]
+
+    _refuse_overlaps(extents)
+    _refuse_collisions(entries, infos)
+    unpacked_size = sum(entry.size for entry in entries)
+    if unpacked_size > max_unpacked_size:
+        raise _rejected(
+            f"entries unpack to {unpacked_size} bytes, more than the limit of {max_unpacked_size}"
+        )
+    return entries
+
+
+def extract(zip_path: Path, entries: Sequence[Entry], dest_dir: Path) -> None:
+    """Unpack exactly `entries` (as returned by `inspect`) under `dest_dir`, an existing empty folder."""
+    root = os.path.realpath(dest_dir)
+    root_fd = os.open(root, _FOLDER_OPEN_FLAGS)
+    try:
+        with _refusing_malformed("the archive cannot be read"):
+            archive = zipfile.ZipFile(zip_path)
+        with archive:
+            for entry in entries:
+                _extract_entry(archive, entry, root, root_fd)
+    finally:
+        os.close(root_fd)
+
+
+def read_member(zip_path: Path, name: str, *, max_size: int) -> bytes:
+    """Return one small member's bytes, refusing one larger than `max_size`.
+
+    Meant for an archive `inspect` has accepted: it opens the zip with no limits of its own.
+    """
+    with _refusing_malformed(f"entry {_shown(name)} cannot be read"):
+        with zipfile.ZipFile(zip_path) as archive:
+            try:
+                info = archive.getinfo(name)
+            except KeyError:
+                raise _rejected(f"entry {_shown(name)} is not in the archive")
+            if info.is_dir():
+                raise _rejected(f"entry {_shown(name)} is a folder")
+            if info.file_size > max_size:
+                raise _rejected(
+                    f"entry {_shown(name)} is {info.file_size} bytes, more than the limit of {max_size}"
+                )
+            with archive.open(info) as member:
+                data = member.read(max_size + 1)
+    if len(data) != info.file_size:
+        raise _rejected(
+            f"entry {_shown(name)} unpacks to {len(data)} bytes, not the {info.file_size} declared"
+        )
+    return data
+
+
+# --- pass 1: the end records -------------------------------------------------
+
+
+def _locate_directory(archive: BinaryIO, file_size: int, max_entries: int) -> _Directory:
+    """Read the end record (and the ZIP64 one) and check the directory sits right before it."""
+    end_offset = _find_end_record(archive, file_size)
+    archive.seek(end_offset)
+    _, disk, directory_disk, disk_entries, entry_count, size, offset, comment_size = _END_RECORD.unpack(
+        archive.read(_END_RECORD.size)
+    )
+    if end_offset + _END_RECORD.size + comment_size != file_size:
+        raise _rejected("data after the end of the archive")
+    directory_end = end_offset
+
+    locator_offset = end_offset - _ZIP64_LOCATOR.size
+    if locator_offset >= 0:
+        archive.seek(locator_offset)
+        locator_sig, zip64_disk, zip64_offset, disk_count = _ZIP64_LOCATOR.unpack(
+            archive.read(_ZIP64_LOCATOR.size)
+        )
+        if locator_sig == _ZIP64_LOCATOR_SIG:
+            # zipfile reads the ZIP64 record right before the locator, whatever the locator says.
+            record_offset = locator_offset - _ZIP64_END_RECORD.size
+            if record_offset < 0 or zip64_offset != record_offset or zip64_disk != 0 or disk_count > 1:
+                raise _rejected("the ZIP64 end record is missing or misplaced")
+            archive.seek(record_offset)
+            record = _ZIP64_END_RECORD.unpack(archive.read(_ZIP64_END_RECORD.size))
+            if record[0] != _ZIP64_END_RECORD_SIG:
+                raise _rejected("the ZIP64 end record is missing or misplaced")
+            disk, directory_disk, disk_entries, entry_count, size, offset = record[4:]
+            directory_end = record_offset
+
+    if disk != 0 or directory_disk != 0 or disk_entries != entry_count:
+        raise _rejected("the archive spans several disks")
+    if entry_count > max_entries:
+        raise _rejected(f"{entry_count} entries, more than the limit of {max_entries}")
+    if offset + size < directory_end:
+        raise _rejected("data before the first entry")
+    if offset + size > directory_end:
+        raise _rejected("truncated or corrupt archive: the central directory overruns its end record")
+    return _Directory(offset=offset, size=size, entry_count=entry_count)
+
+
+def _find_end_record(archive: BinaryIO, file_size: int) -> int:
+    """Return the end record's offset, found the way zipfile finds it."""
+    if file_size < _END_RECORD.size:
+        raise _rejected("not a zip archive")
+    archive.seek(file_size - _END_RECORD.size)
+    last = archive.read(_END_RECORD.size)
+    if last.startswith(_END_RECORD_SIG) and last.endswith(b"\0\0"):
+        return file_size - _END_RECORD.size
+    search_start = max(file_size - _MAX_COMMENT - 1 - _END_RECORD.size, 0)
+    archive.seek(search_start)
+    tail = archive.read()
+    found = tail.rfind(_END_RECORD_SIG)
+    if found < 0 or found + _END_RECORD.size > len(tail):
+        raise _rejected("not a zip archive")
+    return search_start + found
+
+
+def _count_central_headers(archive: BinaryIO, directory: _Directory) -> None:
+    """Walk the central directory's headers, stopping as soon as there are more than the end record says.
+
+    zipfile reads headers until the directory's byte size is used up, whatever the
+    count says; this walk makes sure the count it was checked against is true.
+    """
+    archive.seek(directory.offset)
+    data = archive.read(directory.size)
+    if len(data) != directory.size:
+        raise _rejected("truncated archive: the central directory ends past the end of the file")
+    position = count = 0
+    while position < len(data):
+        if count == directory.entry_count:
+            raise _rejected(
+                f"the central directory holds more than the {count} entries its end record counts"
+            )
+        if position + _CENTRAL_HEADER.size > len(data):
+            raise _rejected("the central directory is corrupt")
+        header = _CENTRAL_HEADER.unpack_from(data, position)
+        if header[0] != _CENTRAL_HEADER_SIG:
+            raise _rejected("the central directory is corrupt")
+        flags, name_size, extra_size, comment_size = header[5], header[12], header[13], header[14]
+        name_start = position + _CENTRAL_HEADER.size
+        raw_name = data[name_start : name_start + name_size]
+        if flags & _FLAG_UTF8:
+            try:
+                raw_name.decode("utf-8")
+            except UnicodeDecodeError:
+                shown = _shown(raw_name.decode("utf-8", "backslashreplace"))
+                raise _rejected(f"entry {shown} is marked UTF-8 but its name is not valid UTF-8")
+        position = name_start + name_size + extra_size + comment_size
+        count += 1
+    if position != len(data) or count != directory.entry_count:
+        raise _rejected(
+            f"the end record counts {directory.entry_count} entries but the central directory holds {count}"
+        )
+
+
+# --- pass 2: each entry ------------------------------------------------------
+
+
+def _check_entry(info: zipfile.ZipInfo) -> Entry:
+    """Refuse an unsafe entry; return what `extract` needs to know about a safe one."""
+    name = info.orig_filename
+    segments = _path_segments(name)
+    is_dir = name.endswith("/")
+    mode = info.external_attr >> 16
+    file_type = stat.S_IFMT(mode)
+    if file_type in _REFUSED_TYPES:
+        raise _entry_rejected(name, f"is {_REFUSED_TYPES[file_type]}")
+    if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise _entry_rejected(name, f"has an unknown Unix file type {file_type:#o}")
+    if file_type == stat.S_IFDIR and not is_dir:
+        raise _entry_rejected(name, 'is marked as a folder but its name does not end with "/"')
+    for flag, refusal in _REFUSED_FLAGS:
+        if info.flag_bits & flag:
+            raise _entry_rejected(name, refusal)
+    if info.compress_type not in _ALLOWED_METHODS:
+        raise _entry_rejected(
+            name, f"uses compression method {info.compress_type}; only stored (0) and deflate (8) are allowed"
+        )
+    if is_dir and info.file_size:
+        raise _entry_rejected(name, "is a folder that holds data")
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+        raise _entry_rejected(
+            name, f"is stored but declares {info.file_size} bytes unpacked and {info.compress_size} packed"
+        )
+    if info.file_size > RATIO_FREE_SIZE and info.file_size > MAX_RATIO * info.compress_size:
+        ratio = info.file_size // max(info.compress_size, 1)
+        raise _entry_rejected(
+            name, f"has a compression ratio of {ratio}:1, more than the limit of {MAX_RATIO}:1"
+        )
+    return Entry(
+        name="/".join(segments),
+        is_dir=is_dir,
+        size=info.file_size,
+        executable=not is_dir and bool(mode & 0o111),
+    )
+
+
+def _path_segments(name: str) -> list[str]:
+    """Split an entry name into its path segments, refusing any name that is not a plain relative path.
+
+    A folder's single trailing "/" is allowed and dropped.
+    """
+    if not name:
+        raise _rejected("an entry has an empty name")
+    if _CONTROL_CHARACTER.search(name):
+        raise _entry_rejected(name, "has a control character in its name")
+    if "\\" in name:
+        raise _entry_rejected(name, "contains a backslash")
+    if name.startswith("/"):
+        raise _entry_rejected(name, "is an absolute path")
+    if _DRIVE_LETTER.match(name):
+        raise _entry_rejected(name, "starts with a drive letter")
+    segments = name.removesuffix("/").split("/")
+    if ".." in segments:
+        raise _entry_rejected(name, "leaves the plugin folder")
+    if "" in segments or "." in segments:
+        raise _entry_rejected(name, 'has an empty or "." path segment')
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise _entry_rejected(name, f"is longer than {MAX_NAME_BYTES} bytes")
+    if any(len(segment.encode()) > MAX_SEGMENT_BYTES for segment in segments):
+        raise _entry_rejected(name, f"has a path segment longer than {MAX_SEGMENT_BYTES} bytes")
+    if len(segments) > MAX_DEPTH:
+        raise _entry_rejected(name, f"is nested deeper than {MAX_DEPTH} levels")
+    return segments
+
+
+def _data_extent(archive: BinaryIO, info: zipfile.ZipInfo, directory_offset: int) -> tuple[int, int, str]:
+    """Check the entry's local header; return (start, end, name) of its header and data in the file.
+
+    A data descriptor after the data is not counted, as in zipfile's own overlap check.
+    """
+    name = info.orig_filename
+    start = info.header_offset
+    if start + _LOCAL_HEADER.size > directory_offset:
+        raise _entry_rejected(name, "points past the entries' data")
+    archive.seek(start)
+    header = _LOCAL_HEADER.unpack(archive.read(_LOCAL_HEADER.size))
+    if header[0] != _LOCAL_HEADER_SIG:
+        raise _entry_rejected(name, "points to no local header")
+    flags, method, name_size, extra_size = header[2], header[3], header[9], header[10]
+    local_name = archive.read(name_size)
+    central_name = name.encode("utf-8" if info.flag_bits & _FLAG_UTF8 else "cp437")
+    if local_name != central_name:
+        raise _entry_rejected(name, "has a different name in its local header")
+    if method != info.compress_type or (flags ^ info.flag_bits) & _FLAGS_BOTH_HEADERS_SHARE:
+        raise _entry_rejected(name, "has a local header that disagrees with the central directory")
+    end = start + _LOCAL_HEADER.size + name_size + extra_size + info.compress_size
+    if end > directory_offset:
+        raise _entry_rejected(name, "runs into the central directory")
+    return start, end, name
+
+
+# --- pass 3: the entries together ----------------------------------------------
+
+
+def _refuse_overlaps(extents: list[tuple[int, int, str]]) -> None:
+    """Refuse entries sharing bytes (overlapping zip bombs) and data before the first entry."""
+    extents = sorted(extents)
+    if extents and extents[0][0] != 0:
+        raise _rejected("data before the first entry")
+    for (_, previous_end, previous_name), (start, _, name) in pairwise(extents):
+        if start < previous_end:
+            raise _rejected(f"entries {_shown(previous_name)} and {_shown(name)} overlap in the archive")
+
+
+def _refuse_collisions(entries: list[Entry], infos: list[zipfile.ZipInfo]) -> None:
+    """Refuse names equal up to case, Unicode form or a folder's "/", and files used as folders."""
+    names_by_key: dict[str, str] = {}
+    file_names_by_key: dict[str, str] = {}
+    for entry, info in zip(entries, infos, strict=True):
+        key = _collision_key(entry.name)
+        if key in names_by_key:
+            first = names_by_key[key]
+            if first == info.orig_filename:
+                raise _entry_rejected(first, "appears twice")
+            raise _rejected(
+                f"entries {_shown(first)} and {_shown(info.orig_filename)} collide "
+                "(same name ignoring case, Unicode form and a folder's trailing /)"
+            )
+        names_by_key[key] = info.orig_filename
+        if not entry.is_dir:
+            file_names_by_key[key] = info.orig_filename
+    for entry, info in zip(entries, infos, strict=True):
+        key = _collision_key(entry.name)
+        parent = key
+        while "/" in parent:
+            parent = parent.rpartition("/")[0]
+            if parent in file_names_by_key:
+                raise _entry_rejected(
+                    info.orig_filename, f"is inside {_shown(file_names_by_key[parent])}, which is a file"
+                )
+
+
+def _collision_key(name: str) -> str:
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+# --- extraction ------------------------------------------------------------------
+
+
+def _extract_entry(archive: zipfile.ZipFile, entry: Entry, root: str, root_fd: int) -> None:
+    """Create one folder or write one file under root_fd, mapping archive and disk errors."""
+    segments = _path_segments(entry.name)
+    destination = os.path.join(root, *segments)
+    if os.path.commonpath([root, destination]) != root:
+        raise _entry_rejected(entry.name, "leaves the plugin folder")
+    try:
+        if entry.is_dir:
+            os.close(_open_folder(root_fd, segments))
+        else:
+            _write_file(archive, entry, root_fd, segments)
+    except _MALFORMED as error:
+        raise _entry_rejected(entry.name, f"is corrupt: {_escaped(str(error)) or type(error).__name__}")
+    except OSError as error:
+        if error.errno in _DISK_FULL:
+            raise DiskFull(f"disk full while unpacking {_shown(entry.name)}")
+        raise
+
+
+def _write_file(archive: zipfile.ZipFile, entry: Entry, root_fd: int, segments: list[str]) -> None:
+    try:
+        info = archive.getinfo(entry.name)
+    except KeyError:
+        raise _entry_rejected(entry.name, "is not in the archive")
+    if info.is_dir() or info.file_size != entry.size:
+        raise _entry_rejected(entry.name, "does not match the archive")
+    parent_fd = _open_folder(root_fd, segments[:-1])
+    try:
+        file_fd = os.open(segments[-1], _FILE_OPEN_FLAGS, FILE_MODE, dir_fd=parent_fd)
+    finally:
+        if parent_fd != root_fd:
+            os.close(parent_fd)
+    try:
+        os.fchmod(file_fd, FILE_MODE)  # whatever the umask
+        with archive.open(info) as member:
+            _copy_member(member, file_fd, entry)
+    finally:
+        os.close(file_fd)
+
+
+def _copy_member(member: zipfile.ZipExtFile, file_fd: int, entry: Entry) -> None:
+    """Stream the member into file_fd, refusing it as soon as it yields more than declared, or fewer."""
+    written = 0
+    while chunk := member.read1(CHUNK_SIZE):
+        written += len(chunk)
+        if written > entry.size:
+            raise _entry_rejected(entry.name, f"unpacks to more than the {entry.size} bytes declared")
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(file_fd, view) :]
+    if written != entry.size:
+        raise _entry_rejected(entry.name, f"unpacks to {written} bytes, fewer than the {entry.size} declared")
+
+
+def _open_folder(root_fd: int, segments: list[str]) -> int:
+    """Return a descriptor of root_fd/segments, creating missing folders; never follows a link.
+
+    Returns root_fd itself when segments is empty; any other descriptor is the caller's to close.
+    """
+    folder_fd = root_fd
+    try:
+        for segment in segments:
+            try:
+                os.mkdir(segment, FOLDER_MODE, dir_fd=folder_fd)
+                created = True
+            except FileExistsError:
+                created = False
+            child_fd = os.open(segment, _FOLDER_OPEN_FLAGS, dir_fd=folder_fd)
+            if folder_fd != root_fd:
+                os.close(folder_fd)
+            folder_fd = child_fd
+            if created:
+                os.fchmod(folder_fd, FOLDER_MODE)  # whatever the umask
+    except BaseException:
+        if folder_fd != root_fd:
+            os.close(folder_fd)
+        raise
+    return folder_fd
+
+
+# --- messages ------------------------------------------------------------------
+
+
+def _rejected(detail: str) -> ArchiveRejected:
+    return ArchiveRejected(f"invalid zip file: {detail}")
+
+
+def _entry_rejected(name: str, detail: str) -> ArchiveRejected:
+    return _rejected(f"entry {_shown(name)} {detail}")
+
+
+@contextmanager
+def _refusing_malformed(subject: str) -> Iterator[None]:
+    """Turn what zipfile, zlib and struct raise on a malformed archive into ArchiveRejected."""
+    try:
+        yield
+    except _MALFORMED as error:
+        raise _rejected(f"{subject}: {_escaped(str(error)) or type(error).__name__}")
+
+
+def _shown(name: str) -> str:
+    """Quote a name for a message, with anything invisible, reordering or control escaped."""
+    return f'"{_escaped(name)}"'
+
+
+def _escaped(text: str, limit: int = 200) -> str:
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    escaped = []
+    for character in text:
+        if character in '"\\':
+            escaped.append("\\" + character)
+        elif character != " " and unicodedata.category(character)[0] in "CZ":
+            code = ord(character)
+            escaped.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+        else:
+            escaped.append(character)
+    return "".join(escaped)
