@@ -1,0 +1,427 @@
+"""Run a package's install.sh under control, and clean up after it.
+
+The script runs as ``/bin/sh install.sh <shellParas...>`` (an argument list,
+never a shell string) in its own session and process group, with stdin
+closed and an environment built from scratch. Its output is read as it
+comes and only the last 64 KiB are kept. The timeout is a total deadline.
+
+Every run carries ``MARKER_ENV=<marker>`` in its environment, and children
+inherit it. When the script exits or overruns, its process group is killed,
+then every process still in its session (a child may have made its own
+group) and every process on the machine whose environment still carries the
+marker (a child that called ``setsid`` leaves the session but keeps its
+environment); we wait, bounded, until they are dead. ``kill_marked`` needs
+nothing but ``/proc``, so start-up can clean up after a worker that was
+killed while its script ran.
+
+One gap remains: a descendant that leaves the session *and* execs with a
+cleared environment (``env -i setsid ...``) escapes both nets. Only a PID
+namespace or a cgroup closes it. We still return on time, because the output
+pipe is not awaited past a short quiet period once the script has exited.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import select
+import selectors
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kuiper_plugins.errors import InvalidRequest, ScriptFailed
+
+log = logging.getLogger(__name__)
+
+MARKER_ENV = "KUIPER_PLUGINS_OPERATION"
+SCRIPT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_SHELL_PARAS = 32
+OUTPUT_LIMIT = 64 * 1024  # bytes of output kept (the last ones)
+TAIL_LINES = 20  # lines of output quoted in an error message
+TAIL_CHARS = 2048  # characters of output quoted in an error message, at most
+LOG_CHARS = 8192  # characters of output written to the log, at most
+
+_READ_SIZE = 64 * 1024
+_POLL_INTERVAL = 0.05  # how often to look for the script's exit when pidfds are unavailable
+_DRAIN_QUIET = 0.2  # after the script exited: stop reading once the pipe is quiet this long
+_DRAIN_LIMIT = 2.0  # ... or after this long in any case
+_REAP_TIMEOUT = 10.0  # waiting for a SIGKILLed script to be reapable
+_DEATH_WAIT = 5.0  # kill_marked waits this long, at most, for its targets to die
+_KILL_ROUNDS = 100  # kill_marked rescans until a scan finds nobody new, at most this often
+_ANCESTRY_LIMIT = 4096
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def check_shell_paras(paras: Sequence[str]) -> None:
+    """Refuse (InvalidRequest) parameters that cannot be passed to install.sh as they are."""
+    if isinstance(paras, str | bytes) or not isinstance(paras, Sequence):
+        raise InvalidRequest("shellParas must be a list of strings")
+    if len(paras) > MAX_SHELL_PARAS:
+        raise InvalidRequest(f"shellParas has {len(paras)} items; at most {MAX_SHELL_PARAS} are allowed")
+    for index, para in enumerate(paras):
+        if not isinstance(para, str):
+            raise InvalidRequest(f"shellParas[{index}] must be a string, not {type(para).__name__}")
+        if "\0" in para:
+            raise InvalidRequest(f"shellParas[{index}] contains a NUL character")
+        try:
+            para.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate from JSON: exec would fail with an encoding error, a 500.
+            raise InvalidRequest(f"shellParas[{index}] is not valid Unicode text")
+
+
+def run_install_script(script: Path, args: Sequence[str], *, cwd: Path, timeout: float, marker: str) -> str:
+    """Run `/bin/sh script args...` in cwd and return the last 64 KiB of its output (stdout and stderr).
+
+    The output is decoded as UTF-8 with control characters removed. Raise ScriptFailed when the script
+    exits non-zero, is killed by a signal, overruns `timeout` seconds, or cannot be started. Whatever the
+    outcome, no process of its group and none carrying the marker is left running.
+    """
+    check_shell_paras(args)
+    _marker_entry(marker)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, not {timeout!r}")
+    workdir = os.path.abspath(cwd)
+    env = {
+        "PATH": SCRIPT_PATH,
+        "HOME": workdir,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TMPDIR": workdir,
+        MARKER_ENV: marker,
+    }
+    log.info("running %s in %s with %d parameter(s), timeout %g s", script, workdir, len(args), timeout)
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            ["/bin/sh", str(script), *args],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        raise ScriptFailed(f"install.sh could not be started: {exc.strerror or exc}")
+
+    output = _OutputTail(OUTPUT_LIMIT)
+    finished = False
+    returncode: int | None = None
+    with proc.stdout:
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        try:
+            finished = _read_until_exit(proc.pid, fd, output, started + timeout)
+        finally:
+            # The script is a zombie (or still running, on timeout or error): its group id cannot have
+            # been reused yet, so the group kill hits only what it started.
+            leftovers = _kill_leftovers(proc.pid, marker)
+            returncode = _reap(proc)
+        # Whatever is still in the pipe was written before the kills; a holder that escaped them must
+        # not keep us here, hence the bounded drain rather than a wait for EOF.
+        _drain(fd, output)
+    elapsed = time.monotonic() - started
+
+    text = _sanitize(output.text())
+    if not finished:
+        outcome = "was killed at its timeout"
+    elif returncode is None:
+        outcome = "could not be reaped"
+    elif returncode < 0:
+        outcome = f"was killed by {_signal_name(-returncode)}"
+    else:
+        outcome = f"exited with status {returncode}"
+    log.info(
+        "%s %s after %.1f s (%d leftover process(es) killed); %d bytes of output%s:\n%s",
+        script,
+        outcome,
+        elapsed,
+        leftovers,
+        output.total,
+        ", the end shown" if output.total > LOG_CHARS else "",
+        text[-LOG_CHARS:],
+    )
+
+    tail = _tail(text)
+    if not finished:
+        raise ScriptFailed(f"install.sh did not finish within {timeout:g} seconds and was killed: {tail}")
+    if returncode is None:
+        raise ScriptFailed(f"install.sh could not be reaped after it was killed: {tail}")
+    if returncode < 0:
+        number = -returncode
+        raise ScriptFailed(f"install.sh was killed by signal {number} ({_signal_name(number)}): {tail}")
+    if returncode > 0:
+        raise ScriptFailed(f"install.sh failed with exit status {returncode}: {tail}")
+    return text
+
+
+def kill_marked(marker: str) -> int:
+    """SIGKILL every process on this machine whose environment carries MARKER_ENV=marker; return how many.
+
+    Reads only /proc, never in-memory state. Spares this process and its ancestors. Waits (briefly,
+    bounded) for the targets to die, so a scan right after finds none of them.
+    """
+    entry = _marker_entry(marker)
+    count = _kill_where(lambda pid: _carries(pid, entry))
+    if count:
+        log.info("killed %d process(es) marked %s=%s", count, MARKER_ENV, marker)
+    return count
+
+
+def _kill_where(matches: Callable[[int], bool]) -> int:
+    """SIGKILL every process (but us and our ancestors) that `matches`; wait for them to die; count them."""
+    spared = _self_and_ancestors()
+    killed: set[int] = set()
+    # A target may fork between the scan and the kill; its child shows up in the next scan.
+    for _ in range(_KILL_ROUNDS):
+        found = [pid for pid in _all_pids() if pid not in spared and matches(pid)]
+        if not any(pid not in killed for pid in found):
+            break
+        pidfds = []
+        for pid in found:
+            hit, pidfd = _kill(pid, matches)
+            if hit:
+                killed.add(pid)
+            if pidfd is not None:
+                pidfds.append(pidfd)
+        _await_exit(pidfds)
+    return len(killed)
+
+
+class _OutputTail:
+    """The last `limit` bytes written to it, kept as a queue of chunks; counts every byte seen."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.total = 0
+
+    def add(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        self.total += len(data)
+        while len(self.chunks) > 1 and self.size - len(self.chunks[0]) >= self.limit:
+            self.size -= len(self.chunks.popleft())
+
+    def text(self) -> str:
+        data = b"".join(self.chunks)[-self.limit :]
+        if self.total > len(data):
+            # The cut may have split a character: drop its continuation bytes.
+            skip = 0
+            while skip < min(3, len(data)) and data[skip] & 0xC0 == 0x80:
+                skip += 1
+            data = data[skip:]
+        return data.decode("utf-8", errors="replace")
+
+
+def _read_until_exit(pid: int, fd: int, output: _OutputTail, deadline: float) -> bool:
+    """Collect output until the process exits (True, left unreaped) or the deadline passes (False)."""
+    pidfd = _pidfd(pid)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            if pidfd is not None:
+                selector.register(pidfd, selectors.EVENT_READ)
+            while not _has_exited(pid):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if pidfd is None:
+                    remaining = min(remaining, _POLL_INTERVAL)
+                for key, _ in selector.select(remaining):
+                    if key.fd == fd and not _read_into(fd, output):
+                        selector.unregister(fd)  # the script closed its output; keep waiting for its exit
+            return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _drain(fd: int, output: _OutputTail) -> None:
+    """Read what is left in the pipe until EOF, a quiet spell, or a short limit."""
+    stop = time.monotonic() + _DRAIN_LIMIT
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            remaining = min(_DRAIN_QUIET, stop - time.monotonic())
+            if remaining <= 0 or not selector.select(remaining):
+                return
+            if not _read_into(fd, output):
+                return
+
+
+def _read_into(fd: int, output: _OutputTail) -> bool:
+    """Read one chunk into output; False at EOF."""
+    try:
+        data = os.read(fd, _READ_SIZE)
+    except BlockingIOError:
+        return True
+    if not data:
+        return False
+    output.add(data)
+    return True
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether our child has exited, without reaping it."""
+    try:
+        status = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return status is not None
+
+
+def _kill_leftovers(leader: int, marker: str) -> int:
+    """SIGKILL the script's process group, then whatever is left in its session or carries its marker.
+
+    `leader` is the unreaped script: its pid is also the group and session id, none reusable yet.
+    """
+    try:
+        # One atomic signal first: a forking group cannot outrun it.
+        os.killpg(leader, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    entry = _marker_entry(marker)
+    return _kill_where(lambda pid: _in_session(pid, leader) or _carries(pid, entry))
+
+
+def _reap(proc: subprocess.Popen) -> int | None:
+    try:
+        return proc.wait(timeout=_REAP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        log.error("install.sh (pid %d) did not die within %g s of SIGKILL", proc.pid, _REAP_TIMEOUT)
+        return None
+
+
+def _marker_entry(marker: str) -> bytes:
+    """The exact environ entry a marked process carries; ValueError for a marker that cannot be one."""
+    if not isinstance(marker, str) or not marker or "\0" in marker:
+        raise ValueError(f"invalid process marker {marker!r}")
+    return os.fsencode(f"{MARKER_ENV}={marker}")
+
+
+def _all_pids() -> list[int]:
+    try:
+        names = os.listdir("/proc")
+    except OSError as exc:
+        log.warning("cannot list /proc to find processes to kill: %s", exc)
+        return []
+    return [int(name) for name in names if name.isdigit()]
+
+
+def _carries(pid: int, entry: bytes) -> bool:
+    """Whether the process's environment holds exactly `entry`; False if gone or not ours to read."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            data = environ.read()
+    except OSError:
+        return False
+    return entry in data and entry in data.split(b"\0")
+
+
+def _in_session(pid: int, sid: int) -> bool:
+    """Whether pid is a live (not zombie) member of session sid."""
+    fields = _stat_fields(pid)
+    return len(fields) > 3 and fields[0] != b"Z" and fields[3] == str(sid).encode()
+
+
+def _kill(pid: int, matches: Callable[[int], bool]) -> tuple[bool, int | None]:
+    """SIGKILL pid if it still matches; return whether it was hit and a pidfd to await its death."""
+    pidfd = _pidfd(pid)
+    try:
+        # With the process pinned by its pidfd, check again: the pid may have been reused since the scan.
+        if matches(pid):
+            if pidfd is None:
+                os.kill(pid, signal.SIGKILL)
+            else:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            return True, pidfd
+    except (ProcessLookupError, PermissionError):
+        pass
+    if pidfd is not None:
+        os.close(pidfd)
+    return False, None
+
+
+def _await_exit(pidfds: list[int]) -> None:
+    """Wait, bounded, until every pidfd reports its process dead; close them all."""
+    try:
+        poller = select.poll()
+        for pidfd in pidfds:
+            poller.register(pidfd, select.POLLIN)
+        pending = len(pidfds)
+        stop = time.monotonic() + _DEATH_WAIT
+        while pending:
+            remaining = stop - time.monotonic()
+            if remaining <= 0:
+                log.warning("%d killed process(es) still alive after %g s", pending, _DEATH_WAIT)
+                return
+            for pidfd, _ in poller.poll(remaining * 1000):
+                poller.unregister(pidfd)
+                pending -= 1
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for pid, or None when it is gone or the kernel has none (or we ran out of descriptors)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _self_and_ancestors() -> set[int]:
+    spared = {1, os.getpid()}
+    pid = os.getppid()
+    for _ in range(_ANCESTRY_LIMIT):
+        if pid <= 0 or pid in spared:
+            break
+        spared.add(pid)
+        pid = _parent_of(pid)
+    return spared
+
+
+def _parent_of(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if len(fields) > 1 else 0
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    """The fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ...; [] if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # The command name may hold spaces and parentheses; the fields after the last ")" do not.
+            return stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _sanitize(text: str) -> str:
+    """Remove terminal escapes and control characters other than newline and tab."""
+    text = text.replace("\r\n", "\n")
+    return _CONTROL_CHARS.sub("", _ANSI_ESCAPE.sub("", text))
+
+
+def _tail(text: str) -> str:
+    """The last lines of output, for an error message."""
+    lines = text.rstrip().splitlines()[-TAIL_LINES:]
+    return "\n".join(lines)[-TAIL_CHARS:] or "(no output)"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "an unknown signal"
