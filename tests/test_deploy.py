@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import REPO, free_port, make_zip
 
 NGINX_SITE = REPO / "etc/nginx/kuiper-plugins.conf"

@@ -36,7 +36,8 @@ def test_every_route_is_documented(service):
 def test_error_answers_reference_the_envelope(service):
     document = service.client.get("/openapi.json").get_json()
     post = document["paths"]["/plugins/{type}"]["post"]
-    assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/PluginRequest"}
+    schema = post["requestBody"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/PluginRequest"}
     assert post["responses"]["400"] == {"$ref": "#/components/responses/Error400"}
     error = document["components"]["responses"]["Error400"]["content"]["application/json"]["schema"]
     assert error == {"$ref": "#/components/schemas/Error"}
