@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -564,3 +565,22 @@ def test_file_urls_are_jailed_to_uploads(service, tmp_path):
     inside = make_zip(service.layout.uploads / "random.zip", {"Random.so": SO, "random.yaml": "a: 1\n"})
     assert service.post("sources", {"name": "random", "file": inside.as_uri()}).status_code == 201
     assert inside.exists(), "the uploaded file stays where it was"
+
+
+# ---------------------------------------------------------------------------- logs
+
+
+def test_one_structured_log_line_per_operation(service, file_server, caplog):
+    url = source_zip(file_server)
+    caplog.set_level("INFO", logger="kuiper_plugins.installer")
+    assert service.post("sources", {"name": "random", "file": url}).status_code == 201
+    assert service.post("sources", {"name": "random", "file": url}).status_code == 400
+    assert service.client.delete("/plugins/sources/random").status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plugin ")]
+    assert len(lines) == 3, lines
+    installed, refused, deleted = lines
+    assert re.fullmatch(
+        rf"plugin install: type=sources name=random version=1\.0\.0 url={re.escape(url)} sha256=[0-9a-f]{{64}}"
+        r" outcome=ok duration=\d+\.\d{3}s", installed)
+    assert "outcome=refused:400" in refused and "duplicate" in refused
+    assert deleted.startswith("plugin delete: type=sources name=random version=1.0.0 ") and "outcome=ok" in deleted
