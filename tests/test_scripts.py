@@ -86,7 +86,18 @@ def test_arguments_reach_the_script_verbatim(workdir, marker, tmp_path):
 def test_runs_in_cwd_with_stdin_at_eof(workdir, marker):
     (workdir / "payload.txt").write_text("x")
     body = 'pwd -P\nreadlink /proc/$$/fd/0\nif read line; then echo "read:$line"; else echo "stdin:eof"; fi\nls\n'
-    out = run(workdir, marker, body, timeout=5)
+    # Give this process a stdin with data in it, so an inherited stdin would show.
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"leaked\n")
+    os.close(write_end)
+    saved_stdin = os.dup(0)
+    os.dup2(read_end, 0)
+    os.close(read_end)
+    try:
+        out = run(workdir, marker, body, timeout=5)
+    finally:
+        os.dup2(saved_stdin, 0)
+        os.close(saved_stdin)
     lines = [os.path.realpath(workdir), "/dev/null", "stdin:eof", "install.sh", "payload.txt"]
     assert out.splitlines() == lines
 

@@ -1,0 +1,72 @@
+"""The application factory: settings, layout, registry, start-up recovery, blueprints, error handlers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flask import Flask
+
+from kuiper_plugins import __version__, db
+from kuiper_plugins.access import register_access_checks
+from kuiper_plugins.errors import register_error_handlers
+from kuiper_plugins.installer import Installer
+from kuiper_plugins.layout import Layout
+from kuiper_plugins.settings import Settings, load_settings
+from kuiper_plugins.uploads import Uploads
+
+MAX_JSON_BODY = 1024 * 1024
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the views need, built once per process by create_app."""
+
+    settings: Settings
+    layout: Layout
+    installer: Installer
+    uploads: Uploads
+    started_at: float
+    stop_service: Callable[[], None]
+
+
+def stop_gunicorn() -> None:
+    """Stop the whole service as eKuiper exits: SIGTERM to the gunicorn master, or to this process alone."""
+    master = os.getppid()
+    target = master if os.environ.get("KUIPER_PLUGINS_SERVER") == "gunicorn" else os.getpid()
+    log.warning("stopping the service (signal to pid %d) as a delete with stop=1 asked", target)
+    os.kill(target, signal.SIGTERM)
+
+
+def create_app(settings: Settings | None = None, stop_service: Callable[[], None] | None = None) -> Flask:
+    """Build the application: settings, layout, registry, start-up recovery, blueprint, error handlers."""
+    settings = settings or load_settings()
+    layout = Layout(settings.home)
+    layout.create()
+    db.initialise(layout.registry_file)
+    installer = Installer(settings, connect=lambda: db.connect(layout.registry_file))
+    installer.recover()
+
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BODY
+    app.json.sort_keys = False
+    app.extensions["kuiper_plugins"] = Services(
+        settings=settings, layout=layout, installer=installer, started_at=time.time(),
+        uploads=Uploads(layout.uploads, layout.incoming, settings.max_plugin_size),
+        stop_service=stop_service or stop_gunicorn,
+    )
+    from kuiper_plugins.api import bp
+    from kuiper_plugins.openapi import docs_bp
+
+    register_access_checks(app, settings)
+    app.register_blueprint(bp)
+    app.register_blueprint(docs_bp)
+    register_error_handlers(app)
+    log.info("kuiper-plugins %s serving KUIPER_HOME %s", __version__, settings.home)
+    return app
