@@ -1,0 +1,574 @@
+"""kuiper-plugins: a command-line client for the plugin-management REST API.
+
+Each command is one request to the server (`create --zip` and `update --zip`
+are two: the local zip is uploaded to `/config/uploads`, then installed from
+the `file://` path the server saved it at). Output is meant for people by
+default (messages as the server words them, names one per line, tables) and
+for scripts with `--json` (the server's JSON, or `{"message": text}` for a
+text answer).
+
+Exit status: 0 when the server did what was asked, 1 when it refused (its
+message goes to stderr), 2 for a usage error or a server that cannot be
+reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, TextIO
+from urllib.parse import quote, urlsplit
+
+import requests
+
+from kuiper_plugins import __version__
+
+DEFAULT_URL = "http://127.0.0.1:9081"
+URL_ENV = "KUIPER_PLUGINS_URL"
+TOKEN_ENV = "KUIPER_PLUGINS_TOKEN"
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 900  # an install downloads, unpacks and may run install.sh before it answers
+UPLOAD_FIELD = "uploadFile"
+CHUNK_SIZE = 256 * 1024
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+PLUGIN_TYPES = {
+    "source": "sources", "sources": "sources",
+    "sink": "sinks", "sinks": "sinks",
+    "function": "functions", "functions": "functions",
+    "portable": "portables", "portables": "portables",
+}
+NATIVE_TYPES = ("sources", "sinks", "functions")
+NO_PLUGIN = "No plugin is found."
+NO_UDF = "No udf is found."
+
+EXAMPLES = """\
+examples:
+  kuiper-plugins create source random --file https://example.com/random_amd64.zip
+  kuiper-plugins create function echo --zip ./echo.zip --function echo --function echo2
+  kuiper-plugins list sources
+  kuiper-plugins --json describe portable mirror
+  kuiper-plugins drop sink influx --stop
+
+environment:
+  KUIPER_PLUGINS_URL    server URL when --url is not given (default http://127.0.0.1:9081)
+  KUIPER_PLUGINS_TOKEN  token sent in the Authorization header when --token is not given
+
+exit status: 0 done, 1 refused by the server, 2 usage error or server unreachable
+"""
+
+
+class Failure(Exception):
+    """A command that cannot succeed: the message for stderr and the exit status to end with."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.message = message
+        self.exit_status = exit_status
+
+
+# ------------------------------------------------------------------ talking to the server
+
+
+class Client:
+    """The server's REST API over one requests session: answers come back parsed, refusals as Failure."""
+
+    def __init__(self, base_url: str, token: str | None, session: requests.Session):
+        self.base_url = base_url.rstrip("/")
+        self.session = session
+        session.headers["User-Agent"] = f"kuiper-plugins-cli/{__version__}"
+        if token:
+            session.headers["Authorization"] = token  # the raw token, as eKuiper reads it
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send one request; return the JSON answer, or the text of a text answer."""
+        url = self.base_url + path
+        try:
+            response = self.session.request(method, url, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), **kwargs)
+        except requests.ConnectTimeout:
+            raise Failure(f"cannot reach kuiper-plugins at {self.base_url}: no connection within "
+                          f"{CONNECT_TIMEOUT} s", EXIT_USAGE)
+        except requests.ReadTimeout:
+            raise Failure(f"kuiper-plugins at {self.base_url} did not answer within {READ_TIMEOUT} s",
+                          EXIT_USAGE)
+        except requests.ConnectionError as exc:
+            raise Failure(f"cannot reach kuiper-plugins at {self.base_url}: {_network_reason(exc)}", EXIT_USAGE)
+        except requests.RequestException as exc:
+            raise Failure(f"request to {url} failed: {exc}", EXIT_USAGE)
+        with response:
+            if response.status_code >= 400:
+                raise Failure(_refusal_message(response), EXIT_REFUSED)
+            return _answer_of(response)
+
+
+def _answer_of(response: requests.Response) -> Any:
+    if _is_json(response):
+        try:
+            return response.json()
+        except ValueError:
+            pass
+    return response.text
+
+
+def _is_json(response: requests.Response) -> bool:
+    media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+def _refusal_message(response: requests.Response) -> str:
+    """The server's own words from the {"error", "message"} envelope, or the status when there are none."""
+    answer = _answer_of(response)
+    if isinstance(answer, dict) and isinstance(answer.get("message"), str):
+        return answer["message"]
+    status = f"HTTP {response.status_code} {response.reason or ''}".rstrip()
+    first_line = answer.strip().splitlines()[0] if isinstance(answer, str) and answer.strip() else ""
+    if first_line and len(first_line) <= 200 and not first_line.startswith("<"):
+        return f"{status}: {first_line}"
+    return f"{status} from {response.url}"
+
+
+def _network_reason(exc: BaseException) -> str:
+    """The innermost OS-level cause of a connection failure (refused, unknown host...) in a few words."""
+    reason = "connection failed"
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            reason = current.strerror
+        linked = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        pending.extend(item for item in linked if isinstance(item, BaseException))
+    return reason
+
+
+# ------------------------------------------------------------------ uploading a local file
+
+
+class ProgressBar:
+    """A one-line text bar on a terminal, redrawn each time another whole percent has gone."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, total: int, stream: TextIO):
+        self.label = label
+        self.total = total
+        self.stream = stream
+        self.shown = -1
+        self.finished = False
+
+    def update(self, done: int) -> None:
+        percent = 100 if self.total == 0 else done * 100 // self.total
+        if percent == self.shown:
+            return
+        self.shown = percent
+        filled = self.WIDTH * percent // 100
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        self.stream.write(f"\r{self.label} [{bar}] {percent:3d}% {_size(done)}/{_size(self.total)}")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        """End the bar's line, once, so what is printed next starts on a line of its own."""
+        if self.shown >= 0 and not self.finished:
+            self.finished = True
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class NoProgress:
+    """Stands in for ProgressBar when stderr is not a terminal."""
+
+    def update(self, done: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+class MultipartUpload:
+    """A multipart/form-data body holding one file, read from disk chunk by chunk as it is sent.
+
+    requests sends an iterable body as it comes and takes Content-Length from
+    len(), so the file is never held in memory whole. The sha256 of what was
+    sent is known once the body has been sent.
+    """
+
+    def __init__(self, path: Path, field: str, progress: ProgressBar | NoProgress):
+        self.path = path
+        self.size = path.stat().st_size
+        self.progress = progress
+        self.boundary = uuid.uuid4().hex
+        self.sha256 = hashlib.sha256()
+        filename = _form_quote(path.name)
+        self.head = (
+            f"--{self.boundary}\r\n"
+            f'Content-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        self.tail = f"\r\n--{self.boundary}--\r\n".encode()
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return len(self.head) + self.size + len(self.tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.head
+        sent = 0
+        self.progress.update(0)
+        with open(self.path, "rb") as file:
+            while sent < self.size:
+                chunk = file.read(min(CHUNK_SIZE, self.size - sent))
+                if not chunk:
+                    raise Failure(f"{self.path} shrank while it was being uploaded", EXIT_REFUSED)
+                sent += len(chunk)
+                self.sha256.update(chunk)
+                self.progress.update(sent)
+                yield chunk
+        self.progress.finish()
+        yield self.tail
+
+
+def _form_quote(filename: str) -> str:
+    """Escape a file name for a Content-Disposition header as browsers do (HTML's form encoding)."""
+    return filename.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _readable_file(name: str) -> Path:
+    path = Path(name).expanduser()
+    if not path.is_file():
+        reason = "no such file" if not path.exists() else "not a regular file"
+        raise Failure(f"cannot upload {name}: {reason}", EXIT_USAGE)
+    if not os.access(path, os.R_OK):
+        raise Failure(f"cannot upload {name}: permission denied", EXIT_USAGE)
+    return path
+
+
+def upload(client: Client, local: Path) -> tuple[str, str]:
+    """Send a local file to /config/uploads; return the path the server saved it at and its sha256."""
+    progress = ProgressBar(f"uploading {local.name}", local.stat().st_size, sys.stderr) if _on_terminal() \
+        else NoProgress()
+    body = MultipartUpload(local, UPLOAD_FIELD, progress)
+    try:
+        answer = client.call("POST", "/config/uploads", data=body, headers={"Content-Type": body.content_type})
+    finally:
+        progress.finish()
+    saved = answer.strip() if isinstance(answer, str) else answer
+    if not isinstance(saved, str) or not saved:
+        raise Failure(f"the server did not say where it saved {local.name} (answer: {answer!r})", EXIT_REFUSED)
+    return saved, body.sha256.hexdigest()
+
+
+def _on_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------ output
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "" or value == []:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) -> str:
+    """Align rows in columns two spaces apart; the last column is not padded."""
+    lines = [list(header)] if header else []
+    lines += [list(row) for row in rows]
+    if not lines:
+        return ""
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]) - 1)]
+    return "\n".join(
+        "  ".join([cell.ljust(width) for cell, width in zip(line, widths, strict=False)] + [line[-1]])
+        for line in lines
+    )
+
+
+def key_values(answer: Any) -> str:
+    """A JSON object as KEY  VALUE rows, name and version first."""
+    if not isinstance(answer, dict):
+        return _as_json(answer)
+    first = [key for key in ("name", "version") if key in answer]
+    keys = first + [key for key in answer if key not in first]
+    return table([(key, _cell(answer[key])) for key in keys])
+
+
+def names(empty: str) -> Callable[[Any], str]:
+    """Render a JSON array of names one per line, or `empty` when there are none."""
+
+    def render(answer: Any) -> str:
+        if not isinstance(answer, list):
+            return _as_json(answer)
+        return "\n".join(str(name) for name in answer) if answer else empty
+
+    return render
+
+
+def portable_table(answer: Any) -> str:
+    if not isinstance(answer, list) or not all(isinstance(item, dict) for item in answer):
+        return _as_json(answer)
+    if not answer:
+        return NO_PLUGIN
+    rows = [(_cell(p.get("name")), _cell(p.get("version")), _cell(p.get("language"))) for p in answer]
+    return table(rows, header=("NAME", "VERSION", "LANGUAGE"))
+
+
+def prebuild_table(answer: Any) -> str:
+    if not isinstance(answer, dict):
+        return _as_json(answer)
+    if not answer:
+        return NO_PLUGIN
+    return table([(name, _cell(url)) for name, url in answer.items()], header=("NAME", "URL"))
+
+
+def message(answer: Any) -> str:
+    return answer if isinstance(answer, str) else _as_json(answer)
+
+
+def _as_json(answer: Any) -> str:
+    return json.dumps(answer, indent=2, ensure_ascii=False)
+
+
+def show(args: argparse.Namespace, answer: Any, human: Callable[[Any], str]) -> None:
+    """Print an answer for people, or with --json for scripts (a text answer as {"message": text})."""
+    if args.json:
+        print(_as_json({"message": answer} if isinstance(answer, str) else answer))
+    else:
+        print(human(answer))
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _segment(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _install_body(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    """The create/update body; with --zip, upload the file first and install it from where it was saved."""
+    if args.function and args.type != "functions":
+        raise Failure("--function applies to function plugins only", EXIT_USAGE)
+    sha256 = args.sha256
+    if args.zip is not None:
+        local = _readable_file(args.zip)
+        if not local.name.endswith(".zip"):
+            raise Failure(f"--zip expects a file whose name ends in .zip, got {args.zip}", EXIT_USAGE)
+        saved, digest = upload(client, local)
+        file_url = PurePosixPath(saved).as_uri() if saved.startswith("/") else None
+        if file_url is None:
+            raise Failure(f"the server saved {local.name} at {saved!r}, which is not an absolute path",
+                          EXIT_REFUSED)
+        sha256 = sha256 or digest  # what is installed is exactly what was sent
+    else:
+        file_url = args.file
+    body: dict[str, Any] = {"name": args.name, "file": file_url}
+    if args.shell_para:
+        body["shellParas"] = args.shell_para
+    if args.function:
+        body["functions"] = args.function
+    if sha256:
+        body["sha256"] = sha256
+    return body
+
+
+def cmd_create(client: Client, args: argparse.Namespace) -> None:
+    body = _install_body(client, args)
+    show(args, client.call("POST", f"/plugins/{args.type}", json=body), message)
+
+
+def cmd_update(client: Client, args: argparse.Namespace) -> None:
+    body = _install_body(client, args)
+    show(args, client.call("PUT", f"/plugins/{args.type}/{_segment(args.name)}", json=body), message)
+
+
+def cmd_drop(client: Client, args: argparse.Namespace) -> None:
+    params = {"stop": "1"} if args.stop else None
+    show(args, client.call("DELETE", f"/plugins/{args.type}/{_segment(args.name)}", params=params), message)
+
+
+def cmd_describe(client: Client, args: argparse.Namespace) -> None:
+    show(args, client.call("GET", f"/plugins/{args.type}/{_segment(args.name)}"), key_values)
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> None:
+    render = portable_table if args.type == "portables" else names(NO_PLUGIN)
+    show(args, client.call("GET", f"/plugins/{args.type}"), render)
+
+
+def cmd_register(client: Client, args: argparse.Namespace) -> None:
+    path = f"/plugins/functions/{_segment(args.name)}/register"
+    show(args, client.call("POST", path, json={"functions": args.functions}), message)
+
+
+def cmd_udfs(client: Client, args: argparse.Namespace) -> None:
+    show(args, client.call("GET", "/plugins/udfs"), names(NO_UDF))
+
+
+def cmd_udf(client: Client, args: argparse.Namespace) -> None:
+    show(args, client.call("GET", f"/plugins/udfs/{_segment(args.name)}"), key_values)
+
+
+def cmd_prebuild(client: Client, args: argparse.Namespace) -> None:
+    show(args, client.call("GET", f"/plugins/{args.type}/prebuild"), prebuild_table)
+
+
+def cmd_upload(client: Client, args: argparse.Namespace) -> None:
+    saved, _ = upload(client, _readable_file(args.local_file))
+    show(args, saved, message)
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def plugin_type(value: str) -> str:
+    """Map a type given singular or plural to the API's path segment."""
+    try:
+        return PLUGIN_TYPES[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"unknown plugin type '{value}' (choose from source, sink, function, portable)"
+        )
+
+
+def native_type(value: str) -> str:
+    resolved = plugin_type(value)
+    if resolved not in NATIVE_TYPES:
+        raise argparse.ArgumentTypeError(f"'{value}' has no prebuilt plugins (choose from source, sink, function)")
+    return resolved
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: global options, then one sub-command per API operation."""
+    # The global options are accepted after the command too; SUPPRESS keeps a sub-command from
+    # overwriting a value given before it with its own default.
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--url", default=argparse.SUPPRESS, help=f"server URL (${URL_ENV}, default {DEFAULT_URL})")
+    shared.add_argument("--token", default=argparse.SUPPRESS,
+                        help=f"token sent in the Authorization header (${TOKEN_ENV})")
+    shared.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the server's JSON, for scripts")
+
+    parser = argparse.ArgumentParser(
+        prog="kuiper-plugins", description="Manage the plugins of an eKuiper installation through kuiper-plugins.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--url", default=None, help=f"server URL (${URL_ENV}, default {DEFAULT_URL})")
+    parser.add_argument("--token", default=None, help=f"token sent in the Authorization header (${TOKEN_ENV})")
+    parser.add_argument("--json", action="store_true", default=False, help="print the server's JSON, for scripts")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[shared], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    type_help = "source, sink, function or portable (singular or plural)"
+    for name, handler, help_text in (
+        ("create", cmd_create, "install a plugin from a URL or a local zip"),
+        ("update", cmd_update, "replace an installed plugin with a new package"),
+    ):
+        sub = command(name, handler, help_text)
+        sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)
+        sub.add_argument("name", metavar="NAME")
+        package = sub.add_mutually_exclusive_group(required=True)
+        package.add_argument("--file", metavar="URL", help="http(s) or file:// URL of the plugin zip")
+        package.add_argument("--zip", metavar="LOCAL.zip", help="upload this local zip, then install it")
+        sub.add_argument("--shell-para", action="append", default=[], metavar="P",
+                         help="argument for the package's install.sh; repeat for several (--shell-para=-x for "
+                              "one starting with -)")
+        sub.add_argument("--function", action="append", default=[], metavar="F",
+                         help="function the plugin exports (function plugins); repeat for several")
+        sub.add_argument("--sha256", metavar="HEX", help="digest the package must have")
+
+    sub = command("drop", cmd_drop, "delete an installed plugin")
+    sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("--stop", action="store_true", help="stop the service once the plugin is deleted")
+
+    sub = command("describe", cmd_describe, "show an installed plugin")
+    sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)
+    sub.add_argument("name", metavar="NAME")
+
+    sub = command("list", cmd_list, "list the installed plugins of a type")
+    sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)
+
+    sub = command("register", cmd_register, "set the function list of a function plugin")
+    sub.add_argument("name", metavar="NAME", help="function plugin")
+    sub.add_argument("functions", nargs="+", metavar="F", help="function names")
+
+    command("udfs", cmd_udfs, "list every user-defined function")
+
+    sub = command("udf", cmd_udf, "show which plugin provides a function")
+    sub.add_argument("name", metavar="NAME", help="function name")
+
+    sub = command("prebuild", cmd_prebuild, "list the prebuilt plugins offered for the server's machine")
+    sub.add_argument("type", type=native_type, metavar="TYPE", help="source, sink or function")
+
+    sub = command("upload", cmd_upload, "upload a local file to the server's uploads folder; print where it went")
+    sub.add_argument("local_file", metavar="LOCAL_FILE")
+    return parser
+
+
+def _server_url(args: argparse.Namespace) -> str:
+    url = args.url or os.environ.get(URL_ENV) or DEFAULT_URL
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise Failure(f"the server URL must be http:// or https:// with a host, got '{url}'", EXIT_USAGE)
+    return url
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        base_url = _server_url(args)
+        token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+        with requests.Session() as session:
+            args.handler(Client(base_url, token, session), args)
+    except Failure as failure:
+        print(f"error: {failure.message}", file=sys.stderr)
+        return failure.exit_status
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
