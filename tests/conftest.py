@@ -1,11 +1,13 @@
-"""Shared fixtures: zips built on the fly and a real HTTP server on 127.0.0.1."""
+"""Shared fixtures: zips built on the fly, a real HTTP server on 127.0.0.1, the service and real gunicorn."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -15,6 +17,10 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from kuiper_plugins import create_app
+from kuiper_plugins.layout import Layout
+from kuiper_plugins.settings import Settings
 
 
 def make_zip(path: Path, members: dict[str, bytes | str], *, modes: dict[str, int] | None = None) -> Path:
@@ -99,13 +105,6 @@ def file_server(tmp_path):
 
 # ---------------------------------------------------------------------------- the service under test
 
-import hashlib  # noqa: E402
-import sqlite3  # noqa: E402
-
-from kuiper_plugins import create_app  # noqa: E402
-from kuiper_plugins.layout import Layout  # noqa: E402
-from kuiper_plugins.settings import Settings  # noqa: E402
-
 UNTRACKED = ("data/kuiper-plugins.db", "data/.kuiper-plugins/locks/")
 
 
@@ -114,7 +113,7 @@ def disk_state(home: Path) -> dict[str, tuple]:
     state = {}
     for path in sorted(home.rglob("*")):
         rel = path.relative_to(home).as_posix()
-        if rel.startswith(UNTRACKED) or rel.startswith(UNTRACKED[0]):
+        if rel.startswith(UNTRACKED):
             continue
         if path.is_symlink():
             state[rel] = ("link", str(path.readlink()))
