@@ -129,22 +129,23 @@ class UploadSchema(CaseInsensitiveSchema):
             raise ValidationError("give either content or file")
 
 
-class NativeDescriptionSchema(Schema):
-    """GET /plugins/{sources,sinks,functions}/{name}; keys in the order eKuiper's sorted maps give."""
+class OutputSchema(Schema):
+    """An answer's schema: keys come out in the order the fields are declared."""
 
     class Meta:
         ordered = True
+
+
+class NativeDescriptionSchema(OutputSchema):
+    """GET /plugins/{sources,sinks,functions}/{name}; keys in the order eKuiper's sorted maps give."""
 
     functions = fields.List(fields.String())
     name = fields.String(required=True)
     version = fields.String(required=True)
 
 
-class PortableDescriptionSchema(Schema):
+class PortableDescriptionSchema(OutputSchema):
     """A portable plugin's descriptor, as GET /plugins/portables and /plugins/portables/{name} answer."""
-
-    class Meta:
-        ordered = True
 
     name = fields.String(required=True)
     version = fields.String(required=True)
@@ -157,19 +158,15 @@ class PortableDescriptionSchema(Schema):
     functions = fields.List(fields.String(), required=True)
 
 
-class FunctionOwnerSchema(Schema):
-    class Meta:
-        ordered = True
+class FunctionOwnerSchema(OutputSchema):
+    """GET /plugins/udfs/{name}."""
 
     name = fields.String(required=True)
     plugin = fields.String(required=True)
 
 
-class ErrorSchema(Schema):
+class ErrorSchema(OutputSchema):
     """The one error envelope."""
-
-    class Meta:
-        ordered = True
 
     error = fields.Integer(required=True)
     message = fields.String(required=True)
