@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export KUIPER_HOME ?= $(CURDIR)/var
 
 # Debian tools the tests drive for real; installed when missing (needs root, as on CI).
-TEST_TOOLS := openssl chromium nginx
+TEST_TOOLS := openssl chromium nginx strace
 
 .PHONY: venv run test lint clean system-deps bench fuzz
 

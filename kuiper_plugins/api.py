@@ -153,14 +153,17 @@ def describe_plugin(plugin_type: str, name: str) -> Response:
     if name == "prebuild" and plugin_type in NATIVE_TYPES:
         return prebuilt_plugins(plugin_type)
     checked_name(name)
-    plugin = registry.find(connection(), plugin_type, name)
+    conn = connection()
+    with db.snapshot(conn):  # the row and its functions from one state of the registry
+        plugin = registry.find(conn, plugin_type, name)
+        functions = registry.functions_of(conn, plugin.id) if plugin and plugin_type == "functions" else None
     if plugin is None:
         raise PluginNotFound(f"describe {type_label(plugin_type)} plugin {name} error: not found")
     if plugin_type == PORTABLE:
         return json_response(portable_description.dump(plugin.descriptor))
     description: dict[str, Any] = {"name": plugin.name, "version": plugin.version}
-    if plugin_type == "functions":
-        description["functions"] = registry.functions_of(connection(), plugin.id)
+    if functions is not None:
+        description["functions"] = functions
     return json_response(native_description.dump(description))
 
 

@@ -5,21 +5,36 @@ master before it forks), in autocommit mode so that every write goes through
 `transaction()`, which starts with BEGIN IMMEDIATE: a read-then-write never
 has to upgrade a snapshot, so concurrent workers queue on the busy timeout
 instead of failing with "database is locked".
+
+Every SQLite failure a client can meet is turned into a refusal by
+`unavailable()`: 503 (with Retry-After) when the registry stays locked past
+the busy timeout, is read-only, unreadable or corrupt; 507 when the disk is
+full. The service never rewrites, recreates or deletes the registry file: a
+corrupt one stops start-up with a message saying so and stays as it is.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ParamSpec, TypeVar
+from urllib.parse import quote
 
 from kuiper_plugins.errors import DiskFull, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_SECONDS = 10.0
+_BUSY_RETRY_SECONDS = 0.02
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 # Each entry moves the schema from version N to N+1; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -61,6 +76,11 @@ MIGRATIONS: list[str] = [
         UNIQUE (type, name_key)
     );
     """,
+    # The journal of file moves now lives in the operation's staging folder, written before the moves:
+    # recording it needed a registry write between reservation and commit, one more wait on a busy registry.
+    """
+    ALTER TABLE operations DROP COLUMN journal;
+    """,
 ]
 
 
@@ -88,7 +108,10 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("COMMIT")
     except BaseException as exc:
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # nothing was committed; closing the connection ends the transaction
         if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError) and not isinstance(
             exc, sqlite3.IntegrityError
         ):
@@ -96,39 +119,159 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+@contextmanager
+def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Run several reads on one consistent view of the registry (a deferred read transaction).
+
+    Two reads in autocommit mode may straddle another worker's commit: a describe could pair a
+    plugin's old version with its new function list. Inside this block they cannot. In WAL mode a
+    reader takes no lock a writer waits for.
+    """
+    try:
+        conn.execute("BEGIN DEFERRED")
+    except sqlite3.Error as exc:
+        raise unavailable(exc) from None
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")  # nothing to keep: the block only read
+            except sqlite3.Error:
+                pass  # closing the connection ends the read transaction as well
+
+
 def unavailable(exc: sqlite3.Error) -> Exception:
     """Map a SQLite failure to the refusal a client sees: 507 for a full disk, 503 otherwise."""
     text = str(exc)
-    if "disk is full" in text or "database or disk is full" in text:
-        log.error("registry write failed, disk full: %s", text)
+    code = _code(exc)
+    if code == sqlite3.SQLITE_FULL or "disk is full" in text:
+        log.error("registry write failed, the disk is full: %s", text)
         return DiskFull(f"disk full while writing the plugin registry: {text}")
-    log.error("registry unavailable: %s", text)
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in text:
+        log.error("registry still locked after the %g s busy timeout: %s", BUSY_TIMEOUT_SECONDS, text)
+    elif code == sqlite3.SQLITE_READONLY or "readonly database" in text:
+        log.error("registry is read-only, writes are refused until it is writable again: %s", text)
+    elif code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in text or "not a database" in text:
+        log.error("registry file is corrupt; it is left untouched, restore it from a backup: %s", text)
+    else:
+        log.error("registry unavailable: %s", text)
     return RegistryUnavailable(f"plugin registry unavailable: {text}")
 
 
-def initialise(path: Path) -> None:
-    """Create the registry or bring its schema up to date, and switch it to WAL once."""
-    conn = connect(path)
+def mapped_errors(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Let SQLite failures of a registry function reach the client as 503/507 refusals.
+
+    IntegrityError passes unchanged: callers read it as "a name, function or file is taken".
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return function(*args, **kwargs)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise unavailable(exc) from None
+
+    return wrapper
+
+
+def check(path: Path) -> None:
+    """Refuse (RegistryUnavailable) an existing registry file that cannot be used; never write to it.
+
+    Start-up calls this before anything else touches the file, so that a corrupt registry stops the
+    service with one clear message instead of being served, migrated or recreated. The file is opened
+    read-only: not even a checkpoint is written.
+    """
+    if not path.exists():
+        return
+
+    def verify() -> None:
+        conn = sqlite3.connect(f"file:{quote(os.fspath(path))}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS)
+        try:
+            _verify(conn, path)
+        finally:
+            conn.close()
+
+    _patiently(verify)
+
+
+def _verify(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a registry that is not a database, fails SQLite's quick check, or has a newer schema."""
     try:
-        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        if mode != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise RegistryUnavailable(
-                f"plugin registry {path} has schema version {version}, newer than this service knows"
-            )
-        for number in range(version, len(MIGRATIONS)):
-            with transaction(conn):
-                if conn.execute("PRAGMA user_version").fetchone()[0] != number:
-                    continue  # another worker migrated it meanwhile
-                _run_script(conn, MIGRATIONS[number])
-                conn.execute(f"PRAGMA user_version = {number + 1}")
-                log.info("registry %s migrated to schema version %d", path, number + 1)
-    except sqlite3.Error as exc:
-        raise unavailable(exc) from None
-    finally:
-        conn.close()
+    except sqlite3.DatabaseError as exc:
+        if _code(exc) not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            raise
+        problems, version = [str(exc)], 0
+    if problems != ["ok"]:
+        detail = "; ".join(problems[:3])
+        log.error("registry %s is corrupt (%s); it is left untouched", path, detail)
+        raise RegistryUnavailable(
+            f"plugin registry {path} is corrupt ({detail}); the service will not start on it and leaves the"
+            " file as it is: restore it from a backup, or move it away to start with an empty registry"
+        )
+    if version > len(MIGRATIONS):
+        raise RegistryUnavailable(
+            f"plugin registry {path} has schema version {version}, newer than this service knows"
+        )
+
+
+def initialise(path: Path) -> None:
+    """Create the registry or bring its schema up to date, and switch it to WAL once.
+
+    An existing file is checked first, read-only: a corrupt one is refused before anything writes to it.
+    Every worker runs this at start, all at once on a new registry; each step is safe to repeat.
+    """
+    check(path)
+
+    def set_up() -> None:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number in range(version, len(MIGRATIONS)):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if conn.execute("PRAGMA user_version").fetchone()[0] == number:  # else another worker did it
+                        _run_script(conn, MIGRATIONS[number])
+                        conn.execute(f"PRAGMA user_version = {number + 1}")
+                        log.info("registry %s migrated to schema version %d", path, number + 1)
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+    _patiently(set_up)
+
+
+def _patiently(step: Callable[[], None]) -> None:
+    """Run a start-up step, again while SQLite answers "busy" at once, up to the busy timeout.
+
+    Switching a new registry to WAL, or reading one that another worker is switching, needs a lock
+    SQLite does not wait for on its busy handler: workers starting together would fail at once.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.Error as exc:
+            if _code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) and time.monotonic() < deadline:
+                time.sleep(_BUSY_RETRY_SECONDS)
+                continue
+            raise unavailable(exc) from None
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of an error (extended codes folded), None when unknown."""
+    extended = getattr(exc, "sqlite_errorcode", None)
+    return extended & 0xFF if isinstance(extended, int) else None
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:

@@ -1,23 +1,30 @@
 """Install, update and delete plugins without ever leaving one half-installed.
 
 Every operation on a plugin runs the same stages:
-1. take the plugin's flock (busy -> refused at once) and roll back any dead
-   operation a crashed worker left on that name;
-2. reserve the name in the operations table and make a staging folder
+1. take the plugin's flock (busy -> refused at once, 400) and roll back any
+   dead operation a crashed worker left on that name;
+2. check the request against the registry (duplicate, not found), then
+   reserve the name in the operations table and make a staging folder
    `data/.kuiper-plugins/staging/<operation id>` on the same filesystem;
 3. do the slow work inside staging: download, inspect, unpack, install.sh;
-4. write the journal of file moves to the registry, then move the files into
-   place with os.replace, old files going aside into the staging folder;
+4. write the journal of file moves to `<staging>/journal.json` (atomically,
+   fsynced), then move the files into place with os.replace, old files going
+   aside into the staging folder (a file being replaced is hard-linked aside
+   first, so its path never goes missing);
 5. commit the plugin row and drop the operation row in one transaction: the
    commit point;
 6. remove the staging folder (and with it the old files of an update).
 A failure before the commit point undoes the moves from the journal; a crash
-at any point is undone the same way by `recover()` when a worker starts.
+at any point is undone the same way by `recover()` when a worker starts, or
+by the next operation on the same plugin. Between the reservation and the
+commit the registry is written to only once more (the commit), so a busy
+registry makes an operation wait at its start or at its commit point only.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -38,6 +45,7 @@ from kuiper_plugins.errors import (
     InstallFailed,
     InvalidRequest,
     PackageInvalid,
+    PluginBusy,
     PluginError,
     PluginNotFound,
     ScriptFailed,
@@ -49,6 +57,8 @@ from kuiper_plugins.settings import Settings
 log = logging.getLogger(__name__)
 
 DESCRIPTOR_MAX_BYTES = 1024 * 1024
+JOURNAL_FILE = "journal.json"
+BACKUP_NAME = re.compile(r"backup/[0-9]+")
 SO_FILE_NAME = re.compile(r"([A-Za-z0-9_-]+?)(?:@([A-Za-z0-9._+-]+))?\.so")
 
 
@@ -78,37 +88,38 @@ class Installer:
     def install(self, plugin_type: str, request: dict[str, Any]) -> None:
         """Install a new plugin from the request's package URL."""
         name = request["name"]
-        with self._logged("install", plugin_type, name, request) as outcome:
-            with self._operation(plugin_type, name, "install") as (conn, op):
-                existing = registry.find_by_key(conn, plugin_type, name)
-                if existing is not None:
-                    raise InvalidRequest(f"invalid name {name}: duplicate")
+        with self._logged("install", plugin_type, name, request) as outcome, self._locked(plugin_type, name) as conn:
+            if registry.find_by_key(conn, plugin_type, name) is not None:
+                raise InvalidRequest(f"invalid name {name}: duplicate")
+            with self._reserved(conn, plugin_type, name, "install") as op:
                 outcome.update(self._install_package(conn, op, plugin_type, request, old=None))
 
     def update(self, plugin_type: str, name: str, request: dict[str, Any]) -> None:
         """Replace an installed plugin by a new package; the old one stays whole until the new one is in."""
-        with self._logged("update", plugin_type, name, request) as outcome:
-            with self._operation(plugin_type, name, "update") as (conn, op):
-                old = registry.find(conn, plugin_type, name)
-                if old is None:
-                    if plugin_type != PORTABLE:
-                        raise PluginNotFound(
-                            f"update {plugin_type} plugin {name} error, cannot delete old version:"
-                            f" invalid name {name}: not exist"
-                        )
-                    if registry.find_by_key(conn, plugin_type, name) is not None:
-                        raise InvalidRequest(f"invalid name {name}: duplicate")
+        with self._logged("update", plugin_type, name, request) as outcome, self._locked(plugin_type, name) as conn:
+            old = registry.find(conn, plugin_type, name)
+            if old is None:
+                if plugin_type != PORTABLE:
+                    raise PluginNotFound(
+                        f"update {plugin_type} plugin {name} error, cannot delete old version:"
+                        f" invalid name {name}: not exist"
+                    )
+                if registry.find_by_key(conn, plugin_type, name) is not None:
+                    raise InvalidRequest(f"invalid name {name}: duplicate")
+            with self._reserved(conn, plugin_type, name, "update") as op:
                 outcome.update(self._install_package(conn, op, plugin_type, request, old=old))
 
     def delete(self, plugin_type: str, name: str) -> None:
-        """Remove exactly the files the install wrote, the plugin's functions and its registry entry."""
-        self._require(plugin_type, name, "delete")
-        with self._logged("delete", plugin_type, name, None) as outcome:
-            with self._operation(plugin_type, name, "delete") as (conn, op):
-                plugin = self._require(plugin_type, name, "delete", conn)
-                outcome["version"] = plugin.version
+        """Remove exactly the files the install wrote, the plugin's functions and its registry entry.
+
+        Files already gone from disk are not an error: the registry entry goes all the same.
+        """
+        with self._logged("delete", plugin_type, name, None) as outcome, self._locked(plugin_type, name) as conn:
+            plugin = self._require(conn, plugin_type, name, "delete")
+            outcome["version"] = plugin.version
+            with self._reserved(conn, plugin_type, name, "delete") as op:
                 present = [f for f in registry.files_of(conn, plugin.id) if self._exists(f)]
-                self._publish(conn, op, [(None, f) for f in present])
+                self._publish(op, [(None, f) for f in present])
                 with db.transaction(conn):
                     registry.remove(conn, plugin.id)
                     registry.end_operation(conn, op.id)
@@ -116,9 +127,7 @@ class Installer:
 
     def register_functions(self, name: str, functions: Sequence[str]) -> None:
         """Replace the function list of a native function plugin."""
-        lock = plugin_lock(self.layout.locks, "functions", name).acquire_or_refuse(f"functions plugin {name}")
-        conn = self._connect()
-        try:
+        with self._locked("functions", name, roll_back_stale=False) as conn:
             plugin = registry.find(conn, "functions", name)
             if plugin is None:
                 raise PluginNotFound(f"register functions plugin {name} error: not found")
@@ -134,14 +143,16 @@ class Installer:
                 self._refuse_function_clashes(conn, functions, plugin.id)
                 raise
             log.info("functions plugin %s now exports %s", name, ",".join(functions))
-        finally:
-            conn.close()
-            lock.release()
 
     # ---------------------------------------------------------------- start-up recovery
 
     def recover(self) -> None:
-        """Roll back operations whose worker died, sweep staging debris, adopt hand-copied .so files."""
+        """Roll back operations whose worker died, sweep staging debris, adopt hand-copied .so files.
+
+        Each operation is rolled back under its plugin's flock: a free lock proves its owner is dead.
+        Whatever cannot be done now (a read-only or locked registry) is logged and left for the next
+        start or the next operation on that plugin; start-up goes on so that reads are still served.
+        """
         with blocking_lock(self.layout.locks / "recovery.lock"):
             conn = self._connect()
             try:
@@ -153,6 +164,11 @@ class Installer:
                         continue  # its owner is alive and working
                     try:
                         self._roll_back(conn, op)
+                    except (PluginError, OSError) as exc:
+                        log.error(
+                            "could not roll back the unfinished %s of %s plugin %s (operation %s): %s;"
+                            " it will be retried", op.kind, type_label(op.type), op.name, op.id, exc,
+                        )
                     finally:
                         lock.release()
                 live = {op.id for op in registry.operations(conn)}
@@ -164,9 +180,10 @@ class Installer:
                 conn.close()
 
     def _roll_back(self, conn: sqlite3.Connection, op: registry.Operation) -> None:
+        """Undo a dead operation from its journal; the caller holds its plugin's lock."""
         killed = scripts.kill_marked(op.id)
         staging = self.layout.staging / op.id
-        self._undo(op.journal, staging)
+        self._undo(_read_journal(staging), staging)
         with db.transaction(conn):
             registry.end_operation(conn, op.id)
         shutil.rmtree(staging, ignore_errors=True)
@@ -178,12 +195,11 @@ class Installer:
     def _adopt(self, conn: sqlite3.Connection) -> None:
         """List native .so files copied in by hand, as eKuiper does at start-up."""
         recorded = registry.all_recorded_files(conn)
-        in_flight = {m["dest"] for op in registry.operations(conn) for m in op.journal}
         for plugin_type in NATIVE_TYPES:
             folder = self.layout.native_dir(plugin_type)
             for so_path in sorted(folder.glob("*.so")):
                 relative = self.layout.relative(so_path)
-                if relative in recorded or relative in in_flight or not so_path.is_file():
+                if relative in recorded or not so_path.is_file():
                     continue
                 match = SO_FILE_NAME.fullmatch(so_path.name)
                 if match is None:
@@ -192,19 +208,34 @@ class Installer:
                 name = match.group(1)[0].lower() + match.group(1)[1:]
                 if len(name) > 64:
                     continue
-                with db.transaction(conn):
-                    if registry.find_by_key(conn, plugin_type, name) is not None:
-                        log.warning("ignoring %s: plugin %s is already installed", relative, name)
+                # A file an operation in flight has just moved in is not hand-copied: that operation holds
+                # the plugin's lock until it has committed (and recorded the file) or rolled back.
+                with plugin_lock(self.layout.locks, plugin_type, name) as lock:
+                    if not lock.try_acquire():
                         continue
-                    functions = [name] if plugin_type == "functions" else []
-                    if functions and registry.function_clashes(conn, functions, None):
-                        functions = []
-                    registry.save(
-                        conn, plugin_type=plugin_type, name=name, version=(match.group(2) or "").removeprefix("v"),
-                        descriptor=None, request=None, sha256=None, files=[relative], functions=functions,
-                        adopted=True,
-                    )
-                log.info("adopted %s plugin %s from %s found on disk", plugin_type, name, relative)
+                    try:
+                        self._adopt_one(conn, plugin_type, name, relative, match.group(2))
+                    except PluginError as exc:
+                        log.error("could not adopt %s: %s", relative, exc.message)
+
+    def _adopt_one(self, conn: sqlite3.Connection, plugin_type: str, name: str, relative: str, version: str | None):
+        with db.transaction(conn):
+            if registry.file_owners(conn, [relative], None) or not self._exists(relative):
+                return  # recorded or removed meanwhile
+            if registry.operation_for(conn, plugin_type, name) is not None:
+                log.warning("not adopting %s yet: an unfinished operation on %s awaits its roll-back", relative, name)
+                return
+            if registry.find_by_key(conn, plugin_type, name) is not None:
+                log.warning("ignoring %s: plugin %s is already installed", relative, name)
+                return
+            functions = [name] if plugin_type == "functions" else []
+            if functions and registry.function_clashes(conn, functions, None):
+                functions = []
+            registry.save(
+                conn, plugin_type=plugin_type, name=name, version=(version or "").removeprefix("v"),
+                descriptor=None, request=None, sha256=None, files=[relative], functions=functions, adopted=True,
+            )
+        log.info("adopted %s plugin %s from %s found on disk", plugin_type, name, relative)
 
     # ---------------------------------------------------------------- the stages
 
@@ -248,7 +279,7 @@ class Installer:
             os.chmod(unpacked / plan.executable, 0o755)
 
         moves, files = self._stage_units(conn, op, plan, unpacked, old)
-        self._publish(conn, op, moves)
+        self._publish(op, moves)
         descriptor = None
         if plan.descriptor is not None:
             descriptor = dict(plan.descriptor)
@@ -330,28 +361,35 @@ class Installer:
                 moves.append((None, stale))
         return moves, sorted(placed | kept_owned)
 
-    def _publish(self, conn: sqlite3.Connection, op: _Operation, moves: list[tuple[Path | None, str]]) -> None:
-        """Journal the moves in the registry, then make them: old files aside into staging, new ones in."""
+    def _publish(self, op: _Operation, moves: list[tuple[Path | None, str]]) -> None:
+        """Journal the moves in the staging folder, then make them: old files aside into staging, new ones in."""
         journal = []
         for index, (staged, dest) in enumerate(moves):
             backup = f"backup/{index}" if self._exists(dest) else None
             journal.append({"dest": dest, "backup": backup, "placed": staged is not None})
-        with db.transaction(conn):
-            registry.record_journal(conn, op.id, journal)
-        op.journal = journal
         (op.staging / "backup").mkdir(exist_ok=True)
+        _write_journal(op.staging, journal)
+        op.journal = journal
         for (staged, _dest), entry in zip(moves, journal, strict=True):
             target = self._inside_home(entry["dest"])
             if entry["backup"]:
-                os.replace(target, op.staging / entry["backup"])
+                _set_aside(target, op.staging / entry["backup"], replaced=staged is not None and not staged.is_dir())
             if staged is not None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staged, target)
 
     def _undo(self, journal: list[dict[str, Any]], staging: Path) -> None:
-        """Reverse a journal's moves, newest first; safe to run on a partly made or repeated undo."""
+        """Reverse a journal's moves, newest first; safe to run on a partly made or repeated undo.
+
+        Nothing is removed or restored through a folder that resolves outside KUIPER_HOME: a link planted
+        after the moves must not turn the undo into a delete elsewhere.
+        """
         for entry in reversed(journal):
             target = self.layout.absolute(entry["dest"])
+            strange_backup = entry["backup"] is not None and not BACKUP_NAME.fullmatch(entry["backup"])
+            if strange_backup or not self._resolves_inside_home(target):
+                log.warning("not undoing the move of %r: it does not lead inside %s", entry, self.layout.home)
+                continue
             backup = staging / entry["backup"] if entry["backup"] else None
             if backup is None:
                 if entry["placed"]:
@@ -364,55 +402,75 @@ class Installer:
     # ---------------------------------------------------------------- plumbing
 
     @contextmanager
-    def _operation(self, plugin_type: str, name: str, kind: str) -> Iterator[tuple[sqlite3.Connection, _Operation]]:
+    def _locked(
+        self, plugin_type: str, name: str, *, roll_back_stale: bool = True
+    ) -> Iterator[sqlite3.Connection]:
+        """Hold the plugin's lock (busy: refused at once) and a registry connection for a with-block.
+
+        A dead operation on the plugin (its lock was free, so its worker is gone) is rolled back first.
+        """
         lock = plugin_lock(self.layout.locks, plugin_type, name).acquire_or_refuse(
             f"{type_label(plugin_type)} plugin {name}"
         )
-        conn = self._connect()
-        op: _Operation | None = None
+        conn: sqlite3.Connection | None = None
         try:
-            stale = registry.operation_for(conn, plugin_type, name)
+            conn = self._connect()
+            stale = registry.operation_for(conn, plugin_type, name) if roll_back_stale else None
             if stale is not None:
-                self._roll_back(conn, stale)
-            op_id = uuid.uuid4().hex
-            op = _Operation(id=op_id, staging=self.layout.staging / op_id)
+                try:
+                    self._roll_back(conn, stale)
+                except OSError as exc:
+                    raise _os_error(exc) from exc
+            yield conn
+        finally:
+            if conn is not None:
+                conn.close()
+            lock.release()
+
+    @contextmanager
+    def _reserved(self, conn: sqlite3.Connection, plugin_type: str, name: str, kind: str) -> Iterator[_Operation]:
+        """Record the operation and give it a staging folder; undo it unless the block commits it."""
+        op_id = uuid.uuid4().hex
+        op = _Operation(id=op_id, staging=self.layout.staging / op_id)
+        try:
             with db.transaction(conn):
                 registry.begin_operation(conn, op.id, plugin_type, name, kind, os.getpid())
-            op.staging.mkdir()
+        except sqlite3.IntegrityError:
+            # Only an operation whose roll-back failed can still hold the name; the lock says it is not ours.
+            raise PluginBusy(f"{type_label(plugin_type)} plugin {name} is busy: an unfinished operation awaits"
+                             " its roll-back")
+        try:
             try:
-                yield conn, op
+                op.staging.mkdir()
+                yield op
             except OSError as exc:
                 raise _os_error(exc) from exc
         except BaseException:
-            if op is not None and not op.committed:
+            if not op.committed:
                 self._abandon(conn, op)
             raise
         finally:
-            if op is not None and (op.committed or not op.journal):
+            if op.committed or not op.journal:
                 shutil.rmtree(op.staging, ignore_errors=True)
-            conn.close()
-            lock.release()
 
     def _abandon(self, conn: sqlite3.Connection, op: _Operation) -> None:
         """Undo a failed operation; if even that fails, leave its row for recovery to finish."""
         try:
+            # An install.sh may outlive an interrupted run_install_script (a signal between its start and the
+            # cleanup that follows): whatever carries the operation's marker goes first, as in recovery.
+            scripts.kill_marked(op.id)
             self._undo(op.journal, op.staging)
             with db.transaction(conn):
                 registry.end_operation(conn, op.id)
             op.journal = []
-        except (OSError, PluginError, sqlite3.Error):
-            log.exception("could not roll back operation %s; start-up recovery will finish it", op.id)
+        except (OSError, PluginError) as exc:
+            log.error(
+                "could not finish rolling back operation %s (%s); start-up recovery or the next operation on"
+                " the same plugin will", op.id, exc,
+            )
 
-    def _require(
-        self, plugin_type: str, name: str, verb: str, conn: sqlite3.Connection | None = None
-    ) -> registry.Plugin:
-        own = conn is None
-        conn = conn or self._connect()
-        try:
-            plugin = registry.find(conn, plugin_type, name)
-        finally:
-            if own:
-                conn.close()
+    def _require(self, conn: sqlite3.Connection, plugin_type: str, name: str, verb: str) -> registry.Plugin:
+        plugin = registry.find(conn, plugin_type, name)
         if plugin is None:
             if plugin_type == PORTABLE:
                 raise PluginNotFound(f"{verb} portable plugin {name} error: portable plugin {name} is not found")
@@ -431,11 +489,13 @@ class Installer:
     def _inside_home(self, recorded: str) -> Path:
         """The absolute destination, refusing one whose folder resolves outside KUIPER_HOME (a planted link)."""
         target = self.layout.absolute(recorded)
-        home = os.path.realpath(self.layout.home)
-        parent = os.path.realpath(target.parent)
-        if os.path.commonpath([home, parent]) != home or os.path.islink(target):
+        if not self._resolves_inside_home(target) or os.path.islink(target):
             raise InstallFailed(f"fail to install plugin: {recorded} resolves outside {self.layout.home}")
         return target
+
+    def _resolves_inside_home(self, target: Path) -> bool:
+        home = os.path.realpath(self.layout.home)
+        return os.path.commonpath([home, os.path.realpath(target.parent)]) == home
 
     @contextmanager
     def _logged(self, action: str, plugin_type: str, name: str, request: dict[str, Any] | None):
@@ -460,6 +520,58 @@ def _log_operation(action, plugin_type, name, request, outcome, result, started,
         (request or {}).get("file", "-"), outcome.get("sha256", "-"), result, time.monotonic() - started,
         f" reason={message!r}" if message else "",
     )
+
+
+def _write_journal(staging: Path, journal: list[dict[str, Any]]) -> None:
+    """Write the journal into the staging folder whole or not at all, and make it durable, before any move."""
+    partial = staging / f"{JOURNAL_FILE}.partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(json.dumps(journal).encode())
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, staging / JOURNAL_FILE)
+    _fsync_folder(staging)
+
+
+def _read_journal(staging: Path) -> list[dict[str, Any]]:
+    """The journal an operation wrote before its first move; [] when it made none."""
+    try:
+        text = (staging / JOURNAL_FILE).read_text()
+    except FileNotFoundError:
+        return []
+    try:
+        journal = json.loads(text)
+    except ValueError as exc:
+        raise InstallFailed(f"the journal {staging / JOURNAL_FILE} is unreadable: {exc}")
+    return journal
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _set_aside(target: Path, backup: Path, *, replaced: bool) -> None:
+    """Move an installed file or folder into the backup place.
+
+    A regular file about to be replaced is hard-linked there instead, so that the os.replace that puts
+    the new file in swaps it atomically and its path is never missing for a reader. Undo reads both
+    the same way: if the backup exists, it is what goes back to the target.
+    """
+    if replaced and target.is_file() and not target.is_symlink():
+        try:
+            os.link(target, backup, follow_symlinks=False)
+            return
+        except OSError:
+            pass  # a filesystem without hard links: fall back to the move
+    os.replace(target, backup)
 
 
 def _remove(path: Path) -> None:

@@ -4,9 +4,13 @@ Invariants:
 - a plugin row exists only for a fully installed plugin; its files are listed
   in plugin_files (a path belongs to at most one plugin);
 - function names are one global namespace across native and portable plugins;
-- an operations row marks an install, update or delete in flight; its journal
-  says how to undo the file moves made so far, so that a crash at any point
-  can be rolled back at start-up.
+- an operations row marks an install, update or delete in flight, reserving
+  its (type, name); the journal of the file moves it makes is written into
+  its staging folder before the first move, so that a crash at any point can
+  be rolled back at start-up (see installer.py);
+- SQLite failures leave every function here as the 503/507 refusals of
+  `db.unavailable`, except IntegrityError, which says a name, function or
+  file is taken.
 Write functions expect to run inside `db.transaction()`.
 """
 
@@ -18,6 +22,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from kuiper_plugins.db import mapped_errors
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,6 @@ class Operation:
     name: str
     kind: str
     pid: int
-    journal: list[dict[str, Any]]
 
 
 def name_key(name: str) -> str:
@@ -60,24 +65,28 @@ def _plugin(row: sqlite3.Row) -> Plugin:
     )
 
 
+@mapped_errors
 def list_names(conn: sqlite3.Connection, plugin_type: str) -> list[str]:
     """Names of the installed plugins of one type, sorted."""
     rows = conn.execute("SELECT name FROM plugins WHERE type = ? ORDER BY name", (plugin_type,))
     return [row[0] for row in rows]
 
 
+@mapped_errors
 def list_descriptors(conn: sqlite3.Connection, plugin_type: str) -> list[dict[str, Any]]:
     """Descriptors of the installed plugins of one type, sorted by name."""
     rows = conn.execute("SELECT descriptor FROM plugins WHERE type = ? ORDER BY name", (plugin_type,))
     return [json.loads(row[0]) for row in rows]
 
 
+@mapped_errors
 def find(conn: sqlite3.Connection, plugin_type: str, name: str) -> Plugin | None:
     """The plugin of that exact type and name, or None."""
     row = conn.execute("SELECT * FROM plugins WHERE type = ? AND name = ?", (plugin_type, name)).fetchone()
     return _plugin(row) if row else None
 
 
+@mapped_errors
 def find_by_key(conn: sqlite3.Connection, plugin_type: str, name: str) -> Plugin | None:
     """The plugin whose name equals `name` regardless of case, or None."""
     row = conn.execute(
@@ -86,21 +95,25 @@ def find_by_key(conn: sqlite3.Connection, plugin_type: str, name: str) -> Plugin
     return _plugin(row) if row else None
 
 
+@mapped_errors
 def files_of(conn: sqlite3.Connection, plugin_id: int) -> list[str]:
     rows = conn.execute("SELECT path FROM plugin_files WHERE plugin_id = ? ORDER BY path", (plugin_id,))
     return [row[0] for row in rows]
 
 
+@mapped_errors
 def functions_of(conn: sqlite3.Connection, plugin_id: int) -> list[str]:
     rows = conn.execute("SELECT name FROM functions WHERE plugin_id = ? ORDER BY position", (plugin_id,))
     return [row[0] for row in rows]
 
 
+@mapped_errors
 def function_names(conn: sqlite3.Connection) -> list[str]:
     """Every registered function name, sorted."""
     return [row[0] for row in conn.execute("SELECT name FROM functions ORDER BY name")]
 
 
+@mapped_errors
 def function_owner(conn: sqlite3.Connection, function: str) -> str | None:
     """The name of the plugin that owns a function, or None."""
     row = conn.execute(
@@ -109,6 +122,7 @@ def function_owner(conn: sqlite3.Connection, function: str) -> str | None:
     return row[0] if row else None
 
 
+@mapped_errors
 def function_clashes(
     conn: sqlite3.Connection, functions: Iterable[str], except_plugin: int | None
 ) -> list[tuple[str, str]]:
@@ -124,6 +138,7 @@ def function_clashes(
     return clashes
 
 
+@mapped_errors
 def file_owners(
     conn: sqlite3.Connection, paths: Iterable[str], except_plugin: int | None
 ) -> list[tuple[str, str, str]]:
@@ -140,10 +155,12 @@ def file_owners(
     return owners
 
 
+@mapped_errors
 def all_recorded_files(conn: sqlite3.Connection) -> set[str]:
     return {row[0] for row in conn.execute("SELECT path FROM plugin_files")}
 
 
+@mapped_errors
 def save(
     conn: sqlite3.Connection,
     *,
@@ -187,6 +204,7 @@ def save(
     return plugin_id
 
 
+@mapped_errors
 def set_functions(conn: sqlite3.Connection, plugin_id: int, functions: Sequence[str]) -> None:
     """Replace a plugin's function list; raises IntegrityError when a name is owned elsewhere."""
     conn.execute("DELETE FROM functions WHERE plugin_id = ?", (plugin_id,))
@@ -196,11 +214,13 @@ def set_functions(conn: sqlite3.Connection, plugin_id: int, functions: Sequence[
     )
 
 
+@mapped_errors
 def remove(conn: sqlite3.Connection, plugin_id: int) -> None:
     """Forget a plugin, its files and its functions."""
     conn.execute("DELETE FROM plugins WHERE id = ?", (plugin_id,))
 
 
+@mapped_errors
 def begin_operation(conn: sqlite3.Connection, op_id: str, plugin_type: str, name: str, kind: str, pid: int) -> None:
     """Reserve a plugin name for one operation; IntegrityError when one is already recorded."""
     conn.execute(
@@ -209,26 +229,22 @@ def begin_operation(conn: sqlite3.Connection, op_id: str, plugin_type: str, name
     )
 
 
-def record_journal(conn: sqlite3.Connection, op_id: str, journal: list[dict[str, Any]]) -> None:
-    conn.execute("UPDATE operations SET journal = ? WHERE id = ?", (json.dumps(journal), op_id))
-
-
+@mapped_errors
 def end_operation(conn: sqlite3.Connection, op_id: str) -> None:
     conn.execute("DELETE FROM operations WHERE id = ?", (op_id,))
 
 
 def _operation(row: sqlite3.Row) -> Operation:
-    return Operation(
-        id=row["id"], type=row["type"], name=row["name"], kind=row["kind"], pid=row["pid"],
-        journal=json.loads(row["journal"]),
-    )
+    return Operation(id=row["id"], type=row["type"], name=row["name"], kind=row["kind"], pid=row["pid"])
 
 
+@mapped_errors
 def operations(conn: sqlite3.Connection) -> list[Operation]:
     """Every operation recorded as in flight."""
     return [_operation(row) for row in conn.execute("SELECT * FROM operations ORDER BY started_at")]
 
 
+@mapped_errors
 def operation_for(conn: sqlite3.Connection, plugin_type: str, name: str) -> Operation | None:
     row = conn.execute(
         "SELECT * FROM operations WHERE type = ? AND name_key = ?", (plugin_type, name_key(name))
@@ -236,6 +252,7 @@ def operation_for(conn: sqlite3.Connection, plugin_type: str, name: str) -> Oper
     return _operation(row) if row else None
 
 
+@mapped_errors
 def counts(conn: sqlite3.Connection) -> dict[str, Any]:
     """Plugins per type, functions, and operations in flight (for the readiness answer)."""
     return {

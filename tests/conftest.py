@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -119,6 +120,8 @@ def disk_state(home: Path) -> dict[str, tuple]:
             state[rel] = ("link", str(path.readlink()))
         elif path.is_dir():
             state[rel] = ("dir",)
+        elif not path.is_file():
+            state[rel] = ("special", stat.S_IFMT(path.lstat().st_mode))  # a FIFO or device: never read it
         else:
             state[rel] = ("file", path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest(),
                           path.stat().st_mode & 0o777)
@@ -229,15 +232,18 @@ class Gunicorn:
             if self.process.poll() is not None:
                 raise AssertionError(f"gunicorn exited with {self.process.returncode}: {self.log()}")
             try:
-                if requests.get(f"{self.url}/ping", timeout=1).status_code == 200:
+                # Until a worker has booted a request just waits: give it a while on a busy 2-core box.
+                if requests.get(f"{self.url}/ping", timeout=5).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             time.sleep(0.05)  # polling for readiness, bounded by the deadline
         raise AssertionError(f"gunicorn did not answer within {START_TIMEOUT}s: {self.log()}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
@@ -257,9 +263,9 @@ def start_gunicorn(tmp_path, file_server):
 
     def start(workers: int = 2, **env: str) -> Gunicorn:
         env.setdefault("KUIPER__BASIC__PRIVATENETALLOWLIST", f"127.0.0.1:{file_server.port}")
-        server = Gunicorn(home, tmp_path / "gunicorn.log", workers, env).start()
-        started.append(server)
-        return server
+        server = Gunicorn(home, tmp_path / "gunicorn.log", workers, env)
+        started.append(server)  # stopped at teardown even when it fails to start
+        return server.start()
 
     yield start
     for server in started:

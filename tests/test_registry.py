@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import threading
 
@@ -108,15 +109,81 @@ def test_operations_reserve_a_name(conn):
     with pytest.raises(sqlite3.IntegrityError):
         with db.transaction(conn):
             registry.begin_operation(conn, "op2", "sources", "RANDOM", "install", 124)
-    with db.transaction(conn):
-        registry.record_journal(conn, "op1", [{"dest": "x", "backup": None, "placed": True}])
     (op,) = registry.operations(conn)
-    assert (op.id, op.kind, op.pid, op.journal) == ("op1", "install", 123, [{"dest": "x", "backup": None,
-                                                                              "placed": True}])
+    assert (op.id, op.type, op.name, op.kind, op.pid) == ("op1", "sources", "random", "install", 123)
     assert registry.operation_for(conn, "sources", "Random").id == "op1"
+    assert registry.operation_for(conn, "sinks", "random") is None
     with db.transaction(conn):
         registry.end_operation(conn, "op1")
     assert registry.operations(conn) == []
+
+
+def test_the_journal_column_of_the_first_schema_is_migrated_away(tmp_path):
+    path = tmp_path / "registry.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("BEGIN")
+    for statement in db.MIGRATIONS[0].split(";"):
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version = 1")
+    raw.execute("INSERT INTO plugins (type, name, name_key, created_at, updated_at) VALUES ('sinks', 'a', 'a', 1, 1)")
+    raw.execute("COMMIT")
+    raw.close()
+    db.initialise(path)
+    conn = db.connect(path)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(operations)")]
+    assert "journal" not in columns
+    assert registry.list_names(conn, "sinks") == ["a"]
+    conn.close()
+
+
+def test_reads_of_a_corrupt_registry_are_refused_cleanly(tmp_path):
+    path = tmp_path / "registry.db"
+    db.initialise(path)
+    conn = db.connect(path)
+    save(conn, "misc", functions=["f1"])
+    conn.close()
+    garbage = b"\x00garbage, not SQLite" * 512
+    path.write_bytes(garbage)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    with pytest.raises(RegistryUnavailable, match="not a database"):
+        db.connect(path)
+    with pytest.raises(RegistryUnavailable, match="is corrupt .* leaves the file as it is"):
+        db.check(path)
+    with pytest.raises(RegistryUnavailable, match="is corrupt"):
+        db.initialise(path)
+    assert path.read_bytes() == garbage
+
+
+def test_check_reads_without_writing(tmp_path):
+    path = tmp_path / "registry.db"
+    db.check(path)  # no file yet: nothing to check, nothing created
+    assert not path.exists()
+    db.initialise(path)
+    conn = db.connect(path)
+    save(conn, "misc")
+    conn.close()
+    content = path.read_bytes()
+    db.check(path)
+    assert path.read_bytes() == content
+
+
+def test_a_registry_locked_past_the_busy_timeout_is_a_503(tmp_path):
+    """Without waiting the real timeout: the holder's lock is seen by a connection with no patience."""
+    path = tmp_path / "registry.db"
+    db.initialise(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    impatient = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        with pytest.raises(RegistryUnavailable, match="database is locked") as refused:
+            with db.transaction(impatient):
+                pass
+        assert refused.value.status == 503 and refused.value.retry_after >= 1
+    finally:
+        impatient.close()
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 def test_concurrent_writers_queue_instead_of_failing(tmp_path):
@@ -158,3 +225,55 @@ def test_a_failed_transaction_rolls_back(conn):
             raise RuntimeError("boom")
     assert registry.list_names(conn, "sinks") == []
     assert not conn.in_transaction
+
+
+def test_reads_in_a_snapshot_never_straddle_another_commit(tmp_path):
+    """A describe reads a plugin row, then its functions: an update committed in between must not show."""
+    path = tmp_path / "registry.db"
+    db.initialise(path)
+    writer = db.connect(path)
+    reader = db.connect(path)
+    try:
+        old_id = save(writer, "misc", functions=["f1", "f2"])
+        with db.snapshot(reader):
+            plugin = registry.find(reader, "functions", "misc")
+            save(writer, "misc", functions=["g1"], replaces=old_id)  # another worker's update commits
+            assert registry.functions_of(reader, plugin.id) == ["f1", "f2"]
+        assert not reader.in_transaction
+        # Outside a snapshot, the same two reads see half of each state: a plugin without its functions.
+        plugin = registry.find(reader, "functions", "misc")
+        with db.transaction(writer):
+            registry.remove(writer, plugin.id)  # another worker's delete commits
+        assert registry.functions_of(reader, plugin.id) == []
+    finally:
+        writer.close()
+        reader.close()
+
+
+def _initialise_when_released(path, barrier, results) -> None:
+    barrier.wait(timeout=30)
+    try:
+        db.initialise(path)
+        results.put("ok")
+    except RegistryUnavailable as exc:
+        results.put(exc.message)
+
+
+def test_workers_starting_together_on_a_new_registry_all_start(tmp_path):
+    """Switching a new file to WAL does not wait on the busy handler: initialise must wait itself."""
+    context = multiprocessing.get_context("fork")
+    for round_ in range(8):
+        path = tmp_path / f"registry-{round_}.db"
+        barrier, results = context.Barrier(8), context.Queue()
+        workers = [context.Process(target=_initialise_when_released, args=(path, barrier, results))
+                   for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        outcomes = [results.get(timeout=60) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=30)
+        assert outcomes == ["ok"] * 8
+        conn = db.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(db.MIGRATIONS)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()

@@ -1,0 +1,285 @@
+"""The registry and the disk failing under the service: locked, read-only, corrupt, full.
+
+Disk full is real: the tests mount a small tmpfs as KUIPER_HOME (root only, as on CI) and fill it.
+Read-only is real too: `chattr +i` makes the registry file immutable, which even root cannot write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+from conftest import GUNICORN, REPO, disk_state, free_port, make_zip, registry_dump
+from test_crash import WAIT, InFlight, RegistryHold, ScriptGate, installed_paths, source_members, wait_for
+
+from kuiper_plugins import db
+from kuiper_plugins.errors import RegistryUnavailable
+from kuiper_plugins.layout import Layout
+
+DISK_SIZE = 8 << 20
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs and chattr +i need root (CI runs the tests as root)")
+
+
+@pytest.fixture
+def small_disk(home):
+    """KUIPER_HOME on its own 8 MiB tmpfs, unmounted afterwards."""
+    needs_root()
+    home.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE},mode=0755", "tmpfs", str(home)],
+                   check=True, capture_output=True, timeout=WAIT)
+    try:
+        yield home
+    finally:
+        if subprocess.run(["umount", str(home)], capture_output=True, timeout=WAIT).returncode != 0:
+            subprocess.run(["umount", "-l", str(home)], check=True, capture_output=True, timeout=WAIT)
+
+
+@pytest.fixture
+def immutable(home):
+    """Make files immutable with chattr +i (root cannot write them either); undone afterwards."""
+    needs_root()
+    made: list = []
+
+    def make(path) -> None:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True, timeout=WAIT)
+        made.append(path)
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=True, capture_output=True, timeout=WAIT)
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def message(response) -> str:
+    assert response.mimetype == "application/json", response.data
+    return response.get_json()["message"]
+
+
+def fill_up(path) -> None:
+    """Write zeros into `path` until the filesystem has no room left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    chunk = b"\0" * (64 << 10)
+    try:
+        for _ in range(DISK_SIZE // len(chunk) + 16):
+            os.write(fd, chunk)
+    except OSError as exc:
+        assert exc.errno == 28, exc  # ENOSPC
+    else:
+        raise AssertionError("the disk never filled up")
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- disk full on a real tmpfs
+
+
+def test_disk_full_during_the_download_is_a_507_and_leaves_nothing(small_disk, make_service, file_server):
+    service = make_service()
+    make_zip(file_server.root / "big.zip", source_members(
+        "random", extra={"payload.bin": random.Random(7).randbytes(DISK_SIZE + (1 << 20))}))
+    before = service.snapshot()
+    response = service.post("sources", {"name": "random", "file": file_server.url("big.zip")})
+    assert response.status_code == 507, response.data
+    assert "disk full" in message(response) or "No space left" in message(response)
+    service.assert_unchanged(before)
+    assert service.client.get("/plugins/sources").get_json() == []
+
+
+def test_disk_full_during_the_extraction_is_a_507_and_leaves_nothing(small_disk, make_service, file_server):
+    service = make_service()
+    block = random.Random(8).randbytes(16 << 10)
+    payload = block * ((DISK_SIZE + (4 << 20)) // len(block))  # deflates about 100:1, under the ratio limit
+    zip_path = make_zip(file_server.root / "expands.zip", source_members("random", extra={"payload.bin": payload}))
+    assert zip_path.stat().st_size < 1 << 20
+    before = service.snapshot()
+    response = service.post("sources", {"name": "random", "file": file_server.url("expands.zip")})
+    assert response.status_code == 507, response.data
+    assert "disk full while unpacking" in message(response)
+    service.assert_unchanged(before)
+
+
+def test_disk_full_at_the_commit_is_a_507_and_the_files_are_rolled_back(small_disk, make_service, file_server,
+                                                                         tmp_path):
+    service = make_service()
+    home = service.home
+    gate = ScriptGate(tmp_path)
+    make_zip(file_server.root / "random.zip", source_members("random", script=gate.script))
+    body = {"name": "random", "file": file_server.url("random.zip")}
+    before = service.snapshot()
+    outcome: dict = {}
+
+    def install() -> None:
+        outcome["response"] = service.app.test_client().post("/plugins/sources", json=body)
+
+    thread = threading.Thread(target=install, daemon=True)
+    registry_hold = None
+    try:
+        thread.start()
+        gate.wait_started()
+        # The commit will wait behind this transaction with every file already moved in...
+        registry_hold = RegistryHold(home)
+        gate.release()
+        wait_for(lambda: all((home / p).exists() for p in installed_paths("random")), "every file moved in")
+        # ... so the disk can be filled exactly between the moves and the commit.
+        fill_up(home / "filler")
+        registry_hold.release()
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        response = outcome["response"]
+        assert response.status_code == 507, response.data
+        assert "disk full while writing the plugin registry" in message(response)
+        # The moves are undone at once, even though the registry cannot record the end of the operation yet.
+        after = {p: s for p, s in disk_state(home).items() if not p.startswith(("filler", "data/.kuiper-plugins/"))}
+        assert after == {p: s for p, s in before[0].items() if not p.startswith("data/.kuiper-plugins/")}
+        assert service.client.get("/plugins/sources").get_json() == []
+        assert service.client.get("/plugins/sources/random").status_code == 404
+
+        (home / "filler").unlink()
+        # With room again, the next operation on the plugin finishes the roll-back first, then installs.
+        gate.release()
+        again = service.post("sources", body)
+        assert again.status_code == 201, again.data
+        assert service.client.get("/").get_json()["registry"]["operationsInFlight"] == 0
+        assert list(service.layout.staging.iterdir()) == []
+        assert all((home / p).exists() for p in installed_paths("random"))
+    finally:
+        if registry_hold is not None:
+            registry_hold.release()
+        gate.release()
+        thread.join(WAIT)
+        gate.close()
+
+
+# ---------------------------------------------------------------------------- a read-only registry
+
+
+def test_a_read_only_registry_refuses_writes_serves_reads_and_is_never_written(
+    make_service, file_server, immutable, caplog
+):
+    service = make_service()
+    make_zip(file_server.root / "random.zip", source_members("random"))
+    make_zip(file_server.root / "echo.zip", {"Echo@v1.so": "echo"})
+    assert service.post("sources", {"name": "random", "file": file_server.url("random.zip")}).status_code == 201
+    registry_file = service.layout.registry_file
+    before = service.snapshot()
+    content = digest(registry_file)
+    immutable(registry_file)
+
+    restarted = make_service()  # starting on a read-only registry works: start-up only reads
+    client = restarted.client
+    caplog.set_level(logging.ERROR, logger="kuiper_plugins.db")
+    for refused in [
+        client.post("/plugins/functions", json={"name": "echo", "file": file_server.url("echo.zip")}),
+        client.delete("/plugins/sources/random"),
+        client.put("/plugins/sources/random", json={"file": file_server.url("random.zip")}),
+    ]:
+        assert refused.status_code == 503, refused.data
+        assert "readonly database" in message(refused)
+        assert refused.headers["Retry-After"] == "1"
+    assert "registry is read-only, writes are refused until it is writable again" in caplog.text
+    assert client.get("/plugins/sources").get_json() == ["random"]
+    assert client.get("/plugins/sources/random").get_json() == {"name": "random", "version": "1.0.0"}
+    assert client.get("/plugins/udfs").get_json() == []
+    assert client.get("/").status_code == 200
+    restarted.assert_unchanged(before)
+    assert digest(registry_file) == content
+
+
+# ---------------------------------------------------------------------------- a corrupt registry
+
+
+def test_a_corrupt_registry_is_refused_with_503_and_never_rewritten(make_service, file_server):
+    service = make_service()
+    make_zip(file_server.root / "random.zip", source_members("random"))
+    assert service.post("sources", {"name": "random", "file": file_server.url("random.zip")}).status_code == 201
+    registry_file = service.layout.registry_file
+    files = {p: s for p, s in disk_state(service.home).items() if p in installed_paths("random")}
+    garbage = b"\x01 garbage header, not SQLite \xff" * 256
+    registry_file.write_bytes(garbage)
+
+    client = service.client
+    for response in [
+        client.get("/plugins/sources"), client.get("/plugins/sources/random"), client.get("/plugins/udfs"),
+        client.get("/"), client.post("/plugins/sources", json={"name": "other", "file": file_server.url("random.zip")}),
+        client.delete("/plugins/sources/random"),
+    ]:
+        assert response.status_code == 503, response.data
+        assert "not a database" in message(response)
+    with pytest.raises(RegistryUnavailable, match="is corrupt"):
+        make_service()  # a fresh start refuses it too
+    assert registry_file.read_bytes() == garbage
+    assert {p: s for p, s in disk_state(service.home).items() if p in files} == files
+
+
+@pytest.mark.slow
+def test_gunicorn_refuses_to_start_on_a_corrupt_registry_and_keeps_it(tmp_path):
+    home = tmp_path / "home"
+    Layout(home).create()
+    registry_file = Layout(home).registry_file
+    garbage = random.Random(9).randbytes(16 << 10)
+    registry_file.write_bytes(garbage)
+    env = {**os.environ, "KUIPER_HOME": str(home), "KUIPER__BASIC__RESTPORT": str(free_port()), "WEB_CONCURRENCY": "4"}
+    result = subprocess.run([str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=WAIT * 2)
+    assert result.returncode != 0
+    assert f"plugin registry {registry_file} is corrupt" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert registry_file.read_bytes() == garbage
+    assert sorted(p.name for p in registry_file.parent.iterdir() if p.name.startswith("kuiper-plugins.db")) == [
+        "kuiper-plugins.db"]
+
+
+# ---------------------------------------------------------------------------- locked past the busy timeout
+
+
+@pytest.mark.slow
+def test_a_registry_locked_past_the_busy_timeout_is_a_503_and_reads_go_on(start_gunicorn, file_server, tmp_path):
+    server = start_gunicorn(workers=4)
+    home = server.home
+    make_zip(file_server.root / "echo.zip", {"Echo@v1.so": "echo"})
+    for name in ("random", "flux"):
+        make_zip(file_server.root / f"{name}.zip", source_members(name))
+        created = requests.post(f"{server.url}/plugins/sources",
+                                json={"name": name, "file": file_server.url(f"{name}.zip")}, timeout=WAIT)
+        assert created.status_code == 201
+    before = disk_state(home), registry_dump(home)
+
+    hold = RegistryHold(home)  # another process keeps the registry's write lock past the busy timeout
+    try:
+        started = time.monotonic()
+        writes = [
+            InFlight("POST", f"{server.url}/plugins/functions", {"name": "echo", "file": file_server.url("echo.zip")}),
+            InFlight("PUT", f"{server.url}/plugins/sources/random", {"file": file_server.url("random.zip")}),
+            InFlight("DELETE", f"{server.url}/plugins/sources/flux"),
+        ]
+        # The fourth worker serves reads meanwhile: WAL readers do not wait for the writer's lock.
+        for _ in range(5):
+            assert requests.get(f"{server.url}/plugins/sources", timeout=WAIT).json() == ["flux", "random"]
+            assert requests.get(f"{server.url}/plugins/sources/random", timeout=WAIT).status_code == 200
+        assert time.monotonic() - started < db.BUSY_TIMEOUT_SECONDS
+        for write in writes:
+            response = write.outcome()
+            assert isinstance(response, requests.Response), response
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"] == "1"
+            assert response.json()["message"] == "plugin registry unavailable: database is locked"
+        assert time.monotonic() - started >= db.BUSY_TIMEOUT_SECONDS
+    finally:
+        hold.release()
+    assert (disk_state(home), registry_dump(home)) == before
+    assert list(Layout(home).staging.iterdir()) == []
+    assert requests.delete(f"{server.url}/plugins/sources/random", timeout=WAIT).status_code == 200
