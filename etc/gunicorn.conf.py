@@ -11,17 +11,24 @@ SIGQUIT stop at once (and a worker past its timeout is aborted): the request in
 flight is interrupted, rolls back what it started and answers 503, instead of
 gunicorn's SystemExit and 500.
 A registry that cannot be used (corrupt file) stops start-up with one clear
-line instead of being served; the file is left as it is.
+line instead of being served; the file is left as it is. The hooks doing that
+live in kuiper_plugins/gunicorn_hooks.py.
 """
 
 import os
 import sys
 
-from kuiper_plugins.errors import PluginError
+from kuiper_plugins.gunicorn_hooks import (  # noqa: F401  (gunicorn reads these names from this file)
+    on_starting,
+    post_fork,
+    post_request,
+    pre_request,
+    worker_abort,
+    worker_int,
+)
 from kuiper_plugins.settings import SettingsError, load_settings
 
 OVERHEAD_SECONDS = 120
-WORKER_BOOT_ERROR = 3  # gunicorn's exit status for "worker failed to boot": the master stops, no respawn loop
 
 try:
     _settings = load_settings()
@@ -50,67 +57,3 @@ logconfig_dict = {
         "gunicorn.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
     },
 }
-
-
-class RequestInterrupted(PluginError):
-    """The worker was told to stop at once while serving a request."""
-
-    status = 503
-
-
-def _registry_problem() -> str | None:
-    """Why the registry cannot be used (corrupt, too new), read-only and without writing; None when it can."""
-    from kuiper_plugins import db
-    from kuiper_plugins.layout import Layout
-
-    try:
-        db.check(Layout(_settings.home).registry_file)
-    except PluginError as exc:
-        return exc.message
-    return None
-
-
-def on_starting(server):
-    """In the master, before any worker is forked (the check's connection is closed by then)."""
-    problem = _registry_problem()
-    if problem:
-        sys.exit(f"kuiper-plugins cannot start: {problem}")
-
-
-def post_fork(server, worker):
-    """In each new worker, before the app loads: a registry that went bad since start stops the service."""
-    problem = _registry_problem()
-    if problem:
-        server.log.error("kuiper-plugins cannot start: %s", problem)
-        sys.exit(WORKER_BOOT_ERROR)
-
-
-def pre_request(worker, req):
-    worker.log.debug("%s %s", req.method, req.path)
-    worker.kuiper_request_in_flight = True
-
-
-def post_request(worker, req, environ, resp):
-    worker.kuiper_request_in_flight = False
-
-
-def worker_int(worker):
-    """SIGINT or SIGQUIT in a worker: interrupt the request in flight (see `_interrupt`)."""
-    _interrupt(worker, "the service is stopping")
-
-
-def worker_abort(worker):
-    """SIGABRT, sent by the master to a worker past its timeout: interrupt the request in flight."""
-    _interrupt(worker, "the request outlasted the worker timeout")
-
-
-def _interrupt(worker, reason: str) -> None:
-    """Raise, from the signal handler, into the request being served, if there is one.
-
-    The installer undoes what the operation started as the exception unwinds it (whatever it cannot
-    finish, start-up recovery does), the client gets a 503, and the worker, no longer alive, exits
-    after answering. With no request in flight, gunicorn's own exit goes ahead.
-    """
-    if getattr(worker, "kuiper_request_in_flight", False):
-        worker.kuiper_request_in_flight = False
-        raise RequestInterrupted(f"{reason}: the request was interrupted and nothing it started is kept")

@@ -87,6 +87,12 @@ class DiskFull(PluginError):
     status = 507
 
 
+class RequestInterrupted(PluginError):
+    """The worker was told to stop at once while serving a request; what it started was rolled back."""
+
+    status = 503
+
+
 def envelope(status: int, code: int, message: str, headers: dict[str, str] | None = None):
     """The JSON error response every refusal is sent as."""
     from flask import Response

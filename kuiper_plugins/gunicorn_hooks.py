@@ -1,0 +1,70 @@
+"""gunicorn server hooks: refuse to start on an unusable registry, and roll back an interrupted request.
+
+`etc/gunicorn.conf.py` imports these by name; gunicorn calls them in the master or the workers.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from kuiper_plugins import db
+from kuiper_plugins.errors import PluginError, RequestInterrupted
+from kuiper_plugins.layout import Layout
+from kuiper_plugins.settings import load_settings
+
+WORKER_BOOT_ERROR = 3  # gunicorn's exit status for "worker failed to boot": the master stops, no respawn loop
+
+
+def _registry_problem() -> str | None:
+    """Why the registry cannot be used (corrupt, too new), read-only and without writing; None when it can."""
+    try:
+        db.check(Layout(load_settings().home).registry_file)
+    except PluginError as exc:
+        return exc.message
+    return None
+
+
+def on_starting(server):
+    """In the master, before any worker is forked (the check's connection is closed by then)."""
+    problem = _registry_problem()
+    if problem:
+        sys.exit(f"kuiper-plugins cannot start: {problem}")
+
+
+def post_fork(server, worker):
+    """In each new worker, before the app loads: a registry that went bad since start stops the service."""
+    problem = _registry_problem()
+    if problem:
+        server.log.error("kuiper-plugins cannot start: %s", problem)
+        sys.exit(WORKER_BOOT_ERROR)
+
+
+def pre_request(worker, req):
+    worker.log.debug("%s %s", req.method, req.path)
+    worker.kuiper_request_in_flight = True
+
+
+def post_request(worker, req, environ, resp):
+    worker.kuiper_request_in_flight = False
+
+
+def worker_int(worker):
+    """SIGINT or SIGQUIT in a worker: interrupt the request in flight (see `_interrupt`)."""
+    _interrupt(worker, "the service is stopping")
+
+
+def worker_abort(worker):
+    """SIGABRT, sent by the master to a worker past its timeout: interrupt the request in flight."""
+    _interrupt(worker, "the request outlasted the worker timeout")
+
+
+def _interrupt(worker, reason: str) -> None:
+    """Raise, from the signal handler, into the request being served, if there is one.
+
+    The installer undoes what the operation started as the exception unwinds it (whatever it cannot
+    finish, start-up recovery does), the client gets a 503, and the worker, no longer alive, exits
+    after answering. With no request in flight, gunicorn's own exit goes ahead.
+    """
+    if getattr(worker, "kuiper_request_in_flight", False):
+        worker.kuiper_request_in_flight = False
+        raise RequestInterrupted(f"{reason}: the request was interrupted and nothing it started is kept")
