@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
+import sqlite3
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from kuiper_plugins import catalog, db, fetch, packages, registry
 from kuiper_plugins.errors import InvalidRequest, PluginError, PluginNotFound
@@ -48,18 +53,29 @@ def installer() -> Installer:
     return services().installer
 
 
-def connection():
-    """The request's registry connection, opened on first use and closed at teardown."""
-    if "registry" not in g:
-        g.registry = db.connect(services().layout.registry_file)
-    return g.registry
+def connection() -> sqlite3.Connection:
+    """The registry connection for reads (one per worker thread, see db.reader)."""
+    return db.reader(services().layout.registry_file)
 
 
-@bp.teardown_app_request
-def close_connection(exc: BaseException | None) -> None:
-    conn = g.pop("registry", None)
-    if conn is not None:
-        conn.close()
+_bodies = threading.local()
+
+
+def cached_json(key: str, build: Callable[[sqlite3.Connection], Any]) -> Response:
+    """Answer with a JSON body built by `build`, reused until another connection commits a change.
+
+    Lists are polled far more often than plugins change; with thousands of plugins, building the body
+    costs much more than asking SQLite whether anything changed (PRAGMA data_version).
+    """
+    conn = connection()
+    version = db.data_version(conn)
+    if getattr(_bodies, "conn", None) is not conn:
+        _bodies.conn, _bodies.entries = conn, {}
+    hit = _bodies.entries.get(key)
+    if hit is None or hit[0] != version:
+        body = json.dumps(build(conn), separators=(",", ":"), ensure_ascii=False)
+        hit = _bodies.entries[key] = (version, body)
+    return Response(hit[1], mimetype="application/json")
 
 
 def text(message: str, status: int = 200) -> Response:
@@ -73,6 +89,38 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object with a key given twice is ambiguous (readers differ on which one wins): refuse it."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"key {duplicate!r} is given more than once")
+    return obj
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number too large for a float (1e999) is as meaningless as Infinity: refuse it."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _read_body() -> bytes:
+    """The request body, refusing (413) one longer than MAX_CONTENT_LENGTH, with or without Content-Length.
+
+    Without a Content-Length (chunked), werkzeug stops reading at the limit without an error; one more
+    byte from the server's own input stream tells whether the body really ended there.
+    """
+    raw = request.get_data(cache=False)
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+    return raw
 
 
 def _check_strings(value: Any) -> None:
@@ -92,11 +140,12 @@ def _check_strings(value: Any) -> None:
 def load_body(schema, what: str) -> dict[str, Any]:
     """Parse the JSON body strictly and load it with `schema`; every failure is a 400 naming the cause."""
     prefix = f"Invalid body: Error decoding the {what} json"
-    raw = request.get_data(cache=False)
+    raw = _read_body()
     if not raw.strip():
         raise InvalidRequest(f"{prefix}: EOF")
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float,
+                          object_pairs_hook=_reject_duplicate_keys)
         _check_strings(data)
     except (ValueError, RecursionError, UnicodeError) as exc:
         detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
@@ -128,8 +177,8 @@ def prefixed(exc: PluginError, prefix: str) -> PluginError:
 @bp.get(f"/plugins/<{ALL_TYPES}:plugin_type>")
 def list_plugins(plugin_type: str) -> Response:
     if plugin_type == PORTABLE:
-        return json_response(portable_descriptions.dump(registry.list_descriptors(connection(), plugin_type)))
-    return json_response(registry.list_names(connection(), plugin_type))
+        return cached_json(PORTABLE, lambda conn: portable_descriptions.dump(registry.list_descriptors(conn, PORTABLE)))
+    return cached_json(plugin_type, lambda conn: registry.list_names(conn, plugin_type))
 
 
 @bp.post(f"/plugins/<{ALL_TYPES}:plugin_type>")
@@ -223,7 +272,7 @@ def register_functions(name: str) -> Response:
 
 @bp.get("/plugins/udfs")
 def list_functions() -> Response:
-    return json_response(registry.function_names(connection()))
+    return cached_json("udfs", registry.function_names)
 
 
 @bp.get("/plugins/udfs/<name>")

@@ -55,6 +55,8 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
 
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BODY
+    # "//" in a path (a %2F in a name) must not become an HTML 308 redirect: no route matches, a JSON 404.
+    app.url_map.merge_slashes = False
     app.json.sort_keys = False
     app.extensions["kuiper_plugins"] = Services(
         settings=settings, layout=layout, installer=installer, started_at=time.time(),

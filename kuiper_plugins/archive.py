@@ -22,6 +22,7 @@ here only make sure it has nothing ambiguous to interpret.
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import re
@@ -471,7 +472,11 @@ def _write_file(archive: zipfile.ZipFile, entry: Entry, root_fd: int, segments: 
             os.close(parent_fd)
     try:
         os.fchmod(file_fd, FILE_MODE)  # whatever the umask
-        with archive.open(info) as member:
+        # zipfile stops inflating at the declared size and drops the rest unseen; asking it for one byte more
+        # lets _copy_member see a stream that goes on past its declaration (the CRC covers only what was read).
+        probe = copy.copy(info)
+        probe.file_size = info.file_size + 1
+        with archive.open(probe) as member:
             _copy_member(member, file_fd, entry)
     finally:
         os.close(file_fd)

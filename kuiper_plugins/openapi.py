@@ -86,7 +86,7 @@ def build_spec(version: str) -> APISpec:
         spec.components.response(f"Error{status}", response)
 
     plugin_list = {
-        "oneOf": [NAMES, {"type": "array", "items": "PortableDescription"}],
+        "anyOf": [NAMES, {"type": "array", "items": "PortableDescription"}],
         "description": "names, sorted; for portables, the descriptors sorted by name",
     }
     spec.path(
@@ -100,7 +100,7 @@ def build_spec(version: str) -> APISpec:
                      "responses": {"201": _text("Created", "sources plugin random is created"), **_errors()}},
         },
     )
-    description = {"oneOf": ["NativeDescription", "PortableDescription"]}
+    description = {"anyOf": ["NativeDescription", "PortableDescription"]}
     spec.path(
         path="/plugins/{type}/{name}",
         parameters=[TYPE_PARAM, NAME_PARAM],

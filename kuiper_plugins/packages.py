@@ -189,6 +189,10 @@ def _validate_descriptor(name: str, raw: dict[str, Any], json_name: str) -> dict
             return ""
         if not isinstance(value, str):
             raise PackageInvalid(f"invalid json file {json_name}: {key} must be a string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: SQLite and responses cannot hold it
+            raise PackageInvalid(f"invalid json file {json_name}: {key} is not valid Unicode text")
         return value
 
     def symbols(key: str) -> list[str]:
