@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,6 +82,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE operations DROP COLUMN journal;
     """,
+    # Lists are read far more often than written: walk them in name order from an index instead of sorting.
+    """
+    CREATE INDEX plugins_by_type_name ON plugins(type, name);
+    """,
 ]
 
 
@@ -94,6 +99,32 @@ def connect(path: Path) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise unavailable(exc) from None
     return conn
+
+
+_readers = threading.local()
+
+
+def reader(path: Path) -> sqlite3.Connection:
+    """This thread's connection for reads, opened on first use in this process and kept.
+
+    Opening a connection costs about half a millisecond (the WAL index is mapped anew), as much as the
+    rest of a read request; writes still open one per unit of work. A connection is never carried
+    across fork: a process that finds one opened by its parent opens its own.
+    """
+    cached = getattr(_readers, "entry", None)
+    if cached is not None and cached[0] == os.getpid() and cached[1] == path:
+        return cached[2]
+    conn = connect(path)
+    _readers.entry = (os.getpid(), path, conn)
+    return conn
+
+
+def data_version(conn: sqlite3.Connection) -> int:
+    """A number that changes whenever another connection has committed since this one last asked."""
+    try:
+        return conn.execute("PRAGMA data_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise unavailable(exc) from None
 
 
 @contextmanager

@@ -52,6 +52,13 @@ def name_key(name: str) -> str:
     return name.lower()
 
 
+def _first_column(conn: sqlite3.Connection, sql: str, parameters: tuple) -> list[Any]:
+    """One column of a query, without building a Row per record (lists may hold thousands)."""
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    return [row[0] for row in cursor.execute(sql, parameters)]
+
+
 def _plugin(row: sqlite3.Row) -> Plugin:
     return Plugin(
         id=row["id"],
@@ -68,8 +75,7 @@ def _plugin(row: sqlite3.Row) -> Plugin:
 @mapped_errors
 def list_names(conn: sqlite3.Connection, plugin_type: str) -> list[str]:
     """Names of the installed plugins of one type, sorted."""
-    rows = conn.execute("SELECT name FROM plugins WHERE type = ? ORDER BY name", (plugin_type,))
-    return [row[0] for row in rows]
+    return _first_column(conn, "SELECT name FROM plugins WHERE type = ? ORDER BY name", (plugin_type,))
 
 
 @mapped_errors
@@ -82,7 +88,9 @@ def list_descriptors(conn: sqlite3.Connection, plugin_type: str) -> list[dict[st
 @mapped_errors
 def find(conn: sqlite3.Connection, plugin_type: str, name: str) -> Plugin | None:
     """The plugin of that exact type and name, or None."""
-    row = conn.execute("SELECT * FROM plugins WHERE type = ? AND name = ?", (plugin_type, name)).fetchone()
+    row = conn.execute(
+        "SELECT * FROM plugins WHERE type = ? AND name_key = ? AND name = ?", (plugin_type, name_key(name), name)
+    ).fetchone()
     return _plugin(row) if row else None
 
 
@@ -110,7 +118,7 @@ def functions_of(conn: sqlite3.Connection, plugin_id: int) -> list[str]:
 @mapped_errors
 def function_names(conn: sqlite3.Connection) -> list[str]:
     """Every registered function name, sorted."""
-    return [row[0] for row in conn.execute("SELECT name FROM functions ORDER BY name")]
+    return _first_column(conn, "SELECT name FROM functions ORDER BY name", ())
 
 
 @mapped_errors
