@@ -1,0 +1,372 @@
+"""JWT authentication (basic.authentication): RS256 tokens whose issuer names a public key in etc/mgmt/.
+
+Keys are generated with `cryptography` when the tests run; tokens are signed with PyJWT, or put together
+by hand where PyJWT refuses to make the hostile ones (alg "none", HS256 keyed with the public key).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import time
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from kuiper_plugins.auth import JwtAuthenticator
+from kuiper_plugins.errors import Unauthorized
+
+ISSUER = "sample_key.pub"
+OPEN_ROUTE = "/plugins/sources"
+
+
+def _rsa(bits: int = 2048) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def public_pem(private_key) -> bytes:
+    return private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.fixture(scope="module")
+def keys():
+    """The issuer's key, a stranger's key, a short RSA key and an EC key, made once for the module."""
+    return {"issuer": _rsa(), "stranger": _rsa(), "short": _rsa(1024), "ec": ec.generate_private_key(ec.SECP256R1())}
+
+
+def claims(**overrides) -> dict:
+    now = int(time.time())
+    base = {"iss": ISSUER, "aud": "eKuiper", "exp": now + 600, "nbf": now - 10, "iat": now - 10, "sub": "tester"}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def sign(private_key, payload: dict | None = None, algorithm: str = "RS256", headers: dict | None = None) -> str:
+    return jwt.encode(claims() if payload is None else payload, private_key, algorithm=algorithm, headers=headers)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hand_made(header: dict, payload: dict, signature: bytes = b"", *, hmac_key: bytes | None = None,
+              rsa_key: rsa.RSAPrivateKey | None = None) -> str:
+    """A token built by hand: HS256-signed with hmac_key, RS256-signed with rsa_key, or with `signature`."""
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    if hmac_key is not None:
+        signature = hmac.new(hmac_key, signing_input.encode(), hashlib.sha256).digest()
+    if rsa_key is not None:
+        signature = rsa_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{b64(signature)}"
+
+
+def rs256_by_hand(private_key, payload: dict) -> str:
+    """RS256 without PyJWT's own checks (it refuses a non-string iss and warns about short keys)."""
+    return hand_made({"alg": "RS256", "typ": "JWT"}, payload, rsa_key=private_key)
+
+
+@pytest.fixture
+def authed(make_service, keys):
+    """The service with authentication on and the issuer's public key in etc/mgmt/."""
+    service = make_service(authentication=True)
+    (service.layout.mgmt_keys / ISSUER).write_bytes(public_pem(keys["issuer"]))
+    return service
+
+
+def get(service, token: str | None = None, path: str = OPEN_ROUTE, **kw):
+    headers = kw.pop("headers", {})
+    if token is not None:
+        headers["Authorization"] = token
+    return service.client.get(path, headers=headers, **kw)
+
+
+def assert_401(response, message_start: str) -> str:
+    assert response.status_code == 401, response.data
+    assert response.mimetype == "application/json"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    body = response.get_json()
+    assert set(body) == {"error", "message"} and body["error"] == 1000
+    assert body["message"].startswith(message_start), body["message"]
+    assert body["message"].isascii()
+    return body["message"]
+
+
+# ---------------------------------------------------------------------------- what is accepted
+
+
+def test_a_valid_token_is_accepted_raw_and_with_bearer(authed, keys):
+    token = sign(keys["issuer"])
+    for value in (token, f"Bearer {token}", f"bearer {token}", f"  Bearer   {token}  "):
+        response = get(authed, value)
+        assert response.status_code == 200, (value[:20], response.data)
+        assert response.get_json() == []
+
+
+def test_open_paths_need_no_token(authed):
+    assert authed.client.get("/ping").status_code == 200
+    assert authed.client.get("/").status_code == 200
+
+
+def test_the_issuer_file_is_matched_ignoring_case(authed, keys):
+    assert get(authed, sign(keys["issuer"], claims(iss="SAMPLE_KEY.PUB"))).status_code == 200
+
+
+def test_aud_may_be_a_list_holding_ekuiper(authed, keys):
+    assert get(authed, sign(keys["issuer"], claims(aud=["grafana", "eKuiper"]))).status_code == 200
+
+
+def test_exp_and_nbf_are_optional_as_in_ekuiper(authed, keys):
+    assert get(authed, sign(keys["issuer"], claims(exp=None, nbf=None, iat=None))).status_code == 200
+
+
+def test_several_issuers_each_use_their_own_key(authed, keys):
+    (authed.layout.mgmt_keys / "other_issuer").write_bytes(public_pem(keys["stranger"]))
+    assert get(authed, sign(keys["stranger"], claims(iss="other_issuer"))).status_code == 200
+    assert get(authed, sign(keys["issuer"])).status_code == 200
+    assert_401(get(authed, sign(keys["stranger"], claims(iss=ISSUER))), "validate token error: signature")
+
+
+def test_a_key_dropped_in_later_is_used_without_restart(authed, keys):
+    token = sign(keys["stranger"], claims(iss="late.pub"))
+    assert_401(get(authed, token), "validate token error: not found target key file")
+    (authed.layout.mgmt_keys / "late.pub").write_bytes(public_pem(keys["stranger"]))
+    assert get(authed, token).status_code == 200
+
+
+# ---------------------------------------------------------------------------- what is refused
+
+
+@pytest.mark.parametrize("value", [None, "", "   ", "Bearer", "Bearer ", "bearer    "])
+def test_missing_token(authed, value):
+    assert assert_401(get(authed, value), "missing_token") == "missing_token"
+
+
+@pytest.mark.parametrize("query", ["token", "access_token", "jwt", "Authorization", "authorization"])
+def test_a_token_in_the_query_string_is_not_accepted(authed, keys, query):
+    token = sign(keys["issuer"])
+    assert_401(authed.client.get(f"{OPEN_ROUTE}?{query}={token}"), "missing_token")
+
+
+@pytest.mark.parametrize("value", [
+    "abc", "a.b.c", "a.b", "....", "Basic dXNlcjpwYXNz", "Bearer Bearer x.y.z", "e30.e30.e30", "\u00e9\u00e8.x.y",
+    "x" * 20000,
+])
+def test_malformed_tokens(authed, value):
+    assert_401(get(authed, value), "validate token error")
+
+
+def test_alg_none_is_refused(authed):
+    token = hand_made({"alg": "none", "typ": "JWT"}, claims())
+    assert "signing method" in assert_401(get(authed, token), "validate token error")
+    no_alg = hand_made({"typ": "JWT"}, claims(), b"sig")
+    assert_401(get(authed, no_alg), "validate token error")
+
+
+def test_hs256_keyed_with_the_public_key_is_refused(authed, keys):
+    pem = public_pem(keys["issuer"])
+    for secret in (pem, pem.strip(), pem.replace(b"\n", b"")):
+        token = hand_made({"alg": "HS256", "typ": "JWT"}, claims(), hmac_key=secret)
+        assert_401(get(authed, token), "validate token error")
+
+
+@pytest.mark.parametrize("algorithm", ["RS384", "RS512", "PS256"])
+def test_only_rs256_even_with_the_right_key(authed, keys, algorithm):
+    assert_401(get(authed, sign(keys["issuer"], algorithm=algorithm)), "validate token error")
+
+
+def test_a_token_signed_by_another_key(authed, keys):
+    assert "signature is invalid" in assert_401(get(authed, sign(keys["stranger"])), "validate token error")
+
+
+def test_a_tampered_payload(authed, keys):
+    header, _payload, signature = sign(keys["issuer"]).split(".")
+    forged = f"{header}.{b64(json.dumps(claims(sub='admin')).encode())}.{signature}"
+    assert_401(get(authed, forged), "validate token error: signature is invalid")
+
+
+@pytest.mark.parametrize("payload, expect", [
+    (claims(exp=int(time.time()) - 60), "validate token error: token is expired"),
+    (claims(nbf=int(time.time()) + 3600), "validate token error: token is not valid yet"),
+    (claims(exp="tomorrow"), "validate token error"),
+    (claims(exp=float("inf")), "validate token error"),
+    (claims(nbf=[1]), "validate token error"),
+])
+def test_time_claims_are_enforced(authed, keys, payload, expect):
+    assert_401(get(authed, sign(keys["issuer"], payload)), expect)
+
+
+@pytest.mark.parametrize("aud, shown", [
+    (None, ""), ("other", "other"), ("ekuiper", "ekuiper"), (["a", "b"], "[a b]"), ("", ""), (42, None), ([1], None),
+])
+def test_audience_must_contain_ekuiper(authed, keys, aud, shown):
+    message = assert_401(get(authed, sign(keys["issuer"], claims(aud=aud))), "audience field should contain eKuiper")
+    if shown is not None:
+        assert message == f"audience field should contain eKuiper, but got {shown}"
+
+
+@pytest.mark.parametrize("iss", [None, "", 42, ["sample_key.pub"], {"a": 1}])
+def test_issuer_must_be_a_name(authed, keys, iss):
+    message = assert_401(get(authed, rs256_by_hand(keys["issuer"], claims(iss=iss))), "validate token error")
+    assert message == "validate token error: issuer field not exist in jwt payload"
+
+
+@pytest.fixture
+def outside_key(tmp_path, keys):
+    """The issuer's public key also lies outside etc/mgmt/: a traversal in iss would find it."""
+    path = tmp_path / "outside.pub"
+    path.write_bytes(public_pem(keys["stranger"]))
+    return path
+
+
+def traversal_issuers(authed, outside_key) -> list[str]:
+    mgmt = authed.layout.mgmt_keys
+    relative = os.path.relpath(outside_key, mgmt)
+    return [relative, str(outside_key), f"./{relative}", f"{ISSUER}/../{relative}", "../mgmt/" + ISSUER,
+            f"./{ISSUER}", f"{ISSUER}/", ".", "..", "/", f"{ISSUER}\x00", "\\..\\outside.pub", "outside.pub"]
+
+
+def test_the_issuer_cannot_traverse_out_of_etc_mgmt(authed, keys, outside_key):
+    for iss in traversal_issuers(authed, outside_key):
+        token = sign(keys["stranger"], claims(iss=iss))
+        message = assert_401(get(authed, token), "validate token error")
+        assert "not found target key file" in message, (iss, message)
+
+
+def test_a_hostile_issuer_is_quoted_safely(authed, keys):
+    for iss in ("a\nb", "\u202eevil", "\ud800", "x" * 5000, "\x1b[31m"):
+        message = assert_401(get(authed, sign(keys["issuer"], claims(iss=iss))), "validate token error")
+        assert "\n" not in message and "\x1b" not in message and len(message) < 300
+
+
+def test_unusable_key_files(authed, keys):
+    mgmt = authed.layout.mgmt_keys
+    (mgmt / "ec.pub").write_bytes(public_pem(keys["ec"]))
+    (mgmt / "short.pub").write_bytes(public_pem(keys["short"]))
+    (mgmt / "garbage.pub").write_bytes(b"-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n")
+    (mgmt / "private.pem").write_bytes(keys["issuer"].private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (mgmt / "huge.pub").write_bytes(public_pem(keys["issuer"]) + b"\n" * (128 * 1024))
+    (mgmt / "folder.pub").mkdir()
+    os.mkfifo(mgmt / "fifo.pub")
+    expectations = {
+        "ec.pub": "is not an RSA public key", "short.pub": "1024-bit key", "garbage.pub": "not a usable public key",
+        "private.pem": "not a usable public key", "huge.pub": "not a usable public key",
+        "folder.pub": "not a usable public key", "fifo.pub": "not a usable public key",
+    }
+    for name, expect in expectations.items():
+        started = time.monotonic()
+        token = rs256_by_hand(keys["short" if name == "short.pub" else "issuer"], claims(iss=name))
+        message = assert_401(get(authed, token), "validate token error")
+        assert expect in message, (name, message)
+        assert time.monotonic() - started < 5, f"{name} took too long (a FIFO must never be waited on)"
+
+
+def test_case_insensitive_ambiguity_is_refused_but_an_exact_name_wins(authed, keys):
+    mgmt = authed.layout.mgmt_keys
+    (mgmt / "Twin.pub").write_bytes(public_pem(keys["issuer"]))
+    (mgmt / "twin.pub").write_bytes(public_pem(keys["stranger"]))
+    assert get(authed, sign(keys["issuer"], claims(iss="Twin.pub"))).status_code == 200
+    assert get(authed, sign(keys["stranger"], claims(iss="twin.pub"))).status_code == 200
+    assert "several key files" in assert_401(get(authed, sign(keys["issuer"], claims(iss="TWIN.PUB"))),
+                                             "validate token error")
+
+
+def test_no_keys_folder_at_all(authed, keys):
+    (authed.layout.mgmt_keys / ISSUER).unlink()
+    authed.layout.mgmt_keys.rmdir()
+    assert_401(get(authed, sign(keys["issuer"])), "validate token error: not found target key file")
+
+
+# ---------------------------------------------------------------------------- every route, nothing written
+
+
+def every_route(app) -> list[tuple[str, str]]:
+    """(method, path) for every rule of the app, with sample values in its variables."""
+    samples = {"plugin_type": "sources", "name": "random", "path": "a.zip", "filename": "a.zip"}
+    routes = []
+    for rule in app.url_map.iter_rules():
+        path = rule.rule
+        for argument in rule.arguments:
+            path = path.replace(f"<{argument}>", samples.get(argument, "x"))
+        while "<" in path:  # converters with arguments: <any(...):plugin_type>, <path:name>
+            start, end = path.index("<"), path.index(">")
+            argument = path[start + 1:end].rsplit(":", 1)[-1]
+            path = path[:start] + samples.get(argument, "x") + path[end + 1:]
+        for method in sorted(rule.methods):
+            routes.append((method, path))
+    return routes
+
+
+def test_every_route_but_root_and_ping_needs_a_token(authed):
+    routes = every_route(authed.app)
+    assert ("POST", "/plugins/sources") in routes and ("DELETE", "/plugins/sources/random") in routes
+    before = authed.snapshot()
+    for method, path in routes:
+        response = authed.client.open(path, method=method, json={"name": "random", "file": "http://127.0.0.1:9/a.zip"})
+        if path in ("/", "/ping"):
+            assert response.status_code < 400, (method, path)
+        else:
+            assert response.status_code == 401, (method, path, response.status_code)
+    for method, path in [("GET", "/no/such/route"), ("PATCH", "/plugins/sources"), ("GET", "/plugins/wasm")]:
+        assert authed.client.open(path, method=method).status_code == 401, (method, path)
+    authed.assert_unchanged(before)
+
+
+def test_a_refused_install_writes_nothing(authed, keys, file_server):
+    from conftest import make_zip
+
+    make_zip(file_server.root / "random.zip", {"Random.so": b"so", "random.yaml": "a: 1\n"})
+    body = {"name": "random", "file": file_server.url("random.zip")}
+    before = authed.snapshot()
+    for token in (None, "garbage", sign(keys["stranger"]), sign(keys["issuer"], claims(aud="x"))):
+        headers = {"Authorization": token} if token else {}
+        assert authed.client.post("/plugins/sources", json=body, headers=headers).status_code == 401
+    authed.assert_unchanged(before)
+    assert file_server.requests == []
+    created = authed.client.post("/plugins/sources", json=body, headers={"Authorization": sign(keys["issuer"])})
+    assert created.status_code == 201, created.data
+
+
+def test_with_authentication_a_remote_client_needs_a_token_not_loopback(authed, keys):
+    remote = {"REMOTE_ADDR": "203.0.113.9"}
+    assert_401(get(authed, environ_base=remote), "missing_token")
+    assert get(authed, sign(keys["issuer"]), environ_base=remote).status_code == 200
+
+
+def test_the_host_check_comes_before_authentication(authed, keys):
+    response = get(authed, sign(keys["issuer"]), headers={"Host": "evil.example"})
+    assert response.status_code == 403
+
+
+def test_the_authenticator_alone(tmp_path, keys):
+    (tmp_path / ISSUER).write_bytes(public_pem(keys["issuer"]))
+    authenticator = JwtAuthenticator(tmp_path)
+    verified = authenticator.verify(sign(keys["issuer"], claims(sub="alice")))
+    assert verified["sub"] == "alice" and verified["iss"] == ISSUER
+    with pytest.raises(Unauthorized, match="missing_token"):
+        authenticator.verify(None)
+
+
+@pytest.mark.slow
+def test_authentication_through_real_gunicorn(start_gunicorn, tmp_path, keys):
+    mgmt = tmp_path / "home/etc/mgmt"
+    mgmt.mkdir(parents=True)
+    (mgmt / ISSUER).write_bytes(public_pem(keys["issuer"]))
+    server = start_gunicorn(workers=1, KUIPER__BASIC__AUTHENTICATION="true")
+    refused = requests.get(f"{server.url}/plugins/sources", timeout=10)
+    assert refused.status_code == 401
+    assert refused.json() == {"error": 1000, "message": "missing_token"}
+    assert requests.get(f"{server.url}/ping", timeout=10).status_code == 200
+    token = sign(keys["issuer"])
+    accepted = requests.get(f"{server.url}/plugins/sources", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert accepted.status_code == 200 and accepted.json() == []
+    in_query = requests.get(f"{server.url}/plugins/sources", params={"token": token}, timeout=10)
+    assert in_query.status_code == 401
