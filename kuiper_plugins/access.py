@@ -6,7 +6,7 @@ Checked before any view runs, in this order, for every path:
    ``Host: evil.example``); a browser's ``Origin``, when sent, too (a
    cross-site form or fetch carries the attacker's origin). 403.
 2. ``/`` and ``/ping`` stay open past this point, as in eKuiper, so that
-   supervisors can probe them.
+   supervisors can probe them; so do ``/openapi.json`` and ``/docs``.
 3. With ``basic.authentication`` on, a valid JWT (`kuiper_plugins.auth`); 401.
    With it off and ``basic.protectedMode`` on, only loopback clients; 403.
 """
@@ -25,7 +25,8 @@ from kuiper_plugins.errors import Forbidden, Unauthorized, envelope
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings
 
-OPEN_PATHS = frozenset({"/", "/ping"})
+OPEN_PATHS = frozenset({"/", "/ping", "/openapi.json", "/docs"})
+OPEN_PREFIXES = ("/docs/",)  # the API's description is no secret; a browser cannot send a JWT for it
 WWW_AUTHENTICATE = 'Bearer realm="kuiper-plugins"'
 
 # A Host header or an Origin's authority: a name or IPv4 address, or a bracketed IPv6 address; an optional port.
@@ -87,7 +88,7 @@ def register_access_checks(app: Flask, settings: Settings, authenticate: Authent
             origin_host = host_of(parts.netloc) if parts.scheme in ("http", "https") else None
             if origin_host is None or origin_host not in allowed:
                 raise Forbidden(f"origin '{_shown(origin)}' is not allowed; add its host to basic.allowedHosts")
-        if request.path in OPEN_PATHS:
+        if request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES):
             return None
         if authenticate is not None:
             authenticate(request)
