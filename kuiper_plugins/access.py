@@ -47,6 +47,8 @@ def is_loopback(address: str | None) -> bool:
     """Whether a client address is on this machine's loopback (an IPv4-mapped 127.x counts too)."""
     if not address:
         return False
+    if address in ("127.0.0.1", "::1"):  # the usual answer, without parsing on every request
+        return True
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:

@@ -64,8 +64,9 @@ _bodies = threading.local()
 def cached_json(key: str, build: Callable[[sqlite3.Connection], Any]) -> Response:
     """Answer with a JSON body built by `build`, reused until another connection commits a change.
 
-    Lists are polled far more often than plugins change; with thousands of plugins, building the body
-    costs much more than asking SQLite whether anything changed (PRAGMA data_version).
+    Lists and descriptions are polled far more often than plugins change; with thousands of plugins,
+    building a body costs much more than asking SQLite whether anything changed (PRAGMA data_version).
+    A `build` that raises (not found) caches nothing; there is at most one entry per plugin or function.
     """
     conn = connection()
     version = db.data_version(conn)
@@ -202,18 +203,21 @@ def describe_plugin(plugin_type: str, name: str) -> Response:
     if name == "prebuild" and plugin_type in NATIVE_TYPES:
         return prebuilt_plugins(plugin_type)
     checked_name(name)
-    conn = connection()
+    return cached_json(f"describe/{plugin_type}/{name}", lambda conn: _description(conn, plugin_type, name))
+
+
+def _description(conn: sqlite3.Connection, plugin_type: str, name: str) -> dict[str, Any]:
     with db.snapshot(conn):  # the row and its functions from one state of the registry
         plugin = registry.find(conn, plugin_type, name)
         functions = registry.functions_of(conn, plugin.id) if plugin and plugin_type == "functions" else None
     if plugin is None:
         raise PluginNotFound(f"describe {type_label(plugin_type)} plugin {name} error: not found")
     if plugin_type == PORTABLE:
-        return json_response(portable_description.dump(plugin.descriptor))
+        return portable_description.dump(plugin.descriptor)
     description: dict[str, Any] = {"name": plugin.name, "version": plugin.version}
     if functions is not None:
         description["functions"] = functions
-    return json_response(native_description.dump(description))
+    return native_description.dump(description)
 
 
 @bp.delete(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>")
@@ -278,10 +282,14 @@ def list_functions() -> Response:
 @bp.get("/plugins/udfs/<name>")
 def describe_function(name: str) -> Response:
     checked_name(name)
-    plugin = registry.function_owner(connection(), name)
-    if plugin is None:
-        raise PluginNotFound(f"describe function {name} error: not found")
-    return json_response(function_owner.dump({"name": name, "plugin": plugin}))
+
+    def owner(conn: sqlite3.Connection) -> dict[str, Any]:
+        plugin = registry.function_owner(conn, name)
+        if plugin is None:
+            raise PluginNotFound(f"describe function {name} error: not found")
+        return function_owner.dump({"name": name, "plugin": plugin})
+
+    return cached_json(f"udf/{name}", owner)
 
 
 # ------------------------------------------------------------------ health
