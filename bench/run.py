@@ -1,0 +1,541 @@
+"""`make bench`: the service's figures as ratios against baselines measured in the same run.
+
+1. Reads: GET list, describe, udfs and udfs/<f> with a small and a large registry, under the
+   production gunicorn configuration, loaded by wrk; baseline: bench/bare_app.py (the same JSON
+   from memory) under the same configuration.
+2. One large install: a 64 MiB incompressible plugin by file:// from data/uploads, against
+   `unzip` of the same zip into a fresh folder, both followed by `sync`; and the worker's peak RSS
+   growth during the install.
+3. Many small installs: 200 distinct source plugins, 4 concurrent clients, 2 workers; baselines:
+   `unzip` + `mv` of the same 200 zips with the same concurrency, and the bare app answering the
+   same POST.
+4. Cold start: spawning gunicorn to the first 200 on /plugins/sources with the large registry,
+   against the bare app.
+
+Prints a table and writes bench/RESULTS.md (or --out). `--smoke` runs everything with tiny sizes,
+only to show that the benchmark still runs. Exits 0 whether targets are met or not: a benchmark
+reports, tests assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import harness
+from fixtures import Population, populate, write_source_zip
+from harness import Server, median, sync, wrk
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each benchmark is; `full` is the issue's, `smoke` only proves the bench still runs."""
+
+    small_registry: int
+    large_registry: int
+    read_seconds: float
+    read_rounds: int
+    warmup_seconds: float
+    large_install_bytes: int
+    large_install_reps: int
+    small_installs: int
+    bare_posts: int
+    cold_start_reps: int
+    clients: int = 4
+    workers: int = 2
+    wrk_connections: int = 4
+
+
+FULL = Sizes(
+    small_registry=200, large_registry=10_000, read_seconds=5, read_rounds=3, warmup_seconds=1,
+    large_install_bytes=64 * MIB, large_install_reps=3, small_installs=200, bare_posts=1000,
+    cold_start_reps=3,
+)
+SMOKE = Sizes(
+    small_registry=20, large_registry=200, read_seconds=1, read_rounds=1, warmup_seconds=0,
+    large_install_bytes=1 * MIB, large_install_reps=1, small_installs=12, bare_posts=24,
+    cold_start_reps=1,
+)
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    section: str
+    what: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_what: str = ""
+    target: str = ""
+    met: bool | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline in (None, 0):
+            return None
+        return self.value / self.baseline
+
+
+class Bench:
+    def __init__(self, sizes: Sizes, work: Path):
+        self.sizes = sizes
+        self.work = work
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.servers: list[Server] = []
+        self.timings: dict[str, float] = {}
+        self.load_averages = [os.getloadavg()]
+        self.cpu_per_request: dict[tuple[int, str, str], float] = {}
+
+    # ------------------------------------------------------------ plumbing
+
+    def server(self, name: str, app: str, home: Path, **env: str) -> Server:
+        server = Server(name=name, app=app, home=home, log_path=self.work / f"{name}.log",
+                        workers=self.sizes.workers, env=env)
+        self.servers.append(server)
+        return server
+
+    def bare(self, name: str, population: Population) -> Server:
+        home = self.work / f"{name}-home"
+        home.mkdir(exist_ok=True)
+        data = population.write_bare_data(self.work / f"{name}.json")
+        return self.server(name, "bare_app:app", home, BENCH_BARE_DATA=str(data))
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        return row
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def section(self, title: str):
+        print(f"\n== {title}", flush=True)
+        self.timings[title] = time.perf_counter()
+
+    # ------------------------------------------------------------ 1. reads
+
+    def reads(self) -> None:
+        """Start the service and the bare app for both registry sizes at once, then load them in turn.
+
+        Taking the four in turn within each round keeps every comparison (service against bare app,
+        small against large registry) inside the same few seconds of the machine's life.
+        """
+        sizes = self.sizes
+        self.section(f"reads, {sizes.small_registry} and {sizes.large_registry} plugins")
+        targets: list[tuple[int, str, Server, str]] = []  # (size, endpoint, server, path)
+        for size in (sizes.small_registry, sizes.large_registry):
+            began = time.perf_counter()
+            population = populate(self.work / f"reads-{size}", size)
+            print(f"registered {size} sources and {len(population.functions)} functions"
+                  f" in {time.perf_counter() - began:.1f}s", flush=True)
+            if size == sizes.large_registry:
+                self.large_population = population
+            service = self.server(f"service-{size}", "wsgi:app", population.home).start()
+            bare = self.bare(f"bare-{size}", population).start()
+            paths = {
+                "list": "/plugins/sources",
+                "describe": f"/plugins/sources/{population.probe_source}",
+                "udfs": "/plugins/udfs",
+                "udfs-one": f"/plugins/udfs/{population.probe_function}",
+            }
+            self._same_bodies(service, bare, paths)
+            targets += [(size, endpoint, server, path) for endpoint, path in paths.items()
+                        for server in (service, bare)]
+        try:
+            best = self._load(targets)
+        finally:
+            for server in {id(t[2]): t[2] for t in targets}.values():
+                server.stop()
+
+        def rps(size: int, endpoint: str, kind: str) -> float:
+            return best[(size, endpoint, f"{kind}-{size}")]
+
+        small, large = sizes.small_registry, sizes.large_registry
+        for endpoint in ("list", "describe", "udfs", "udfs-one"):
+            self.add(Row(f"reads, {small} plugins", f"GET {endpoint}", rps(small, endpoint, "service"), "req/s",
+                         rps(small, endpoint, "bare"), "bare app", "≥ 0.9x bare",
+                         rps(small, endpoint, "service") >= 0.9 * rps(small, endpoint, "bare")))
+        label = f"reads, {large} plugins"
+        for endpoint in ("list", "describe", "udfs", "udfs-one"):
+            service_rps, bare_rps = rps(large, endpoint, "service"), rps(large, endpoint, "bare")
+            if endpoint in ("describe", "udfs-one"):
+                small_rps = rps(small, endpoint, "service")
+                self.add(Row(label, f"GET {endpoint}", service_rps, "req/s", small_rps,
+                             f"service at {small}", "≥ 0.85x (within 15%)", service_rps >= 0.85 * small_rps))
+                self.add(Row(label, f"GET {endpoint} (vs bare)", service_rps, "req/s", bare_rps, "bare app"))
+            elif endpoint == "list":
+                self.add(Row(label, "GET list", service_rps, "req/s", bare_rps, "bare app", "≥ 0.8x bare",
+                             service_rps >= 0.8 * bare_rps))
+            else:
+                self.add(Row(label, f"GET {endpoint}", service_rps, "req/s", bare_rps, "bare app"))
+
+    def _same_bodies(self, service: Server, bare: Server, paths: dict[str, str]) -> None:
+        """The baseline is only a baseline if it answers the very same bytes."""
+        for endpoint, path in paths.items():
+            answers = [harness.fetch_body(server.port, path) for server in (service, bare)]
+            if answers[0] != answers[1]:
+                raise RuntimeError(
+                    f"{endpoint}: the service and the bare app answer differently:\n"
+                    f"  service {answers[0][0]} {answers[0][1]} {answers[0][2][:200]!r}\n"
+                    f"  bare    {answers[1][0]} {answers[1][1]} {answers[1][2][:200]!r}"
+                )
+
+    def _load(self, targets: list[tuple[int, str, Server, str]]) -> dict[tuple[int, str, str], float]:
+        """Best req/s of each (size, endpoint, server) over the rounds, taking the targets in turn."""
+        sizes = self.sizes
+        best: dict[tuple[int, str, str], float] = {}
+        for round_number in range(sizes.read_rounds):
+            print(f"  round {round_number + 1} of {sizes.read_rounds}", flush=True)
+            for size, endpoint, server, path in targets:
+                if round_number == 0 and sizes.warmup_seconds:
+                    wrk(server.url + path, sizes.warmup_seconds, sizes.wrk_connections)
+                cpu_before = server.cpu_seconds()
+                run = wrk(server.url + path, sizes.read_seconds, sizes.wrk_connections)
+                cpu_us = (server.cpu_seconds() - cpu_before) * 1e6 / max(run.requests, 1)
+                if run.errors:
+                    raise RuntimeError(f"{server.name} {path}: {run.errors} errors under load")
+                key = (size, endpoint, server.name)
+                best[key] = max(best.get(key, 0.0), run.requests_per_second)
+                self.cpu_per_request[key] = min(self.cpu_per_request.get(key, float("inf")), cpu_us)
+                print(f"  {server.name:14} {endpoint:9} {run.requests_per_second:9.1f} req/s"
+                      f"  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  {cpu_us:7.0f} µs CPU/req"
+                      f"  ({run.requests} requests)", flush=True)
+        return best
+
+    # ------------------------------------------------------------ 2. one large install
+
+    def large_install(self) -> None:
+        sizes = self.sizes
+        self.section(f"one large install, {sizes.large_install_bytes // MIB} MiB")
+        home = self.work / "large-install"
+        populate(home, 0)
+        uploads = home / "data" / "uploads"
+        package = write_source_zip(uploads / "big.zip", "big", sizes.large_install_bytes)
+        body = json.dumps({"name": "big", "file": f"file://{package}"}).encode()
+        service = self.server("service-large-install", "wsgi:app", home).start()
+        unzip_times, install_times, growths, unzip_peaks = [], [], [], []
+        try:
+            pids = service.wait_workers_settled()
+            sync()
+            for rep in range(sizes.large_install_reps):
+                folder = self.work / f"unzip-{rep}"
+                began = time.perf_counter()
+                unzip_peaks.append(harness.run_measured(["unzip", "-q", str(package), "-d", str(folder)]) / 1024)
+                sync()
+                unzip_times.append(time.perf_counter() - began)
+                shutil.rmtree(folder)
+                sync()
+
+                before = {pid: harness.rss_kib(pid) for pid in pids}
+                exact = all(harness.reset_peak_rss(pid) for pid in pids)
+                with harness.RssSampler(pids) as sampler:
+                    began = time.perf_counter()
+                    run = harness.request_pool(service.port, [("POST", "/plugins/sources", body)], 1, 201, 300)
+                    sync()
+                    install_times.append(time.perf_counter() - began)
+                if run.failed:
+                    raise RuntimeError(f"large install failed: {run.first_failure}")
+                peaks = {pid: harness.peak_rss_kib(pid) if exact else sampler.peaks[pid] for pid in pids}
+                growths.append(max(peaks[pid] - before[pid] for pid in pids) / 1024)
+                print(f"  rep {rep}: unzip+sync {unzip_times[-1]:.3f}s  install+sync {install_times[-1]:.3f}s"
+                      f"  worker peak RSS growth {growths[-1]:.1f} MB"
+                      f" ({'VmHWM' if exact else 'sampled'})", flush=True)
+                if harness.status_of(service.port, "DELETE", "/plugins/sources/big", timeout=60) != 200:
+                    raise RuntimeError("could not delete the large plugin between repetitions")
+                sync()
+        finally:
+            service.stop()
+        section = f"one large install, {sizes.large_install_bytes // MIB} MiB"
+        install, unzip = median(install_times), median(unzip_times)
+        self.add(Row(section, "install + sync (median)", install, "s", unzip, "unzip + sync", "≤ 1.2x",
+                     install <= 1.2 * unzip))
+        growth = max(growths)
+        self.add(Row(section, "worker peak RSS growth (max)", growth, "MB", max(unzip_peaks),
+                     "unzip's peak RSS", "≤ 16 MB", growth <= 16))
+
+    # ------------------------------------------------------------ 3. many small installs
+
+    def small_installs(self) -> None:
+        sizes = self.sizes
+        count = sizes.small_installs
+        self.section(f"{count} small installs, {sizes.clients} clients")
+        home = self.work / "small-installs"
+        populate(home, 0)
+        uploads = home / "data" / "uploads"
+        names = [f"small{i:04d}" for i in range(count)]
+        packages = [write_source_zip(uploads / f"{name}.zip", name, 16 * 1024) for name in names]
+        sync()
+
+        # Baseline 1: the file-system work any installer must do, unzip + mv, with the same concurrency.
+        floor_root = self.work / "unzip-mv"
+        (floor_root / "installed").mkdir(parents=True)
+
+        def unzip_and_move(index: int, package: Path) -> None:
+            staging = floor_root / f"staging-{index}"
+            subprocess.run(["unzip", "-q", str(package), "-d", str(staging)], check=True, timeout=60)
+            for member in staging.iterdir():
+                os.replace(member, floor_root / "installed" / member.name)
+            staging.rmdir()
+
+        seconds = harness.thread_pool(
+            [lambda i=i, p=p: unzip_and_move(i, p) for i, p in enumerate(packages)], sizes.clients, 120
+        )
+        floor_rate = count / seconds
+        print(f"  unzip + mv: {floor_rate:.1f} packages/s", flush=True)
+
+        # Baseline 2: the bare app answering the same POST body, same client, same concurrency.
+        bare = self.bare("bare-posts", Population(home, 0, {}, {})).start()
+        try:
+            bodies = [("POST", "/plugins/sources", json.dumps({"name": f"x{i}", "file": f"file://{packages[0]}"})
+                       .encode()) for i in range(sizes.bare_posts)]
+            bare_run = harness.request_pool(bare.port, bodies, sizes.clients, 201, 120)
+        finally:
+            bare.stop()
+        if bare_run.failed:
+            raise RuntimeError(f"bare POSTs failed: {bare_run.first_failure}")
+        print(f"  bare app POST: {bare_run.per_second:.1f} req/s", flush=True)
+
+        service = self.server("service-small-installs", "wsgi:app", home).start()
+        try:
+            service.wait_workers_settled()
+            requests = [("POST", "/plugins/sources", json.dumps({"name": name, "file": f"file://{package}"})
+                         .encode()) for name, package in zip(names, packages, strict=True)]
+            run = harness.request_pool(service.port, requests, sizes.clients, 201, 300)
+        finally:
+            service.stop()
+        if run.failed:
+            raise RuntimeError(f"{run.failed} of {count} installs failed; first: {run.first_failure}")
+        print(f"  service: {run.per_second:.1f} installs/s  p50 {run.percentile(0.5):.1f} ms"
+              f"  p95 {run.percentile(0.95):.1f} ms", flush=True)
+        section = f"{count} small installs, {sizes.clients} clients"
+        self.add(Row(section, "installs/s", run.per_second, "/s", floor_rate, "unzip + mv, same concurrency",
+                     "≥ 50 /s", run.per_second >= 50))
+        self.add(Row(section, "installs/s (vs bare POST)", run.per_second, "/s", bare_run.per_second,
+                     "bare app POST, same client"))
+        self.add(Row(section, "install latency p50", run.percentile(0.5), "ms",
+                     bare_run.percentile(0.5), "bare app POST p50"))
+        self.add(Row(section, "install latency p95", run.percentile(0.95), "ms",
+                     bare_run.percentile(0.95), "bare app POST p95"))
+
+    # ------------------------------------------------------------ 4. cold start
+
+    def cold_start(self) -> None:
+        sizes = self.sizes
+        self.section(f"cold start, {sizes.large_registry} plugins")
+        population = getattr(self, "large_population", None) or populate(
+            self.work / f"reads-{sizes.large_registry}", sizes.large_registry
+        )
+        service_times, bare_times = [], []
+        for rep in range(sizes.cold_start_reps):
+            for name, times in (("service", service_times), ("bare", bare_times)):
+                if name == "service":
+                    server = self.server(f"service-cold-{rep}", "wsgi:app", population.home)
+                else:
+                    server = self.bare(f"bare-cold-{rep}", population)
+                try:
+                    server.start(ready_path="/plugins/sources")
+                finally:
+                    server.stop()
+                times.append(server.started_in)
+                print(f"  rep {rep}: {name:7} first 200 after {server.started_in:.3f}s", flush=True)
+        section = f"cold start, {sizes.large_registry} plugins"
+        service, bare = median(service_times), median(bare_times)
+        self.add(Row(section, "spawn to first 200 on list (median)", service, "s", bare, "bare app",
+                     "< 2 s", service < 2))
+
+    # ------------------------------------------------------------ report
+
+    def table(self) -> list[str]:
+        header = ["section", "measurement", "service", "baseline", "ratio", "target", "met"]
+        lines = [header]
+        for row in self.rows:
+            baseline = f"{_number(row.baseline)} {row.unit} ({row.baseline_what})" if row.baseline is not None else ""
+            ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
+            met = "" if row.met is None else ("yes" if row.met else "**NO**")
+            lines.append([row.section, row.what, f"{_number(row.value)} {row.unit}", baseline, ratio, row.target, met])
+        return [f"| {' | '.join(cells)} |" for cells in lines[:1]] + \
+            [f"|{'|'.join('---' for _ in header)}|"] + \
+            [f"| {' | '.join(cells)} |" for cells in lines[1:]]
+
+    def cpu_table(self) -> list[str]:
+        """Gunicorn CPU time (master + workers) per request, best round: less sensitive to other load."""
+        lines = ["| registry | endpoint | service µs/req | bare app µs/req | bare / service |", "|---|---|---|---|---|"]
+        for size in (self.sizes.small_registry, self.sizes.large_registry):
+            for endpoint in ("list", "describe", "udfs", "udfs-one"):
+                service = self.cpu_per_request.get((size, endpoint, f"service-{size}"))
+                bare = self.cpu_per_request.get((size, endpoint, f"bare-{size}"))
+                if service is None or bare is None:
+                    continue
+                lines.append(f"| {size} | GET {endpoint} | {service:.0f} | {bare:.0f} | {bare / service:.2f}x |")
+        return lines
+
+    def console_table(self) -> str:
+        widths = [28, 34, 14, 44, 7, 22, 6]
+        out = []
+        header = ["section", "measurement", "service", "baseline", "ratio", "target", "met"]
+        out.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+        for row in self.rows:
+            baseline = f"{_number(row.baseline)} {row.unit} ({row.baseline_what})" if row.baseline is not None else ""
+            ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
+            met = "" if row.met is None else ("yes" if row.met else "NO")
+            cells = [row.section, row.what, f"{_number(row.value)} {row.unit}", baseline, ratio, row.target, met]
+            out.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
+        return "\n".join(out)
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}"
+
+
+def write_report(bench: Bench, path: Path, command: str, mode: str, started: datetime.datetime,
+                 seconds: float) -> None:
+    sizes = bench.sizes
+    info = harness.machine()
+    met = [row for row in bench.rows if row.met is not None]
+    missed = [row for row in met if not row.met]
+    lines = [
+        "# kuiper-plugins benchmark results",
+        "",
+        f"Written by `{command}` ({mode} sizes) on {started:%Y-%m-%d %H:%M} UTC; the run took {seconds:.0f} s.",
+        "Every figure is a ratio against a baseline measured in the same run on the same machine.",
+        "",
+        "## Machine",
+        "",
+        f"- nproc: {info['nproc']}; CPU: {info['cpu']}; memory: {info['memory']}",
+        f"- kernel {info['kernel']}; Python {info['python']}; {info['packages']}; {info['wrk']}",
+        f"- work folder file system: {harness.filesystem_of(bench.work)}",
+        "- load average (1, 5, 15 min) at the start: {}; at the end: {} (other work on the machine"
+        " shows here; the ratios are taken against baselines measured alternately with the service"
+        " to cancel most of it)".format(*(", ".join(f"{v:.2f}" for v in avg) for avg in bench.load_averages)),
+        "",
+        "## Results",
+        "",
+        f"Targets met: {len(met) - len(missed)} of {len(met)}"
+        + (f"; missed: {', '.join(f'{r.section}: {r.what}' for r in missed)}." if missed else "."),
+        "",
+        *bench.table(),
+        "",
+        "CPU time of the gunicorn processes (master + workers) per request under the same wrk runs, best"
+        " round. Other work on the machine slows req/s but barely changes this, so it corroborates the"
+        " read ratios: `bare / service` is the req/s ratio the CPU cost alone would give.",
+        "",
+        *bench.cpu_table(),
+        "",
+        "## How each figure is measured",
+        "",
+        f"- **Reads.** `gunicorn -c etc/gunicorn.conf.py wsgi:app` with WEB_CONCURRENCY={sizes.workers} (the"
+        " production configuration, sync workers, access log on, written to a file), against"
+        " `bench/bare_app.py` under the same configuration file, same workers, same worker class. The bare app"
+        " serialises the same data with `json.dumps` per request; the bench checks before loading that both"
+        " answer byte-identical bodies and the same Content-Type. Load: `wrk -t1"
+        f" -c{sizes.wrk_connections} -d{sizes.read_seconds:g}s --latency <url>`, after a 1 s warm-up; service and"
+        f" bare app alternate, {sizes.read_rounds} rounds, the best req/s of the rounds is kept. Any non-2xx answer"
+        " or socket error aborts the bench.",
+        f"- **Registry fixture.** The {sizes.small_registry}- and {sizes.large_registry}-plugin registries are"
+        " written straight into a temporary KUIPER_HOME with the project's own `db.initialise`, `db.transaction`"
+        " and `registry.save` (the rows an install records, with its file list), plus each native plugin's .so"
+        " on disk so start-up recovery sees a real installation; installing that many through the API would"
+        " not be a read benchmark. N sources plus N/4 function plugins of 4 functions each, so `udfs` lists N"
+        " names like `sources` does. Describe asks for the plugin in the middle of the sorted list.",
+        f"- **One large install.** A {sizes.large_install_bytes // MIB} MiB random .so (incompressible, stored"
+        " as `zip` stores what does not shrink) plus its yaml, in `data/uploads`, installed by `POST"
+        " /plugins/sources` with a `file://` URL, then `sync`, against `unzip -q` of the same zip into a fresh"
+        f" folder, then `sync`; median of {sizes.large_install_reps}, alternating, the plugin deleted and"
+        " synced between repetitions. Peak RSS growth: each worker's VmHWM is reset through"
+        " /proc/<pid>/clear_refs before the install (a sampling thread is the fallback), growth ="
+        " VmHWM after - VmRSS before, largest over workers and repetitions; shown beside unzip's own peak RSS.",
+        f"- **Many small installs.** {sizes.small_installs} distinct source plugins (16 KiB random .so + yaml)"
+        f" from `data/uploads`, {sizes.clients} client threads each POSTing on a fresh connection,"
+        f" {sizes.workers} workers. Baseline: `unzip` + `mv` into place of the same zips with the same"
+        " concurrency, the file-system work any installer must do; the bare app answering the same POST with"
+        " the same client shows the HTTP ceiling.",
+        "- **Cold start.** Spawning the production gunicorn command to the first 200 on `/plugins/sources`"
+        f" with the {sizes.large_registry}-plugin registry (polled every 5 ms), against the bare app holding"
+        f" the same list; median of {sizes.cold_start_reps}.",
+        "",
+        "## Time per section",
+        "",
+        *[f"- {title}: {took:.0f} s" for title, took in bench.timings.items()],
+        "",
+    ]
+    if bench.notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in bench.notes], ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: only check that the bench runs")
+    parser.add_argument("--out", type=Path, default=harness.BENCH / "RESULTS.md", help="report to write")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, homes)")
+    parser.add_argument("--only", choices=["reads", "large", "small", "cold"], action="append",
+                        help="run only these sections")
+    args = parser.parse_args()
+    sizes = SMOKE if args.smoke else FULL
+    harness.ensure_wrk()
+    if shutil.which("unzip") is None:
+        sys.exit("bench: unzip is missing: apt-get install unzip")
+
+    started = datetime.datetime.now(datetime.UTC)
+    began = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="kuiper-bench-"))
+    bench = Bench(sizes, work)
+    sections = args.only or ["reads", "large", "small", "cold"]
+    try:
+        if "reads" in sections:
+            bench.reads()
+        if "large" in sections:
+            bench.large_install()
+        if "small" in sections:
+            bench.small_installs()
+        if "cold" in sections:
+            bench.cold_start()
+    finally:
+        bench.stop_all()
+        marks = list(bench.timings.items()) + [("end", time.perf_counter())]
+        bench.timings = {title: marks[i + 1][1] - mark for i, (title, mark) in enumerate(marks[:-1])}
+        broken = [s.name for s in bench.servers if s.tracebacks()]
+        if broken:
+            bench.notes.append(f"tracebacks in the logs of: {', '.join(broken)}")
+            for server in bench.servers:
+                if server.tracebacks():
+                    print(f"\n-- {server.name} log tail:\n{server.log_tail()}", file=sys.stderr)
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    seconds = time.perf_counter() - began
+    bench.load_averages.append(os.getloadavg())
+    command = "make bench" if not args.smoke else "python bench/run.py --smoke"
+    print("\n" + bench.console_table())
+    if bench.cpu_per_request:
+        print("\nCPU per request (gunicorn master + workers):\n" + "\n".join(bench.cpu_table()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_report(bench, args.out, command, "smoke" if args.smoke else "full", started, seconds)
+    print(f"\nwrote {args.out} ({seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""`make bench` still runs: bench/run.py --smoke, tiny sizes, real gunicorn and wrk; no assertion on time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_smoke_runs_every_section_and_writes_its_report(tmp_path):
+    report = tmp_path / "RESULTS.md"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the bench's work folder lands in pytest's tmp_path
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(report)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    text = report.read_text(encoding="utf-8")
+    assert text.startswith("# kuiper-plugins benchmark results")
+    for section in ("reads, 20 plugins", "reads, 200 plugins", "one large install", "small installs", "cold start"):
+        assert section in text, section
+    assert "tracebacks in the logs" not in text, text
