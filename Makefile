@@ -4,8 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 export KUIPER_HOME ?= $(CURDIR)/var
 
-# Debian tools the tests drive for real; installed when missing (needs root, as on CI).
-TEST_TOOLS := openssl chromium nginx strace
+# Debian tools the tests and benchmarks drive for real; installed when missing (needs root, as on CI).
+TEST_TOOLS := openssl chromium nginx strace wrk unzip
 
 .PHONY: venv run test lint clean system-deps bench fuzz
 
@@ -20,7 +20,7 @@ run: venv
 	$(BIN)/gunicorn -c etc/gunicorn.conf.py wsgi:app
 
 lint: venv
-	$(BIN)/ruff check kuiper_plugins tests wsgi.py etc/gunicorn.conf.py
+	$(BIN)/ruff check kuiper_plugins tests bench wsgi.py etc/gunicorn.conf.py
 
 system-deps:
 	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
@@ -31,7 +31,7 @@ system-deps:
 test: lint system-deps
 	$(BIN)/pytest
 
-bench: venv
+bench: venv system-deps
 	$(BIN)/python bench/run.py
 
 fuzz: venv
