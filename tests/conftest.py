@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import ipaddress
 import os
 import signal
 import socket
@@ -22,6 +23,35 @@ import requests
 from kuiper_plugins import create_app
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings
+
+# ---------------------------------------------------------------------------- loopback only
+
+REAL_GETADDRINFO = socket.getaddrinfo
+
+
+def loopback_only_resolver(host, *args, **kwargs):
+    """Resolve IP literals (any inet_aton spelling) and localhost; refuse every other name without a query.
+
+    Generated and hostile URLs must never make the resolver send a DNS query off this machine.
+    """
+    text = host.decode() if isinstance(host, bytes) else str(host)
+    numeric = True
+    try:
+        ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        try:
+            socket.inet_aton(text)
+        except OSError:
+            numeric = False
+    if numeric or text.lower() == "localhost":
+        return REAL_GETADDRINFO(host, *args, **kwargs)
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test resolver: loopback only)")
+
+
+@pytest.fixture(autouse=True)
+def no_dns_queries(monkeypatch):
+    """Every test: names other than localhost never reach a DNS server (loopback only, ever)."""
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only_resolver)
 
 
 def make_zip(path: Path, members: dict[str, bytes | str], *, modes: dict[str, int] | None = None) -> Path:

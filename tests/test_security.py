@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import FileServer, Gunicorn, make_zip, registry_dump
+from conftest import REAL_GETADDRINFO, FileServer, Gunicorn, loopback_only_resolver, make_zip, registry_dump
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -199,33 +199,6 @@ def attack(make_service, home, canary, file_server):
         except OSError:
             pass
     assert survivors == [], "install.sh processes survived the test"
-
-
-_real_getaddrinfo = socket.getaddrinfo
-
-
-def _loopback_only_resolver(host, *args, **kwargs):
-    """Resolve IP literals (any inet_aton spelling) and localhost; refuse every other name without a query.
-
-    Generated and hostile URLs must never make the resolver send a DNS query off this machine.
-    """
-    text = host.decode() if isinstance(host, bytes) else str(host)
-    numeric = True
-    try:
-        ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        try:
-            socket.inet_aton(text)
-        except OSError:
-            numeric = False
-    if numeric or text.lower() == "localhost":
-        return _real_getaddrinfo(host, *args, **kwargs)
-    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test resolver: loopback only)")
-
-
-@pytest.fixture(autouse=True)
-def no_dns_queries(monkeypatch):
-    monkeypatch.setattr(socket, "getaddrinfo", _loopback_only_resolver)
 
 
 # ============================================================================ zips built byte by byte
@@ -1045,8 +1018,8 @@ def test_c22_dns_rebinding_connects_only_to_the_address_checked(attack, monkeypa
                 if host == "rebind.test":
                     address = next(answers)
                     lookups.append(address)
-                    return _real_getaddrinfo(address, port_, *args, **kwargs)
-                return _loopback_only_resolver(host, port_, *args, **kwargs)
+                    return REAL_GETADDRINFO(address, port_, *args, **kwargs)
+                return loopback_only_resolver(host, port_, *args, **kwargs)
 
             monkeypatch.setattr(socket, "getaddrinfo", rebinding)
             attack.start(private_net_allow_list=(f"127.0.0.2:{port}",))
