@@ -328,7 +328,7 @@ def upload_file() -> Response:
     if request.mimetype == "application/json":
         body = load_body(upload_schema, "upload")
         if body.get("content") is not None:
-            path = uploads.save_bytes(body["name"], [body["content"].encode("utf-8")])
+            path = uploads.save_bytes(body["name"], body["content"].encode("utf-8"))
         else:
             path = _upload_from_url(body["name"], body["file"])
     else:

@@ -58,7 +58,6 @@ NAME_PARAM = _param("name", NAME, "plugin name")
 NAMES = {"type": "array", "items": {"type": "string"}}
 
 
-@cache
 def build_spec(version: str) -> APISpec:
     """Describe every endpoint, its body, its answers and the error envelope."""
     spec = APISpec(

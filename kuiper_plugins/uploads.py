@@ -9,11 +9,11 @@ moved into place).
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -52,16 +52,9 @@ class Uploads:
         """Write `stream` under `name` (replacing a file of that name) and return its absolute path."""
         return self._place(name, lambda out: self._copy(stream, out))
 
-    def save_bytes(self, name: str, chunks: Iterable[bytes]) -> Path:
-        def write(out: BinaryIO) -> None:
-            total = 0
-            for chunk in chunks:
-                total += len(chunk)
-                if total > self.max_size:
-                    raise InvalidRequest(f"upload is larger than the limit of {self.max_size} bytes")
-                out.write(chunk)
-
-        return self._place(name, write)
+    def save_bytes(self, name: str, content: bytes) -> Path:
+        """Write `content` under `name`, as save_stream does."""
+        return self.save_stream(name, io.BytesIO(content))
 
     def adopt(self, name: str, local_file: Path) -> Path:
         """Move a file already downloaded into staging under `name`."""
