@@ -15,8 +15,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kuiper_plugins import db, registry
 from kuiper_plugins.layout import Layout
+from kuiper_plugins.store import db, registry
 
 FUNCTIONS_PER_PLUGIN = 4
 SOURCE_YAML = "default:\n  interval: 1000\n"

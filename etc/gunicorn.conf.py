@@ -12,13 +12,14 @@ flight is interrupted, rolls back what it started and answers 503, instead of
 gunicorn's SystemExit and 500.
 A registry that cannot be used (corrupt file) stops start-up with one clear
 line instead of being served; the file is left as it is. The hooks doing that
-live in kuiper_plugins/gunicorn_hooks.py.
+live in kuiper_plugins/web/gunicorn_hooks.py.
 """
 
 import os
 import sys
 
-from kuiper_plugins.gunicorn_hooks import (  # noqa: F401  (gunicorn reads these names from this file)
+from kuiper_plugins.settings import SettingsError, load_settings
+from kuiper_plugins.web.gunicorn_hooks import (  # noqa: F401  (gunicorn reads these names from this file)
     on_starting,
     post_fork,
     post_request,
@@ -26,7 +27,6 @@ from kuiper_plugins.gunicorn_hooks import (  # noqa: F401  (gunicorn reads these
     worker_abort,
     worker_int,
 )
-from kuiper_plugins.settings import SettingsError, load_settings
 
 OVERHEAD_SECONDS = 120
 

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 from flask import Flask
 
-from kuiper_plugins import __version__, db
-from kuiper_plugins.access import register_access_checks
+from kuiper_plugins import __version__
 from kuiper_plugins.errors import register_error_handlers
-from kuiper_plugins.installer import Installer
+from kuiper_plugins.install.installer import Installer
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings, load_settings
-from kuiper_plugins.uploads import Uploads
+from kuiper_plugins.store import db
+from kuiper_plugins.web.access import register_access_checks
+from kuiper_plugins.web.uploads import Uploads
 
 MAX_JSON_BODY = 1024 * 1024
 
@@ -63,8 +64,8 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         uploads=Uploads(layout.uploads, layout.incoming, settings.max_plugin_size),
         stop_service=stop_service or stop_gunicorn,
     )
-    from kuiper_plugins.api import bp
-    from kuiper_plugins.openapi import docs_bp
+    from kuiper_plugins.web.api import bp
+    from kuiper_plugins.web.openapi import docs_bp
 
     register_access_checks(app, settings)
     app.register_blueprint(bp)

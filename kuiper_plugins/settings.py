@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from kuiper_plugins.fetch import parse_allow_list
+from kuiper_plugins.install.fetch import parse_allow_list
 
 DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "etc" / "kuiper.yaml"
 ENV_PREFIX = "KUIPER__"

@@ -528,7 +528,7 @@ def test_prebuild_urls(make_service):
     assert response.status_code == 200
     urls = response.get_json()
     assert set(urls) == {"image", "influx", "influx2", "zmq", "kafka", "sql"}
-    from kuiper_plugins.catalog import go_arch, os_family
+    from kuiper_plugins.install.catalog import go_arch, os_family
 
     assert urls["kafka"] == f"https://a.example/kuiper-plugins/2.1.0/{os_family()}/sinks/kafka_{go_arch()}.zip"
     assert service.client.get("/plugins/portables/prebuild").status_code == 404
@@ -572,7 +572,7 @@ def test_file_urls_are_jailed_to_uploads(service, tmp_path):
 
 def test_one_structured_log_line_per_operation(service, file_server, caplog):
     url = source_zip(file_server)
-    caplog.set_level("INFO", logger="kuiper_plugins.installer")
+    caplog.set_level("INFO", logger="kuiper_plugins.install.installer")
     assert service.post("sources", {"name": "random", "file": url}).status_code == 201
     assert service.post("sources", {"name": "random", "file": url}).status_code == 400
     assert service.client.delete("/plugins/sources/random").status_code == 200

@@ -29,9 +29,9 @@ from conftest import make_zip
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kuiper_plugins import archive
-from kuiper_plugins.archive import Entry, extract, inspect, read_member
 from kuiper_plugins.errors import ArchiveRejected, DiskFull
+from kuiper_plugins.install import archive
+from kuiper_plugins.install.archive import Entry, extract, inspect, read_member
 
 MiB = 1 << 20
 LIMITS = {"max_entries": 100, "max_unpacked_size": 16 * MiB}

@@ -19,8 +19,8 @@ import requests
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from kuiper_plugins.auth import JwtAuthenticator
 from kuiper_plugins.errors import Unauthorized
+from kuiper_plugins.web.auth import JwtAuthenticator
 
 ISSUER = "sample_key.pub"
 OPEN_ROUTE = "/plugins/sources"

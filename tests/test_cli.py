@@ -24,7 +24,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from kuiper_plugins import create_app
-from kuiper_plugins.cli import TOKEN_ENV, URL_ENV, main
+from kuiper_plugins.cli.main import TOKEN_ENV, URL_ENV, main
 from kuiper_plugins.settings import Settings
 
 CLI = Path(sys.executable).parent / "kuiper-plugins"

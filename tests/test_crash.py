@@ -32,8 +32,8 @@ import pytest
 import requests
 from conftest import REPO, disk_state, make_zip, registry_dump
 
+from kuiper_plugins.install.scripts import MARKER_ENV
 from kuiper_plugins.layout import Layout
-from kuiper_plugins.scripts import MARKER_ENV
 
 pytestmark = pytest.mark.slow
 

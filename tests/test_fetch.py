@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kuiper_plugins.errors import DiskFull, DownloadFailed, InvalidRequest
-from kuiper_plugins.fetch import AllowedTarget, address_allowed, check_url, fetch, parse_allow_list
+from kuiper_plugins.install.fetch import AllowedTarget, address_allowed, check_url, fetch, parse_allow_list
 
 PAYLOAD = {"random.so": b"\x7fELF" + b"x" * 2000, "random.yaml": "default: {}\n"}
 

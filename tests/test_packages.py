@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from kuiper_plugins.archive import Entry
 from kuiper_plugins.errors import InvalidRequest, PackageInvalid
-from kuiper_plugins.packages import Unit, check_name, plan_native, plan_portable
+from kuiper_plugins.install.archive import Entry
+from kuiper_plugins.install.packages import Unit, check_name, plan_native, plan_portable
 
 
 def listing(*names: str, executable: tuple[str, ...] = ()) -> list[Entry]:

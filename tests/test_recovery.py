@@ -9,9 +9,9 @@ import json
 import pytest
 from conftest import make_zip
 
-from kuiper_plugins import db, registry
+from kuiper_plugins.install.locks import plugin_lock
 from kuiper_plugins.layout import Layout
-from kuiper_plugins.locks import plugin_lock
+from kuiper_plugins.store import db, registry
 
 
 def serve_source(file_server, name="random", version="v1.0.0", extra=None, zip_name=None) -> str:

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from kuiper_plugins import db, registry
 from kuiper_plugins.errors import RegistryUnavailable
+from kuiper_plugins.store import db, registry
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kuiper_plugins.errors import InvalidRequest, ScriptFailed
-from kuiper_plugins.scripts import MARKER_ENV, check_shell_paras, kill_marked, run_install_script
+from kuiper_plugins.install.scripts import MARKER_ENV, check_shell_paras, kill_marked, run_install_script
 
 MAIN = Path(__file__).resolve().parents[1]
 
@@ -274,7 +274,7 @@ def test_control_characters_are_removed(workdir, marker):
 
 
 def test_output_is_logged(workdir, marker, caplog):
-    with caplog.at_level(logging.INFO, logger="kuiper_plugins.scripts"):
+    with caplog.at_level(logging.INFO, logger="kuiper_plugins.install.scripts"):
         run(workdir, marker, "echo something-to-log\n")
     assert "something-to-log" in caplog.text
     assert "exited with status 0" in caplog.text
@@ -321,7 +321,7 @@ def test_kill_marked_kills_exact_matches_only(marker):
 
 def test_kill_marked_spares_itself_and_its_parents(marker):
     # The shell and the python it starts both carry the marker; neither may be killed by that python.
-    code = "from kuiper_plugins.scripts import kill_marked; import sys; print(kill_marked(sys.argv[1]))"
+    code = "from kuiper_plugins.install.scripts import kill_marked; import sys; print(kill_marked(sys.argv[1]))"
     command = f'{sys.executable} -c "{code}" {marker}; echo alive'
     done = subprocess.run(
         ["/bin/sh", "-c", command],

@@ -37,9 +37,9 @@ from conftest import REAL_GETADDRINFO, FileServer, Gunicorn, loopback_only_resol
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kuiper_plugins import fetch, packages
 from kuiper_plugins.errors import InvalidRequest
-from kuiper_plugins.scripts import MARKER_ENV
+from kuiper_plugins.install import fetch, packages
+from kuiper_plugins.install.scripts import MARKER_ENV
 
 SO = b"\x7fELF not really a shared object"
 YAML = b"default:\n  interval: 1000\n"

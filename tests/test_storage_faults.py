@@ -19,9 +19,9 @@ import requests
 from conftest import GUNICORN, REPO, disk_state, free_port, make_zip, registry_dump
 from test_crash import WAIT, InFlight, RegistryHold, ScriptGate, installed_paths, source_members, wait_for
 
-from kuiper_plugins import db
 from kuiper_plugins.errors import RegistryUnavailable
 from kuiper_plugins.layout import Layout
+from kuiper_plugins.store import db
 
 DISK_SIZE = 8 << 20
 
@@ -181,7 +181,7 @@ def test_a_read_only_registry_refuses_writes_serves_reads_and_is_never_written(
 
     restarted = make_service()  # starting on a read-only registry works: start-up only reads
     client = restarted.client
-    caplog.set_level(logging.ERROR, logger="kuiper_plugins.db")
+    caplog.set_level(logging.ERROR, logger="kuiper_plugins.store.db")
     for refused in [
         client.post("/plugins/functions", json={"name": "echo", "file": file_server.url("echo.zip")}),
         client.delete("/plugins/sources/random"),

@@ -7,7 +7,7 @@ Checked before any view runs, in this order, for every path:
    cross-site form or fetch carries the attacker's origin). 403.
 2. ``/`` and ``/ping`` stay open past this point, as in eKuiper, so that
    supervisors can probe them; so do ``/openapi.json`` and ``/docs``.
-3. With ``basic.authentication`` on, a valid JWT (`kuiper_plugins.auth`); 401.
+3. With ``basic.authentication`` on, a valid JWT (`kuiper_plugins.web.auth`); 401.
    With it off and ``basic.protectedMode`` on, only loopback clients; 403.
 """
 
@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Request, request
 
-from kuiper_plugins.auth import JwtAuthenticator
 from kuiper_plugins.errors import Forbidden, Unauthorized, envelope
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings
+from kuiper_plugins.web.auth import JwtAuthenticator
 
 OPEN_PATHS = frozenset({"/", "/ping", "/openapi.json", "/docs"})
 OPEN_PREFIXES = ("/docs/",)  # the API's description is no secret; a browser cannot send a JWT for it

@@ -16,11 +16,12 @@ from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from kuiper_plugins import catalog, db, fetch, packages, registry
 from kuiper_plugins.errors import InvalidRequest, PluginError, PluginNotFound
-from kuiper_plugins.installer import Installer, type_label
+from kuiper_plugins.install import catalog, fetch, packages
+from kuiper_plugins.install.installer import Installer, type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
-from kuiper_plugins.schemas import (
+from kuiper_plugins.store import db, registry
+from kuiper_plugins.web.schemas import (
     FunctionListSchema,
     FunctionOwnerSchema,
     NativeDescriptionSchema,

@@ -14,8 +14,8 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Response, jsonify, redirect, render_template_string, send_from_directory, url_for
 
-from kuiper_plugins import schemas
 from kuiper_plugins.layout import NATIVE_TYPES, PLUGIN_TYPES
+from kuiper_plugins.web import schemas
 
 docs_bp = Blueprint("docs", __name__)
 

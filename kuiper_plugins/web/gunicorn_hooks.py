@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from kuiper_plugins import db
 from kuiper_plugins.errors import PluginError, RequestInterrupted
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import load_settings
+from kuiper_plugins.store import db
 
 WORKER_BOOT_ERROR = 3  # gunicorn's exit status for "worker failed to boot": the master stops, no respawn loop
 

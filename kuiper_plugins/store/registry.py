@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kuiper_plugins.db import mapped_errors
+from kuiper_plugins.store.db import mapped_errors
 
 
 @dataclass(frozen=True)

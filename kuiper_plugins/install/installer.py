@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kuiper_plugins import archive, db, fetch, packages, registry, scripts
 from kuiper_plugins.errors import (
     ArchiveRejected,
     DiskFull,
@@ -50,9 +49,11 @@ from kuiper_plugins.errors import (
     PluginNotFound,
     ScriptFailed,
 )
+from kuiper_plugins.install import archive, fetch, packages, scripts
+from kuiper_plugins.install.locks import blocking_lock, plugin_lock
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE, Layout
-from kuiper_plugins.locks import blocking_lock, plugin_lock
 from kuiper_plugins.settings import Settings
+from kuiper_plugins.store import db, registry
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate, validates_schema
 
-from kuiper_plugins import fetch, packages, scripts
 from kuiper_plugins.errors import InvalidRequest
+from kuiper_plugins.install import fetch, packages, scripts
 
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 MAX_FUNCTIONS = 1000

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kuiper_plugins.archive import Entry
 from kuiper_plugins.errors import InvalidRequest, PackageInvalid
+from kuiper_plugins.install.archive import Entry
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")

@@ -1,0 +1,1 @@
+"""The kuiper-plugins command-line client."""

@@ -1,0 +1,1 @@
+"""The install pipeline: fetch, inspect, decide, stage, run install.sh, swap."""
