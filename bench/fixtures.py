@@ -67,7 +67,9 @@ def populate(home: Path, size: int) -> Population:
                 registry.save(
                     conn, plugin_type="sources", name=name, version="1.0.0", descriptor=None,
                     request={"name": name, "file": f"file://{layout.uploads}/{name}.zip"}, sha256=None,
-                    files=[f"plugins/sources/{so_name}", f"etc/sources/{name}.yaml", f"data/sources/{name}.yaml"],
+                    files=[registry.RecordedFile(f"plugins/sources/{so_name}"),
+                           registry.RecordedFile(f"etc/sources/{name}.yaml"),
+                           registry.RecordedFile(f"data/sources/{name}.yaml")],
                     functions=[],
                 )
             for i in range(function_plugins):
@@ -78,7 +80,7 @@ def populate(home: Path, size: int) -> Population:
                 registry.save(
                     conn, plugin_type="functions", name=name, version="1.0.0", descriptor=None,
                     request={"name": name, "file": f"file://{layout.uploads}/{name}.zip", "functions": exported},
-                    sha256=None, files=[f"plugins/functions/{so_name}"], functions=exported,
+                    sha256=None, files=[registry.RecordedFile(f"plugins/functions/{so_name}")], functions=exported,
                 )
                 functions.update((function, name) for function in exported)
     finally:

@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     db.initialise(layout.registry_file)
     installer = Installer(settings, connect=lambda: db.connect(layout.registry_file))
     installer.recover()
+    uploads = Uploads(layout.uploads, layout.incoming, settings.max_plugin_size)
+    uploads.sweep()
 
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BODY
@@ -61,7 +63,7 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     app.json.sort_keys = False
     app.extensions["kuiper_plugins"] = Services(
         settings=settings, layout=layout, installer=installer, started_at=time.time(),
-        uploads=Uploads(layout.uploads, layout.incoming, settings.max_plugin_size),
+        uploads=uploads,
         stop_service=stop_service or stop_gunicorn,
     )
     from kuiper_plugins.web.api import bp

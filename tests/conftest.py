@@ -136,7 +136,7 @@ def file_server(tmp_path):
 
 # ---------------------------------------------------------------------------- the service under test
 
-UNTRACKED = ("data/kuiper-plugins.db", "data/.kuiper-plugins/locks/")
+UNTRACKED = ("data/kuiper-plugins.db",)  # the registry and its -wal/-shm; lock files must not remain
 
 
 def disk_state(home: Path) -> dict[str, tuple]:

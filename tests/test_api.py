@@ -353,7 +353,9 @@ def test_delete_then_recreate(service, file_server):
     assert service.client.get("/plugins/sources/random").status_code == 404
     assert not any(p.is_file() for p in (service.home / "plugins/sources").iterdir())
     assert not (service.home / "etc/sources/random").exists()
-    assert not (service.home / "data/sources/random.yaml").exists()
+    # The source's configuration stays, as eKuiper's delete does not keep it but a user expects.
+    for folder in ("etc", "data"):
+        assert (service.home / f"{folder}/sources/random.yaml").read_text() == "default:\n  interval: 1000\n"
     assert service.post("sources", {"name": "random", "file": url}).status_code == 201
     again = service.client.delete("/plugins/sources/random")
     assert again.status_code == 200
@@ -395,9 +397,10 @@ def test_update_swaps_the_package(service, file_server):
     assert (home / "etc/sources/random/new.conf").exists() and not (home / "etc/sources/random/old.conf").exists()
     assert (home / "etc/sources/random.yaml").read_text() == "user: edited\n"
     assert list(service.layout.staging.iterdir()) == []
-    # The kept yaml still belongs to the plugin: delete removes it with the rest.
+    # A delete keeps the yaml, the user's configuration.
     assert service.client.delete("/plugins/sources/random").status_code == 200
-    assert not (home / "etc/sources/random.yaml").exists()
+    assert (home / "etc/sources/random.yaml").read_text() == "user: edited\n"
+    assert not (home / "plugins/sources/Random@v2.0.0.so").exists()
 
 
 def test_update_unknown_native_is_404(service, file_server):

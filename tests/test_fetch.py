@@ -324,7 +324,6 @@ def test_allowed_server_serves_the_zip(env, file_server, served_zip):
 
     file_server.routes["/pkg.zip"] = capture
     result = run_fetch(env, file_server.url("pkg.zip"), private_net_allow_list=allow(file_server))
-    assert result.temporary is True
     assert result.path.parent == env.dest
     assert result.path.read_bytes() == served_zip
     assert result.sha256 == sha(served_zip)
@@ -694,20 +693,23 @@ def file_url(path) -> str:
     return Path(path).as_uri()
 
 
-def test_file_inside_uploads_used_in_place(env):
+def test_file_inside_uploads_is_copied_once_into_a_private_file(env):
     path = make_zip(env.uploads / "sub" / "my pkg.zip", PAYLOAD)
     result = run_fetch(env, file_url(path))
-    assert result.temporary is False
-    assert result.path == path.resolve()
+    assert result.path.parent == env.dest and result.path.name.startswith(f"download-{os.getpid()}-")
+    assert result.path.read_bytes() == path.read_bytes()
     assert result.sha256 == sha(path.read_bytes())
     assert result.size == path.stat().st_size
-    assert list(env.dest.iterdir()) == []
+    assert list(env.dest.iterdir()) == [result.path]
+    # The private copy is what the caller reads: the upload may change, the copy does not.
+    path.write_bytes(b"other bytes")
+    assert sha(result.path.read_bytes()) == result.sha256
 
 
 def test_file_symlink_inside_uploads_to_inside_allowed(env):
     target = make_zip(env.uploads / "real.zip", PAYLOAD)
     (env.uploads / "link.zip").symlink_to(target)
-    assert run_fetch(env, file_url(env.uploads / "link.zip")).path == target.resolve()
+    assert run_fetch(env, file_url(env.uploads / "link.zip")).path.read_bytes() == target.read_bytes()
 
 
 def test_file_outside_uploads_refused(env, outside_zip):
@@ -758,8 +760,8 @@ def test_file_missing_named(env):
 
 def test_file_outside_allowed_with_external_access(env, outside_zip):
     result = run_fetch(env, file_url(outside_zip), allow_external_file_access=True)
-    assert result.path == outside_zip.resolve()
-    assert result.temporary is False
+    assert result.path.read_bytes() == outside_zip.read_bytes()
+    assert result.path.parent == env.dest
 
 
 def test_file_over_the_cap_refused(env):
@@ -771,8 +773,8 @@ def test_file_over_the_cap_refused(env):
 
 def test_file_sha256_checked(env):
     path = make_zip(env.uploads / "p.zip", PAYLOAD)
-    assert run_fetch(env, file_url(path), sha256=sha(path.read_bytes())).temporary is False
-    refused(env, file_url(path), "sha256 mismatch", sha256="f" * 64)
+    run_fetch(env, file_url(path), sha256=sha(path.read_bytes())).path.unlink()
+    refused(env, file_url(path), "sha256 mismatch", sha256="f" * 64)  # and the refused copy is removed
     assert path.exists()
 
 

@@ -33,7 +33,8 @@ def leave_unfinished(layout: Layout, op_id: str, plugin_type: str, name: str, ki
     staging = layout.staging / op_id
     (staging / "backup").mkdir(parents=True)
     if journal is not None:
-        (staging / "journal.json").write_text(json.dumps(journal))
+        (staging / "journal.json").write_text(json.dumps(
+            {"operation": op_id, "type": plugin_type, "name": name, "kind": kind, "moves": journal}))
 
 
 def operations(layout: Layout) -> list[registry.Operation]:

@@ -25,7 +25,7 @@ def save(conn, name, plugin_type="functions", files=(), functions=(), **kw):
     with db.transaction(conn):
         return registry.save(
             conn, plugin_type=plugin_type, name=name, version="1.0", descriptor=None, request={"name": name},
-            sha256=None, files=list(files), functions=list(functions), **kw,
+            sha256=None, files=[registry.RecordedFile(f) for f in files], functions=list(functions), **kw,
         )
 
 

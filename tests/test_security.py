@@ -510,7 +510,8 @@ def test_c34_a_planted_link_in_the_config_folder_is_never_followed(attack, canar
     (attack.home / "etc/sources/random").symlink_to(canary, target_is_directory=True)
     url = attack.serve(build_zip(BASE + [Member("etc/evil.yaml", b"evil: 1\n")]))
     attack.arm()
-    attack.refused(attack.install(url), 400, "resolves outside")
+    # Not recorded as the plugin's, so never replaced, and never written through either.
+    attack.refused(attack.install(url), 400, "etc/sources/random already exists and was not installed")
     (attack.home / "etc/sources/random").unlink()
     assert attack.install(url).status_code == 201
     assert (attack.home / "etc/sources/random/evil.yaml").read_bytes() == b"evil: 1\n"
@@ -767,10 +768,10 @@ def test_c12_a_name_differing_only_in_case_is_a_duplicate(attack):
 
 def test_c13_reserved_looking_names_stay_inside_their_own_paths(attack):
     """Not refused: the service's own folders live under data/.kuiper-plugins (a name cannot start with a dot),
-    there is no Windows device namespace here, and built-in plugins are not files in plugins/. A plugin named
-    like them writes exactly its own files and nothing of the service's."""
+    and there is no Windows device namespace here. A plugin named like them writes exactly its own files and
+    nothing of the service's. eKuiper's built-in names are refused (test_builtin_names_are_refused)."""
     for name in ("staging", "locks", "incoming", "trash", "tmp", "temp", "con", "nul", "aux", "prn", "com1", "lpt1",
-                 "kuiper-plugins", "mqtt", "memory", "file", "log", "uploads", "mgmt", "portable"):
+                 "kuiper-plugins", "uploads", "mgmt", "portable"):
         capitalised = name[0].upper() + name[1:]
         url = attack.serve(build_zip([Member(f"{capitalised}.so", SO), Member(f"{name}.yaml", YAML)]), f"{name}.zip")
         before = tree_state(attack.home, UNCOMPARED)

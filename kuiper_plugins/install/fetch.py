@@ -12,11 +12,14 @@ The URL is a server-side request forgery target, so every guard sits where the b
   (`_DeadlineSocket`: every blocking receive waits at most until the deadline).
 * ``file``: the path is percent-decoded and resolved with links followed; it must lie inside the
   uploads folder unless external access is allowed; only a regular file is read (FIFOs, devices and
-  folders are refused without being opened), and it is used in place.
+  folders are refused without being opened). It is opened once and copied, while being hashed, into a
+  private file in the destination folder: what is inspected and unpacked is exactly the bytes hashed,
+  whatever happens to the path meanwhile.
 
 Every failure is a `DownloadFailed` whose message reads ``fail to download file <url>: <reason>``, in
 eKuiper's words where eKuiper has words (`DiskFull` when the disk fills up while writing); a partly
-written temporary file is removed before the error leaves.
+written temporary file is removed before the error leaves. Temporary files are named
+``download-<pid>-*``, so that start-up can tell those of a dead worker (`is_orphan`).
 """
 
 from __future__ import annotations
@@ -58,10 +61,37 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class Fetched:
     """A package brought to a local file."""
 
-    path: Path  # the local file to read
+    path: Path  # a private file fetch created in the destination folder; the caller removes it
     sha256: str  # hex digest of its bytes
     size: int
-    temporary: bool  # True when fetch created `path` (the caller deletes it); False for a file:// source
+
+
+TEMPORARY_PREFIX = "download-"
+
+
+def _temporary_file(dest_dir: Path) -> tuple[int, str]:
+    """Create a private file in dest_dir named after this process, so its owner can be told."""
+    try:
+        return tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", suffix=".zip", dir=dest_dir)
+    except OSError as exc:
+        _raise_if_disk_full(exc)
+        raise
+
+
+def is_orphan(name: str, prefix: str = TEMPORARY_PREFIX) -> bool:
+    """Whether a scratch file named `<prefix><pid>-...` belongs to a process that is no longer alive."""
+    if not name.startswith(prefix):
+        return False
+    pid = name[len(prefix):].partition("-")[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 # ---------------------------------------------------------------- URL syntax
@@ -302,7 +332,7 @@ def fetch(
     try:
         if urlsplit(url).scheme == "file":
             return _read_local(
-                _file_path(url), Path(uploads_dir), allow_external_file_access, max_size, expected
+                _file_path(url), Path(uploads_dir), allow_external_file_access, max_size, expected, Path(dest_dir)
             )
         download = _HttpDownload(
             policy=_Policy(enable_private_net, parse_allow_list(private_net_allow_list)),
@@ -329,9 +359,10 @@ def _check_digest(expected: str | None, actual: str) -> None:
 # ---------------------------------------------------------------- file://
 
 def _read_local(
-    path: str, uploads_dir: Path, allow_external: bool, max_size: int, expected: str | None
+    path: str, uploads_dir: Path, allow_external: bool, max_size: int, expected: str | None, dest_dir: Path
 ) -> Fetched:
-    """Hash a local regular file in place, refusing anything outside the uploads folder unless allowed."""
+    """Copy a local regular file into dest_dir while hashing it, refusing anything outside the uploads
+    folder unless allowed. The source is opened once; everything after reads the private copy."""
     real = os.path.realpath(path)
     root = os.path.realpath(uploads_dir)
     if not allow_external and not _inside(real, root):
@@ -360,18 +391,35 @@ def _read_local(
             raise DownloadFailed(f"{path} changed while it was being opened")
         if not allow_external and not _inside(_opened_path(fd, real), root):
             raise DownloadFailed(f"file access denied: path must be under {uploads_dir}")
-        digest, size = hashlib.sha256(), 0
-        while chunk := os.read(fd, CHUNK_SIZE):
-            size += len(chunk)
-            if size > max_size:  # the file grew after fstat
-                raise DownloadFailed(f"{path} is larger than the limit of {max_size} bytes")
-            digest.update(chunk)
+        copy_fd, copy = _temporary_file(dest_dir)
     except OSError as exc:
+        os.close(fd)
         raise DownloadFailed(f"cannot read {path}: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        digest, size = hashlib.sha256(), 0
+        try:
+            while chunk := os.read(fd, CHUNK_SIZE):
+                size += len(chunk)
+                if size > max_size:  # the file grew after fstat
+                    raise DownloadFailed(f"{path} is larger than the limit of {max_size} bytes")
+                digest.update(chunk)
+                _write_all(copy_fd, chunk)
+        except OSError as exc:
+            _raise_if_disk_full(exc)
+            raise DownloadFailed(f"cannot read {path}: {exc.strerror}") from None
+        finally:
+            os.close(copy_fd)
+        _check_digest(expected, digest.hexdigest())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(copy)
+        raise
     finally:
         os.close(fd)
-    _check_digest(expected, digest.hexdigest())
-    return Fetched(path=Path(real), sha256=digest.hexdigest(), size=size, temporary=False)
+    return Fetched(path=Path(copy), sha256=digest.hexdigest(), size=size)
 
 
 def _inside(path: str, root: str) -> bool:
@@ -626,11 +674,7 @@ class _HttpDownload:
 
     def _save_body(self, response: urllib3.BaseHTTPResponse, target: _HttpTarget, dest_dir: Path) -> Fetched:
         """Stream the raw body to a new temp file in dest_dir, hashing it; remove the file on any failure."""
-        try:
-            fd, name = tempfile.mkstemp(prefix="download-", suffix=".zip", dir=dest_dir)
-        except OSError as exc:
-            _raise_if_disk_full(exc)
-            raise
+        fd, name = _temporary_file(dest_dir)
         try:
             digest, size = hashlib.sha256(), 0
             try:
@@ -656,7 +700,7 @@ class _HttpDownload:
                 os.unlink(name)
             raise
         log.debug("downloaded %s: %d bytes", target.url, size)
-        return Fetched(path=Path(name), sha256=digest.hexdigest(), size=size, temporary=True)
+        return Fetched(path=Path(name), sha256=digest.hexdigest(), size=size)
 
 
 def _redirect_target(current: _HttpTarget, location: str) -> _HttpTarget:

@@ -1,24 +1,32 @@
-"""Install, update and delete plugins without ever leaving one half-installed.
+"""Install, update and delete plugins without ever leaving one half-installed, through power cuts too.
 
 Every operation on a plugin runs the same stages:
 1. take the plugin's flock (busy -> refused at once, 400) and roll back any
    dead operation a crashed worker left on that name;
-2. check the request against the registry (duplicate, not found), then
-   reserve the name in the operations table and make a staging folder
+2. check the request against the registry (duplicate, not found, built-in
+   names, function clashes), then reserve the name in the operations table
+   (a durable commit) and make a staging folder
    `data/.kuiper-plugins/staging/<operation id>` on the same filesystem;
 3. do the slow work inside staging: download, inspect, unpack, install.sh;
-4. write the journal of file moves to `<staging>/journal.json` (atomically,
-   fsynced), then move the files into place with os.replace, old files going
-   aside into the staging folder (a file being replaced is hard-linked aside
-   first, so its path never goes missing);
-5. commit the plugin row and drop the operation row in one transaction: the
-   commit point;
-6. remove the staging folder (and with it the old files of an update).
-A failure before the commit point undoes the moves from the journal; a crash
-at any point is undone the same way by `recover()` when a worker starts, or
-by the next operation on the same plugin. Between the reservation and the
-commit the registry is written to only once more (the commit), so a busy
-registry makes an operation wait at its start or at its commit point only.
+   refuse a destination that exists and is not recorded as this plugin's;
+4. seal what will be moved: fsync every staged file and folder, taking the
+   size and sha256 the registry will record;
+5. write the journal (the operation and its file moves) to
+   `<staging>/journal.json`, fsynced, then make the moves with os.replace,
+   old files going aside into the staging folder (a file being replaced is
+   hard-linked aside first, so its path never goes missing), then fsync
+   every folder a move touched;
+6. commit the plugin row, end the reservation and record the operation as
+   finished, in one durable transaction: the commit point;
+7. only then remove the staging folder (and with it the old files).
+A failure before the commit point undoes the moves from the journal. After a
+crash or power cut, `recover()` reads every journal left in staging: an
+operation recorded as finished is finished (its staging folder removed);
+any other is undone, whether or not its reservation survived. A 2xx is
+answered only after step 6, so it never promises what a power cut can take
+back. Between the reservation and the commit the registry is written to
+only once more (the commit), so a busy registry makes an operation wait at
+its start or at its commit point only.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kuiper_plugins.engine import builtins
 from kuiper_plugins.errors import (
     ArchiveRejected,
     DiskFull,
@@ -49,8 +58,8 @@ from kuiper_plugins.errors import (
     PluginNotFound,
     ScriptFailed,
 )
-from kuiper_plugins.install import archive, fetch, packages, scripts
-from kuiper_plugins.install.locks import blocking_lock, plugin_lock
+from kuiper_plugins.install import archive, durable, fetch, packages, scripts
+from kuiper_plugins.install.locks import PluginLock, blocking_lock, plugin_lock
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE, Layout
 from kuiper_plugins.settings import Settings
 from kuiper_plugins.store import db, registry
@@ -67,6 +76,9 @@ SO_FILE_NAME = re.compile(r"([A-Za-z0-9_-]+?)(?:@([A-Za-z0-9._+-]+))?\.so")
 class _Operation:
     id: str
     staging: Path
+    plugin_type: str
+    name: str
+    kind: str
     journal: list[dict[str, Any]] = field(default_factory=list)
     committed: bool = False
 
@@ -92,6 +104,7 @@ class Installer:
         with self._logged("install", plugin_type, name, request) as outcome, self._locked(plugin_type, name) as conn:
             if registry.find_by_key(conn, plugin_type, name) is not None:
                 raise InvalidRequest(f"invalid name {name}: duplicate")
+            self._refuse_before_fetching(conn, plugin_type, request, None)
             with self._reserved(conn, plugin_type, name, "install") as op:
                 outcome.update(self._install_package(conn, op, plugin_type, request, old=None))
 
@@ -107,23 +120,26 @@ class Installer:
                     )
                 if registry.find_by_key(conn, plugin_type, name) is not None:
                     raise InvalidRequest(f"invalid name {name}: duplicate")
+            self._refuse_before_fetching(conn, plugin_type, request, old)
             with self._reserved(conn, plugin_type, name, "update") as op:
                 outcome.update(self._install_package(conn, op, plugin_type, request, old=old))
 
     def delete(self, plugin_type: str, name: str) -> None:
         """Remove exactly the files the install wrote, the plugin's functions and its registry entry.
 
-        Files already gone from disk are not an error: the registry entry goes all the same.
+        A source's yaml stays, as a user's configuration does. Files already gone from disk are not an
+        error: the registry entry goes all the same.
         """
         with self._logged("delete", plugin_type, name, None) as outcome, self._locked(plugin_type, name) as conn:
             plugin = self._require(conn, plugin_type, name, "delete")
             outcome["version"] = plugin.version
+            kept = set(packages.kept_on_delete(plugin_type, name))
             with self._reserved(conn, plugin_type, name, "delete") as op:
-                present = [f for f in registry.files_of(conn, plugin.id) if self._exists(f)]
+                present = [f for f in registry.files_of(conn, plugin.id) if f not in kept and self._exists(f)]
                 self._publish(op, [(None, f) for f in present])
                 with db.transaction(conn):
                     registry.remove(conn, plugin.id)
-                    registry.end_operation(conn, op.id)
+                    registry.end_operation(conn, op.id, committed=True)
                 op.committed = True
 
     def register_functions(self, name: str, functions: Sequence[str]) -> None:
@@ -136,6 +152,7 @@ class Installer:
                 raise InvalidRequest(
                     f"function plugins {name} regiser functions error: property 'functions' must not be empty"
                 )
+            _refuse_builtin_functions(functions)
             self._refuse_function_clashes(conn, functions, plugin.id)
             try:
                 with db.transaction(conn):
@@ -148,66 +165,104 @@ class Installer:
     # ---------------------------------------------------------------- start-up recovery
 
     def recover(self) -> None:
-        """Roll back operations whose worker died, sweep staging debris, adopt hand-copied .so files.
+        """Finish or undo what crashed workers left in staging, sweep scratch, adopt hand-copied .so files.
 
-        Each operation is rolled back under its plugin's flock: a free lock proves its owner is dead.
+        Every journal in staging is honoured: an operation recorded as finished is finished, any other
+        is undone, whether or not its reservation survived; a folder without a journal made no move and
+        is removed. Each is handled under its plugin's flock: a free lock proves its owner is dead.
         Whatever cannot be done now (a read-only or locked registry) is logged and left for the next
         start or the next operation on that plugin; start-up goes on so that reads are still served.
         """
         with blocking_lock(self.layout.locks / "recovery.lock"):
             conn = self._connect()
             try:
-                # List staging first: a folder seen here whose operation row is gone afterwards is debris.
-                staged = list(self.layout.staging.iterdir())
-                for op in registry.operations(conn):
-                    lock = plugin_lock(self.layout.locks, op.type, op.name)
-                    if not lock.try_acquire():
-                        continue  # its owner is alive and working
+                for folder in sorted(self.layout.staging.iterdir()):
                     try:
-                        self._roll_back(conn, op)
+                        self._recover_folder(conn, folder)
                     except (PluginError, OSError) as exc:
-                        log.error(
-                            "could not roll back the unfinished %s of %s plugin %s (operation %s): %s;"
-                            " it will be retried", op.kind, type_label(op.type), op.name, op.id, exc,
-                        )
-                    finally:
-                        lock.release()
-                live = {op.id for op in registry.operations(conn)}
-                for folder in staged:
-                    if folder.name not in live:
-                        shutil.rmtree(folder, ignore_errors=True)
+                        log.error("could not recover the operation in %s: %s; it will be retried", folder, exc)
+                for op in registry.operations(conn):
+                    if not os.path.lexists(self.layout.staging / op.id):
+                        self._recover_folder(conn, self.layout.staging / op.id)
+                self._forget_cleared(conn)
+                self._sweep_locks()
                 self._adopt(conn)
             finally:
                 conn.close()
 
-    def _roll_back(self, conn: sqlite3.Connection, op: registry.Operation) -> None:
-        """Undo a dead operation from its journal; the caller holds its plugin's lock."""
-        killed = scripts.kill_marked(op.id)
-        staging = self.layout.staging / op.id
-        self._undo(_read_journal(staging), staging)
+    def _recover_folder(self, conn: sqlite3.Connection, folder: Path) -> None:
+        """Finish or undo the operation whose staging folder this is, unless its worker is alive."""
+        journal = _read_journal(folder)
+        op_row = next((op for op in registry.operations(conn) if op.id == folder.name), None)
+        owner = (journal["type"], journal["name"]) if journal else (op_row.type, op_row.name) if op_row else None
+        if owner is None:
+            shutil.rmtree(folder, ignore_errors=True)  # no journal, no reservation: it moved nothing
+            return
+        lock = plugin_lock(self.layout.locks, *owner)
+        if not lock.try_acquire():
+            return  # its owner is alive and working
+        try:
+            self._settle(conn, folder, op_row)
+        finally:
+            lock.release()
+
+    def _settle(self, conn: sqlite3.Connection, folder: Path, op_row: registry.Operation | None) -> None:
+        """Finish or undo a dead operation from what its staging folder says; the caller holds its lock."""
+        op_id = folder.name
+        journal = _read_journal(folder)
+        if op_id in registry.finished_operations(conn):
+            if _clear_staging(folder):
+                with db.transaction(conn):
+                    registry.forget_finished(conn, [op_id])
+            log.info("finished clearing the committed operation %s", op_id)
+            return
+        killed = scripts.kill_marked(op_id)
+        self._undo(journal["moves"] if journal else [], folder)
+        _drop_journal(folder)
         with db.transaction(conn):
-            registry.end_operation(conn, op.id)
-        shutil.rmtree(staging, ignore_errors=True)
+            registry.end_operation(conn, op_id)
+        shutil.rmtree(folder, ignore_errors=True)
+        about = journal or (vars(op_row) if op_row else {"kind": "operation", "type": "-", "name": "-"})
         log.warning(
-            "rolled back the unfinished %s of %s plugin %s (operation %s, worker pid %d, %d processes killed)",
-            op.kind, type_label(op.type), op.name, op.id, op.pid, killed,
+            "rolled back the unfinished %s of %s plugin %s (operation %s, worker pid %s, %d processes killed)",
+            about["kind"], type_label(about["type"]), about["name"], op_id, op_row.pid if op_row else "unknown",
+            killed,
         )
 
+    def _forget_cleared(self, conn: sqlite3.Connection) -> None:
+        """Drop the finished-operation records whose staging folders are gone."""
+        cleared = [i for i in registry.finished_operations(conn) if not os.path.lexists(self.layout.staging / i)]
+        if cleared:
+            with db.transaction(conn):
+                registry.forget_finished(conn, cleared)
+
+    def _sweep_locks(self) -> None:
+        """Remove the lock files that killed workers left behind (a free lock is nobody's)."""
+        for path in self.layout.locks.glob("*.*.lock"):
+            lock = PluginLock(path)
+            if lock.try_acquire():
+                lock.release()
+
     def _adopt(self, conn: sqlite3.Connection) -> None:
-        """List native .so files copied in by hand, as eKuiper does at start-up."""
+        """List native .so files copied in by hand, as eKuiper does at start-up.
+
+        A file an unfinished operation's journal names is not hand-copied; an empty or unreadable one
+        is not a plugin: both are left alone (and the second logged).
+        """
         recorded = registry.all_recorded_files(conn)
+        journaled = self._journaled_files()
         for plugin_type in NATIVE_TYPES:
             folder = self.layout.native_dir(plugin_type)
             for so_path in sorted(folder.glob("*.so")):
                 relative = self.layout.relative(so_path)
-                if relative in recorded or not so_path.is_file():
+                if relative in recorded or relative in journaled or not so_path.is_file():
                     continue
                 match = SO_FILE_NAME.fullmatch(so_path.name)
                 if match is None:
                     log.warning("ignoring %s: its name does not make a plugin name", relative)
                     continue
                 name = match.group(1)[0].lower() + match.group(1)[1:]
-                if len(name) > 64:
+                if not packages.NAME_PATTERN.fullmatch(name):
                     continue
                 # A file an operation in flight has just moved in is not hand-copied: that operation holds
                 # the plugin's lock until it has committed (and recorded the file) or rolled back.
@@ -219,7 +274,22 @@ class Installer:
                     except PluginError as exc:
                         log.error("could not adopt %s: %s", relative, exc.message)
 
+    def _journaled_files(self) -> set[str]:
+        """Every destination named by a journal still in staging (operations in flight or not yet settled)."""
+        named: set[str] = set()
+        for folder in self.layout.staging.iterdir():
+            try:
+                journal = _read_journal(folder)
+            except PluginError:
+                continue
+            named.update(move["dest"] for move in (journal or {}).get("moves", []))
+        return named
+
     def _adopt_one(self, conn: sqlite3.Connection, plugin_type: str, name: str, relative: str, version: str | None):
+        print_ = durable.fingerprint(self.layout.absolute(relative))
+        if print_ is None or print_.size == 0:
+            log.warning("not adopting %s: it is empty or unreadable", relative)
+            return
         with db.transaction(conn):
             if registry.file_owners(conn, [relative], None) or not self._exists(relative):
                 return  # recorded or removed meanwhile
@@ -234,11 +304,25 @@ class Installer:
                 functions = []
             registry.save(
                 conn, plugin_type=plugin_type, name=name, version=(version or "").removeprefix("v"),
-                descriptor=None, request=None, sha256=None, files=[relative], functions=functions, adopted=True,
+                descriptor=None, request=None, sha256=None,
+                files=[registry.RecordedFile(relative, print_.size, print_.sha256)], functions=functions,
+                adopted=True,
             )
         log.info("adopted %s plugin %s from %s found on disk", plugin_type, name, relative)
 
     # ---------------------------------------------------------------- the stages
+
+    def _refuse_before_fetching(
+        self, conn: sqlite3.Connection, plugin_type: str, request: dict[str, Any], old: registry.Plugin | None
+    ) -> None:
+        """What the request alone decides, before anything is downloaded: built-in names, function clashes."""
+        name = request["name"]
+        if plugin_type in NATIVE_TYPES and builtins.builtin_name(plugin_type, name):
+            raise InvalidRequest(f"invalid name {name}: {builtins.describe(plugin_type, name)}")
+        if plugin_type == "functions":
+            functions = request.get("functions") or [name]
+            _refuse_builtin_functions(functions)
+            self._refuse_function_clashes(conn, functions, old.id if old is not None else None)
 
     def _install_package(
         self, conn: sqlite3.Connection, op: _Operation, plugin_type: str, request: dict[str, Any],
@@ -265,8 +349,7 @@ class Installer:
         except (ArchiveRejected, PackageInvalid, ScriptFailed) as exc:
             raise exc.with_prefix("fail to install plugin")
         finally:
-            if fetched.temporary:
-                fetched.path.unlink(missing_ok=True)
+            fetched.path.unlink(missing_ok=True)
 
         if plan.script:
             try:
@@ -292,7 +375,7 @@ class Installer:
                     request=request, sha256=fetched.sha256, files=files, functions=plan.functions,
                     replaces=old.id if old is not None else None,
                 )
-                registry.end_operation(conn, op.id)
+                registry.end_operation(conn, op.id, committed=True)
         except sqlite3.IntegrityError:
             # Another plugin took a function or file between our checks and the commit.
             self._refuse_function_clashes(conn, plan.functions, old.id if old is not None else None)
@@ -321,10 +404,14 @@ class Installer:
     def _stage_units(
         self, conn: sqlite3.Connection, op: _Operation, plan: packages.InstallPlan, unpacked: Path,
         old: registry.Plugin | None,
-    ) -> tuple[list[tuple[Path | None, str]], list[str]]:
-        """Materialise each unit in staging; return the moves to make and the files the plugin will own."""
-        old_files = set(registry.files_of(conn, old.id)) if old is not None else set()
-        kept_groups = {u.group for u in plan.units if u.group and self._exists(u.dest)}
+    ) -> tuple[list[tuple[Path | None, str]], list[registry.RecordedFile]]:
+        """Materialise and seal each unit in staging; return the moves to make and the files to record.
+
+        A destination that exists must be recorded as this plugin's, or the install is refused: nothing
+        that is not ours is replaced. The source yaml is the one exception (see `_kept_groups`).
+        """
+        old_records = {f.path: f for f in registry.recorded_files(conn, old.id)} if old is not None else {}
+        kept_groups = self._kept_groups(plan, unpacked, old_records)
         placing = [u for u in plan.units if u.group not in kept_groups or u.group is None]
         owners = registry.file_owners(conn, [u.dest for u in placing], old.id if old is not None else None)
         if owners:
@@ -332,11 +419,19 @@ class Installer:
             raise PackageInvalid(
                 f"fail to install plugin: {path} belongs to {type_label(owner_type)} plugin {owner_name}"
             )
+        for unit in placing:
+            if unit.group is None and unit.dest not in old_records and self._exists(unit.dest):
+                raise PackageInvalid(
+                    f"fail to install plugin: {unit.dest} already exists and was not installed as part of"
+                    f" {type_label(plan.plugin_type)} plugin {plan.name} (kuiper-plugins never replaces what it"
+                    " did not install: move it away first)"
+                )
 
         units_dir = op.staging / "units"
         units_dir.mkdir()
         first_copy: dict[str, Path] = {}
         moves: list[tuple[Path | None, str]] = []
+        files: list[registry.RecordedFile] = []
         for index, unit in enumerate(placing):
             staged = units_dir / str(index)
             if unit.src in first_copy:
@@ -353,39 +448,70 @@ class Installer:
             else:
                 os.replace(unpacked / unit.src, staged)
                 first_copy[unit.src] = staged
+            print_ = durable.seal(staged)
             moves.append((staged, unit.dest))
+            files.append(registry.RecordedFile(unit.dest, print_.size, print_.sha256))
+        durable.fsync_path(units_dir)
 
         placed = {u.dest for u in placing}
-        kept_owned = {u.dest for u in plan.units if u.group in kept_groups and u.dest in old_files}
-        for stale in sorted(old_files - placed - kept_owned):
+        kept_owned = {u.dest for u in plan.units if u.group in kept_groups and u.dest in old_records}
+        files += [old_records[dest] for dest in sorted(kept_owned) if self._exists(dest)]
+        for stale in sorted(set(old_records) - placed - kept_owned):
             if self._exists(stale):
                 moves.append((None, stale))
-        return moves, sorted(placed | kept_owned)
+        return moves, sorted(files, key=lambda f: f.path)
+
+    def _kept_groups(
+        self, plan: packages.InstallPlan, unpacked: Path, old_records: dict[str, registry.RecordedFile]
+    ) -> set[str]:
+        """The groups (a source's yaml copies) to keep as they are on disk: a user's edited configuration.
+
+        A copy on disk is ours to rewrite when it is empty, a truncated or whole copy of what this
+        install writes, or still exactly what an earlier install of ours recorded; any other content is
+        the user's, and then the whole group stays as it is.
+        """
+        kept = set()
+        for unit in plan.units:
+            if unit.group is None or not self._exists(unit.dest):
+                continue
+            if not _is_our_copy(self.layout.absolute(unit.dest), unpacked / unit.src, old_records.get(unit.dest)):
+                kept.add(unit.group)
+        return kept
 
     def _publish(self, op: _Operation, moves: list[tuple[Path | None, str]]) -> None:
-        """Journal the moves in the staging folder, then make them: old files aside into staging, new ones in."""
+        """Journal the moves in the staging folder, make them, then fsync every folder they touched.
+
+        Old files go aside into staging, new ones in. When this returns, the new state is on disk and the
+        old one is still recoverable from staging: only the commit decides which one stays.
+        """
         journal = []
         for index, (staged, dest) in enumerate(moves):
             backup = f"backup/{index}" if self._exists(dest) else None
             journal.append({"dest": dest, "backup": backup, "placed": staged is not None})
         (op.staging / "backup").mkdir(exist_ok=True)
-        _write_journal(op.staging, journal)
+        _write_journal(op.staging, {
+            "operation": op.id, "type": op.plugin_type, "name": op.name, "kind": op.kind, "moves": journal,
+        })
         op.journal = journal
+        touched = {op.staging / "backup", op.staging / "units"}
         for (staged, _dest), entry in zip(moves, journal, strict=True):
             target = self._inside_home(entry["dest"])
             if entry["backup"]:
                 _set_aside(target, op.staging / entry["backup"], replaced=staged is not None and not staged.is_dir())
             if staged is not None:
-                target.parent.mkdir(parents=True, exist_ok=True)
+                touched.update(_make_parents(target))
                 os.replace(staged, target)
+            touched.add(target.parent)
+        durable.sync_folders(touched)
 
-    def _undo(self, journal: list[dict[str, Any]], staging: Path) -> None:
-        """Reverse a journal's moves, newest first; safe to run on a partly made or repeated undo.
+    def _undo(self, moves: list[dict[str, Any]], staging: Path) -> None:
+        """Reverse a journal's moves, newest first, and fsync the folders; safe on a partial or repeated undo.
 
         Nothing is removed or restored through a folder that resolves outside KUIPER_HOME: a link planted
         after the moves must not turn the undo into a delete elsewhere.
         """
-        for entry in reversed(journal):
+        touched = set()
+        for entry in reversed(moves):
             target = self.layout.absolute(entry["dest"])
             strange_backup = entry["backup"] is not None and not BACKUP_NAME.fullmatch(entry["backup"])
             if strange_backup or not self._resolves_inside_home(target):
@@ -395,10 +521,13 @@ class Installer:
             if backup is None:
                 if entry["placed"]:
                     _remove(target)
+                    touched.add(target.parent)
             elif os.path.lexists(backup):
                 _remove(target)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(backup, target)
+                touched.add(target.parent)
+        durable.sync_folders(touched)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -408,7 +537,7 @@ class Installer:
     ) -> Iterator[sqlite3.Connection]:
         """Hold the plugin's lock (busy: refused at once) and a registry connection for a with-block.
 
-        A dead operation on the plugin (its lock was free, so its worker is gone) is rolled back first.
+        A dead operation on the plugin (its lock was free, so its worker is gone) is settled first.
         """
         lock = plugin_lock(self.layout.locks, plugin_type, name).acquire_or_refuse(
             f"{type_label(plugin_type)} plugin {name}"
@@ -419,7 +548,7 @@ class Installer:
             stale = registry.operation_for(conn, plugin_type, name) if roll_back_stale else None
             if stale is not None:
                 try:
-                    self._roll_back(conn, stale)
+                    self._settle(conn, self.layout.staging / stale.id, stale)
                 except OSError as exc:
                     raise _os_error(exc) from exc
             yield conn
@@ -430,9 +559,9 @@ class Installer:
 
     @contextmanager
     def _reserved(self, conn: sqlite3.Connection, plugin_type: str, name: str, kind: str) -> Iterator[_Operation]:
-        """Record the operation and give it a staging folder; undo it unless the block commits it."""
+        """Record the operation (durably) and give it a staging folder; undo it unless the block commits it."""
         op_id = uuid.uuid4().hex
-        op = _Operation(id=op_id, staging=self.layout.staging / op_id)
+        op = _Operation(id=op_id, staging=self.layout.staging / op_id, plugin_type=plugin_type, name=name, kind=kind)
         try:
             with db.transaction(conn):
                 registry.begin_operation(conn, op.id, plugin_type, name, kind, os.getpid())
@@ -443,6 +572,7 @@ class Installer:
         try:
             try:
                 op.staging.mkdir()
+                durable.fsync_path(self.layout.staging)  # the folder, and so its journal, survives a power cut
                 yield op
             except OSError as exc:
                 raise _os_error(exc) from exc
@@ -451,16 +581,33 @@ class Installer:
                 self._abandon(conn, op)
             raise
         finally:
-            if op.committed or not op.journal:
+            if op.committed:
+                self._clear_committed(conn, op)
+            elif not op.journal:
                 shutil.rmtree(op.staging, ignore_errors=True)
 
+    def _clear_committed(self, conn: sqlite3.Connection, op: _Operation) -> None:
+        """Remove a committed operation's staging folder (its old files), then its finished record.
+
+        The record need not be durable: one that a power cut brings back names a folder that is gone,
+        and start-up drops it.
+        """
+        if not _clear_staging(op.staging):
+            return
+        try:
+            with db.transaction(conn, durable=False):
+                registry.forget_finished(conn, [op.id])
+        except PluginError as exc:
+            log.warning("could not drop the record of finished operation %s (start-up will): %s", op.id, exc)
+
     def _abandon(self, conn: sqlite3.Connection, op: _Operation) -> None:
-        """Undo a failed operation; if even that fails, leave its row for recovery to finish."""
+        """Undo a failed operation; if even that fails, leave its row and journal for recovery to finish."""
         try:
             # An install.sh may outlive an interrupted run_install_script (a signal between its start and the
             # cleanup that follows): whatever carries the operation's marker goes first, as in recovery.
             scripts.kill_marked(op.id)
             self._undo(op.journal, op.staging)
+            _drop_journal(op.staging)
             with db.transaction(conn):
                 registry.end_operation(conn, op.id)
             op.journal = []
@@ -523,7 +670,36 @@ def _log_operation(action, plugin_type, name, request, outcome, result, started,
     )
 
 
-def _write_journal(staging: Path, journal: list[dict[str, Any]]) -> None:
+def _refuse_builtin_functions(functions: Sequence[str]) -> None:
+    for function in functions:
+        if builtins.builtin_name("functions", function):
+            raise InvalidRequest(f"invalid function name {function}: {builtins.describe('functions', function)}")
+
+
+def _is_our_copy(existing: Path, new_file: Path, recorded: registry.RecordedFile | None) -> bool:
+    """Whether a file on disk is ours to rewrite: empty, a prefix of (or equal to) `new_file`, or as recorded."""
+    try:
+        size = os.lstat(existing).st_size
+        if not os.path.isfile(existing) or os.path.islink(existing):
+            return False
+        if size == 0:
+            return True
+        if recorded is not None and recorded.sha256 is not None:
+            print_ = durable.fingerprint(existing)
+            if print_ is not None and (print_.size, print_.sha256) == (recorded.size, recorded.sha256):
+                return True
+        if size > os.path.getsize(new_file):
+            return False
+        with open(existing, "rb") as ours, open(new_file, "rb") as theirs:
+            while chunk := ours.read(durable.CHUNK_SIZE):
+                if theirs.read(len(chunk)) != chunk:
+                    return False
+        return True
+    except OSError:
+        return False
+
+
+def _write_journal(staging: Path, journal: dict[str, Any]) -> None:
     """Write the journal into the staging folder whole or not at all, and make it durable, before any move."""
     partial = staging / f"{JOURNAL_FILE}.partial"
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -535,28 +711,58 @@ def _write_journal(staging: Path, journal: list[dict[str, Any]]) -> None:
     finally:
         os.close(fd)
     os.replace(partial, staging / JOURNAL_FILE)
-    _fsync_folder(staging)
+    durable.fsync_path(staging)
 
 
-def _read_journal(staging: Path) -> list[dict[str, Any]]:
-    """The journal an operation wrote before its first move; [] when it made none."""
+def _read_journal(staging: Path) -> dict[str, Any] | None:
+    """The journal an operation wrote before its first move; None when it made none."""
     try:
         text = (staging / JOURNAL_FILE).read_text()
-    except FileNotFoundError:
-        return []
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     try:
         journal = json.loads(text)
+        if not isinstance(journal, dict) or not isinstance(journal.get("moves"), list):
+            raise ValueError("not a journal of this version")
     except ValueError as exc:
         raise InstallFailed(f"the journal {staging / JOURNAL_FILE} is unreadable: {exc}")
     return journal
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _drop_journal(staging: Path) -> None:
+    """Remove an undone operation's journal durably, so that it can never be replayed over a later state."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.unlink(staging / JOURNAL_FILE)
+    except FileNotFoundError:
+        return
+    durable.fsync_path(staging)
+
+
+def _clear_staging(staging: Path) -> bool:
+    """Remove a committed operation's staging folder, journal first (the old files go with it).
+
+    Return whether the folder is gone.
+    """
+    try:
+        os.unlink(staging / JOURNAL_FILE)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    shutil.rmtree(staging, ignore_errors=True)
+    return not os.path.lexists(staging)
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create the missing folders above `target`; return the folders whose listings changed."""
+    missing = []
+    parent = target.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+    return [folder.parent for folder in missing]
 
 
 def _set_aside(target: Path, backup: Path, *, replaced: bool) -> None:

@@ -3,6 +3,12 @@
 The kernel drops a flock when its holder dies, so a SIGKILLed worker never
 leaves a stale lock behind; holding the lock is also the proof that nobody
 else is working on that plugin, which start-up recovery relies on.
+
+A plugin's lock file exists only while the lock is held: the holder removes
+it before letting go, so refused and finished operations leave no file per
+name. Whoever takes a lock checks, after flock, that the file it locked is
+still the one at the path (not one a releasing holder just unlinked), and
+otherwise tries again; a dead holder's file is removed by start-up.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from pathlib import Path
 
 from kuiper_plugins.errors import PluginBusy
 
+_ATTEMPTS = 100  # a lock file removed under us this often in a row means it is in heavy use: busy
+
 
 class PluginLock:
     """An exclusive, non-blocking lock on one (type, name), released by `release` or process death."""
@@ -26,32 +34,50 @@ class PluginLock:
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free; return whether it was taken."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            raise
-        self._fd = fd
-        return True
+        for _ in range(_ATTEMPTS):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return False
+                raise
+            if _same_file(fd, self.path):
+                self._fd = fd
+                return True
+            os.close(fd)  # its holder removed it as we opened it: the lock is free, take it anew
+        return False
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of the lock."""
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
 
     def acquire_or_refuse(self, description: str) -> PluginLock:
         if not self.try_acquire():
             raise PluginBusy(f"{description} is busy: another install, update or delete of it is in progress")
         return self
 
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
     def __enter__(self) -> PluginLock:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
 def plugin_lock(locks_dir: Path, plugin_type: str, name: str) -> PluginLock:

@@ -127,6 +127,13 @@ def plan_native(
     )
 
 
+def kept_on_delete(plugin_type: str, name: str) -> list[str]:
+    """Recorded files a delete leaves in place: a source's yaml, which holds the user's configuration."""
+    if plugin_type != "sources":
+        return []
+    return [f"etc/sources/{name}.yaml", f"data/sources/{name}.yaml"]
+
+
 def descriptor_member(name: str) -> str:
     return f"{name}.json"
 

@@ -1,5 +1,8 @@
 """SQLite plumbing: connections, explicit write transactions, schema migrations.
 
+Every commit is durable when it returns (synchronous=FULL): a 2xx is never
+answered for a write a power cut could still take back.
+
 Connections are opened per request or unit of work (never in the gunicorn
 master before it forks), in autocommit mode so that every write goes through
 `transaction()`, which starts with BEGIN IMMEDIATE: a read-then-write never
@@ -15,6 +18,7 @@ corrupt one stops start-up with a message saying so and stays as it is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -86,6 +90,15 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX plugins_by_type_name ON plugins(type, name);
     """,
+    # Power-cut safety: what each installed file must hold, and which operations committed but may still
+    # have a staging folder to clear (recovery finishes those instead of undoing them).
+    """
+    ALTER TABLE plugin_files ADD COLUMN size INTEGER;
+    ALTER TABLE plugin_files ADD COLUMN sha256 TEXT;
+    CREATE TABLE finished_operations (
+        id          TEXT    PRIMARY KEY
+    );
+    """,
 ]
 
 
@@ -95,7 +108,9 @@ def connect(path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        # FULL: in WAL mode every commit is fsynced before COMMIT returns; NORMAL would let a power cut
+        # take back a commit that a client has already been told about.
+        conn.execute("PRAGMA synchronous = FULL")
     except sqlite3.Error as exc:
         raise unavailable(exc) from None
     return conn
@@ -128,9 +143,15 @@ def data_version(conn: sqlite3.Connection) -> int:
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """Run the block in one BEGIN IMMEDIATE ... COMMIT; roll back if it raises."""
+def transaction(conn: sqlite3.Connection, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    """Run the block in one BEGIN IMMEDIATE ... COMMIT; roll back if it raises.
+
+    `durable=False` skips the fsync of this one commit, for bookkeeping a power cut may take back (the
+    next durable commit makes it durable too: the WAL is written in order).
+    """
     try:
+        if not durable:
+            conn.execute("PRAGMA synchronous = OFF")
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
         raise unavailable(exc) from None
@@ -148,6 +169,10 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         ):
             raise unavailable(exc) from None
         raise
+    finally:
+        if not durable:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA synchronous = FULL")
 
 
 @contextmanager
@@ -261,6 +286,7 @@ def initialise(path: Path) -> None:
     def set_up() -> None:
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         try:
+            conn.execute("PRAGMA synchronous = FULL")
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]

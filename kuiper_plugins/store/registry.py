@@ -4,10 +4,16 @@ Invariants:
 - a plugin row exists only for a fully installed plugin; its files are listed
   in plugin_files (a path belongs to at most one plugin);
 - function names are one global namespace across native and portable plugins;
+- each recorded file keeps the size and sha256 it was installed with (a
+  folder: its total size and the digest of its listing), so that what is on
+  disk can be told apart from what was installed;
 - an operations row marks an install, update or delete in flight, reserving
   its (type, name); the journal of the file moves it makes is written into
   its staging folder before the first move, so that a crash at any point can
   be rolled back at start-up (see installer.py);
+- the commit of an operation ends its row and records its id in
+  finished_operations in the same transaction: a staging folder whose
+  operation is listed there committed, and is finished, never undone;
 - SQLite failures leave every function here as the 503/507 refusals of
   `db.unavailable`, except IntegrityError, which says a name, function or
   file is taken.
@@ -36,6 +42,15 @@ class Plugin:
     request: dict[str, Any] | None
     sha256: str | None
     adopted: bool
+
+
+@dataclass(frozen=True)
+class RecordedFile:
+    """A path a plugin owns, relative to KUIPER_HOME, with what it held when installed (None: unknown)."""
+
+    path: str
+    size: int | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,15 @@ def files_of(conn: sqlite3.Connection, plugin_id: int) -> list[str]:
 
 
 @mapped_errors
+def recorded_files(conn: sqlite3.Connection, plugin_id: int) -> list[RecordedFile]:
+    """The files of a plugin with the size and digest each had when installed."""
+    rows = conn.execute(
+        "SELECT path, size, sha256 FROM plugin_files WHERE plugin_id = ? ORDER BY path", (plugin_id,)
+    )
+    return [RecordedFile(row[0], row[1], row[2]) for row in rows]
+
+
+@mapped_errors
 def functions_of(conn: sqlite3.Connection, plugin_id: int) -> list[str]:
     rows = conn.execute("SELECT name FROM functions WHERE plugin_id = ? ORDER BY position", (plugin_id,))
     return [row[0] for row in rows]
@@ -178,7 +202,7 @@ def save(
     descriptor: dict[str, Any] | None,
     request: dict[str, Any] | None,
     sha256: str | None,
-    files: Sequence[str],
+    files: Sequence[RecordedFile],
     functions: Sequence[str],
     replaces: int | None = None,
     adopted: bool = False,
@@ -207,7 +231,10 @@ def save(
         ),
     )
     plugin_id = cursor.lastrowid
-    conn.executemany("INSERT INTO plugin_files (path, plugin_id) VALUES (?, ?)", [(p, plugin_id) for p in files])
+    conn.executemany(
+        "INSERT INTO plugin_files (path, plugin_id, size, sha256) VALUES (?, ?, ?, ?)",
+        [(f.path, plugin_id, f.size, f.sha256) for f in files],
+    )
     set_functions(conn, plugin_id, functions)
     return plugin_id
 
@@ -238,8 +265,23 @@ def begin_operation(conn: sqlite3.Connection, op_id: str, plugin_type: str, name
 
 
 @mapped_errors
-def end_operation(conn: sqlite3.Connection, op_id: str) -> None:
+def end_operation(conn: sqlite3.Connection, op_id: str, *, committed: bool = False) -> None:
+    """Drop an operation's reservation; `committed` records, in the same transaction, that it took effect."""
     conn.execute("DELETE FROM operations WHERE id = ?", (op_id,))
+    if committed:
+        conn.execute("INSERT OR IGNORE INTO finished_operations (id) VALUES (?)", (op_id,))
+
+
+@mapped_errors
+def finished_operations(conn: sqlite3.Connection) -> set[str]:
+    """Ids of committed operations whose staging folders may not be cleared yet."""
+    return set(_first_column(conn, "SELECT id FROM finished_operations", ()))
+
+
+@mapped_errors
+def forget_finished(conn: sqlite3.Connection, op_ids: Iterable[str]) -> None:
+    """Drop finished operations whose staging folders are gone."""
+    conn.executemany("DELETE FROM finished_operations WHERE id = ?", [(i,) for i in op_ids])
 
 
 def _operation(row: sqlite3.Row) -> Operation:

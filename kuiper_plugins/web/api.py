@@ -353,10 +353,7 @@ def _upload_from_url(name: str, url: str):
         )
     except PluginError as exc:
         raise prefixed(exc, "Upload error: getFile has error")
-    if fetched.temporary:
-        return uploads.adopt(name, fetched.path)
-    with open(fetched.path, "rb") as source:
-        return uploads.save_stream(name, source)
+    return uploads.adopt(name, fetched.path)
 
 
 @bp.get("/config/uploads")

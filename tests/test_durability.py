@@ -1,0 +1,314 @@
+"""Durable before acknowledged: the order of the durable steps, and power cuts at every barrier.
+
+Two kinds of proof, both from strace:
+- the order: a real gunicorn's workers are traced through an install, an update and a delete, and the
+  trace must show every file's bytes fsynced before its rename into place, each destination folder
+  fsynced after its renames and before the commit's WAL sync, the answer sent after that, and no
+  set-aside old file removed before the commit;
+- the outcome: one request runs in a process of its own that strace kills at its K-th fsync (or
+  fdatasync), for every K the request makes. Then the power cut is replayed from the trace (every file
+  cut down to the bytes it had fsynced, SQLite's WAL to its fsynced frames, its shared-memory index
+  gone), the service starts on that disk, and what it shows must be the whole old state or the whole
+  new state, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import REPO, disk_state, make_zip
+from fs_trace import TRACED, PowerCut, parse, removed, renamed, sent_to_socket, synced, written
+
+from kuiper_plugins import create_app
+from kuiper_plugins.layout import Layout
+from kuiper_plugins.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+WAIT = 30
+CHILD = Path(__file__).with_name("power_cut_child.py")
+
+
+def source_members(version: str) -> dict:
+    return {
+        f"Alpha@{version}.so": f"binary {version}\n" * 2000,
+        "alpha.yaml": "default:\n  interval: 1000\n",
+        "alpha.json": json.dumps({"about": {"version": version}}),
+        "etc/settings.conf": f"built for {version}\n",
+    }
+
+
+# ---------------------------------------------------------------------------- the order of the steps
+
+
+def attach_strace(pids: list[int], out: Path) -> subprocess.Popen:
+    command = ["strace", "-f", "-qq", "-yy", "-s", "64", "-e", f"trace={TRACED}", "-e", "signal=none", "-o", str(out)]
+    for pid in pids:
+        command += ["-p", str(pid)]
+    tracer = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + WAIT
+    while not all(_traced(pid) for pid in pids):
+        if time.monotonic() > deadline or tracer.poll() is not None:
+            tracer.kill()
+            raise AssertionError("strace did not attach to the workers")
+        time.sleep(0.01)  # polling /proc for the tracer, bounded by the deadline
+    return tracer
+
+
+def _traced(pid: int) -> bool:
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text()
+        if "TracerPid:\t0\n" in status:
+            return False
+    return True
+
+
+def check_order(events, home: Path) -> dict:
+    """Assert the durable order of every operation in a trace; return counts of what was checked."""
+    work = str(Layout(home).work)
+    last_write: dict[str, int] = {}
+    last_sync: dict[str, int] = {}
+    placed: list[tuple[int, str, int]] = []  # (event index, destination, pid)
+    checked = {"renames": 0, "folders": 0, "answers": 0}
+    for event in events:
+        if (write := written(event)) is not None:
+            last_write[write[0]] = event.index
+        elif (path := synced(event)) is not None:
+            last_sync[path] = event.index
+        elif (move := renamed(event)) is not None:
+            source, dest = move
+            if dest.startswith(str(home)) and not dest.startswith(work):
+                for path, index in list(last_write.items()):
+                    if path == source or path.startswith(f"{source}/"):
+                        assert last_sync.get(path, -1) > index, f"{path} was renamed to {dest} unsynced"
+                assert last_sync.get(source, -1) >= 0, f"{source} was never fsynced before its rename to {dest}"
+                placed.append((event.index, dest, event.pid))
+                checked["renames"] += 1
+            for table in (last_write, last_sync):
+                for path in [p for p in table if p == source or p.startswith(f"{source}/")]:
+                    table[dest + path[len(source):]] = table.pop(path)
+    wal = str(Layout(home).registry_file) + "-wal"
+    for index, dest, pid in placed:
+        commit = next(e.index for e in events if e.index > index and synced(e) == wal)
+        folder = os.path.dirname(dest)
+        assert any(index < e.index < commit and synced(e) == folder for e in events), (
+            f"{folder} was not fsynced between the rename of {dest} and the commit")
+        checked["folders"] += 1
+        answer = next(e for e in events if e.index > index and e.pid == pid
+                      and (sent_to_socket(e) or "").startswith("HTTP/1.1 "))
+        assert answer.index > commit, f"answered before the commit was durable: {sent_to_socket(answer)[:40]}"
+        checked["answers"] += 1
+        # The old files set aside in staging stay until the commit is durable.
+        for event in events:
+            gone = removed(event)
+            if gone and "/backup/" in gone and event.index < commit and event.index > index - 200:
+                raise AssertionError(f"{gone} was removed before the commit")
+    return checked
+
+
+def test_the_durable_steps_come_in_order(start_gunicorn, file_server, tmp_path, capsys):
+    server = start_gunicorn(workers=2)
+    make_zip(file_server.root / "v1.zip", source_members("v1.0.0"))
+    make_zip(file_server.root / "v2.zip", source_members("v2.0.0"))
+    import psutil
+    workers = [child.pid for child in psutil.Process(server.process.pid).children()]
+    trace = tmp_path / "trace.txt"
+    tracer = attach_strace(workers, trace)
+    try:
+        body = {"name": "alpha", "file": file_server.url("v1.zip")}
+        assert requests.post(f"{server.url}/plugins/sources", json=body, timeout=WAIT).status_code == 201
+        body["file"] = file_server.url("v2.zip")
+        assert requests.put(f"{server.url}/plugins/sources/alpha", json=body, timeout=WAIT).status_code == 200
+        assert requests.delete(f"{server.url}/plugins/sources/alpha", timeout=WAIT).status_code == 200
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=WAIT)
+    events = parse(trace)
+    checked = check_order(events, server.home)
+    # install: .so, 2 yaml, 2 json, 2 folders; update: the same; delete: only moves aside.
+    assert checked["renames"] >= 14 and checked["folders"] == checked["renames"] == checked["answers"]
+    removals = [e for e in events if (removed(e) or "").find("/backup/") >= 0]
+    assert removals, "an update and a delete set old files aside and removed them after the commit"
+    with capsys.disabled():
+        print(f"\ndurable order: {checked['renames']} renames into place checked in {len(events)} traced calls")
+
+
+# ---------------------------------------------------------------------------- power cuts at every barrier
+
+
+def logical_state(home: Path) -> tuple[dict, list]:
+    """What a user would check after a restart: every file (staging and locks included) and the registry."""
+    files = {path: value for path, value in disk_state(home).items()}
+    conn = sqlite3.connect(Layout(home).registry_file)
+    try:
+        rows = [
+            ("plugin", *row) for row in conn.execute(
+                "SELECT type, name, version, descriptor, request, sha256, adopted FROM plugins ORDER BY type, name")
+        ] + [
+            ("file", *row) for row in conn.execute(
+                "SELECT p.name, f.path, f.size, f.sha256 FROM plugin_files f JOIN plugins p ON p.id = f.plugin_id"
+                " ORDER BY f.path")
+        ] + [
+            ("function", *row) for row in conn.execute(
+                "SELECT p.name, f.name, f.position FROM functions f JOIN plugins p ON p.id = f.plugin_id"
+                " ORDER BY f.name")
+        ] + [("operation", *row) for row in conn.execute("SELECT type, name, kind FROM operations")]
+        rows += [("finished", *row) for row in conn.execute("SELECT id FROM finished_operations")]
+    finally:
+        conn.close()
+    # Each run has a home of its own (a copy of the template): the package URL recorded with a plugin names it.
+    rows = [tuple(re.sub(r"file://[^\"]*/data/uploads/", "file://<home>/data/uploads/", v) if isinstance(v, str)
+                  else v for v in row) for row in rows]
+    return files, rows
+
+
+def quiesce(home: Path) -> None:
+    """Fold the WAL into the registry file, so that a run starts from an empty WAL (every byte durable)."""
+    conn = sqlite3.connect(Layout(home).registry_file)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    os.sync()
+
+
+def run_child(home: Path, request, trace: Path, kill_at: tuple[str, int] | None) -> subprocess.CompletedProcess:
+    command = ["strace", "-f", "-qq", "-yy", "-s", "64", "-e", f"trace={TRACED}", "-o", str(trace)]
+    if kill_at is not None:
+        call, number = kill_at
+        command += ["-e", f"inject={call}:signal=SIGKILL:when={number}"]
+    method, path, body = request(home)
+    command += [sys.executable, str(CHILD), str(home), method, path] + ([json.dumps(body)] if body else [])
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def restart(home: Path) -> None:
+    """Start the service on the disk the power cut left, as a worker would after the reboot."""
+    shm = Path(f"{Layout(home).registry_file}-shm")
+    shm.unlink(missing_ok=True)  # shared memory does not survive a reboot
+    create_app(Settings(home=home), stop_service=lambda: None)
+
+
+def barriers(events, pid: int) -> dict[str, int]:
+    counts = {"fsync": 0, "fdatasync": 0}
+    for event in events:
+        if event.pid == pid and event.call in counts:
+            counts[event.call] += 1
+    return counts
+
+
+def power_cut_outcomes(template: Path, request, tmp_path: Path) -> dict:
+    """Cut the power at every barrier of one request; return how often the old and the new state came back."""
+    old = logical_state(template)
+    reference = tmp_path / "reference"
+    shutil.copytree(template, reference, symlinks=True)
+    done = run_child(reference, request, tmp_path / "reference.trace", None)
+    assert done.returncode == 0 and "ANSWERED 20" in done.stdout, done.stdout + done.stderr
+    events = parse(tmp_path / "reference.trace")
+    child = next(e.pid for e in events if e.call in ("openat", "open"))
+    restart(reference)
+    new = logical_state(reference)
+    assert new != old
+    outcomes = {"old": 0, "new": 0, "cuts": 0}
+    points = [(call, k) for call, count in barriers(events, child).items() for k in range(1, count + 1)]
+    points.append(None)  # the power goes after the answer: nothing unsynced may be lost either
+    for point in points:
+        home = tmp_path / "cut"
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.copytree(template, home, symlinks=True)
+        cut = PowerCut(home).start()
+        trace = tmp_path / "cut.trace"
+        result = run_child(home, request, trace, point)
+        if point is not None:
+            assert result.returncode != 0 and "ANSWERED" not in result.stdout, (point, result.stdout)
+        cut.follow(parse(trace))
+        registry_file = str(Layout(home).registry_file)
+        outcomes["cuts"] += len(cut.apply(keep=(registry_file,)))
+        restart(home)
+        state = logical_state(home)
+        if state == old:
+            outcomes["old"] += 1
+        elif state == new:
+            outcomes["new"] += 1
+        else:
+            raise AssertionError(f"a power cut at {point} left neither the old nor the new state:\n"
+                                 f"{_difference(old, new, state)}")
+        if point is None:
+            assert state == new
+    return outcomes
+
+
+def _difference(old, new, state) -> str:
+    lines = []
+    for label, reference in (("old", old), ("new", new)):
+        added = sorted(set(state[0]) - set(reference[0]))
+        missing = sorted(set(reference[0]) - set(state[0]))
+        changed = sorted(k for k in set(state[0]) & set(reference[0]) if state[0][k] != reference[0][k])
+        rows = sorted(set(map(str, state[1])) ^ set(map(str, reference[1])))
+        lines.append(f"vs {label}: added={added} missing={missing} changed={changed} registry rows differing={rows}")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def template(tmp_path) -> Path:
+    """A home with the packages in data/uploads (file:// needs no server) and the service started once."""
+    home = tmp_path / "template"
+    layout = Layout(home)
+    layout.create()
+    make_zip(layout.uploads / "v1.zip", source_members("v1.0.0"))
+    make_zip(layout.uploads / "v2.zip", source_members("v2.0.0"))
+    create_app(Settings(home=home), stop_service=lambda: None)
+    return home
+
+
+def install_request(version: str, method: str = "POST"):
+    """The request, for a given home: its package is that home's own upload."""
+
+    def request(home: Path) -> tuple:
+        url = (Layout(home).uploads / f"{version}.zip").as_uri()
+        path = "/plugins/sources" if method == "POST" else "/plugins/sources/alpha"
+        return method, path, {"name": "alpha", "file": url}
+
+    return request
+
+
+def report(capsys, what: str, outcomes: dict) -> None:
+    with capsys.disabled():
+        print(f"\npower cut at every barrier of {what}: {outcomes['old']} x old state, {outcomes['new']} x new state,"
+              f" {outcomes['cuts']} unsynced files cut, 0 damaged")
+
+
+def test_a_power_cut_during_an_install_leaves_no_plugin_or_the_whole_plugin(template, tmp_path, capsys):
+    quiesce(template)
+    outcomes = power_cut_outcomes(template, install_request("v1"), tmp_path)
+    assert outcomes["old"] > 0 and outcomes["new"] > 0
+    report(capsys, "an install", outcomes)
+
+
+def test_a_power_cut_during_an_update_leaves_v1_or_v2_whole(template, tmp_path, capsys):
+    method, path, body = install_request("v1")(template)
+    assert create_app(Settings(home=template)).test_client().post(path, json=body).status_code == 201
+    quiesce(template)
+    outcomes = power_cut_outcomes(template, install_request("v2", "PUT"), tmp_path)
+    assert outcomes["old"] > 0 and outcomes["new"] > 0
+    report(capsys, "an update", outcomes)
+
+
+def test_a_power_cut_during_a_delete_leaves_the_plugin_whole_or_gone(template, tmp_path, capsys):
+    method, path, body = install_request("v1")(template)
+    assert create_app(Settings(home=template)).test_client().post(path, json=body).status_code == 201
+    quiesce(template)
+    outcomes = power_cut_outcomes(template, lambda home: ("DELETE", "/plugins/sources/alpha", None), tmp_path)
+    assert outcomes["old"] > 0 and outcomes["new"] > 0
+    report(capsys, "a delete", outcomes)
