@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export KUIPER_HOME ?= $(CURDIR)/var
 
 # Debian tools the tests and benchmarks drive for real; installed when missing (needs root, as on CI).
-TEST_TOOLS := openssl chromium nginx strace wrk unzip
+TEST_TOOLS := openssl chromium nginx strace wrk unzip eatmydata
 
 .PHONY: venv run test lint clean system-deps bench fuzz
 

@@ -451,7 +451,6 @@ class Installer:
             print_ = durable.seal(staged)
             moves.append((staged, unit.dest))
             files.append(registry.RecordedFile(unit.dest, print_.size, print_.sha256))
-        durable.fsync_path(units_dir)
 
         placed = {u.dest for u in placing}
         kept_owned = {u.dest for u in plan.units if u.group in kept_groups and u.dest in old_records}
@@ -493,11 +492,14 @@ class Installer:
             "operation": op.id, "type": op.plugin_type, "name": op.name, "kind": op.kind, "moves": journal,
         })
         op.journal = journal
-        touched = {op.staging / "backup", op.staging / "units"}
+        # Each destination folder, and the backup folder when old files went there. The folder the staged
+        # files leave need not be synced: losing that side of a rename only leaves debris in staging.
+        touched = set()
         for (staged, _dest), entry in zip(moves, journal, strict=True):
             target = self._inside_home(entry["dest"])
             if entry["backup"]:
                 _set_aside(target, op.staging / entry["backup"], replaced=staged is not None and not staged.is_dir())
+                touched.add(op.staging / "backup")
             if staged is not None:
                 touched.update(_make_parents(target))
                 os.replace(staged, target)
