@@ -137,6 +137,24 @@ def test_go_refuses_what_we_refuse_as_the_wrong_type(go_gob):
         go_gob.decode_strings(_slice_of_ints())
 
 
+def _flip(data: bytes, index: int, byte: int) -> bytes:
+    return data[:index] + bytes([byte]) + data[index + 1 :]
+
+
+GOOD_STREAMS = st.sampled_from([gob.encode_strings(["f1", "f2"]), gob.encode_string("abc")])
+DAMAGED = st.builds(_flip, GOOD_STREAMS, st.integers(0, 20), st.integers(0, 255))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64) | DAMAGED)
+def test_any_bytes_give_a_value_or_a_gob_error(data):
+    for decoder in (gob.decode_string, gob.decode_strings):
+        try:
+            decoder(data)
+        except gob.GobError:
+            pass
+
+
 @pytest.mark.parametrize("value", ["\ud800", ["ok", "\udfff"]])
 def test_text_go_cannot_hold_as_utf8_is_not_encoded(value):
     encode = gob.encode_string if isinstance(value, str) else gob.encode_strings

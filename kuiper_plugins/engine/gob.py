@@ -154,9 +154,7 @@ class _Reader:
         length = self.uint()
         if length == 0:
             raise self.fail("empty message")
-        inner = _Reader(self.take(length), self.what)
-        inner.pos = 0
-        return inner
+        return _Reader(self.take(length), self.what)
 
     def text(self) -> str:
         raw = self.take(self.uint())

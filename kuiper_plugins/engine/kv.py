@@ -15,9 +15,12 @@ portablePlugin ``<name>``             string: ``json.Marshal(IOPlugin{...})``
 ``{name, file, shellParas}``, in that order, with ``shellParas`` left out
 when empty, and ``<``, ``>``, ``&``, U+2028, U+2029 escaped as Go escapes
 them (`install_script`). Each table is created with eKuiper's own statement
-(`create_table_statement`). eKuiper reads the file with one connection and writes it
-with ``REPLACE INTO``; other rows (``$boot_install``, status tables, rules,
-streams) are eKuiper's, and we never touch them.
+(`create_table_statement`), and rows are written with ``REPLACE INTO`` as
+eKuiper writes them. Other rows and tables (``$boot_install``, the status
+tables, rules, streams) are eKuiper's, and we never touch them. The engine
+reads ``pluginFuncs`` when it starts and the install scripts when it exports
+or re-installs at boot, so a row written here takes effect at the engine's
+next start, which a native install needs anyway.
 
 Our registry stays the source of truth. The two SQLite files cannot commit
 together, so they converge instead:
@@ -32,11 +35,16 @@ together, so they converge instead:
    the missing or different ones, deletes the ones we own that are no longer
    wanted, and leaves every other row alone. After it, the files agree again.
 
+A failed step 2 is logged and step 1 is not undone: the registry is right,
+and the next start-up heals the KV file. Reconciling the whole projection
+after every commit is cheap as well (milliseconds for hundreds of rows), for
+a caller that prefers one path.
+
 Which rows "we own" is recorded in the KV file itself, in the table
 `OWNED_TABLE`, in the same transaction as the rows it lists, so the record
 can never disagree with the rows: a row lost from our registry by a crash
 between 1 and 2 is still listed there, and reconcile deletes it. eKuiper
-never reads that table. A row eKuiper wrote becomes ours when a desired row
+never lists the tables of its file, so it never sees that one. A row eKuiper wrote becomes ours when a desired row
 has its key (adoption); until then `native_plugins`, `function_lists` and
 `portable_plugins` only read it.
 
@@ -48,6 +56,11 @@ asks for WAL and a busy timeout in go-sqlite3's spelling, which its
 driver (modernc.org/sqlite) may not apply; so the file's journal mode is
 left as it is and a write lock is never held for more than a moment, since
 the engine may not wait for it.
+
+When this module creates ``sqliteKV.db`` itself, it also leaves an empty
+``checkpoint.db`` beside it (unless one exists): eKuiper, finding a
+``sqliteKV.db`` without a ``checkpoint.db`` at its first start, would fall
+back to its older layout that keeps rule checkpoints in ``sqliteKV.db``.
 """
 
 from __future__ import annotations
@@ -375,8 +388,12 @@ class EngineStore:
 
         started = time.monotonic()
         self._write(step)
-        log.debug("eKuiper's store: %d rows written, %d deleted in %.1f ms",
-                  len(encoded), len(removed), (time.monotonic() - started) * 1000)
+        log.debug(
+            "eKuiper's store: %d rows written, %d deleted in %.1f ms",
+            len(encoded),
+            len(removed),
+            (time.monotonic() - started) * 1000,
+        )
 
     def put(self, *rows: Row) -> None:
         """Write rows as eKuiper would (REPLACE INTO) and record them as ours."""
@@ -450,8 +467,12 @@ class EngineStore:
 
         result = self._write(step)
         if result.written or result.deleted:
-            log.info("eKuiper's store reconciled: %d rows written, %d deleted, %d taken over",
-                     len(result.written), len(result.deleted), len(result.adopted))
+            log.info(
+                "eKuiper's store reconciled: %d rows written, %d deleted, %d taken over",
+                len(result.written),
+                len(result.deleted),
+                len(result.adopted),
+            )
         return result
 
     # -- reads
@@ -551,4 +572,3 @@ class EngineStore:
 def _check_table(table: str) -> None:
     if table not in ENGINE_TABLES:
         raise ValueError(f"not one of eKuiper's plugin tables: {table!r}")
-
