@@ -139,11 +139,14 @@ def test_a_corrupt_file_is_refused_and_not_rewritten(kv_path):
     assert kv_path.read_bytes() == before
 
 
-def test_reads_of_a_missing_file_find_nothing_and_create_nothing(kv_path):
+def test_reads_deletes_and_an_empty_reconcile_of_a_missing_file_create_nothing(kv_path):
     store = EngineStore(kv_path)
     assert store.native_plugins() == {} and store.function_lists() == {} and store.portable_plugins() == {}
     assert store.get_functions("misc") is None and store.owned() == set()
-    assert not kv_path.exists()
+    store.delete_native("functions", "misc")
+    result = store.reconcile([])
+    assert result.written == () and result.deleted == ()
+    assert not kv_path.exists() and not (kv_path.parent / "checkpoint.db").exists()
 
 
 # ---------------------------------------------------------------------------- values Go reads

@@ -386,6 +386,8 @@ class EngineStore:
                 conn.execute(f"REPLACE INTO '{table}'(key, val) VALUES (?, ?)", (key, blob))
                 conn.execute(f"INSERT OR IGNORE INTO '{OWNED_TABLE}'(tbl, key) VALUES (?, ?)", (table, key))
 
+        if not encoded and not self.path.exists():
+            return  # nothing of ours can be there: do not create the engine's file just to delete from it
         started = time.monotonic()
         self._write(step)
         log.debug(
@@ -465,6 +467,8 @@ class EngineStore:
             )
             return ReconcileResult(tuple(written), tuple(deleted), tuple(adopted))
 
+        if not desired and not self.path.exists():
+            return ReconcileResult((), (), ())
         result = self._write(step)
         if result.written or result.deleted:
             log.info(
