@@ -6,6 +6,8 @@ export KUIPER_HOME ?= $(CURDIR)/var
 
 # Debian tools the tests and benchmarks drive for real; installed when missing (needs root, as on CI).
 TEST_TOOLS := openssl chromium nginx strace wrk unzip eatmydata
+# Go's own encoding/gob checks our bytes (tests/go/gobcheck); the command is go, Debian's package golang-go.
+GO_PACKAGE := golang-go
 
 .PHONY: venv run test lint clean system-deps bench fuzz
 
@@ -24,6 +26,7 @@ lint: venv
 
 system-deps:
 	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	command -v go >/dev/null || missing="$$missing $(GO_PACKAGE)"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import http.server
 import ipaddress
+import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -304,3 +306,77 @@ def start_gunicorn(tmp_path, file_server):
     assert "Traceback" not in log, log[-4000:]
 
 
+
+
+# ---------------------------------------------------------------------------- Go's own encoding/gob
+
+GOBCHECK_SOURCE = Path(__file__).resolve().parent / "go" / "gobcheck"
+
+
+class GoGob:
+    """The gobcheck program (tests/go/gobcheck): Go's encoding/gob and encoding/json, one call per value."""
+
+    def __init__(self, binary: Path, version: tuple[int, int]):
+        self.binary = binary
+        self.version = version
+
+    def run(self, command: str, stdin: str) -> str:
+        done = subprocess.run(
+            [str(self.binary), command], input=stdin.encode(), capture_output=True, timeout=60, check=False
+        )
+        if done.returncode != 0:
+            raise GoGobError(done.stderr.decode(errors="replace").strip())
+        return done.stdout.decode()
+
+    def encode_string(self, text: str) -> bytes:
+        return bytes.fromhex(self.run("encode-string", json.dumps(text)).strip())
+
+    def encode_strings(self, items: list[str]) -> bytes:
+        return bytes.fromhex(self.run("encode-strings", json.dumps(items)).strip())
+
+    def decode_string(self, data: bytes) -> str:
+        return json.loads(self.run("decode-string", data.hex()))
+
+    def decode_strings(self, data: bytes) -> list[str]:
+        return json.loads(self.run("decode-strings", data.hex()))
+
+    def marshal_ioplugin(self, name: str, file: str, shell_paras: list[str] | None) -> tuple[str, bytes]:
+        """Return Go's json.Marshal of IOPlugin{name, file, shellParas} and the gob of that string."""
+        request = {"name": name, "file": file}
+        if shell_paras is not None:
+            request["shellParas"] = shell_paras
+        answer = json.loads(self.run("marshal-ioplugin", json.dumps(request)))
+        return answer["json"], bytes.fromhex(answer["gob"])
+
+
+class GoGobError(Exception):
+    """gobcheck refused its input; the message is Go's error."""
+
+
+@pytest.fixture(scope="session")
+def go_gob(request, tmp_path_factory) -> GoGob:
+    """Build tests/go/gobcheck once per session with the machine's Go (stdlib only, no network)."""
+    known = ("/usr/lib/go/bin/go", "/usr/local/go/bin/go")  # Debian's golang-go, the upstream tarball
+    go = shutil.which("go") or next((path for path in known if os.path.exists(path)), None)
+    assert go, "the go command is needed (make system-deps installs Debian's golang-go)"
+    work = tmp_path_factory.mktemp("gobcheck")
+    cache = request.config.cache.mkdir("go-build") if request.config.cache is not None else work / "go-build"
+    env = {
+        **os.environ,
+        "GOTOOLCHAIN": "local",
+        "GOPROXY": "off",
+        "GOFLAGS": "",
+        "GOWORK": "off",
+        "GO111MODULE": "on",
+        "CGO_ENABLED": "0",
+        "GOCACHE": str(cache),
+        "GOPATH": str(work / "gopath"),
+    }
+    binary = work / "gobcheck"
+    built = subprocess.run(
+        [go, "build", "-o", str(binary), "."], cwd=GOBCHECK_SOURCE, env=env, capture_output=True, timeout=300
+    )
+    assert built.returncode == 0, built.stderr.decode(errors="replace")
+    version = subprocess.run([go, "env", "GOVERSION"], env=env, capture_output=True, timeout=60, text=True).stdout
+    major, minor = (int(part) for part in version.strip().removeprefix("go").split(".")[:2])
+    return GoGob(binary, (major, minor))

@@ -1,1 +1,2 @@
-"""What the eKuiper engine sees and checks: its own store, its built-in names, its REST API."""
+"""What the eKuiper engine sees and checks: its key-value store (kv), the gob values kept in it (gob),
+and the names it builds in (builtins)."""

@@ -1,0 +1,3 @@
+module kuiper-plugins/tests/gobcheck
+
+go 1.19
