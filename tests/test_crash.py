@@ -240,7 +240,9 @@ def the_operation(home: Path) -> tuple[str, int]:
 
 
 def recovered(home: Path) -> bool:
-    return not in_flight(home) and not any(Layout(home).staging.iterdir())
+    """Nothing in flight, staging empty, and the plugin locks let go (a held lock is a file)."""
+    layout = Layout(home)
+    return not in_flight(home) and not any(layout.staging.iterdir()) and not any(layout.locks.glob("*.*.lock"))
 
 
 def diff(before: dict, after: dict) -> str:
