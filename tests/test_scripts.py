@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 import uuid
@@ -17,7 +20,14 @@ import psutil
 import pytest
 
 from kuiper_plugins.errors import InvalidRequest, ScriptFailed
-from kuiper_plugins.install.scripts import MARKER_ENV, check_shell_paras, kill_marked, run_install_script
+from kuiper_plugins.install.scripts import (
+    MARKER_ENV,
+    UNSHARE_OPTIONS,
+    check_shell_paras,
+    kill_marked,
+    probe_confinement,
+    run_install_script,
+)
 
 MAIN = Path(__file__).resolve().parents[1]
 
@@ -380,3 +390,105 @@ def test_check_shell_paras_accepts(paras):
 def test_check_shell_paras_refuses(paras, problem):
     with pytest.raises(InvalidRequest, match=problem):
         check_shell_paras(paras)
+
+
+# ---------------------------------------------------------------------------- confinement: probe and refusal
+
+
+def test_the_probe_finds_a_pid_namespace_on_this_machine(workdir, marker):
+    confined = probe_confinement()
+    assert confined.available, confined.description
+    assert os.path.isabs(confined.command[0]) and confined.command[1:] == (*UNSHARE_OPTIONS[0], "--")
+    # The script sees its own namespace: the init is PID 1, the script 2, and /proc is the namespace's.
+    out = run_install_script(
+        _write(workdir, "echo $$\nreadlink /proc/self/ns/pid\nls /proc | grep -c '^[0-9]'\n"), [],
+        cwd=workdir, timeout=10, marker=marker, confined=confined,
+    )
+    pid, namespace, count = out.split()
+    assert pid == "2"
+    assert namespace.startswith("pid:[") and namespace != os.readlink("/proc/self/ns/pid")
+    assert int(count) <= 4  # init, script, ls, grep: nothing of the host
+
+
+def _write(workdir: Path, body: str) -> Path:
+    script = workdir / "install.sh"
+    script.write_text(body)
+    return script
+
+
+@pytest.mark.parametrize("unshare", ["missing", "/bin/false", "not-executable"])
+def test_without_a_pid_namespace_every_script_is_refused(workdir, marker, tmp_path, unshare):
+    path = str(tmp_path / unshare) if unshare != "/bin/false" else unshare
+    if unshare == "not-executable":
+        Path(path).write_text("#!/bin/sh\nexit 0\n")
+    confined = probe_confinement(unshare=path)
+    assert not confined.available
+    assert confined.command == ()
+    ran = tmp_path / "ran"
+    with pytest.raises(ScriptFailed) as refused:
+        run_install_script(_write(workdir, f"touch {ran}\n"), [], cwd=workdir, timeout=5, marker=marker,
+                           confined=confined)
+    message = refused.value.message
+    assert message.startswith("install.sh is refused: this machine cannot end every process it starts (needs a PID")
+    if unshare == "/bin/false":
+        assert "/bin/false cannot make a PID namespace here" in message and "exit status 1" in message
+    else:
+        assert "unshare was not found" in message and path in message
+    assert not ran.exists()
+    assert_no_survivors(marker)
+
+
+AS_NOBODY = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from kuiper_plugins.errors import ScriptFailed
+from kuiper_plugins.install import scripts
+work, token = Path(sys.argv[1]), sys.argv[2]
+confined = scripts.probe_confinement()
+script = work / "install.sh"
+script.write_text(
+    f"env -i setsid /bin/sh -c 'echo up > started; while :; do sleep 1; done' {token} &\\n"
+    "i=0; while [ ! -e started ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done\\nid -u\\n"
+)
+try:
+    result = {"output": scripts.run_install_script(script, [], cwd=work, timeout=10, marker=token, confined=confined)}
+except ScriptFailed as exc:
+    result = {"refused": exc.message}
+print(json.dumps({"command": confined.command, "description": confined.description, **result}))
+"""
+
+
+def python_for(uid: int) -> str:
+    """This Python if `uid` may run it (every folder on its path searchable, the file executable), else the system's."""
+    real = Path(os.path.realpath(sys.executable))
+    if all(folder.stat().st_mode & 0o001 for folder in real.parents) and real.stat().st_mode & 0o001:
+        return sys.executable
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    assert system, f"{real} is not executable by uid {uid} and there is no /usr/bin/python3"
+    return system
+
+
+def test_a_service_that_is_not_root_is_confined_by_a_user_namespace_or_refuses(token):
+    """As nobody, the plain PID namespace is not allowed; a user namespace of its own works where permitted."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed"
+    python = python_for(65534)
+    with tempfile.TemporaryDirectory(prefix="kp-nobody-") as folder:
+        os.chmod(folder, 0o777)
+        done = subprocess.run(
+            [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", python, "-I", "-c", AS_NOBODY,
+             folder, token, str(MAIN)],
+            cwd=folder, env={"PATH": os.environ["PATH"]}, capture_output=True, text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        if result["command"]:
+            assert "--user" in result["command"] and "--map-current-user" in result["command"]
+            assert result["output"] == "65534\n"  # the script runs as the service's user
+            assert Path(folder, "started").exists()
+        else:
+            assert result["refused"].startswith("install.sh is refused: ")
+            assert "--pid --fork --kill-child --mount-proc: " in result["refused"]
+        assert with_token(token) == []
