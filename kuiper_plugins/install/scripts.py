@@ -68,23 +68,27 @@ _STATUS_LIMIT = 64  # bytes of the init's status report read, at most
 
 # unshare's options, tried in this order: a PID namespace needs CAP_SYS_ADMIN (root), or a user namespace of
 # its own, mapping the service's user to itself, for anyone else. --mount-proc (a private mount namespace
-# with its own /proc) lets the script's $$ and /proc agree.
+# with its own /proc) lets the script's $$ and /proc agree; where /proc cannot be mounted (some containers)
+# the namespace still confines, with the host's /proc in view.
+_KILL_TREE = ("--pid", "--fork", "--kill-child")
 UNSHARE_OPTIONS = (
-    ("--pid", "--fork", "--kill-child", "--mount-proc"),
-    ("--user", "--map-current-user", "--pid", "--fork", "--kill-child", "--mount-proc"),
+    (*_KILL_TREE, "--mount-proc"),
+    ("--user", "--map-current-user", *_KILL_TREE, "--mount-proc"),
+    _KILL_TREE,
+    ("--user", "--map-current-user", *_KILL_TREE),
 )
 
 # PID 1 of the script's namespace, run as `python -I -S -c _INIT <status fd> /bin/sh install.sh args...`.
 # It must not be the script itself: the kernel drops signals a namespace's init gets from inside it, so a
 # script's `kill $$` would do nothing, and a shell reaps orphans only while it waits. The child restores
 # the signal dispositions Python changed (ignored ones survive exec). The wait status goes to the pipe,
-# because an exit code cannot tell `exit 137` from a SIGKILL.
+# because an exit code cannot tell `exit 137` from a SIGKILL. (_signal, not signal: enum costs 5 ms to import.)
 _INIT = """\
-import os, signal, sys
+import _signal, os, sys
 status_fd = int(sys.argv[1])
 argv = sys.argv[2:]
-for number in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
-    signal.signal(number, signal.SIG_DFL)
+for number in (_signal.SIGINT, _signal.SIGPIPE, _signal.SIGXFSZ):
+    _signal.signal(number, _signal.SIG_DFL)
 script = os.fork()
 if script == 0:
     os.close(status_fd)
