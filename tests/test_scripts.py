@@ -22,6 +22,7 @@ import pytest
 from kuiper_plugins.errors import InvalidRequest, ScriptFailed
 from kuiper_plugins.install.scripts import (
     MARKER_ENV,
+    SCRIPT_PATH,
     UNSHARE_OPTIONS,
     check_shell_paras,
     kill_marked,
@@ -492,3 +493,17 @@ def test_a_service_that_is_not_root_is_confined_by_a_user_namespace_or_refuses(t
             assert result["refused"].startswith("install.sh is refused: ")
             assert "--pid --fork --kill-child --mount-proc: " in result["refused"]
         assert with_token(token) == []
+
+
+def test_the_mechanism_is_probed_and_logged_once_per_process():
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s'); "
+        "from kuiper_plugins.install import scripts; first = scripts.confinement(); "
+        "print(all(scripts.confinement() is first for _ in range(3)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=MAIN, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    unshare = shutil.which("unshare", path=SCRIPT_PATH)
+    mechanism = f"a PID namespace of its own ({unshare} --pid --fork --kill-child --mount-proc)"
+    assert lines == [f"install.sh will run in {mechanism}", "True"]
