@@ -63,6 +63,8 @@ _REAP_TIMEOUT = 10.0  # waiting for a SIGKILLed script to be reapable
 _DEATH_WAIT = 5.0  # kill_marked waits this long, at most, for its targets to die
 _KILL_ROUNDS = 100  # kill_marked rescans until a scan finds nobody new, at most this often
 _ANCESTRY_LIMIT = 4096
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _PROBE_TIMEOUT = 10.0  # seconds the one-off confinement probe may take
 _STATUS_LIMIT = 64  # bytes of the init's status report read, at most
 
@@ -179,9 +181,6 @@ def require_confinement(confined: Confinement | None = None) -> Confinement:
             f" (needs a PID namespace: {confined.description})"
         )
     return confined
-
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def check_shell_paras(paras: Sequence[str]) -> None:
