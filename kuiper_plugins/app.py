@@ -13,6 +13,7 @@ from flask import Flask
 
 from kuiper_plugins import __version__
 from kuiper_plugins.errors import register_error_handlers
+from kuiper_plugins.install import scripts
 from kuiper_plugins.install.installer import Installer
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings, load_settings
@@ -55,6 +56,8 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     installer.recover()
     uploads = Uploads(layout.uploads, layout.incoming, settings.max_plugin_size)
     uploads.sweep()
+    if settings.install_scripts:
+        scripts.confinement()  # probed and logged once per process: whether install.sh can be confined
 
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BODY

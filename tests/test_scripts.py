@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from kuiper_plugins.errors import InvalidRequest, ScriptFailed
-from kuiper_plugins.install.scripts import MARKER_ENV, check_shell_paras, kill_marked, run_install_script
+from kuiper_plugins.install.scripts import (
+    MARKER_ENV,
+    SCRIPT_PATH,
+    UNSHARE_OPTIONS,
+    check_shell_paras,
+    kill_marked,
+    probe_confinement,
+    run_install_script,
+)
 
 MAIN = Path(__file__).resolve().parents[1]
 
@@ -166,79 +178,92 @@ def test_timeout_kills_the_script_and_everything_it_started(workdir, marker):
     assert_no_survivors(marker)
 
 
-def is_alive(pid: int) -> bool:
-    """Whether pid runs (a zombie is dead); the pid is not ours to reap."""
-    try:
-        state = Path("/proc", str(pid), "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
+def with_token(token: str) -> list[int]:
+    """Live (not zombie) processes on this machine with `token` in their command line, seen through psutil.
+
+    The script's processes live in a PID namespace with its own /proc: a pid they write down means
+    nothing out here, so leftovers are found by a word in their command line instead.
+    """
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(token in part for part in proc.info["cmdline"] or []):
+            found.append(proc.pid)
+    return found
+
+
+@pytest.fixture
+def token():
+    value = f"leftover-{uuid.uuid4().hex}"
+    yield value
+    for pid in with_token(value):  # never leave a stray behind, even when a test failed
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 WAIT_FOR_PIDFILE = 'i=0\nwhile [ ! -s {name} ] && [ "$i" -lt 500 ]; do sleep 0.01; i=$((i+1)); done\n'
+LOOP = "while :; do sleep 1; done"  # a shell that stays (exec sleep would drop the token from its cmdline)
 
 
 @pytest.mark.parametrize(
     "leftover",
     [
-        "setsid sh -c '{record}; exec sleep 3600' &",
-        "nohup sh -c '{record}; exec sleep 3600' &",
-        "sh -c '{record}; exec sleep 3600' &",
-        "setsid sh -c '{record}; while :; do echo spam; done' &",
+        "setsid sh -c '{record}; {loop}' {token} &",
+        "nohup sh -c '{record}; {loop}' {token} &",
+        "sh -c '{record}; {loop}' {token} &",
+        "setsid sh -c '{record}; while :; do echo spam; done' {token} &",
     ],
     ids=["setsid", "nohup", "background", "setsid-writer"],
 )
-def test_leftovers_are_killed_after_success(workdir, marker, leftover):
+def test_leftovers_are_killed_after_success(workdir, marker, token, leftover):
     # The leftover records its pid once in place (after setsid), and the script waits for that.
-    body = leftover.format(record="echo $$ > leftover.pid") + "\n" + WAIT_FOR_PIDFILE.format(name="leftover.pid")
+    start = leftover.format(record="echo $$ > leftover.pid", loop=LOOP, token=token)
+    body = start + "\n" + WAIT_FOR_PIDFILE.format(name="leftover.pid")
     started = time.monotonic()
     run(workdir, marker, body + "echo done\n")
     assert time.monotonic() - started < 5
-    pid = int((workdir / "leftover.pid").read_text())
-    assert not is_alive(pid)
+    assert (workdir / "leftover.pid").read_text().strip().isdigit()  # it did start
+    assert with_token(token) == []
     assert_no_survivors(marker)
 
 
 OWN_GROUP = (
-    "import os; os.setpgid(0, 0); open('member.pid', 'w').write(str(os.getpid())); "
-    "os.execv('/bin/sleep', ['sleep', '3600'])"
+    "import os, sys; os.setpgid(0, 0); open('member.pid', 'w').write(str(os.getpid())); "
+    "os.execv('/bin/sh', ['sh', '-c', 'while :; do sleep 1; done', sys.argv[1]])"
 )
 
 
 @pytest.mark.parametrize(
     "start",
     [
-        "env -i /bin/sh -c 'echo $$ > member.pid; exec sleep 3600' &",  # in the script's group
-        f'env -i {sys.executable} -c "{OWN_GROUP}" &',  # its own group, still in the script's session
+        "env -i /bin/sh -c 'echo $$ > member.pid; {loop}' {token} &",  # in the script's group
+        f'env -i {sys.executable} -c "{OWN_GROUP}" {{token}} &',  # its own group, still in the session
+        "env -i setsid /bin/sh -c 'echo $$ > member.pid; {loop}' {token} &",  # no marker, left the session
+        "env -u KUIPER_PLUGINS_OPERATION setsid /bin/sh -c 'echo $$ > member.pid; {loop}' {token} &",
     ],
-    ids=["same-group", "own-group"],
+    ids=["same-group", "own-group", "env-i-setsid", "env-u-setsid"],
 )
-def test_a_session_member_without_the_marker_is_killed(workdir, marker, start):
-    run(workdir, marker, f"{start}\n" + WAIT_FOR_PIDFILE.format(name="member.pid"))
-    pid = int((workdir / "member.pid").read_text())
-    try:
-        assert not is_alive(pid)
-    finally:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+def test_a_process_without_the_marker_is_killed(workdir, marker, token, start):
+    run(workdir, marker, start.format(loop=LOOP, token=token) + "\n" + WAIT_FOR_PIDFILE.format(name="member.pid"))
+    assert (workdir / "member.pid").read_text().strip().isdigit()  # it did start
+    assert with_token(token) == []
 
 
-def test_an_escaped_pipe_holder_does_not_keep_us_waiting(workdir, marker):
-    # `env -i` drops the marker and setsid leaves the group: the one case only a PID namespace catches.
+@pytest.mark.parametrize("exit_status", [0, 1])
+def test_an_escaped_pipe_holder_is_killed_and_does_not_keep_us_waiting(workdir, marker, token, exit_status):
+    # `env -i` drops the marker and setsid leaves the group: only the PID namespace catches it.
     body = (
-        "env -i setsid /bin/sh -c 'echo $$ > escaped.pid; exec sleep 3600' &\n"
+        f"env -i setsid /bin/sh -c 'echo $$ > escaped.pid; {LOOP}' {token} &\n"
         + WAIT_FOR_PIDFILE.format(name="escaped.pid")
-        + "echo done\n"
+        + f"echo done\nexit {exit_status}\n"
     )
     started = time.monotonic()
-    try:
+    if exit_status == 0:
         assert run(workdir, marker, body) == "done\n"
-        assert time.monotonic() - started < 5
-        pid = int((workdir / "escaped.pid").read_text())
-        assert is_alive(pid)  # the documented gap: it carries no trace we can find
-    finally:
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int((workdir / "escaped.pid").read_text()), signal.SIGKILL)
+    else:
+        with pytest.raises(ScriptFailed, match="exit status 1"):
+            run(workdir, marker, body)
+    assert time.monotonic() - started < 5
+    assert with_token(token) == []
 
 
 def test_a_script_that_closes_its_output_is_still_awaited(workdir, marker):
@@ -366,3 +391,119 @@ def test_check_shell_paras_accepts(paras):
 def test_check_shell_paras_refuses(paras, problem):
     with pytest.raises(InvalidRequest, match=problem):
         check_shell_paras(paras)
+
+
+# ---------------------------------------------------------------------------- confinement: probe and refusal
+
+
+def test_the_probe_finds_a_pid_namespace_on_this_machine(workdir, marker):
+    confined = probe_confinement()
+    assert confined.available, confined.description
+    assert os.path.isabs(confined.command[0]) and confined.command[1:] == (*UNSHARE_OPTIONS[0], "--")
+    # The script sees its own namespace: the init is PID 1, the script 2, and /proc is the namespace's.
+    out = run_install_script(
+        _write(workdir, "echo $$\nreadlink /proc/self/ns/pid\nls /proc | grep -c '^[0-9]'\n"), [],
+        cwd=workdir, timeout=10, marker=marker, confined=confined,
+    )
+    pid, namespace, count = out.split()
+    assert pid == "2"
+    assert namespace.startswith("pid:[") and namespace != os.readlink("/proc/self/ns/pid")
+    assert int(count) <= 4  # init, script, ls, grep: nothing of the host
+
+
+def _write(workdir: Path, body: str) -> Path:
+    script = workdir / "install.sh"
+    script.write_text(body)
+    return script
+
+
+@pytest.mark.parametrize("unshare", ["missing", "/bin/false", "not-executable"])
+def test_without_a_pid_namespace_every_script_is_refused(workdir, marker, tmp_path, unshare):
+    path = str(tmp_path / unshare) if unshare != "/bin/false" else unshare
+    if unshare == "not-executable":
+        Path(path).write_text("#!/bin/sh\nexit 0\n")
+    confined = probe_confinement(unshare=path)
+    assert not confined.available
+    assert confined.command == ()
+    ran = tmp_path / "ran"
+    with pytest.raises(ScriptFailed) as refused:
+        run_install_script(_write(workdir, f"touch {ran}\n"), [], cwd=workdir, timeout=5, marker=marker,
+                           confined=confined)
+    message = refused.value.message
+    assert message.startswith("install.sh is refused: this machine cannot end every process it starts (needs a PID")
+    if unshare == "/bin/false":
+        assert "/bin/false cannot make a PID namespace here" in message and "exit status 1" in message
+    else:
+        assert "unshare was not found" in message and path in message
+    assert not ran.exists()
+    assert_no_survivors(marker)
+
+
+AS_NOBODY = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from kuiper_plugins.errors import ScriptFailed
+from kuiper_plugins.install import scripts
+work, token = Path(sys.argv[1]), sys.argv[2]
+confined = scripts.probe_confinement()
+script = work / "install.sh"
+script.write_text(
+    f"env -i setsid /bin/sh -c 'echo up > started; while :; do sleep 1; done' {token} &\\n"
+    "i=0; while [ ! -e started ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done\\nid -u\\n"
+)
+try:
+    result = {"output": scripts.run_install_script(script, [], cwd=work, timeout=10, marker=token, confined=confined)}
+except ScriptFailed as exc:
+    result = {"refused": exc.message}
+print(json.dumps({"command": confined.command, "description": confined.description, **result}))
+"""
+
+
+def python_for(uid: int) -> str:
+    """This Python if `uid` may run it (every folder on its path searchable, the file executable), else the system's."""
+    real = Path(os.path.realpath(sys.executable))
+    if all(folder.stat().st_mode & 0o001 for folder in real.parents) and real.stat().st_mode & 0o001:
+        return sys.executable
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    assert system, f"{real} is not executable by uid {uid} and there is no /usr/bin/python3"
+    return system
+
+
+def test_a_service_that_is_not_root_is_confined_by_a_user_namespace_or_refuses(token):
+    """As nobody, the plain PID namespace is not allowed; a user namespace of its own works where permitted."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed"
+    python = python_for(65534)
+    with tempfile.TemporaryDirectory(prefix="kp-nobody-") as folder:
+        os.chmod(folder, 0o777)
+        done = subprocess.run(
+            [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", python, "-I", "-c", AS_NOBODY,
+             folder, token, str(MAIN)],
+            cwd=folder, env={"PATH": os.environ["PATH"]}, capture_output=True, text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        if result["command"]:
+            assert "--user" in result["command"] and "--map-current-user" in result["command"]
+            assert result["output"] == "65534\n"  # the script runs as the service's user
+            assert Path(folder, "started").exists()
+        else:
+            assert result["refused"].startswith("install.sh is refused: ")
+            assert "--pid --fork --kill-child --mount-proc: " in result["refused"]
+        assert with_token(token) == []
+
+
+def test_the_mechanism_is_probed_and_logged_once_per_process():
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s'); "
+        "from kuiper_plugins.install import scripts; first = scripts.confinement(); "
+        "print(all(scripts.confinement() is first for _ in range(3)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=MAIN, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    unshare = shutil.which("unshare", path=SCRIPT_PATH)
+    mechanism = f"a PID namespace of its own ({unshare} --pid --fork --kill-child --mount-proc)"
+    assert lines == [f"install.sh will run in {mechanism}", "True"]

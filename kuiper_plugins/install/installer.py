@@ -343,6 +343,8 @@ class Installer:
             self._refuse_function_clashes(conn, plan.functions, old_id)
             if plan.script and not settings.install_scripts:
                 raise ScriptFailed("the package has an install.sh and basic.installScripts is false")
+            if plan.script:
+                scripts.require_confinement()  # refused before unpacking where install.sh cannot be confined
             unpacked = op.staging / "unpacked"
             unpacked.mkdir()
             archive.extract(fetched.path, entries, unpacked)

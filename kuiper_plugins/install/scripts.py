@@ -1,23 +1,28 @@
 """Run a package's install.sh under control, and clean up after it.
 
 The script runs as ``/bin/sh install.sh <shellParas...>`` (an argument list,
-never a shell string) in its own session and process group, with stdin
-closed and an environment built from scratch. Its output is read as it
-comes and only the last 64 KiB are kept. The timeout is a total deadline.
+never a shell string) with stdin closed and an environment built from
+scratch. Its output is read as it comes and only the last 64 KiB are kept.
+The timeout is a total deadline.
 
-Every run carries ``MARKER_ENV=<marker>`` in its environment, and children
-inherit it. When the script exits or overruns, its process group is killed,
-then every process still in its session (a child may have made its own
-group) and every process on the machine whose environment still carries the
-marker (a child that called ``setsid`` leaves the session but keeps its
-environment); we wait, bounded, until they are dead. ``kill_marked`` needs
+Confinement: the script runs in a PID namespace of its own, made by
+util-linux's ``unshare --pid --fork --kill-child --mount-proc``. PID 1 of that namespace is
+a tiny init (``_INIT``, run by this Python) that starts the script, reaps
+orphans and reports the script's wait status through a pipe. When the init
+exits (the script has ended) or is killed (timeout, or unshare dying), the
+kernel kills every other process in the namespace and the init is not gone
+until they are: a descendant cannot escape by clearing its environment or
+leaving the session. Whether this works here (root, or user namespaces for
+anyone else) is probed once per process; where it does not, every install.sh
+is refused, never run unconfined.
+
+A second net stays: unshare starts its own session and process group, and
+every run carries ``MARKER_ENV=<marker>`` in its environment. When the script
+exits or overruns, its process group is killed, then every process still in
+its session and every process on the machine whose environment still carries
+the marker; we wait, bounded, until they are dead. ``kill_marked`` needs
 nothing but ``/proc``, so start-up can clean up after a worker that was
-killed while its script ran.
-
-One gap remains: a descendant that leaves the session *and* execs with a
-cleared environment (``env -i setsid ...``) escapes both nets. Only a PID
-namespace or a cgroup closes it. We still return on time, because the output
-pipe is not awaited past a short quiet period once the script has exited.
+killed while its script ran (killing the marked init ends its namespace).
 """
 
 from __future__ import annotations
@@ -27,11 +32,15 @@ import os
 import re
 import select
 import selectors
+import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from kuiper_plugins.errors import InvalidRequest, ScriptFailed
@@ -54,9 +63,124 @@ _REAP_TIMEOUT = 10.0  # waiting for a SIGKILLed script to be reapable
 _DEATH_WAIT = 5.0  # kill_marked waits this long, at most, for its targets to die
 _KILL_ROUNDS = 100  # kill_marked rescans until a scan finds nobody new, at most this often
 _ANCESTRY_LIMIT = 4096
-
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_PROBE_TIMEOUT = 10.0  # seconds the one-off confinement probe may take
+_STATUS_LIMIT = 64  # bytes of the init's status report read, at most
+
+# unshare's options, tried in this order: a PID namespace needs CAP_SYS_ADMIN (root), or a user namespace of
+# its own, mapping the service's user to itself, for anyone else. --mount-proc (a private mount namespace
+# with its own /proc) lets the script's $$ and /proc agree; where /proc cannot be mounted (some containers)
+# the namespace still confines, with the host's /proc in view.
+_KILL_TREE = ("--pid", "--fork", "--kill-child")
+UNSHARE_OPTIONS = (
+    (*_KILL_TREE, "--mount-proc"),
+    ("--user", "--map-current-user", *_KILL_TREE, "--mount-proc"),
+    _KILL_TREE,
+    ("--user", "--map-current-user", *_KILL_TREE),
+)
+
+# PID 1 of the script's namespace, run as `python -I -S -c _INIT <status fd> /bin/sh install.sh args...`.
+# It must not be the script itself: the kernel drops signals a namespace's init gets from inside it, so a
+# script's `kill $$` would do nothing, and a shell reaps orphans only while it waits. The child restores
+# the signal dispositions Python changed (ignored ones survive exec). The wait status goes to the pipe,
+# because an exit code cannot tell `exit 137` from a SIGKILL. (_signal, not signal: enum costs 5 ms to import.)
+_INIT = """\
+import _signal, os, sys
+status_fd = int(sys.argv[1])
+argv = sys.argv[2:]
+for number in (_signal.SIGINT, _signal.SIGPIPE, _signal.SIGXFSZ):
+    _signal.signal(number, _signal.SIG_DFL)
+script = os.fork()
+if script == 0:
+    os.close(status_fd)
+    try:
+        os.execv(argv[0], argv)
+    except OSError as exc:
+        os.write(2, f"cannot run {argv[0]}: {exc.strerror}\\n".encode())
+    os._exit(127)
+while True:
+    pid, status = os.wait()
+    if pid == script:
+        break
+os.write(status_fd, str(status).encode())
+os._exit(os.waitstatus_to_exitcode(status) & 255)
+"""
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """How install.sh is confined on this machine: the command put before it, or why there is none."""
+
+    command: tuple[str, ...]  # e.g. ("/usr/bin/unshare", "--pid", "--fork", "--kill-child", "--"); () if none
+    description: str  # the mechanism, or the reason there is none
+
+    @property
+    def available(self) -> bool:
+        return bool(self.command)
+
+
+def probe_confinement(unshare: str = "unshare") -> Confinement:
+    """Find out whether `unshare` can put a process in a new PID namespace here; try each of UNSHARE_OPTIONS.
+
+    `unshare` is a command name (looked up in the scripts' PATH) or a path. Runs a few short processes.
+    """
+    path = unshare if os.sep in unshare else shutil.which(unshare, path=SCRIPT_PATH)
+    if path is None or not os.path.isfile(path) or not os.access(path, os.X_OK):
+        return Confinement((), f"util-linux's unshare was not found ({unshare} is not an executable file)")
+    try:
+        own = os.readlink("/proc/self/ns/pid")
+    except OSError as exc:
+        return Confinement((), f"this kernel shows no PID namespaces (/proc/self/ns/pid: {exc.strerror})")
+    failures = []
+    for options in UNSHARE_OPTIONS:
+        command = (path, *options, "--")
+        try:
+            done = subprocess.run(
+                [*command, "readlink", "/proc/self/ns/pid"],
+                stdin=subprocess.DEVNULL, capture_output=True, env={"PATH": SCRIPT_PATH, "LC_ALL": "C"},
+                timeout=_PROBE_TIMEOUT, start_new_session=True,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            failures.append(f"{' '.join(options)}: {exc}")
+            continue
+        seen = done.stdout.decode(errors="replace").strip()
+        if done.returncode == 0 and seen.startswith("pid:") and seen != own:
+            return Confinement(command, f"a PID namespace of its own ({' '.join(command[:-1])})")
+        problem = _sanitize(done.stderr.decode(errors="replace")).strip().splitlines()
+        failures.append(f"{' '.join(options)}: {problem[-1] if problem else f'exit status {done.returncode}'}")
+    return Confinement((), f"{path} cannot make a PID namespace here ({'; '.join(failures)})")
+
+
+_probe_lock = threading.Lock()
+_probed: dict[int, Confinement] = {}  # this process's pid -> its probe's result (a forked child probes again)
+
+
+def confinement() -> Confinement:
+    """Return this machine's confinement for install.sh, probed once per process and logged when probed."""
+    pid = os.getpid()
+    with _probe_lock:
+        found = _probed.get(pid)
+        if found is None:
+            found = probe_confinement()
+            _probed.clear()
+            _probed[pid] = found
+            if found.available:
+                log.info("install.sh will run in %s", found.description)
+            else:
+                log.warning("packages with an install.sh will be refused: %s", found.description)
+    return found
+
+
+def require_confinement(confined: Confinement | None = None) -> Confinement:
+    """Return `confined` (by default this machine's); raise ScriptFailed if install.sh cannot be confined."""
+    confined = confined if confined is not None else confinement()
+    if not confined.available:
+        raise ScriptFailed(
+            "install.sh is refused: this machine cannot end every process it starts"
+            f" (needs a PID namespace: {confined.description})"
+        )
+    return confined
 
 
 def check_shell_paras(paras: Sequence[str]) -> None:
@@ -77,17 +201,22 @@ def check_shell_paras(paras: Sequence[str]) -> None:
             raise InvalidRequest(f"shellParas[{index}] is not valid Unicode text")
 
 
-def run_install_script(script: Path, args: Sequence[str], *, cwd: Path, timeout: float, marker: str) -> str:
+def run_install_script(
+    script: Path, args: Sequence[str], *, cwd: Path, timeout: float, marker: str,
+    confined: Confinement | None = None,
+) -> str:
     """Run `/bin/sh script args...` in cwd and return the last 64 KiB of its output (stdout and stderr).
 
-    The output is decoded as UTF-8 with control characters removed. Raise ScriptFailed when the script
-    exits non-zero, is killed by a signal, overruns `timeout` seconds, or cannot be started. Whatever the
-    outcome, no process of its group and none carrying the marker is left running.
+    The script runs in `confined` (by default this machine's confinement, see `confinement`); without one,
+    raise ScriptFailed before anything runs. The output is decoded as UTF-8 with control characters
+    removed. Raise ScriptFailed when the script exits non-zero, is killed by a signal, overruns `timeout`
+    seconds, or cannot be started. Whatever the outcome, no process it started is left running.
     """
     check_shell_paras(args)
     _marker_entry(marker)
     if not timeout > 0:
         raise ValueError(f"timeout must be positive, not {timeout!r}")
+    confined = require_confinement(confined)
     workdir = os.path.abspath(cwd)
     env = {
         "PATH": SCRIPT_PATH,
@@ -99,47 +228,58 @@ def run_install_script(script: Path, args: Sequence[str], *, cwd: Path, timeout:
     }
     log.info("running %s in %s with %d parameter(s), timeout %g s", script, workdir, len(args), timeout)
     started = time.monotonic()
+    status_read, status_write = os.pipe()
     try:
-        proc = subprocess.Popen(
-            ["/bin/sh", str(script), *args],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-        )
-    except OSError as exc:
-        raise ScriptFailed(f"install.sh could not be started: {exc.strerror or exc}")
-
-    output = _OutputTail(OUTPUT_LIMIT)
-    finished = False
-    returncode: int | None = None
-    with proc.stdout:
-        fd = proc.stdout.fileno()
-        os.set_blocking(fd, False)
         try:
-            finished = _read_until_exit(proc.pid, fd, output, started + timeout)
+            proc = subprocess.Popen(
+                [*confined.command, sys.executable, "-I", "-S", "-c", _INIT, str(status_write),
+                 "/bin/sh", str(script), *args],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(status_write,),
+            )
+        except OSError as exc:
+            raise ScriptFailed(f"install.sh could not be started: {exc.strerror or exc}")
         finally:
-            # The script is a zombie (or still running, on timeout or error): its group id cannot have
-            # been reused yet, so the group kill hits only what it started.
-            leftovers = _kill_leftovers(proc.pid, marker)
-            returncode = _reap(proc)
-        # Whatever is still in the pipe was written before the kills; a holder that escaped them must
-        # not keep us here, hence the bounded drain rather than a wait for EOF.
-        _drain(fd, output)
+            os.close(status_write)
+
+        output = _OutputTail(OUTPUT_LIMIT)
+        finished = False
+        with proc.stdout:
+            fd = proc.stdout.fileno()
+            os.set_blocking(fd, False)
+            try:
+                finished = _read_until_exit(proc.pid, fd, output, started + timeout)
+            finally:
+                # unshare is a zombie (or still running, on timeout or error): its group id cannot have been
+                # reused yet, so the group kill hits only what it started. Killing the init, which is in that
+                # group, ends the namespace; the scans below wait for it to be empty.
+                leftovers = _kill_leftovers(proc.pid, marker)
+                unshare_status = _reap(proc)
+            # Whatever is still in the pipe was written before the kills; a holder that escaped them must
+            # not keep us here, hence the bounded drain rather than a wait for EOF.
+            _drain(fd, output)
+        # The init wrote the script's wait status before it exited, and unshare outlived the init.
+        returncode = _read_status(status_read)
+    finally:
+        os.close(status_read)
     elapsed = time.monotonic() - started
 
     text = _sanitize(output.text())
     if not finished:
         outcome = "was killed at its timeout"
-    elif returncode is None:
+    elif unshare_status is None:
         outcome = "could not be reaped"
-    elif returncode < 0:
-        outcome = f"was killed by {_signal_name(-returncode)}"
+    elif returncode is None:
+        unshare_outcome = _describe_status(unshare_status)
+        outcome = f"left no exit status (unshare {unshare_outcome})"
     else:
-        outcome = f"exited with status {returncode}"
+        outcome = _describe_status(returncode)
     log.info(
         "%s %s after %.1f s (%d leftover process(es) killed); %d bytes of output%s:\n%s",
         script,
@@ -154,14 +294,35 @@ def run_install_script(script: Path, args: Sequence[str], *, cwd: Path, timeout:
     tail = _tail(text)
     if not finished:
         raise ScriptFailed(f"install.sh did not finish within {timeout:g} seconds and was killed: {tail}")
-    if returncode is None:
+    if unshare_status is None:
         raise ScriptFailed(f"install.sh could not be reaped after it was killed: {tail}")
+    if returncode is None:
+        raise ScriptFailed(f"install.sh ended without an exit status (unshare {unshare_outcome}): {tail}")
     if returncode < 0:
         number = -returncode
         raise ScriptFailed(f"install.sh was killed by signal {number} ({_signal_name(number)}): {tail}")
     if returncode > 0:
         raise ScriptFailed(f"install.sh failed with exit status {returncode}: {tail}")
     return text
+
+
+def _read_status(fd: int) -> int | None:
+    """The script's exit code (negative: killed by that signal) as the init reported it; None if it did not."""
+    os.set_blocking(fd, False)
+    try:
+        data = os.read(fd, _STATUS_LIMIT)
+    except BlockingIOError:
+        return None
+    try:
+        return os.waitstatus_to_exitcode(int(data))
+    except ValueError:
+        return None
+
+
+def _describe_status(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {_signal_name(-returncode)}"
+    return f"exited with status {returncode}"
 
 
 def kill_marked(marker: str) -> int:
