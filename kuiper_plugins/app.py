@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from flask import Flask
 
 from kuiper_plugins import __version__
+from kuiper_plugins.engine import restart
+from kuiper_plugins.engine.client import EngineClient
 from kuiper_plugins.errors import register_error_handlers
 from kuiper_plugins.install import scripts
 from kuiper_plugins.install.installer import Installer
@@ -36,6 +38,8 @@ class Services:
     uploads: Uploads
     started_at: float
     stop_service: Callable[[], None]
+    restart_engine: Callable[[], object] | None = None
+    engine: EngineClient | None = None
 
 
 def stop_gunicorn() -> None:
@@ -46,10 +50,18 @@ def stop_gunicorn() -> None:
     os.kill(target, signal.SIGTERM)
 
 
+def _engine_restarter(settings: Settings) -> Callable[[], object] | None:
+    """What ?stop=1 runs when engine.restartCommand is set: that command, after the response."""
+    if not settings.engine_restart_command:
+        return None
+    command, timeout = settings.engine_restart_command, settings.engine_restart_timeout
+    return lambda: restart.restart_in_background(command, timeout)
+
+
 def create_app(settings: Settings | None = None, stop_service: Callable[[], None] | None = None) -> Flask:
     """Build the application: settings, layout, registry, start-up recovery, blueprint, error handlers."""
     settings = settings or load_settings()
-    layout = Layout(settings.home)
+    layout = Layout.of(settings)
     layout.create()
     db.initialise(layout.registry_file)
     installer = Installer(settings, connect=lambda: db.connect(layout.registry_file))
@@ -68,6 +80,8 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         settings=settings, layout=layout, installer=installer, started_at=time.time(),
         uploads=uploads,
         stop_service=stop_service or stop_gunicorn,
+        restart_engine=_engine_restarter(settings),
+        engine=EngineClient(settings.engine_url, settings.engine_token) if settings.engine_url else None,
     )
     from kuiper_plugins.web.api import bp
     from kuiper_plugins.web.openapi import docs_bp

@@ -83,6 +83,12 @@ class RegistryUnavailable(PluginError):
     retry_after = 1
 
 
+class EngineUnavailable(PluginError):
+    """The engine at engine.url did not answer a call that only it can answer."""
+
+    status = 503
+
+
 class DiskFull(PluginError):
     status = 507
 

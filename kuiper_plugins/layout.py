@@ -1,7 +1,17 @@
-"""Every path under KUIPER_HOME, in one place, laid out as an eKuiper installation is."""
+"""Every path of the managed eKuiper installation, in one place, laid out as eKuiper lays it out.
+
+eKuiper keeps three folders: `etc`, `data` and `plugins`. By default they sit
+in one base folder (`KUIPER_HOME`, eKuiper's `KuiperBaseKey`), as in eKuiper's
+Docker image (`/kuiper/{etc,data,plugins}`); each may be placed on its own, as
+eKuiper's `-etc`, `-data` and `-plugins` flags and its deb package do
+(`/etc/kuiper`, `/var/lib/kuiper/data`, `/var/lib/kuiper/plugins`). The
+registry records paths as `etc/...`, `data/...` and `plugins/...`, whatever
+the folders are: `absolute` and `relative` map between the two.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,21 +20,36 @@ PORTABLE = "portables"
 PLUGIN_TYPES = (*NATIVE_TYPES, PORTABLE)
 
 
+ROOTS = ("etc", "data", "plugins")
+
+
 @dataclass(frozen=True)
 class Layout:
     home: Path
+    etc_dir: Path | None = None
+    data_dir: Path | None = None
+    plugins_dir: Path | None = None
+
+    @classmethod
+    def of(cls, settings) -> Layout:
+        """The layout a Settings object describes."""
+        return cls(settings.home, settings.etc_dir, settings.data_dir, settings.plugins_dir)
 
     @property
     def plugins(self) -> Path:
-        return self.home / "plugins"
+        return self.plugins_dir or self.home / "plugins"
 
     @property
     def etc(self) -> Path:
-        return self.home / "etc"
+        return self.etc_dir or self.home / "etc"
 
     @property
     def data(self) -> Path:
-        return self.home / "data"
+        return self.data_dir or self.home / "data"
+
+    def roots(self) -> dict[str, Path]:
+        """The three folders by the name the registry records them with."""
+        return {"etc": self.etc, "data": self.data, "plugins": self.plugins}
 
     @property
     def uploads(self) -> Path:
@@ -81,8 +106,28 @@ class Layout:
             folder.mkdir(parents=True, exist_ok=True)
 
     def relative(self, path: Path) -> str:
-        """The path as recorded in the registry: relative to KUIPER_HOME, "/"-separated."""
-        return path.relative_to(self.home).as_posix()
+        """The path as recorded in the registry: `etc/...`, `data/...` or `plugins/...`, "/"-separated."""
+        for name, root in self.roots().items():
+            try:
+                rest = Path(path).relative_to(root)
+            except ValueError:
+                continue
+            return f"{name}/{rest.as_posix()}" if rest.parts else name
+        raise ValueError(f"{path} is in none of the folders of {self.home}")
 
     def absolute(self, recorded: str) -> Path:
-        return self.home / recorded
+        """The absolute path of a recorded one."""
+        root, _, rest = recorded.partition("/")
+        base = self.roots().get(root)
+        if base is None:
+            raise ValueError(f"{recorded!r} does not start with etc/, data/ or plugins/")
+        return base / rest if rest else base
+
+    def contains(self, path: Path) -> bool:
+        """Whether `path`, links resolved, lies inside one of the three folders."""
+        real = os.path.realpath(path)
+        for root in self.roots().values():
+            base = os.path.realpath(root)
+            if os.path.commonpath([base, real]) == base:
+                return True
+        return False

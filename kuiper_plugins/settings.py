@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ from kuiper_plugins.install.fetch import parse_allow_list
 
 DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "etc" / "kuiper.yaml"
 ENV_PREFIX = "KUIPER__"
+# Where eKuiper's three folders go when not under KUIPER_HOME, as its -etc, -data and -plugins flags place them.
+FOLDER_VARIABLES = (("etc", "KUIPER_ETC_DIR"), ("data", "KUIPER_DATA_DIR"), ("plugins", "KUIPER_PLUGINS_DIR"))
 
 
 class SettingsError(ValueError):
@@ -34,9 +38,12 @@ class Settings:
     """Everything the service reads from configuration, already checked."""
 
     home: Path
+    etc_dir: Path | None = None  # KUIPER_ETC_DIR; default <home>/etc
+    data_dir: Path | None = None  # KUIPER_DATA_DIR; default <home>/data
+    plugins_dir: Path | None = None  # KUIPER_PLUGINS_DIR; default <home>/plugins
     rest_ip: str = "127.0.0.1"
     rest_port: int = 9081
-    plugin_hosts: tuple[str, ...] = ("https://packages.emqx.net",)
+    plugin_hosts: tuple[str, ...] = ("https://packages.emqx.io",)
     enable_private_net: bool = False
     private_net_allow_list: tuple[str, ...] = ()
     allow_external_file_access: bool = False
@@ -47,10 +54,20 @@ class Settings:
     install_script_timeout: float = 300
     download_timeout: float = 300
     tls_verify: bool = True
-    kuiper_version: str = "2.2.0"
+    kuiper_version: str = "2.4.0"
     install_scripts: bool = True
     protected_mode: bool = True
     allowed_hosts: tuple[str, ...] = ()
+    engine_url: str | None = None  # engine.url: the running engine's REST base
+    engine_token: str | None = None  # engine.token: a JWT the engine accepts
+    engine_binary: Path | None = None  # engine.binary: the managed kuiperd, for the native compatibility check
+    engine_restart_command: tuple[str, ...] = ()  # engine.restartCommand: run after DELETE ...?stop=1
+    engine_restart_timeout: float = 60  # engine.restartTimeout: seconds restartCommand may take
+    store_type: str = "sqlite"  # eKuiper's store.type
+    store_sqlite_name: str | None = None  # eKuiper's store.sqlite.name
+    portable_python_bin: str = "python"  # eKuiper's portable.pythonBin
+    portable_init_timeout: float = 60  # eKuiper's portable.initTimeout, in seconds
+    portable_verify_on_install: bool = True  # portable.verifyOnInstall (ours): start it, await its handshake
     prebuild: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: {
             "sources": ("random", "zmq", "sql", "video", "kafka"),
@@ -168,6 +185,88 @@ BASIC_KEYS: dict[str, tuple[str, Any]] = {
 }
 PREBUILD_TYPES = ("sources", "sinks", "functions")
 
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds of a duration as eKuiper (Go's time.ParseDuration) writes it: `60s`, `1m30s`, `500ms`.
+
+    A bare number is taken as milliseconds, as eKuiper's older configuration files give initTimeout.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 60s")
+    if isinstance(value, int | float):
+        seconds = value / 1000
+    else:
+        text = str(value).strip()
+        if not text or _DURATION_PART.sub("", text) != "":
+            raise ValueError("expected a duration such as 60s, 1m30s or 500ms")
+        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text))
+    if not 0 < seconds <= 86400:
+        raise ValueError("expected more than 0 and at most 24h")
+    return seconds
+
+
+def _url(value: Any) -> str:
+    text = _text(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    return text
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _text(value)
+
+
+def _optional_path(value: Any) -> Path | None:
+    text = _optional_text(value)
+    return Path(text) if text else None
+
+
+def _command(value: Any) -> tuple[str, ...]:
+    """An argument list (never a shell string): a YAML list, or `[a,b]` from the environment."""
+    if isinstance(value, str) and value.strip():
+        text = value.strip()
+        if not text.startswith("["):
+            raise ValueError('expected an argument list, e.g. ["systemctl", "restart", "kuiper"]')
+        try:
+            value = json.loads(text)  # a JSON list keeps commas and quotes inside arguments
+        except ValueError:
+            pass  # eKuiper's own [a,b] form
+    return _list(value)
+
+
+def _store_type(value: Any) -> str:
+    from kuiper_plugins.engine.kv import check_store_type  # kv reads SettingsError from here
+
+    text = _text(value)
+    check_store_type(text)  # stops start-up with one line naming store.type and what is supported
+    return text
+
+
+SECTION_KEYS: dict[str, dict[str, tuple[str, Any]]] = {
+    "engine": {
+        "url": ("engine_url", lambda v: _url(v) if _optional_text(v) else None),
+        "token": ("engine_token", _optional_text),
+        "binary": ("engine_binary", _optional_path),
+        "restartcommand": ("engine_restart_command", _command),
+        "restarttimeout": ("engine_restart_timeout", _seconds),
+    },
+    "store": {
+        "type": ("store_type", _store_type),
+        "sqlite.name": ("store_sqlite_name", _optional_text),
+    },
+    "portable": {
+        "pythonbin": ("portable_python_bin", _text),
+        "inittimeout": ("portable_init_timeout", parse_duration),
+        "verifyoninstall": ("portable_verify_on_install", _bool),
+    },
+}
+
 
 def parse_env_value(text: str) -> Any:
     """Type an environment value as eKuiper does: int, then bool, then float, else the text."""
@@ -207,9 +306,21 @@ def _fold(data: Mapping[Any, Any], origin: str) -> dict[str, dict[str, Any]]:
         if not isinstance(keys, dict):
             raise SettingsError(f"{origin}: section {section!r} must be a mapping")
         target = folded.setdefault(str(section).lower(), {})
-        for key, value in keys.items():
-            target[str(key).lower()] = (value, f"{section}.{key}")
+        for key, value in _flat(keys):
+            target[key.lower()] = (value, f"{section}.{key}")
     return folded
+
+
+def _flat(keys: Mapping[Any, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested keys as dotted names (eKuiper's `store.sqlite.name`)."""
+    out = []
+    for key, value in keys.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += _flat(value, f"{name}.")
+        else:
+            out.append((name, value))
+    return out
 
 
 def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -218,9 +329,9 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         if not name.upper().startswith(ENV_PREFIX):
             continue
         parts = name[len(ENV_PREFIX):].split("__")
-        if len(parts) != 2 or not all(parts):
+        if len(parts) < 2 or not all(parts):
             continue
-        section, key = parts[0].lower(), parts[1].lower()
+        section, key = parts[0].lower(), ".".join(parts[1:]).lower()
         layer.setdefault(section, {})[key] = (parse_env_value(text), name)
     return layer
 
@@ -228,9 +339,14 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
 def load_settings(environ: Mapping[str, str] | None = None, defaults_file: Path = DEFAULTS_FILE) -> Settings:
     """Build the settings from the three layers; raise SettingsError naming the first bad key."""
     environ = os.environ if environ is None else environ
-    home = Path(environ.get("KUIPER_HOME") or "var").resolve()
+    home = Path(environ.get("KUIPER_HOME") or environ.get("KuiperBaseKey") or "var").resolve()
+    folders = {
+        f"{name}_dir": Path(environ[variable]).resolve() if environ.get(variable) else None
+        for name, variable in FOLDER_VARIABLES
+    }
+    etc = folders["etc_dir"] or home / "etc"
     merged: dict[str, dict[str, Any]] = {}
-    for layer in (_read_yaml(defaults_file), _read_yaml(home / "etc" / "kuiper.yaml"), _env_layer(environ)):
+    for layer in (_read_yaml(defaults_file), _read_yaml(etc / "kuiper.yaml"), _env_layer(environ)):
         for section, keys in layer.items():
             merged.setdefault(section, {}).update(keys)
 
@@ -240,15 +356,22 @@ def load_settings(environ: Mapping[str, str] | None = None, defaults_file: Path 
             continue
         field_name, parse = BASIC_KEYS[key]
         values[field_name] = _parse(parse, raw, origin)
+    for section, keys in SECTION_KEYS.items():
+        for key, (raw, origin) in merged.get(section, {}).items():
+            if key in keys:
+                field_name, parse = keys[key]
+                values[field_name] = _parse(parse, raw, origin)
     prebuild = dict(Settings.__dataclass_fields__["prebuild"].default_factory())
     for key, (raw, origin) in merged.get("prebuild", {}).items():
         if key in PREBUILD_TYPES:
             prebuild[key] = _parse(_list, raw, origin)
-    return Settings(home=home, prebuild=prebuild, **values)
+    return Settings(home=home, prebuild=prebuild, **folders, **values)
 
 
 def _parse(parse, raw: Any, origin: str) -> Any:
     try:
         return parse(raw)
+    except SettingsError:
+        raise  # already names its key
     except ValueError as exc:
         raise SettingsError(f"invalid value {raw!r} for {origin}: {exc}") from None

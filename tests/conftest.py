@@ -138,7 +138,8 @@ def file_server(tmp_path):
 
 # ---------------------------------------------------------------------------- the service under test
 
-UNTRACKED = ("data/kuiper-plugins.db",)  # the registry and its -wal/-shm; lock files must not remain
+# The registry and eKuiper's store (each with its -wal/-shm, compared row by row instead); lock files must not remain.
+UNTRACKED = ("data/kuiper-plugins.db", "data/sqliteKV.db", "data/checkpoint.db")
 
 
 def disk_state(home: Path) -> dict[str, tuple]:
@@ -169,6 +170,18 @@ def registry_dump(home: Path) -> list[str]:
         conn.close()
 
 
+def engine_dump(home: Path) -> list[str]:
+    """eKuiper's store (data/sqliteKV.db) as a logical dump; [] while it does not exist."""
+    path = Layout(home).data / "sqliteKV.db"
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
 class Service:
     """The app under test with its home, a test client and helpers to check what changed."""
 
@@ -179,14 +192,15 @@ class Service:
         self.client = app.test_client()
         self.stops = stops
 
-    def snapshot(self) -> tuple[dict, list[str]]:
-        return disk_state(self.home), registry_dump(self.home)
+    def snapshot(self) -> tuple[dict, list[str], list[str]]:
+        return disk_state(self.home), registry_dump(self.home), engine_dump(self.home)
 
-    def assert_unchanged(self, before: tuple[dict, list[str]]) -> None:
-        """Nothing written: disk and registry exactly as in `before`, no staging debris."""
+    def assert_unchanged(self, before: tuple[dict, list[str], list[str]]) -> None:
+        """Nothing written: disk, registry and eKuiper's store exactly as in `before`, no staging debris."""
         after = self.snapshot()
         assert after[0] == before[0], _diff(before[0], after[0])
         assert after[1] == before[1]
+        assert after[2] == before[2], "eKuiper's store changed"
         assert list(self.layout.staging.iterdir()) == []
 
     def post(self, plugin_type: str, body, **kw):
@@ -360,7 +374,7 @@ def go_gob(request, tmp_path_factory) -> GoGob:
     go = shutil.which("go") or next((path for path in known if os.path.exists(path)), None)
     assert go, "the go command is needed (make system-deps installs Debian's golang-go)"
     work = tmp_path_factory.mktemp("gobcheck")
-    cache = request.config.cache.mkdir("go-build") if request.config.cache is not None else work / "go-build"
+    cache = request.config.cache.mkdir("go-build") if getattr(request.config, "cache", None) else work / "go-build"
     env = {
         **os.environ,
         "GOTOOLCHAIN": "local",

@@ -369,7 +369,7 @@ def test_delete_with_stop_answers_then_stops(service, file_server):
     assert service.post("sources", {"name": "random", "file": url}).status_code == 201
     response = service.client.delete("/plugins/sources/random?stop=1")
     assert response.status_code == 200
-    assert response.data == b"sources plugin random is deleted and eKuiper will be stopped"
+    assert response.data == b"sources plugin random is deleted and kuiper-plugins will be stopped"
     response.close()
     assert service.stops == [True]
 

@@ -46,15 +46,20 @@ def go_arch(machine: str | None = None) -> str:
     return GO_ARCH.get(machine, machine)
 
 
-def prebuilt(settings: Settings, plugin_type: str, *, system: str | None = None, family: str | None = None,
-             arch: str | None = None) -> dict[str, str]:
-    """Map each prebuilt plugin of a type to its download URL; the first configured host wins."""
+def prebuilt(settings: Settings, plugin_type: str, *, version: str | None = None, system: str | None = None,
+             family: str | None = None, arch: str | None = None) -> dict[str, str]:
+    """Map each prebuilt plugin of a type to its download URL; the first configured host wins.
+
+    `version`, `system` and `arch` are the engine's own when it is known (engine.url); else
+    basic.kuiperVersion and this machine's.
+    """
     if (system or sys.platform) != "linux":
         raise InvalidRequest(NOT_LINUX)
     family = family or os_family()
     arch = arch or go_arch()
+    version = version or settings.kuiper_version
     host = settings.plugin_hosts[0]
     return {
-        plugin: f"{host}/kuiper-plugins/{settings.kuiper_version}/{family}/{plugin_type}/{plugin}_{arch}.zip"
+        plugin: f"{host}/kuiper-plugins/{version}/{family}/{plugin_type}/{plugin}_{arch}.zip"
         for plugin in settings.prebuild.get(plugin_type, ())
     }

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kuiper_plugins.engine import builtins
+from kuiper_plugins.engine import builtins, kv
 from kuiper_plugins.errors import (
     ArchiveRejected,
     DiskFull,
@@ -93,8 +93,9 @@ class Installer:
 
     def __init__(self, settings: Settings, connect: Callable[[], sqlite3.Connection]):
         self.settings = settings
-        self.layout = Layout(settings.home)
+        self.layout = Layout.of(settings)
         self._connect = connect
+        self.engine_store = kv.EngineStore(kv.store_path(self.layout.data, settings.store_sqlite_name))
 
     # ---------------------------------------------------------------- operations
 
@@ -107,6 +108,7 @@ class Installer:
             self._refuse_before_fetching(conn, plugin_type, request, None)
             with self._reserved(conn, plugin_type, name, "install") as op:
                 outcome.update(self._install_package(conn, op, plugin_type, request, old=None))
+            self._project(conn, plugin_type, name)
 
     def update(self, plugin_type: str, name: str, request: dict[str, Any]) -> None:
         """Replace an installed plugin by a new package; the old one stays whole until the new one is in."""
@@ -123,6 +125,7 @@ class Installer:
             self._refuse_before_fetching(conn, plugin_type, request, old)
             with self._reserved(conn, plugin_type, name, "update") as op:
                 outcome.update(self._install_package(conn, op, plugin_type, request, old=old))
+            self._project(conn, plugin_type, name)
 
     def delete(self, plugin_type: str, name: str) -> None:
         """Remove exactly the files the install wrote, the plugin's functions and its registry entry.
@@ -141,6 +144,7 @@ class Installer:
                     registry.remove(conn, plugin.id)
                     registry.end_operation(conn, op.id, committed=True)
                 op.committed = True
+            self._project(conn, plugin_type, name)
 
     def register_functions(self, name: str, functions: Sequence[str]) -> None:
         """Replace the function list of a native function plugin."""
@@ -160,6 +164,7 @@ class Installer:
             except sqlite3.IntegrityError:
                 self._refuse_function_clashes(conn, functions, plugin.id)
                 raise
+            self._project(conn, "functions", name)
             log.info("functions plugin %s now exports %s", name, ",".join(functions))
 
     # ---------------------------------------------------------------- start-up recovery
@@ -187,6 +192,7 @@ class Installer:
                 self._forget_cleared(conn)
                 self._sweep_locks()
                 self._adopt(conn)
+                self.reconcile_engine_store(conn)
             finally:
                 conn.close()
 
@@ -244,13 +250,17 @@ class Installer:
                 lock.release()
 
     def _adopt(self, conn: sqlite3.Connection) -> None:
-        """List native .so files copied in by hand, as eKuiper does at start-up.
+        """List the plugins found on disk that the registry does not know, as eKuiper's boot scan does.
 
-        A file an unfinished operation's journal names is not hand-copied; an empty or unreadable one
-        is not a plugin: both are left alone (and the second logged).
+        Native .so files copied in by hand or installed by eKuiper take their function list from
+        eKuiper's `pluginFuncs` and their package URL from its `nativePlugin` rows; every portable
+        folder whose descriptor eKuiper would accept is listed too. A file an unfinished operation's
+        journal names is not hand-copied, and an empty or unreadable binary is not a plugin: both are
+        left alone (the second logged).
         """
         recorded = registry.all_recorded_files(conn)
         journaled = self._journaled_files()
+        engine = self._engine_rows_for_adoption()
         for plugin_type in NATIVE_TYPES:
             folder = self.layout.native_dir(plugin_type)
             for so_path in sorted(folder.glob("*.so")):
@@ -264,15 +274,37 @@ class Installer:
                 name = match.group(1)[0].lower() + match.group(1)[1:]
                 if not packages.NAME_PATTERN.fullmatch(name):
                     continue
-                # A file an operation in flight has just moved in is not hand-copied: that operation holds
-                # the plugin's lock until it has committed (and recorded the file) or rolled back.
-                with plugin_lock(self.layout.locks, plugin_type, name) as lock:
-                    if not lock.try_acquire():
-                        continue
-                    try:
-                        self._adopt_one(conn, plugin_type, name, relative, match.group(2))
-                    except PluginError as exc:
-                        log.error("could not adopt %s: %s", relative, exc.message)
+                self._adopt_under_lock(plugin_type, name, relative, self._adopt_native,
+                                       conn, plugin_type, name, relative, match.group(2), engine)
+        portable_root = self.layout.plugins / "portable"
+        for folder in sorted(p for p in portable_root.iterdir() if p.is_dir() and not p.is_symlink()):
+            relative = self.layout.relative(folder)
+            if relative in recorded or relative in journaled or not packages.NAME_PATTERN.fullmatch(folder.name):
+                continue
+            self._adopt_under_lock(PORTABLE, folder.name, relative, self._adopt_portable, conn, folder, engine)
+
+    def _adopt_under_lock(self, plugin_type: str, name: str, relative: str, adopt: Callable[..., None], *args) -> None:
+        # A file an operation in flight has just moved in is not hand-copied: that operation holds the
+        # plugin's lock until it has committed (and recorded the file) or rolled back.
+        with plugin_lock(self.layout.locks, plugin_type, name) as lock:
+            if not lock.try_acquire():
+                return
+            try:
+                adopt(*args)
+            except PluginError as exc:
+                log.error("could not adopt %s: %s", relative, exc.message)
+
+    def _engine_rows_for_adoption(self) -> dict[str, Any]:
+        """What eKuiper's own store says of its plugins: install scripts and function lists."""
+        try:
+            return {
+                "native": self.engine_store.native_plugins(),
+                "functions": self.engine_store.function_lists(),
+                "portable": self.engine_store.portable_plugins(),
+            }
+        except PluginError as exc:
+            log.warning("cannot read eKuiper's store for adoption (%s): adopting from the files alone", exc.message)
+            return {"native": {}, "functions": {}, "portable": {}}
 
     def _journaled_files(self) -> set[str]:
         """Every destination named by a journal still in staging (operations in flight or not yet settled)."""
@@ -285,30 +317,96 @@ class Installer:
             named.update(move["dest"] for move in (journal or {}).get("moves", []))
         return named
 
-    def _adopt_one(self, conn: sqlite3.Connection, plugin_type: str, name: str, relative: str, version: str | None):
+    def _adopt_native(self, conn: sqlite3.Connection, plugin_type: str, name: str, relative: str,
+                      version: str | None, engine: dict[str, Any]) -> None:
         print_ = durable.fingerprint(self.layout.absolute(relative))
         if print_ is None or print_.size == 0:
             log.warning("not adopting %s: it is empty or unreadable", relative)
             return
+        script = engine["native"].get((plugin_type, name))
+        functions = [name]
+        if plugin_type == "functions" and engine["functions"].get(name):
+            functions = list(engine["functions"][name])
+        if plugin_type != "functions":
+            functions = []
+        request = _request_of(script, functions if name in engine["functions"] else None)
+        self._save_adopted(conn, plugin_type, name, (version or "").removeprefix("v"), None, request,
+                           [registry.RecordedFile(relative, print_.size, print_.sha256)],
+                           packages.config_copies(plugin_type, name), functions)
+
+    def _adopt_portable(self, conn: sqlite3.Connection, folder: Path, engine: dict[str, Any]) -> None:
+        """Adopt a portable plugin folder whose `<name>/<name>.json` eKuiper's boot scan would accept."""
+        name = folder.name
+        try:
+            with open(folder / packages.descriptor_member(name), "rb") as descriptor_file:
+                raw = descriptor_file.read(DESCRIPTOR_MAX_BYTES + 1)
+            info = packages.parse_descriptor(name, raw[:DESCRIPTOR_MAX_BYTES])
+        except (OSError, PackageInvalid) as exc:
+            log.warning("not adopting portable plugin folder %s: %s", folder, getattr(exc, "message", exc))
+            return
+        executable = folder / info["executable"]
+        if not executable.is_file():
+            log.warning("not adopting portable plugin %s: cannot find executable %s", name, executable)
+            return
+        descriptor = dict(info, executable=str(self.layout.portable_dir(name) / info["executable"]))
+        print_ = durable.fingerprint(folder)
+        self._save_adopted(conn, PORTABLE, name, info["version"], descriptor, _request_of(engine["portable"].get(name)),
+                           [registry.RecordedFile(self.layout.relative(folder), print_.size if print_ else None,
+                                                  print_.sha256 if print_ else None)],
+                           packages.config_copies(PORTABLE, name, info), list(info["functions"]))
+
+    def _save_adopted(self, conn: sqlite3.Connection, plugin_type: str, name: str, version: str,
+                      descriptor: dict[str, Any] | None, request: dict[str, Any] | None,
+                      main: list[registry.RecordedFile], copies: list[str], functions: list[str]) -> None:
+        """Record a plugin found on disk, with the config copies of its name that nobody else owns."""
         with db.transaction(conn):
-            if registry.file_owners(conn, [relative], None) or not self._exists(relative):
+            if registry.file_owners(conn, [f.path for f in main], None) or not all(self._exists(f.path) for f in main):
                 return  # recorded or removed meanwhile
             if registry.operation_for(conn, plugin_type, name) is not None:
-                log.warning("not adopting %s yet: an unfinished operation on %s awaits its roll-back", relative, name)
+                log.warning("not adopting %s yet: an unfinished operation on %s awaits its roll-back", main[0].path,
+                            name)
                 return
             if registry.find_by_key(conn, plugin_type, name) is not None:
-                log.warning("ignoring %s: plugin %s is already installed", relative, name)
+                log.warning("ignoring %s: plugin %s is already installed", main[0].path, name)
                 return
-            functions = [name] if plugin_type == "functions" else []
             if functions and registry.function_clashes(conn, functions, None):
+                if plugin_type == PORTABLE:
+                    log.error("not adopting portable plugin %s: its functions clash with installed ones", name)
+                    return
                 functions = []
-            registry.save(
-                conn, plugin_type=plugin_type, name=name, version=(version or "").removeprefix("v"),
-                descriptor=None, request=None, sha256=None,
-                files=[registry.RecordedFile(relative, print_.size, print_.sha256)], functions=functions,
-                adopted=True,
-            )
-        log.info("adopted %s plugin %s from %s found on disk", plugin_type, name, relative)
+            taken = {path for path, _type, _name in registry.file_owners(conn, copies, None)}
+            files = main + [_recorded_now(self.layout.absolute(p), p) for p in copies
+                            if p not in taken and self._exists(p)]
+            registry.save(conn, plugin_type=plugin_type, name=name, version=version, descriptor=descriptor,
+                          request=request, sha256=None, files=files, functions=functions, adopted=True)
+        log.info("adopted %s plugin %s from %s found on disk", type_label(plugin_type), name, main[0].path)
+
+    # ---------------------------------------------------------------- eKuiper's own store
+
+    def reconcile_engine_store(self, conn: sqlite3.Connection) -> None:
+        """Make eKuiper's plugin rows equal the projection of the whole registry (start-up)."""
+        rows = [row for plugin, functions in registry.all_plugins(conn)
+                for row in engine_rows(plugin.type, plugin.name, plugin.request, functions)]
+        try:
+            self.engine_store.reconcile(rows)
+        except PluginError as exc:
+            log.error("eKuiper's store could not be reconciled with the registry (%s); the next start will",
+                      exc.message)
+
+    def _project(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> None:
+        """Rewrite one plugin's rows in eKuiper's store after our registry committed its change.
+
+        The registry is the truth: a failure here is logged, and start-up reconciles the store.
+        """
+        plugin = registry.find(conn, plugin_type, name)
+        put = engine_rows(plugin_type, name, plugin.request, registry.functions_of(conn, plugin.id)) if plugin else []
+        kept = {(row.table, row.key) for row in put}
+        delete = [key for key in engine_keys(plugin_type, name) if key not in kept]
+        try:
+            self.engine_store.apply(put=put, delete=delete)
+        except PluginError as exc:
+            log.error("eKuiper's store was not updated for %s plugin %s (%s); start-up will reconcile it",
+                      type_label(plugin_type), name, exc.message)
 
     # ---------------------------------------------------------------- the stages
 
@@ -639,15 +737,14 @@ class Installer:
         return os.path.lexists(self.layout.absolute(recorded))
 
     def _inside_home(self, recorded: str) -> Path:
-        """The absolute destination, refusing one whose folder resolves outside KUIPER_HOME (a planted link)."""
+        """The absolute destination, refusing one whose folder resolves outside eKuiper's folders (a planted link)."""
         target = self.layout.absolute(recorded)
         if not self._resolves_inside_home(target) or os.path.islink(target):
             raise InstallFailed(f"fail to install plugin: {recorded} resolves outside {self.layout.home}")
         return target
 
     def _resolves_inside_home(self, target: Path) -> bool:
-        home = os.path.realpath(self.layout.home)
-        return os.path.commonpath([home, os.path.realpath(target.parent)]) == home
+        return self.layout.contains(target.parent)
 
     @contextmanager
     def _logged(self, action: str, plugin_type: str, name: str, request: dict[str, Any] | None):
@@ -672,6 +769,52 @@ def _log_operation(action, plugin_type, name, request, outcome, result, started,
         (request or {}).get("file", "-"), outcome.get("sha256", "-"), result, time.monotonic() - started,
         f" reason={message!r}" if message else "",
     )
+
+
+def engine_rows(plugin_type: str, name: str, request: dict[str, Any] | None, functions: Sequence[str]) -> list[kv.Row]:
+    """The rows eKuiper's store holds for a plugin, as eKuiper writes them on install and register.
+
+    The install script ({name, file, shellParas}) when the plugin came from a URL; a function plugin's
+    list when the install named its functions or a register changed them (without a row, eKuiper
+    falls back to the plugin's name, which is what our default list says too).
+    """
+    rows = []
+    if request and request.get("file"):
+        paras = request.get("shellParas") or ()
+        if plugin_type == PORTABLE:
+            rows.append(kv.portable_row(name, request["file"], paras))
+        else:
+            rows.append(kv.native_row(plugin_type, name, request["file"], paras))
+    if plugin_type == "functions" and ((request or {}).get("functions") or list(functions) != [name]):
+        rows.append(kv.functions_row(name, functions))
+    return rows
+
+
+def engine_keys(plugin_type: str, name: str) -> list[tuple[str, str]]:
+    """Every (table, key) eKuiper's store may hold for a plugin."""
+    if plugin_type == PORTABLE:
+        return [(kv.PORTABLE_TABLE, name)]
+    keys = [(kv.NATIVE_TABLE, kv.native_key(plugin_type, name))]
+    if plugin_type == "functions":
+        keys.append((kv.FUNCTIONS_TABLE, name))
+    return keys
+
+
+def _request_of(script: kv.InstallScript | None, functions: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """The request record of an adopted plugin, from eKuiper's install script (None without one)."""
+    if script is None or not script.file:
+        return None
+    request: dict[str, Any] = {"name": script.name, "file": script.file}
+    if script.shell_paras:
+        request["shellParas"] = list(script.shell_paras)
+    if functions:
+        request["functions"] = list(functions)
+    return request
+
+
+def _recorded_now(path: Path, recorded: str) -> registry.RecordedFile:
+    print_ = durable.fingerprint(path)
+    return registry.RecordedFile(recorded, print_.size if print_ else None, print_.sha256 if print_ else None)
 
 
 def _refuse_builtin_functions(functions: Sequence[str]) -> None:

@@ -148,13 +148,7 @@ def plan_portable(
         raise PackageInvalid(f"missing or invalid json file {json_name}, found {len(entries)} files in total")
     has_script = INSTALL_SCRIPT in root
     _check_script(has_script, shell_paras)
-    try:
-        raw = json.loads(descriptor_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PackageInvalid(f"invalid json file {json_name}: {exc}")
-    if not isinstance(raw, dict):
-        raise PackageInvalid(f"invalid json file {json_name}: expected an object")
-    info = _validate_descriptor(name, raw, json_name)
+    info = parse_descriptor(name, descriptor_bytes)
 
     executable = info["executable"]
     files = {e.name for e in entries if not e.is_dir}
@@ -185,6 +179,37 @@ def plan_portable(
         descriptor=info,
         executable=executable,
     )
+
+
+def parse_descriptor(name: str, descriptor_bytes: bytes) -> dict[str, Any]:
+    """Parse and check a portable plugin's `<name>.json` in eKuiper's order; return it normalised."""
+    json_name = descriptor_member(name)
+    try:
+        raw = json.loads(descriptor_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PackageInvalid(f"invalid json file {json_name}: {exc}")
+    if not isinstance(raw, dict):
+        raise PackageInvalid(f"invalid json file {json_name}: expected an object")
+    return _validate_descriptor(name, raw, json_name)
+
+
+def config_copies(plugin_type: str, name: str, descriptor: dict[str, Any] | None = None) -> list[str]:
+    """The config files and folders eKuiper keeps for a plugin, whoever installed it (its delete removes them).
+
+    Native: `<name>.json` (and a sink's `<name>.yaml`, a source's `<name>.yaml`) in etc/<type> and
+    data/<type>, and the `<name>/` folders there. Portable: the yaml and json of each symbol it declares.
+    """
+    paths: list[str] = []
+    if plugin_type == "portables":
+        for kind in PORTABLE_SYMBOL_KINDS:
+            for symbol in (descriptor or {}).get(kind, []):
+                suffixes = ("yaml", "json") if kind != "functions" else ("json",)
+                paths += [f"{root}/{kind}/{symbol}.{suffix}" for root in ("etc", "data") for suffix in suffixes]
+        return paths
+    suffixes = ("json", "yaml") if plugin_type in ("sources", "sinks") else ("json",)
+    for root in ("etc", "data"):
+        paths += [f"{root}/{plugin_type}/{name}.{suffix}" for suffix in suffixes] + [f"{root}/{plugin_type}/{name}"]
+    return paths
 
 
 def _validate_descriptor(name: str, raw: dict[str, Any], json_name: str) -> dict[str, Any]:

@@ -125,6 +125,16 @@ def files_of(conn: sqlite3.Connection, plugin_id: int) -> list[str]:
 
 
 @mapped_errors
+def all_plugins(conn: sqlite3.Connection) -> list[tuple[Plugin, list[str]]]:
+    """Every plugin with its function list, in (type, name) order."""
+    plugins = [_plugin(row) for row in conn.execute("SELECT * FROM plugins ORDER BY type, name")]
+    functions: dict[int, list[str]] = {}
+    for plugin_id, function in conn.execute("SELECT plugin_id, name FROM functions ORDER BY plugin_id, position"):
+        functions.setdefault(plugin_id, []).append(function)
+    return [(plugin, functions.get(plugin.id, [])) for plugin in plugins]
+
+
+@mapped_errors
 def recorded_files(conn: sqlite3.Connection, plugin_id: int) -> list[RecordedFile]:
     """The files of a plugin with the size and digest each had when installed."""
     rows = conn.execute(

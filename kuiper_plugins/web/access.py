@@ -59,7 +59,7 @@ def is_loopback(address: str | None) -> bool:
 
 def jwt_authentication(settings: Settings) -> Authenticate:
     """The authenticate hook for basic.authentication: a JWT checked against $KUIPER_HOME/etc/mgmt/."""
-    authenticator = JwtAuthenticator(Layout(settings.home).mgmt_keys)
+    authenticator = JwtAuthenticator(Layout.of(settings).mgmt_keys)
 
     def authenticate(req: Request) -> object:
         # The header only: a token in the query string would end up in access logs and browser history.

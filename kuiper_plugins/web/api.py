@@ -16,6 +16,7 @@ from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from kuiper_plugins import __version__
 from kuiper_plugins.errors import InvalidRequest, PluginError, PluginNotFound
 from kuiper_plugins.install import catalog, fetch, packages
 from kuiper_plugins.install.installer import Installer, type_label
@@ -194,8 +195,13 @@ def create_plugin(plugin_type: str) -> Response:
 
 
 def prebuilt_plugins(plugin_type: str) -> Response:
-    """GET /plugins/{sources,sinks,functions}/prebuild: the prebuilt catalogue for this machine."""
-    return json_response(catalog.prebuilt(services().settings, plugin_type))
+    """GET /plugins/{sources,sinks,functions}/prebuild: the prebuilt catalogue for the managed engine."""
+    state = services()
+    info = state.engine.info() if state.engine is not None else None
+    if info is None:
+        return json_response(catalog.prebuilt(state.settings, plugin_type))
+    return json_response(catalog.prebuilt(state.settings, plugin_type, version=info.version, system=info.os,
+                                          arch=info.arch))
 
 
 @bp.get(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>")
@@ -229,8 +235,14 @@ def delete_plugin(plugin_type: str, name: str) -> Response:
     if plugin_type == PORTABLE:
         return text(f"portable plugin {name} is deleted")
     if stop:
-        response = text(f"{plugin_type} plugin {name} is deleted and eKuiper will be stopped")
-        response.call_on_close(services().stop_service)
+        restart_engine = services().restart_engine
+        if restart_engine is not None:
+            # engine.restartCommand stops (and restarts) the engine, as eKuiper's own ?stop=1 stops it.
+            response = text(f"{plugin_type} plugin {name} is deleted and eKuiper will be stopped")
+            response.call_on_close(restart_engine)
+        else:
+            response = text(f"{plugin_type} plugin {name} is deleted and kuiper-plugins will be stopped")
+            response.call_on_close(services().stop_service)
         return response
     return text(f"{plugin_type} plugin {name} is deleted and eKuiper must restart for the change to take effect.")
 
@@ -296,6 +308,17 @@ def describe_function(name: str) -> Response:
 # ------------------------------------------------------------------ health
 
 
+@bp.get("/plugins/portables/<name>/status")
+def portable_status(name: str) -> Response:
+    """The engine's own answer about a running portable plugin, relayed as it is."""
+    checked_name(name)
+    engine = services().engine
+    if engine is None:
+        raise InvalidRequest("portable plugin status comes from the engine: set engine.url")
+    relayed = engine.portable_status(name)
+    return Response(relayed.body, status=relayed.status, content_type=relayed.content_type)
+
+
 @bp.get("/ping")
 def ping() -> Response:
     return Response(status=200)
@@ -305,11 +328,13 @@ def ping() -> Response:
 def readiness() -> Response:
     state = services()
     counts = registry.counts(connection())
+    info = state.engine.info() if state.engine is not None else None
     return json_response({
-        "version": state.settings.kuiper_version,
-        "os": sys.platform,
-        "arch": catalog.go_arch(platform.machine()),
+        "version": info.version if info else state.settings.kuiper_version,
+        "os": info.os if info else sys.platform,
+        "arch": info.arch if info else catalog.go_arch(platform.machine()),
         "upTimeSeconds": int(time.time() - state.started_at),
+        "serviceVersion": __version__,
         "registry": {
             "plugins": {t: counts["plugins"].get(t, 0) for t in (*NATIVE_TYPES, PORTABLE)},
             "functions": counts["functions"],

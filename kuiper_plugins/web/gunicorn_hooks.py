@@ -18,7 +18,7 @@ WORKER_BOOT_ERROR = 3  # gunicorn's exit status for "worker failed to boot": the
 def _registry_problem() -> str | None:
     """Why the registry cannot be used (corrupt, too new), read-only and without writing; None when it can."""
     try:
-        db.check(Layout(load_settings().home).registry_file)
+        db.check(Layout.of(load_settings()).registry_file)
     except PluginError as exc:
         return exc.message
     return None

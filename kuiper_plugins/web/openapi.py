@@ -111,7 +111,8 @@ def build_spec(version: str) -> APISpec:
                     "responses": {"200": _text("Updated", "plugin random is updated and eKuiper must restart for the"
                                                           " change to take effect."), **_errors()}},
             "delete": {
-                "summary": "Remove a plugin; stop=1 then stops the service", "tags": ["plugins"],
+                "summary": "Remove a plugin; stop=1 then runs engine.restartCommand, or stops this service",
+                "tags": ["plugins"],
                 "parameters": [{"name": "stop", "in": "query", "required": False,
                                 "schema": {"type": "string", "enum": ["0", "1"]}}],
                 "responses": {"200": _text("Deleted", "sources plugin random is deleted and eKuiper must restart"
@@ -137,6 +138,14 @@ def build_spec(version: str) -> APISpec:
             "requestBody": _body("FunctionList"),
             "responses": {"200": _text("Registered", "function plugin misc function list is registered"),
                           **_errors()},
+        }},
+    )
+    spec.path(
+        path="/plugins/portables/{name}/status",
+        parameters=[NAME_PARAM],
+        operations={"get": {
+            "summary": "The running engine's status of a portable plugin, relayed from engine.url", "tags": ["plugins"],
+            "responses": {"200": _json("The engine's answer, as it is", {}), **_errors("400", "404", "503")},
         }},
     )
     spec.path(path="/plugins/udfs", operations={"get": {
@@ -180,6 +189,7 @@ def build_spec(version: str) -> APISpec:
                                              "properties": {"version": {"type": "string"}, "os": {"type": "string"},
                                                             "arch": {"type": "string"},
                                                             "upTimeSeconds": {"type": "integer"},
+                                                            "serviceVersion": {"type": "string"},
                                                             "registry": {"type": "object"}}}),
                       **_errors("403", "503")},
     }})

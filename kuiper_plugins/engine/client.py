@@ -1,0 +1,92 @@
+"""The running engine's REST API (`engine.url`): who it is, and its portable plugins' status.
+
+Only two calls are made: `GET <engine.url>/` for the engine's version, OS and
+architecture (the prebuilt catalogue asks for plugins built for exactly that
+engine), and `GET <engine.url>/plugins/portables/<name>/status`, relayed as
+it is. The engine being down never fails an install: the last answer is
+kept, and without one the configured `kuiperVersion` is used, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import requests
+
+from kuiper_plugins.errors import EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_SECONDS = 5.0
+REFRESH_SECONDS = 60.0  # how long an answer of the engine's GET / is taken as current
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine says of itself in `GET /`."""
+
+    version: str
+    os: str
+    arch: str
+    up_time_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """An answer of the engine, to be passed on as it is."""
+
+    status: int
+    body: bytes
+    content_type: str
+
+
+class EngineClient:
+    """Talk to the engine at `url` (no trailing slash), with an optional JWT."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = TIMEOUT_SECONDS):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._info: EngineInfo | None = None
+        self._fetched_at = 0.0
+
+    def _get(self, path: str) -> requests.Response:
+        headers = {"Authorization": self.token} if self.token else {}
+        return requests.get(f"{self.url}{path}", headers=headers, timeout=self.timeout, allow_redirects=False)
+
+    def info(self) -> EngineInfo | None:
+        """The engine's version, OS and arch; the last known answer while it is down; None if never known."""
+        with self._lock:
+            if self._info is not None and time.monotonic() - self._fetched_at < REFRESH_SECONDS:
+                return self._info
+        try:
+            response = self._get("/")
+            response.raise_for_status()
+            body = response.json()
+            info = EngineInfo(
+                version=str(body["version"]).removeprefix("v"), os=str(body["os"]), arch=str(body["arch"]),
+                up_time_seconds=body.get("upTimeSeconds"),
+            )
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            with self._lock:
+                known = self._info
+            log.warning("the engine at %s did not say who it is (%s); using %s", self.url, exc,
+                        f"its last answer, version {known.version}" if known else "basic.kuiperVersion")
+            return known
+        with self._lock:
+            self._info, self._fetched_at = info, time.monotonic()
+        return info
+
+    def portable_status(self, name: str) -> Relayed:
+        """The engine's answer to `GET /plugins/portables/<name>/status`, status and body as they are."""
+        try:
+            response = self._get(f"/plugins/portables/{quote(name, safe='')}/status")
+        except requests.RequestException as exc:
+            raise EngineUnavailable(f"portable plugin status comes from the engine: {self.url} did not answer ({exc})")
+        return Relayed(response.status_code, response.content,
+                       response.headers.get("Content-Type", "application/json"))

@@ -1,0 +1,171 @@
+"""Knowing the engine (engine.url) and restarting it (engine.restartCommand), against a loopback stub that
+answers as eKuiper's REST API does: `GET /` and `GET /plugins/portables/{name}/status`."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import sys
+import threading
+import time
+
+import pytest
+import requests
+from conftest import make_zip
+
+from kuiper_plugins.engine.client import EngineClient
+from kuiper_plugins.engine.restart import run_restart_command
+
+ROOT_ANSWER = {"version": "2.4.1", "os": "linux", "arch": "arm64", "upTimeSeconds": 42, "memoryTotal": "1024"}
+STATUS_ANSWER = [{"pluginName": "mirror", "status": "running", "pid": 123, "refCount": {"rule1": 1}}]
+
+
+class Engine:
+    """A loopback HTTP server answering eKuiper's shapes; it records requests and can be stopped."""
+
+    def __init__(self):
+        engine = self
+        self.requests: list[tuple[str, str | None]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                engine.requests.append((self.path, self.headers.get("Authorization")))
+                if self.path == "/":
+                    self._answer(200, json.dumps(ROOT_ANSWER))
+                elif self.path == "/plugins/portables/mirror/status":
+                    self._answer(200, json.dumps(STATUS_ANSWER))
+                else:  # eKuiper's answer for a portable plugin it does not know
+                    self._answer(404, '{"error":1002,"message":"portable plugin ghost is not found"}\n')
+
+            def _answer(self, status: int, body: str):
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def engine():
+    stub = Engine()
+    yield stub
+    stub.stop()
+
+
+def test_root_reports_the_engines_version_os_and_arch(make_service, engine):
+    service = make_service(engine_url=engine.url, engine_token="a.jwt.token")
+    ready = service.client.get("/").get_json()
+    assert (ready["version"], ready["os"], ready["arch"]) == ("2.4.1", "linux", "arm64")
+    assert "serviceVersion" in ready
+    assert engine.requests == [("/", "a.jwt.token")]
+
+
+def test_the_catalogue_asks_for_the_engines_own_build(make_service, engine):
+    service = make_service(engine_url=engine.url)
+    urls = service.client.get("/plugins/sources/prebuild").get_json()
+    assert urls["random"].startswith("https://packages.emqx.io/kuiper-plugins/2.4.1/")
+    assert urls["random"].endswith("/sources/random_arm64.zip")
+
+
+def test_without_engine_url_the_catalogue_uses_kuiper_version(make_service):
+    service = make_service()
+    urls = service.client.get("/plugins/sinks/prebuild").get_json()
+    assert "/kuiper-plugins/2.4.0/" in urls["influx"]
+    ready = service.client.get("/").get_json()
+    assert ready["version"] == "2.4.0"
+
+
+def test_the_engine_being_down_never_fails_and_the_last_answer_is_kept(make_service, engine, file_server, caplog):
+    service = make_service(engine_url=engine.url)
+    assert service.client.get("/").get_json()["version"] == "2.4.1"
+    engine.stop()
+    client = service.app.extensions["kuiper_plugins"].engine
+    client._fetched_at = 0.0  # the cached answer has aged: the next call asks again, and fails
+    assert service.client.get("/").get_json()["version"] == "2.4.1"
+    assert "did not say who it is" in caplog.text
+    make_zip(file_server.root / "random.zip", {"Random.so": b"so", "random.yaml": "a: 1\n"})
+    assert service.post("sources", {"name": "random", "file": file_server.url("random.zip")}).status_code == 201
+
+
+def test_an_engine_never_reached_falls_back_to_kuiper_version(make_service, caplog):
+    service = make_service(engine_url="http://127.0.0.1:9")  # discard port: nothing listens
+    urls = service.client.get("/plugins/functions/prebuild").get_json()
+    assert "/kuiper-plugins/2.4.0/" in urls["echo"]
+    assert "using basic.kuiperVersion" in caplog.text
+
+
+def test_portable_status_is_relayed_as_the_engine_answers(make_service, engine):
+    service = make_service(engine_url=engine.url)
+    running = service.client.get("/plugins/portables/mirror/status")
+    assert running.status_code == 200 and running.get_json() == STATUS_ANSWER
+    unknown = service.client.get("/plugins/portables/ghost/status")
+    assert unknown.status_code == 404
+    assert unknown.data == b'{"error":1002,"message":"portable plugin ghost is not found"}\n'
+
+
+def test_portable_status_without_engine_url_says_what_to_set(service):
+    response = service.client.get("/plugins/portables/mirror/status")
+    assert response.status_code == 400
+    assert response.get_json()["message"] == "portable plugin status comes from the engine: set engine.url"
+
+
+def test_engine_client_strips_a_v_from_the_version(engine):
+    ROOT_ANSWER["version"] = "v2.4.1"
+    try:
+        assert EngineClient(engine.url).info().version == "2.4.1"
+    finally:
+        ROOT_ANSWER["version"] = "2.4.1"
+
+
+# ---------------------------------------------------------------------------- ?stop=1
+
+
+def test_stop_with_a_restart_command_runs_it_once_and_keeps_serving(start_gunicorn, file_server, tmp_path):
+    marker = tmp_path / "restarted"
+    command = json.dumps([sys.executable, "-c", f"open({str(marker)!r}, 'a').write('restart\\n')"])
+    server = start_gunicorn(workers=2, KUIPER__ENGINE__RESTARTCOMMAND=command)
+    make_zip(file_server.root / "random.zip", {"Random.so": b"so", "random.yaml": "a: 1\n"})
+    body = {"name": "random", "file": file_server.url("random.zip")}
+    assert requests.post(f"{server.url}/plugins/sources", json=body, timeout=30).status_code == 201
+    response = requests.delete(f"{server.url}/plugins/sources/random?stop=1", timeout=30)
+    assert response.status_code == 200
+    assert response.text == "sources plugin random is deleted and eKuiper will be stopped"
+    deadline = time.monotonic() + 30
+    while "engine.restartCommand finished" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling for the command's outcome in the log, bounded by the deadline
+    assert "engine.restartCommand finished (exit status 0)" in server.log()
+    assert marker.read_text() == "restart\n"  # once
+    assert requests.get(f"{server.url}/ping", timeout=30).status_code == 200  # this service keeps running
+    assert server.process.poll() is None
+
+
+def test_a_restart_command_past_its_timeout_is_killed_and_logged(caplog):
+    started = time.monotonic()
+    assert run_restart_command([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5) is None
+    assert time.monotonic() - started < 30
+    assert "did not finish within 0.5 s and was killed" in caplog.text
+
+
+def test_a_failing_restart_command_is_logged_with_its_output(caplog):
+    assert run_restart_command([sys.executable, "-c", "print('no unit kuiper'); raise SystemExit(5)"], 30) == 5
+    assert "failed with exit status 5: no unit kuiper" in caplog.text
+
+
+def test_restart_command_must_be_an_argument_list(tmp_path):
+    from kuiper_plugins.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="RESTARTCOMMAND: expected an argument list"):
+        load_settings({"KUIPER_HOME": str(tmp_path), "KUIPER__ENGINE__RESTARTCOMMAND": "systemctl restart kuiper"})
