@@ -118,9 +118,8 @@ def test_a_real_python_plugin_on_ekuipers_sdk_shakes_hands(sdk_python, tmp_path,
     )
 
     assert shook.message == b"handshake"  # what eKuiper's Python SDK sends
-    # Started as eKuiper starts it: in its folder, with eKuiper's one argument, unbuffered (-u: the line
-    # was printed just before the handshake and would still sit in a buffer when the plugin was killed).
-    assert f"pygreet started in {plugin_dir} with ['{{\"sendTimeout\":1000}}']" in shook.output
+    # Started as eKuiper starts it: `<pythonBin> -u pygreet.py {"sendTimeout":1000}` in its folder.
+    assert f"pygreet started in {plugin_dir} with ['{{\"sendTimeout\":1000}}'], unbuffered: True" in shook.output
     assert "dialing ipc:///tmp/plugin_pygreet.ipc" in shook.output
     assert 0 < shook.elapsed < 30
     assert processes_with(token) == []
@@ -174,7 +173,7 @@ def test_a_plugin_that_never_shakes_hands_is_stopped_at_init_timeout(tmp_path, t
     # Its /tmp was a private one: the control socket was there, the file it left there is not in ours.
     assert "its /tmp holds: plugin_silent.ipc" in message
     assert took >= 2.0
-    assert not Path(f"/tmp/left-by-{plugin_dir.name}").exists()
+    assert not Path(f"/tmp/left-by-{token}").exists()
     assert not Path("/tmp/plugin_silent.ipc").exists()
     assert processes_with(token) == []  # the plugin and the child it left are gone
 

@@ -14,7 +14,7 @@ from tally import Tally
 
 if __name__ == "__main__":
     # Shown in the check's output, so a test can see how the plugin was started.
-    print(f"pygreet started in {os.getcwd()} with {sys.argv[1:]}")
+    print(f"pygreet started in {os.getcwd()} with {sys.argv[1:]}, unbuffered: {sys.stdout.write_through}")
     config = PluginConfig(
         "pygreet",
         {"greeting": lambda: Greeting()},
