@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -246,6 +247,39 @@ def test_the_output_quoted_is_bounded_to_the_last_lines(tmp_path, token):
     quoted = message.split("its last output:\n", 1)[1].rstrip(")").splitlines()
     assert quoted == [str(number) for number in range(200000 - portable.TAIL_LINES + 1, 200001)]
     assert len(message) < portable.TAIL_CHARS + 1024
+
+
+def test_output_that_is_not_text_is_quoted_cleaned(tmp_path, token):
+    plugin_dir = place("chatty", tmp_path, token)
+
+    message, _ = refusal(plugin_dir, "chatty", "go", "noisy.sh")
+
+    assert message.startswith(f"plugin executable {plugin_dir / 'noisy.sh'} stops with error exit status 1 (")
+    assert message.endswith("noisy: the last line)")  # terminal escapes removed
+    assert not any(ord(char) < 32 and char not in "\n\t" for char in message)
+    assert len(message) < portable.TAIL_CHARS + 1024
+
+
+def test_two_checks_of_one_plugin_at_once_each_get_their_own_socket(sdk_python, tmp_path, token):
+    """Two workers checking the same name at the same moment: each plugin meets its own listener."""
+    plugin_dir = place("pygreet", tmp_path, token)
+    results: list[object] = []
+
+    def check() -> None:
+        try:
+            results.append(verify_handshake(
+                plugin_dir, "pygreet", "python", "pygreet.py", python_bin=str(sdk_python), init_timeout=30.0,
+            ))
+        except Exception as exc:  # reported below, with its message
+            results.append(exc)
+
+    threads = [threading.Thread(target=check) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [getattr(result, "message", result) for result in results] == [b"handshake", b"handshake"]
+    assert processes_with(token) == []
 
 
 def test_a_python_bin_that_is_not_on_the_path_is_refused_in_gos_words(tmp_path, token):

@@ -53,7 +53,6 @@ TAIL_CHARS = 2048  # characters of output quoted in an error message, at most
 _SETUP_GRACE = 15.0  # seconds beyond init_timeout for the namespace, the mount and the listener
 _REAP_TIMEOUT = 10.0  # waiting for a killed unshare to be reaped
 _PROBE_TIMEOUT = 15.0
-_REPORT_LIMIT = 4 * OUTPUT_LIMIT  # bytes of the helper's report read, at most
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
@@ -78,7 +77,7 @@ started = time.monotonic()
 
 def finish(**report):
     report["elapsed"] = round(time.monotonic() - started, 3)
-    data = json.dumps(report).encode()
+    data = json.dumps(report, ensure_ascii=False).encode()
     while data:
         data = data[os.write(1, data):]
     if os.getpid() == 1:
@@ -137,6 +136,7 @@ except OSError as exc:
     finish(outcome="start", errno=exc.errno, filename=exc.filename)
 os.close(out_write)
 os.set_blocking(out_read, False)
+started = time.monotonic()  # eKuiper's clock, too, starts once the process is started
 
 
 def read_output():
@@ -209,7 +209,7 @@ class Handshake:
     """What a plugin did before it was stopped: its first control message and its output."""
 
     message: bytes
-    elapsed: float  # seconds from the start of the check to the handshake
+    elapsed: float  # seconds from the plugin's start to its handshake
     output: str
 
 
@@ -490,7 +490,8 @@ def _run_helper(command: tuple[str, ...], spec: dict, timeout: float) -> tuple[d
             stdout, stderr = b"", b""
             log.error("the handshake check (pid %d) did not end within %g s of SIGKILL", proc.pid, _REAP_TIMEOUT)
     try:
-        report = json.loads(stdout[:_REPORT_LIMIT])
+        # Only the helper writes here (the plugin's output goes to a pipe of its own), so it is bounded.
+        report = json.loads(stdout)
     except ValueError:
         report = None
     if isinstance(report, dict):
