@@ -24,7 +24,7 @@ import pynng
 import pytest
 
 from kuiper_plugins.engine import portable
-from kuiper_plugins.engine.portable import parse_duration, verify_handshake
+from kuiper_plugins.engine.portable import parse_duration, verify_descriptor, verify_handshake
 from kuiper_plugins.errors import PackageInvalid
 
 FIXTURES = Path(__file__).resolve().parent / "portable"
@@ -113,10 +113,7 @@ def test_a_real_python_plugin_on_ekuipers_sdk_shakes_hands(sdk_python, tmp_path,
     descriptor = json.loads((plugin_dir / "pygreet.json").read_text())
     before = tree(plugin_dir)
 
-    shook = verify_handshake(
-        plugin_dir, "pygreet", descriptor["language"], descriptor["executable"],
-        python_bin=str(sdk_python), init_timeout=30.0,
-    )
+    shook = verify_descriptor(plugin_dir, "pygreet", descriptor, python_bin=str(sdk_python), init_timeout=30.0)
 
     assert shook.message == b"handshake"  # what eKuiper's Python SDK sends
     # Started as eKuiper starts it: `<pythonBin> -u pygreet.py {"sendTimeout":1000}` in its folder.
@@ -195,6 +192,30 @@ def test_a_binary_without_its_run_bit_is_refused_with_permission_denied(tmp_path
     assert stat.S_IMODE(executable.stat().st_mode) == 0o644
 
 
+def test_messages_name_the_executable_where_it_will_be_installed(tmp_path, token):
+    """Checked in a staging folder, the plugin is named by its final path, as eKuiper would name it."""
+    staging = tmp_path / token / "staging"
+    staging.mkdir(parents=True)
+    shutil.copyfile(shutil.which("sleep"), staging / "mirror")
+    (staging / "mirror").chmod(0o644)
+    final = tmp_path / "plugins" / "portable" / "mirror"
+    descriptor = {"language": "go", "executable": "mirror"}
+
+    with pytest.raises(PackageInvalid) as caught:
+        verify_descriptor(staging, "mirror", descriptor, python_bin="python", init_timeout=5, display_dir=final)
+
+    expected = f"plugin executable {final / 'mirror'} stops with error fork/exec {final / 'mirror'}: permission denied"
+    assert caught.value.message.startswith(expected)
+    assert str(staging) not in caught.value.message
+
+    with pytest.raises(PackageInvalid) as caught:
+        verify_descriptor(
+            staging, "mirror", {"language": "python", "executable": "mirror"}, python_bin="no-such-python3",
+            init_timeout=5, display_dir=final,
+        )
+    assert caught.value.message.startswith(f"plugin executable {final / 'mirror'} stops with error exec:")
+
+
 def test_a_script_without_its_interpreter_line_is_refused_as_exec_format_error(tmp_path, token):
     plugin_dir = place("chatty", tmp_path, token)
     executable = plugin_dir / "noshebang.sh"
@@ -211,6 +232,7 @@ def test_a_script_without_its_interpreter_line_is_refused_as_exec_format_error(t
         ("quitter", "quit.sh", "stops with error exit status 3 (", "quitter: no settings found, giving up"),
         ("finisher", "finish.sh", "control handshake error: receive time out (it exited with status 0",
          "finisher: nothing to do"),
+        ("crasher", "crash.sh", "stops with error signal: killed (", "crasher: about to be killed"),
     ],
 )
 def test_a_plugin_that_exits_at_once_is_refused_with_its_output_without_waiting(

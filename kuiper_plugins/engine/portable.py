@@ -370,9 +370,26 @@ def namespaces() -> Namespaces:
 
 # ---------------------------------------------------------------------------- the check
 
+def verify_descriptor(
+    plugin_dir: Path, name: str, descriptor: Mapping, *, python_bin: str, init_timeout: float,
+    display_dir: Path | None = None,
+) -> Handshake:
+    """Run `verify_handshake` for a portable package unpacked in `plugin_dir`, its descriptor as read.
+
+    `descriptor` is the package's ``<name>.json`` (``language``, ``executable``, optional ``virtualEnvType``
+    and ``env``); the other arguments are verify_handshake's.
+    """
+    return verify_handshake(
+        plugin_dir, name, str(descriptor.get("language", "")), str(descriptor.get("executable", "")),
+        python_bin=python_bin, init_timeout=init_timeout, virtual_env_type=descriptor.get("virtualEnvType"),
+        env_name=descriptor.get("env"), display_dir=display_dir,
+    )
+
+
 def verify_handshake(
     plugin_dir: Path, name: str, language: str, executable: str, *, python_bin: str, init_timeout: float,
-    virtual_env_type: str | None = None, env_name: str | None = None, confined: Namespaces | None = None,
+    virtual_env_type: str | None = None, env_name: str | None = None, display_dir: Path | None = None,
+    confined: Namespaces | None = None,
 ) -> Handshake:
     """Start plugin `name` from `plugin_dir` as eKuiper's runtime does and return its handshake.
 
@@ -380,17 +397,22 @@ def verify_handshake(
     ``executable``, ``virtualEnvType`` and ``env``; `python_bin` is portable.pythonBin and `init_timeout`
     portable.initTimeout in seconds. Raise PackageInvalid, in eKuiper's words followed by the plugin's last
     output lines, when the plugin cannot be started, exits, or sends nothing within `init_timeout`; also
-    when this machine cannot confine the check. Whatever the outcome, nothing the plugin started is left
-    running, and the host's /tmp is not touched.
+    when this machine cannot confine the check. Messages name the executable as if `plugin_dir` were
+    `display_dir` (say, the plugin's final folder while it is checked in a staging one). Whatever the
+    outcome, nothing the plugin started is left running, and the host's /tmp is not touched.
     """
     if not 0 < init_timeout <= MAX_INIT_TIMEOUT:
         raise ValueError(f"init_timeout must be above 0 and at most {MAX_INIT_TIMEOUT:g} seconds")
     exe = Path(os.path.normpath(os.path.join(os.path.abspath(plugin_dir), executable)))
+    shown = Path(os.path.normpath(os.path.join(os.path.abspath(display_dir or plugin_dir), executable)))
     env = _plugin_env(os.environ)
-    argv = plugin_command(
-        name, language, exe, python_bin=python_bin, virtual_env_type=virtual_env_type, env_name=env_name,
-        path=env["PATH"],
-    )
+    try:
+        argv = plugin_command(
+            name, language, exe, python_bin=python_bin, virtual_env_type=virtual_env_type, env_name=env_name,
+            path=env["PATH"],
+        )
+    except PackageInvalid as exc:
+        raise PackageInvalid(exc.message.replace(str(exe), str(shown)))
     confined = confined if confined is not None else namespaces()
     if not confined.available:
         raise PackageInvalid(
@@ -414,40 +436,46 @@ def verify_handshake(
         log.info("portable plugin %s printed:\n%s", name, output[-8192:])
     if outcome == "handshake":
         return Handshake(str(report.get("message", "")).encode("latin-1"), elapsed, output)
-    raise PackageInvalid(_refusal(name, exe, argv, init_timeout, report, problem, output))
+    raise PackageInvalid(_refusal(name, exe, shown, argv, init_timeout, report, problem, output))
 
 
 def _refusal(
-    name: str, exe: Path, argv: list[str], init_timeout: float, report: Mapping, problem: str, output: str,
+    name: str, exe: Path, shown: Path, argv: list[str], init_timeout: float, report: Mapping, problem: str,
+    output: str,
 ) -> str:
-    """The message for a plugin that did not shake hands: eKuiper's words first, then ours in parentheses."""
+    """The message for a plugin that did not shake hands: eKuiper's words first, then ours in parentheses.
+
+    `exe` is the executable as it was run, `shown` as the message names it.
+    """
     outcome = report.get("outcome")
     elapsed = float(report.get("elapsed", 0.0))
     said = _said(output)
     if outcome == "start":
         errno = int(report.get("errno") or 0)
         reason = _go_errno(errno)
-        filename = report.get("filename")
-        what = f"chdir {exe.parent}" if filename == str(exe.parent) else f"fork/exec {argv[0]}"
+        if report.get("filename") == str(exe.parent):
+            what = f"chdir {shown.parent}"
+        else:
+            what = f"fork/exec {shown if argv[0] == str(exe) else argv[0]}"
         if errno == 13 and argv[0] == str(exe) and not os.access(exe, os.X_OK):
             hint = "the executable has no run bit; the service does not add one"
         else:
             hint = "the plugin could not be started"
-        return f"plugin executable {exe} stops with error {what}: {reason} ({hint}; {said})"
+        return f"plugin executable {shown} stops with error {what}: {reason} ({hint}; {said})"
     if outcome == "exited":
         status = int(report.get("status", 0))
         if status != 0:
             return (
-                f"plugin executable {exe} stops with error {_go_exit(status)}"
+                f"plugin executable {shown} stops with error {_go_exit(status)}"
                 f" (it ended after {elapsed:.1f} s without its handshake; {said})"
             )
         return (
-            f"plugin {exe} control handshake error: receive time out"
+            f"plugin {shown} control handshake error: receive time out"
             f" (it exited with status 0 after {elapsed:.1f} s without its handshake; {said})"
         )
     if outcome == "timeout":
         return (
-            f"plugin {exe} control handshake error: receive time out (no handshake on {control_url(name)}"
+            f"plugin {shown} control handshake error: receive time out (no handshake on {control_url(name)}"
             f" within portable.initTimeout, {init_timeout:g} s; the plugin was stopped; {said})"
         )
     if outcome == "listen":
