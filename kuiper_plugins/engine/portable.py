@@ -38,7 +38,6 @@ from kuiper_plugins.errors import PackageInvalid
 
 log = logging.getLogger(__name__)
 
-LANGUAGES = ("go", "python")
 DEFAULT_PYTHON_BIN = "python"  # eKuiper's default for portable.pythonBin
 DEFAULT_INIT_TIMEOUT = "60s"  # eKuiper's etc/kuiper.yaml value for portable.initTimeout
 CONFIG_ARGUMENT = '{"sendTimeout":1000}'  # what eKuiper passes: its PortableConfig, marshalled by Go
@@ -234,7 +233,7 @@ _DURATION_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?([^0-9.]*)")
 _MAX_GO_DURATION = (2**63 - 1) / 1e9
 
 
-def parse_duration(value: str | int) -> float:
+def parse_duration(value: str | int | float) -> float:
     """Return the seconds in `value`, a portable.initTimeout as eKuiper reads it; ValueError if it is not one.
 
     A text is read as Go's time.ParseDuration reads it (``60s``, ``1m30s``, ``500ms``); a whole number is
