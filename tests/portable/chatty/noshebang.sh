@@ -1,0 +1,1 @@
+echo "a script without its #! line"

@@ -1,0 +1,3 @@
+module kuiperplugins.test/durationcheck
+
+go 1.19

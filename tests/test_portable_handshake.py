@@ -1,0 +1,450 @@
+"""A portable plugin is started as eKuiper's runtime starts it and must shake hands (engine/portable.py).
+
+Real parts only: a plugin in eKuiper's documented layout run on eKuiper's own Python SDK from PyPI (a venv
+built once and cached under the pytest cache dir), shell-script plugins, a real binary without its run bit,
+util-linux's unshare, pynng, and Go's own time.ParseDuration for the duration rules.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pynng
+import pytest
+
+from kuiper_plugins.engine import portable
+from kuiper_plugins.engine.portable import parse_duration, verify_descriptor, verify_handshake
+from kuiper_plugins.errors import PackageInvalid
+
+FIXTURES = Path(__file__).resolve().parent / "portable"
+SDK_REQUIREMENT = "ekuiper>=2,<3"  # eKuiper's Python SDK; it brings the pynng version it was made with
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def sdk_python(request, tmp_path_factory) -> Path:
+    """A Python with eKuiper's SDK (`ekuiper` from PyPI) installed: built once, kept in the pytest cache."""
+    cache = request.config.cache
+    root = cache.mkdir("portable-sdk-venv") if cache is not None else tmp_path_factory.mktemp("sdk")
+    venv = root / "venv"
+    python = venv / "bin" / "python"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest process may be building it
+        if not _has_sdk(python):
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, capture_output=True)
+            done = subprocess.run(
+                [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", SDK_REQUIREMENT],
+                timeout=600, capture_output=True, text=True,
+            )
+            assert done.returncode == 0, f"pip install {SDK_REQUIREMENT} failed:\n{done.stdout}\n{done.stderr}"
+            assert _has_sdk(python)
+    return python
+
+
+def _has_sdk(python: Path) -> bool:
+    if not python.exists():
+        return False
+    done = subprocess.run([str(python), "-c", "import ekuiper, pynng"], capture_output=True, timeout=60)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def token() -> str:
+    """A mark in the plugin's folder name: every process the plugin starts carries it in its command or cwd."""
+    return f"kp-{uuid.uuid4().hex[:12]}"
+
+
+def place(fixture: str, tmp_path: Path, token: str) -> Path:
+    """Copy tests/portable/<fixture> (modes kept) to a folder of its own below tmp_path; return that folder."""
+    target = tmp_path / token / fixture
+    shutil.copytree(FIXTURES / fixture, target)
+    return target
+
+
+def processes_with(token: str) -> list[str]:
+    """Every live process on the machine whose command line or working directory holds `token`."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        info = proc.info
+        if info["pid"] == os.getpid() or info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        text = " ".join(info["cmdline"] or []) + " " + (info["cwd"] or "")
+        if token in text:
+            found.append(f"{info['pid']}: {text}")
+    return found
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file below folder with its size and mode, to show the check changed nothing."""
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, stat.S_IMODE(path.stat().st_mode))
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def refusal(plugin_dir: Path, name: str, language: str, executable: str, **options) -> tuple[str, float]:
+    """Run the check, expecting a refusal; return its message and how long it took."""
+    options.setdefault("python_bin", "python")
+    options.setdefault("init_timeout", 30.0)
+    started = time.monotonic()
+    with pytest.raises(PackageInvalid) as caught:
+        verify_handshake(plugin_dir, name, language, executable, **options)
+    assert caught.value.status == 400
+    return caught.value.message, time.monotonic() - started
+
+
+# ---------------------------------------------------------------------------- plugins that shake hands
+
+def test_a_real_python_plugin_on_ekuipers_sdk_shakes_hands(sdk_python, tmp_path, token):
+    plugin_dir = place("pygreet", tmp_path, token)
+    descriptor = json.loads((plugin_dir / "pygreet.json").read_text())
+    before = tree(plugin_dir)
+
+    shook = verify_descriptor(plugin_dir, "pygreet", descriptor, python_bin=str(sdk_python), init_timeout=30.0)
+
+    assert shook.message == b"handshake"  # what eKuiper's Python SDK sends
+    # Started as eKuiper starts it: `<pythonBin> -u pygreet.py {"sendTimeout":1000}` in its folder.
+    assert f"pygreet started in {plugin_dir} with ['{{\"sendTimeout\":1000}}'], unbuffered: True" in shook.output
+    assert "dialing ipc:///tmp/plugin_pygreet.ipc" in shook.output
+    assert 0 < shook.elapsed < 30
+    assert processes_with(token) == []
+    assert not Path("/tmp/plugin_pygreet.ipc").exists()
+    assert tree(plugin_dir) == before  # nothing written: no __pycache__ beside the plugin's own files
+
+
+def test_the_check_never_meets_a_running_engine_socket(sdk_python, tmp_path, token):
+    """An engine already listening on the host's /tmp/plugin_pygreet.ipc is neither used nor disturbed."""
+    plugin_dir = place("pygreet", tmp_path, token)
+    with pynng.Rep0(listen=portable.control_url("pygreet"), recv_timeout=300) as engine:
+        assert Path("/tmp/plugin_pygreet.ipc").exists()
+
+        shook = verify_handshake(
+            plugin_dir, "pygreet", "python", "pygreet.py", python_bin=str(sdk_python), init_timeout=30.0,
+        )
+
+        assert shook.message == b"handshake"
+        with pytest.raises(pynng.Timeout):
+            engine.recv()  # the plugin dialled its own private /tmp, not this one
+        assert Path("/tmp/plugin_pygreet.ipc").exists()
+    assert processes_with(token) == []
+
+
+def test_a_go_plugin_is_run_directly_and_any_first_message_is_its_handshake(sdk_python, tmp_path, token):
+    plugin_dir = tmp_path / token / "gohand"
+    plugin_dir.mkdir(parents=True)
+    executable = plugin_dir / "gohand"
+    executable.write_text(f"#!{sdk_python} -u\n" + (FIXTURES / "gohand" / "gohand.py").read_text())
+    executable.chmod(0o755)
+
+    shook = verify_handshake(plugin_dir, "gohand", "go", "gohand", python_bin="no-python-needed", init_timeout=30)
+
+    assert shook.message == b"hello from gohand"
+    assert f"gohand started in {plugin_dir} with ['{{\"sendTimeout\":1000}}']" in shook.output
+    assert processes_with(token) == []
+
+
+# ---------------------------------------------------------------------------- plugins that are refused
+
+def test_a_plugin_that_never_shakes_hands_is_stopped_at_init_timeout(tmp_path, token):
+    plugin_dir = place("silent", tmp_path, token)
+    executable = plugin_dir / "silent.sh"
+
+    message, took = refusal(plugin_dir, "silent", "go", "silent.sh", init_timeout=2.0)
+
+    assert message.startswith(f"plugin {executable} control handshake error: receive time out (")
+    assert "no handshake on ipc:///tmp/plugin_silent.ipc within portable.initTimeout, 2 s" in message
+    assert 'silent plugin started with {"sendTimeout":1000}' in message
+    assert "silent plugin left child" in message
+    # Its /tmp was a private one: the control socket was there, the file it left there is not in ours.
+    assert "its /tmp holds: plugin_silent.ipc" in message
+    assert took >= 2.0
+    assert not Path(f"/tmp/left-by-{token}").exists()
+    assert not Path("/tmp/plugin_silent.ipc").exists()
+    assert processes_with(token) == []  # the plugin and the child it left are gone
+
+
+def test_a_binary_without_its_run_bit_is_refused_with_permission_denied(tmp_path, token):
+    plugin_dir = tmp_path / token / "mirror"
+    plugin_dir.mkdir(parents=True)
+    executable = plugin_dir / "mirror"
+    shutil.copyfile(shutil.which("sleep"), executable)  # a real ELF executable, copied without its mode
+    executable.chmod(0o644)
+
+    message, _ = refusal(plugin_dir, "mirror", "go", "mirror")
+
+    # eKuiper's own test expects exactly this for its mirror.zip, whose executable has no run bit.
+    expected = f"plugin executable {executable} stops with error fork/exec {executable}: permission denied ("
+    assert message.startswith(expected)
+    assert "has no run bit; the service does not add one" in message
+    assert stat.S_IMODE(executable.stat().st_mode) == 0o644
+
+
+def test_messages_name_the_executable_where_it_will_be_installed(tmp_path, token):
+    """Checked in a staging folder, the plugin is named by its final path, as eKuiper would name it."""
+    staging = tmp_path / token / "staging"
+    staging.mkdir(parents=True)
+    shutil.copyfile(shutil.which("sleep"), staging / "mirror")
+    (staging / "mirror").chmod(0o644)
+    final = tmp_path / "plugins" / "portable" / "mirror"
+    descriptor = {"language": "go", "executable": "mirror"}
+
+    with pytest.raises(PackageInvalid) as caught:
+        verify_descriptor(staging, "mirror", descriptor, python_bin="python", init_timeout=5, display_dir=final)
+
+    expected = f"plugin executable {final / 'mirror'} stops with error fork/exec {final / 'mirror'}: permission denied"
+    assert caught.value.message.startswith(expected)
+    assert str(staging) not in caught.value.message
+
+    with pytest.raises(PackageInvalid) as caught:
+        verify_descriptor(
+            staging, "mirror", {"language": "python", "executable": "mirror"}, python_bin="no-such-python3",
+            init_timeout=5, display_dir=final,
+        )
+    assert caught.value.message.startswith(f"plugin executable {final / 'mirror'} stops with error exec:")
+
+
+def test_a_script_without_its_interpreter_line_is_refused_as_exec_format_error(tmp_path, token):
+    plugin_dir = place("chatty", tmp_path, token)
+    executable = plugin_dir / "noshebang.sh"
+
+    message, _ = refusal(plugin_dir, "chatty", "go", "noshebang.sh")
+
+    expected = f"plugin executable {executable} stops with error fork/exec {executable}: exec format error ("
+    assert message.startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "executable", "words", "said"),
+    [
+        ("quitter", "quit.sh", "stops with error exit status 3 (", "quitter: no settings found, giving up"),
+        ("finisher", "finish.sh", "control handshake error: receive time out (it exited with status 0",
+         "finisher: nothing to do"),
+        ("crasher", "crash.sh", "stops with error signal: killed (", "crasher: about to be killed"),
+    ],
+)
+def test_a_plugin_that_exits_at_once_is_refused_with_its_output_without_waiting(
+    tmp_path, token, fixture, executable, words, said,
+):
+    plugin_dir = place(fixture, tmp_path, token)
+    path = plugin_dir / executable
+
+    message, took = refusal(plugin_dir, fixture, "go", executable, init_timeout=60.0)
+
+    kind = "plugin executable" if "stops with error" in words else "plugin"
+    assert message.startswith(f"{kind} {path} {words}")
+    assert "its last output:\n" in message and said in message
+    assert took < 30  # refused when it ended, not at the 60 s initTimeout
+    assert processes_with(token) == []
+
+
+def test_a_python_plugin_without_the_sdk_is_refused_with_pythons_own_words(tmp_path, token):
+    plugin_dir = place("pygreet", tmp_path, token)
+    executable = plugin_dir / "pygreet.py"
+
+    # The service's own Python has pynng but no `ekuiper`, like a pythonBin the SDK was never installed for.
+    message, _ = refusal(plugin_dir, "pygreet", "python", "pygreet.py", python_bin=sys.executable)
+
+    assert message.startswith(f"plugin executable {executable} stops with error exit status 1 (")
+    assert "ModuleNotFoundError: No module named 'ekuiper'" in message
+
+
+def test_the_output_quoted_is_bounded_to_the_last_lines(tmp_path, token):
+    plugin_dir = place("chatty", tmp_path, token)
+
+    message, _ = refusal(plugin_dir, "chatty", "go", "chatty.sh")
+
+    quoted = message.split("its last output:\n", 1)[1].rstrip(")").splitlines()
+    assert quoted == [str(number) for number in range(200000 - portable.TAIL_LINES + 1, 200001)]
+    assert len(message) < portable.TAIL_CHARS + 1024
+
+
+def test_output_that_is_not_text_is_quoted_cleaned(tmp_path, token):
+    plugin_dir = place("chatty", tmp_path, token)
+
+    message, _ = refusal(plugin_dir, "chatty", "go", "noisy.sh")
+
+    assert message.startswith(f"plugin executable {plugin_dir / 'noisy.sh'} stops with error exit status 1 (")
+    assert message.endswith("noisy: the last line)")  # terminal escapes removed
+    assert not any(ord(char) < 32 and char not in "\n\t" for char in message)
+    assert len(message) < portable.TAIL_CHARS + 1024
+
+
+def test_two_checks_of_one_plugin_at_once_each_get_their_own_socket(sdk_python, tmp_path, token):
+    """Two workers checking the same name at the same moment: each plugin meets its own listener."""
+    plugin_dir = place("pygreet", tmp_path, token)
+    results: list[object] = []
+
+    def check() -> None:
+        try:
+            results.append(verify_handshake(
+                plugin_dir, "pygreet", "python", "pygreet.py", python_bin=str(sdk_python), init_timeout=30.0,
+            ))
+        except Exception as exc:  # reported below, with its message
+            results.append(exc)
+
+    threads = [threading.Thread(target=check) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [getattr(result, "message", result) for result in results] == [b"handshake", b"handshake"]
+    assert processes_with(token) == []
+
+
+def test_a_python_bin_that_is_not_on_the_path_is_refused_in_gos_words(tmp_path, token):
+    plugin_dir = place("pygreet", tmp_path, token)
+
+    message, _ = refusal(plugin_dir, "pygreet", "python", "pygreet.py", python_bin="no-such-python3")
+
+    assert message.startswith(
+        f'plugin executable {plugin_dir / "pygreet.py"} stops with error exec: "no-such-python3":'
+        " executable file not found in $PATH ("
+    )
+
+
+def test_a_missing_python_bin_path_is_refused_as_fork_exec(tmp_path, token):
+    plugin_dir = place("pygreet", tmp_path, token)
+    missing = tmp_path / "nowhere" / "python"
+
+    message, _ = refusal(plugin_dir, "pygreet", "python", "pygreet.py", python_bin=str(missing))
+
+    assert message.startswith(
+        f"plugin executable {plugin_dir / 'pygreet.py'} stops with error fork/exec {missing}:"
+        " no such file or directory ("
+    )
+
+
+@pytest.mark.parametrize(
+    ("language", "virtual_env_type", "expected"),
+    [
+        ("java", None, "fail to start plugin silent: unsupported language: java"),
+        ("python", "venv", "fail to start plugin silent: unsupported virtual type: venv"),
+    ],
+)
+def test_what_ekuiper_cannot_start_is_refused_before_anything_runs(
+    tmp_path, token, language, virtual_env_type, expected,
+):
+    plugin_dir = place("silent", tmp_path, token)
+
+    message, _ = refusal(plugin_dir, "silent", language, "silent.sh", virtual_env_type=virtual_env_type)
+
+    assert message == expected
+    assert processes_with(token) == []
+
+
+def test_a_name_too_long_for_the_control_socket_is_refused_as_ekuiper_would_fail_to_listen(tmp_path, token):
+    plugin_dir = place("silent", tmp_path, token)
+    name = "n" * 120  # /tmp/plugin_<name>.ipc no longer fits a unix socket address (108 bytes)
+
+    message, _ = refusal(plugin_dir, name, "go", "silent.sh")
+
+    assert message.startswith("can't create new control channel: can't listen on rep socket: ")
+    assert message.endswith(f"(ipc:///tmp/plugin_{name}.ipc)")
+    assert processes_with(token) == []  # the plugin was never started
+
+
+def test_without_namespaces_the_check_is_refused_and_nothing_runs(tmp_path, token):
+    plugin_dir = place("silent", tmp_path, token)
+    missing = portable.probe_namespaces(str(tmp_path / "no-unshare"))
+    assert not missing.available
+
+    message, _ = refusal(plugin_dir, "silent", "go", "silent.sh", confined=missing)
+
+    assert message.startswith("portable plugin silent cannot be started for its handshake check on this machine (")
+    assert "set portable.verifyOnInstall to false" in message
+    assert processes_with(token) == []
+
+
+def test_this_machine_can_confine_the_check():
+    """CI runs as root with util-linux: the check must be available there, not silently refused."""
+    found = portable.namespaces()
+    assert found.available, found.description
+    assert portable.namespaces() is found  # probed once per process
+
+
+def test_init_timeout_must_be_a_sane_number_of_seconds(tmp_path, token):
+    plugin_dir = place("silent", tmp_path, token)
+    for bad in (0, -1, portable.MAX_INIT_TIMEOUT + 1):
+        with pytest.raises(ValueError):
+            verify_handshake(plugin_dir, "silent", "go", "silent.sh", python_bin="python", init_timeout=bad)
+    assert processes_with(token) == []
+
+
+# ---------------------------------------------------------------------------- portable.initTimeout
+
+GO_DURATION_TEXTS = [
+    "60s", "1m30s", "500ms", "1h", "2h45m", "1.5s", ".5s", "1h2m3.5s", "300us", "1\u00b5s", "1\u03bcs",
+    "1000000ns", "0.001h", "+90s", "3600s", "3601s",
+    "", "5", "abc", "5x", "1.", ".", "s", "-1s", "0", "+0", "-0", "0s", "1 s", "1.5.5s", "1s2", "9999999999h",
+    "1e3s", "--1s", "1sm",
+]
+
+
+@pytest.fixture(scope="session")
+def go_durations(request, tmp_path_factory) -> dict[str, dict]:
+    """Go's own time.ParseDuration verdict on each of GO_DURATION_TEXTS (tests/portable/durationcheck)."""
+    known = ("/usr/lib/go/bin/go", "/usr/local/go/bin/go")  # Debian's golang-go, the upstream tarball
+    go = shutil.which("go") or next((path for path in known if os.path.exists(path)), None)
+    assert go, "the go command is needed (make system-deps installs Debian's golang-go)"
+    work = tmp_path_factory.mktemp("durationcheck")
+    cache = request.config.cache.mkdir("go-build") if request.config.cache is not None else work / "go-build"
+    env = {
+        **os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": "", "GOWORK": "off",
+        "GO111MODULE": "on", "CGO_ENABLED": "0", "GOCACHE": str(cache), "GOPATH": str(work / "gopath"),
+    }
+    binary = work / "durationcheck"
+    built = subprocess.run(
+        [go, "build", "-o", str(binary), "."], cwd=FIXTURES / "durationcheck", env=env, capture_output=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr.decode(errors="replace")
+    done = subprocess.run(
+        [str(binary)], input=json.dumps(GO_DURATION_TEXTS).encode(), capture_output=True, timeout=60, check=True,
+    )
+    return dict(zip(GO_DURATION_TEXTS, json.loads(done.stdout), strict=True))
+
+
+@pytest.mark.parametrize("text", GO_DURATION_TEXTS)
+def test_init_timeout_reads_durations_as_go_does(go_durations, text):
+    go = go_durations[text]
+    if "error" in go:
+        with pytest.raises(ValueError) as caught:
+            parse_duration(text)
+        assert str(caught.value) == f"portable.initTimeout: {go['error']}"
+    elif 0 < go["ns"] <= portable.MAX_INIT_TIMEOUT * 1e9:
+        assert parse_duration(text) == pytest.approx(go["ns"] / 1e9, rel=1e-12, abs=1e-12)
+    else:
+        with pytest.raises(ValueError, match=r"^portable.initTimeout must be above 0 and at most 3600s"):
+            parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("60s", 60.0), ("1m30s", 90.0), ("500ms", 0.5), (5000, 5.0), (60000, 60.0), (2000.0, 2.0)],
+)
+def test_init_timeout_as_ekuiper_writes_it(value, seconds):
+    # A number is milliseconds, as eKuiper reads a number in its kuiper.yaml.
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", [True, None, [], 1.5, "1.5", 0, -5])
+def test_init_timeout_refusals_name_the_key(value):
+    with pytest.raises(ValueError, match=r"^portable\.initTimeout"):
+        parse_duration(value)
+
+
+def test_the_default_init_timeout_is_ekuipers():
+    assert parse_duration(portable.DEFAULT_INIT_TIMEOUT) == 60.0
