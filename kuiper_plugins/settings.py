@@ -12,7 +12,6 @@ import dataclasses
 import ipaddress
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from kuiper_plugins.engine.portable import parse_duration
 from kuiper_plugins.install.fetch import parse_allow_list
 
 DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "etc" / "kuiper.yaml"
@@ -185,27 +185,12 @@ BASIC_KEYS: dict[str, tuple[str, Any]] = {
 }
 PREBUILD_TYPES = ("sources", "sinks", "functions")
 
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds of a duration as eKuiper (Go's time.ParseDuration) writes it: `60s`, `1m30s`, `500ms`.
-
-    A bare number is taken as milliseconds, as eKuiper's older configuration files give initTimeout.
-    """
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 60s")
-    if isinstance(value, int | float):
-        seconds = value / 1000
-    else:
-        text = str(value).strip()
-        if not text or _DURATION_PART.sub("", text) != "":
-            raise ValueError("expected a duration such as 60s, 1m30s or 500ms")
-        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text))
-    if not 0 < seconds <= 86400:
-        raise ValueError("expected more than 0 and at most 24h")
-    return seconds
+def _init_timeout(value: Any) -> float:
+    """portable.initTimeout, read as eKuiper reads it (Go's time.ParseDuration; a number is milliseconds)."""
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None  # its message names the key already
 
 
 def _url(value: Any) -> str:
@@ -262,7 +247,7 @@ SECTION_KEYS: dict[str, dict[str, tuple[str, Any]]] = {
     },
     "portable": {
         "pythonbin": ("portable_python_bin", _text),
-        "inittimeout": ("portable_init_timeout", parse_duration),
+        "inittimeout": ("portable_init_timeout", _init_timeout),
         "verifyoninstall": ("portable_verify_on_install", _bool),
     },
 }
