@@ -41,6 +41,8 @@ BUILDS = (
     Build("host", "host", ()),
     # eKuiper's release kuiperd: -trimpath -ldflags "-s -w", so no .symtab
     Build("host-release", "host", ("-trimpath", "-ldflags=-s -w")),
+    # without cgo Go's plugin package is a stub: a static binary, no .dynsym, every Open refused
+    Build("host-nocgo", "host", (), (("CGO_ENABLED", "0"),)),
     Build("same.so", "plugin", ("-buildmode=plugin",)),
     Build("dep-edited.so", "plugin", ("-buildmode=plugin", "-modfile=go.edited.mod")),
     Build("dep-v1.1.0.so", "plugin", ("-buildmode=plugin", "-modfile=go.v1.1.0.mod")),
@@ -69,6 +71,7 @@ CASES = (
     Case("GOARCH=arm64 plugin", "host", "arm64.so", False),
     Case("C shared object, not a Go plugin", "host", "clib.so", False),
     Case("not ELF (a text file named .so)", "host", "not-elf.so", False),
+    Case("engine built with CGO_ENABLED=0", "host-nocgo", "same.so", False),
 )
 
 
@@ -162,7 +165,9 @@ def go_compat(request, tmp_path_factory) -> GoCompat:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")
-    (out / "not-elf.so").write_text("#!/bin/sh\n# a shell script named like a plugin, longer than an ELF header\nexit 0\n")
+    (out / "not-elf.so").write_text(
+        "#!/bin/sh\n# a shell script named like a plugin, longer than an ELF header\nexit 0\n"
+    )
     (work / "done").write_text("")
     return GoCompat(go, env, out, time.monotonic() - started)
 
@@ -331,6 +336,16 @@ def test_an_engine_that_cannot_load_plugins_is_a_settings_error(go_compat, tmp_p
     path = tmp_path / "kuiperd" if engine == "missing" else go_compat.path(engine)
     with pytest.raises(compat.UnusableEngine, match=r"^engine\.binary "):
         compat.check(go_compat.path("same.so"), path)
+
+
+def test_the_path_shown_is_the_one_the_engine_would_open(go_compat):
+    final = Path("/var/lib/kuiper/plugins/sinks/Edited.so")
+    verdict = compat.check(go_compat.path("dep-edited.so"), go_compat.path("host"), shown_as=final)
+    assert verdict.message.startswith(
+        f'fail to install plugin: cannot open {final}: plugin.Open("/var/lib/kuiper/plugins/sinks/Edited"): '
+        "plugin was built with a different version of package example.com/dep ("
+    )
+    assert str(go_compat.out) not in verdict.message
 
 
 def test_a_missing_plugin_is_refused_as_dlopen_would(go_compat, tmp_path):

@@ -21,6 +21,7 @@ The check reads two files and decides nothing about what is installed: ``check``
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import struct
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 HASH_BYTES_PREFIXES = ("go:link.pkghashbytes.", "go.link.pkghashbytes.")
 HASH_STRING_PREFIXES = ("go:link.pkghash.", "go.link.pkghash.")
 BUILDINFO_MAGIC = b"\xff Go buildinf:"
+PLUGIN_STUB_ERROR = b"plugin: not implemented"
 
 # Go's names for the machines Go builds plugins for; anything else is shown as pyelftools names it.
 GOARCH_BY_MACHINE = {
@@ -79,7 +81,7 @@ class UnusableEngine(SettingsError):
 
 
 class NotReadable(Exception):
-    """The plugin file is not something the dynamic linker would open; the message is its words."""
+    """The file is not something the dynamic linker would open; the message is its words (glibc's)."""
 
 
 # ---------------------------------------------------------------------------- what a file holds
@@ -138,6 +140,7 @@ class GoBinary:
     libc: str | None
     package_hashes: dict[str, bytes]
     build_info: BuildInfo | None
+    plugin_stub: bool = False  # built without cgo, with Go's plugin package that only says "not implemented"
 
     @property
     def arch(self) -> str:
@@ -156,9 +159,9 @@ def read_binary(path: Path) -> GoBinary:
         head = stream.read(64)
         if len(head) < 64:
             # glibc's words when the file is shorter than an ELF header
-            raise NotReadable(f"{path}: file too short")
+            raise NotReadable("file too short")
         if head[:4] != b"\x7fELF":
-            raise NotReadable(f"{path}: invalid ELF header")
+            raise NotReadable("invalid ELF header")
         stream.seek(0)
         try:
             elf = ELFFile(stream)
@@ -166,7 +169,7 @@ def read_binary(path: Path) -> GoBinary:
         except (ELFError, ValueError, KeyError, OSError) as exc:
             # a damaged header or table: the dynamic linker refuses it as well
             log.info("cannot read %s as ELF: %s", path, exc)
-            raise NotReadable(f"{path}: invalid ELF header") from exc
+            raise NotReadable("invalid ELF header") from exc
 
 
 def _read_elf(path: Path, elf: ELFFile) -> GoBinary:
@@ -185,6 +188,7 @@ def _read_elf(path: Path, elf: ELFFile) -> GoBinary:
                 if package is not None:
                     string_symbols[index] = package
     link_order = _link_order(elf, string_symbols)
+    info = _build_info(elf)
     hashes = {}
     for package in sorted(hash_addresses, key=lambda pkg: (link_order.get(pkg, len(link_order)), pkg)):
         address, size = hash_addresses[package]
@@ -198,8 +202,18 @@ def _read_elf(path: Path, elf: ELFFile) -> GoBinary:
         elf_class=elf.elfclass,
         libc=_libc(elf),
         package_hashes=hashes,
-        build_info=_build_info(elf),
+        build_info=info,
+        plugin_stub=not hashes and _is_plugin_stub(elf, info),
     )
+
+
+def _is_plugin_stub(elf: ELFFile, info: BuildInfo | None) -> bool:
+    """Tell a Go program built with CGO_ENABLED=0 that links the plugin package: its Open only refuses."""
+    if info is None or info.settings.get("CGO_ENABLED") != "0":
+        return False
+    elf.stream.seek(0)
+    with mmap.mmap(elf.stream.fileno(), 0, access=mmap.ACCESS_READ) as whole:
+        return whole.find(PLUGIN_STUB_ERROR) != -1
 
 
 def _go_link_symbols(elf: ELFFile, table: SymbolTableSection) -> list[tuple[int, str, int, int]]:
@@ -410,36 +424,49 @@ def read_engine(engine_binary: Path) -> GoBinary:
         raise UnusableEngine(f"engine.binary {engine_binary}: {exc.strerror or exc}") from exc
     except NotReadable as exc:
         raise UnusableEngine(f"engine.binary {engine_binary} is not an ELF program: {exc}") from exc
-    if not engine.package_hashes:
+    if not engine.package_hashes and not engine.plugin_stub:
         raise UnusableEngine(
             f"engine.binary {engine_binary} holds no go:link.pkghash symbols: it is not a Go program "
-            "that can load native plugins"
+            "that can load native plugins (eKuiper's engine is kuiperd)"
         )
     return engine
 
 
-def check(plugin_so: Path, engine_binary: Path, engine_version: str | None = None) -> Verdict:
+def check(
+    plugin_so: Path, engine_binary: Path, engine_version: str | None = None, shown_as: Path | None = None
+) -> Verdict:
     """Decide, from the two ELF files, whether the engine's ``plugin.Open`` would load the plugin.
 
     ``engine_version`` names the engine in the verdict when its build info does not (a release's
-    ``-X ...cmd.Version`` is not recorded under ``-trimpath``).
+    ``-X ...cmd.Version`` is not recorded under ``-trimpath``). ``shown_as`` is the path to name in the
+    messages, the one the engine would open (the final path, when ``plugin_so`` is still in staging).
+    Raise UnusableEngine when ``engine_binary`` cannot be an engine at all.
     """
     engine = read_engine(engine_binary)
     version = engine_version or _engine_version(engine.build_info)
     plugin_so = Path(plugin_so)
-    opening = f'{PREFIX} {plugin_so}: plugin.Open("{plugin_so}"):'
+    shown = Path(shown_as) if shown_as is not None else plugin_so
+    opening = f'{PREFIX} {shown}: plugin.Open("{shown}"):'
+    if engine.plugin_stub:
+        # without cgo Go's plugin.Open refuses every file at once, before looking at it
+        return Verdict(
+            ok=False,
+            reasons=(f"{PREFIX} {shown}: plugin: not implemented (the engine was built with CGO_ENABLED=0)",),
+            engine_go_version=engine.go_version,
+            engine_version=version,
+        )
     try:
         plugin = read_binary(plugin_so)
     except NotReadable as exc:
         return Verdict(
             ok=False,
-            reasons=(f"{opening} {exc} (not a shared object: not a Go plugin)",),
+            reasons=(f"{opening} {shown}: {exc.args[0]} (not a shared object: not a Go plugin)",),
             engine_go_version=engine.go_version,
             engine_version=version,
         )
     except OSError as exc:
         # plugin.Open resolves the path with realpath(3) before dlopen(3)
-        words = "realpath failed" if not os.path.exists(plugin_so) else f"{plugin_so}: {exc.strerror or exc}"
+        words = "realpath failed" if not os.path.exists(plugin_so) else f"{shown}: {exc.strerror or exc}"
         return Verdict(
             ok=False,
             reasons=(f"{opening} {words}",),
@@ -453,7 +480,7 @@ def check(plugin_so: Path, engine_binary: Path, engine_version: str | None = Non
     }
     built = _built_with(plugin, engine)
 
-    refusal = _loader_refusal(plugin, engine)
+    refusal = _loader_refusal(plugin, engine, shown)
     if refusal:
         words, why = refusal
         return Verdict(ok=False, reasons=(f"{opening} {words} ({why}; {built})",), **base)
@@ -463,15 +490,7 @@ def check(plugin_so: Path, engine_binary: Path, engine_version: str | None = Non
         what = f"it was built with -buildmode={mode}" if mode and mode != "plugin" else "no go:link.pkghash symbols"
         return Verdict(
             ok=False,
-            reasons=(f"{PREFIX} {plugin_so}: not a Go plugin ({what}; build it with go build -buildmode=plugin)",),
-            **base,
-        )
-
-    if engine.build_info and engine.build_info.settings.get("CGO_ENABLED") == "0":
-        # Go's plugin package has no implementation without cgo: every plugin.Open answers this.
-        return Verdict(
-            ok=False,
-            reasons=(f"{PREFIX} {plugin_so}: plugin: not implemented (the engine was built with CGO_ENABLED=0)",),
+            reasons=(f"{PREFIX} {shown}: not a Go plugin ({what}; build it with go build -buildmode=plugin)",),
             **base,
         )
 
@@ -483,7 +502,7 @@ def check(plugin_so: Path, engine_binary: Path, engine_version: str | None = Non
     if not differing:
         return Verdict(ok=True, **base)
     modules = _differing_modules(differing, plugin.build_info, engine.build_info)
-    opening_no_ext = f'{PREFIX} {plugin_so}: plugin.Open("{_without_so(plugin_so)}"):'
+    opening_no_ext = f'{PREFIX} {shown}: plugin.Open("{_without_so(shown)}"):'
     hint = []
     if len(differing) > 1:
         hint.append("also " + ", ".join(differing[1:]))
@@ -503,9 +522,11 @@ def check(plugin_so: Path, engine_binary: Path, engine_version: str | None = Non
     return Verdict(ok=False, reasons=(message,), differing_packages=differing, differing_modules=modules, **base)
 
 
-def verdict_for(plugin_so: Path, engine_binary: Path, engine_version: str | None = None) -> Verdict:
+def verdict_for(
+    plugin_so: Path, engine_binary: Path, engine_version: str | None = None, shown_as: Path | None = None
+) -> Verdict:
     """Check one plugin against the engine and log the outcome, for the installer."""
-    verdict = check(plugin_so, engine_binary, engine_version)
+    verdict = check(plugin_so, engine_binary, engine_version, shown_as)
     if verdict.ok:
         log.info("native plugin %s is compatible with %s (%s)", plugin_so, engine_binary, verdict.engine_go_version)
     else:
@@ -513,9 +534,8 @@ def verdict_for(plugin_so: Path, engine_binary: Path, engine_version: str | None
     return verdict
 
 
-def _loader_refusal(plugin: GoBinary, engine: GoBinary) -> tuple[str, str] | None:
+def _loader_refusal(plugin: GoBinary, engine: GoBinary, path: Path) -> tuple[str, str] | None:
     """Return glibc's dlopen words and our reason when the file is for another class, machine or C library."""
-    path = plugin.path
     if plugin.elf_class != engine.elf_class:
         return (
             f"{path}: wrong ELF class: ELFCLASS{plugin.elf_class}",
