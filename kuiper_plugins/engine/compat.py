@@ -138,6 +138,7 @@ class GoBinary:
     machine: str
     elf_class: int
     libc: str | None
+    libc_name: str | None
     package_hashes: dict[str, bytes]
     build_info: BuildInfo | None
     plugin_stub: bool = False  # built without cgo, with Go's plugin package that only says "not implemented"
@@ -189,6 +190,7 @@ def _read_elf(path: Path, elf: ELFFile) -> GoBinary:
                     string_symbols[index] = package
     link_order = _link_order(elf, string_symbols)
     info = _build_info(elf)
+    libc, libc_name = _libc(elf)
     hashes = {}
     for package in sorted(hash_addresses, key=lambda pkg: (link_order.get(pkg, len(link_order)), pkg)):
         address, size = hash_addresses[package]
@@ -200,7 +202,8 @@ def _read_elf(path: Path, elf: ELFFile) -> GoBinary:
         elf_type=elf["e_type"],
         machine=elf["e_machine"],
         elf_class=elf.elfclass,
-        libc=_libc(elf),
+        libc=libc,
+        libc_name=libc_name,
         package_hashes=hashes,
         build_info=info,
         plugin_stub=not hashes and _is_plugin_stub(elf, info),
@@ -296,8 +299,13 @@ def _read_at(elf: ELFFile, address: int, size: int) -> bytes | None:
     return None
 
 
-def _libc(elf: ELFFile) -> str | None:
-    """Name the C library the file is linked against (glibc or musl), from PT_INTERP and DT_NEEDED."""
+def _libc(elf: ELFFile) -> tuple[str | None, str | None]:
+    """Return the C library the file is linked against (glibc or musl) and the name it is needed by.
+
+    Read from PT_INTERP and DT_NEEDED: Alpine's musl is ``libc.musl-<arch>.so.1`` and its loader
+    ``/lib/ld-musl-<arch>.so.1``; musl elsewhere (Debian's musl-gcc) has the soname ``libc.so``, which
+    glibc never has (its ``libc.so`` is a linker script); glibc is ``libc.so.6`` and ``ld-linux*``.
+    """
     names = []
     for segment in elf.iter_segments():
         if segment["p_type"] == "PT_INTERP":
@@ -307,11 +315,11 @@ def _libc(elf: ELFFile) -> str | None:
         names.extend(tag.needed for tag in dynamic.iter_tags() if tag.entry.d_tag == "DT_NEEDED")
     for name in names:
         base = os.path.basename(name)
-        if "musl" in base:
-            return "musl"
+        if "musl" in base or base == "libc.so":
+            return "musl", name
         if base.startswith("libc.so.") or base.startswith("ld-linux"):
-            return "glibc"
-    return None
+            return "glibc", name
+    return None, None
 
 
 def _build_info(elf: ELFFile) -> BuildInfo | None:
@@ -548,11 +556,11 @@ def _loader_refusal(plugin: GoBinary, engine: GoBinary, path: Path) -> tuple[str
             f"the plugin is built for {plugin.arch}, the engine for {engine.arch}",
         )
     if plugin.libc and engine.libc and plugin.libc != engine.libc:
-        needed = "libc.musl-*.so.1" if plugin.libc == "musl" else "libc.so.6"
-        return (
-            f"{needed}: cannot open shared object file: No such file or directory",
-            f"the plugin is linked against {plugin.libc}, the engine against {engine.libc}",
-        )
+        why = f"the plugin is linked against {plugin.libc} ({plugin.libc_name}), the engine against {engine.libc}"
+        if engine.libc == "musl":
+            return f"Error loading shared library {plugin.libc_name}: No such file or directory (needed by {path})", why
+        # glibc's words when the library is not on its path; a path holding another file gives other words
+        return f"{plugin.libc_name}: cannot open shared object file: No such file or directory", why
     return None
 
 
