@@ -247,6 +247,8 @@ def test_trimpath_lists_every_differing_package_and_the_setting(answers, go_comp
     also = "(also " + ", ".join(verdict.differing_packages[1:]) + ";"
     assert also in verdict.message
     assert "build settings differ: -trimpath=true in the plugin, false in the engine)" in verdict.message
+    assert verdict.reasons[-1] == "build settings differ: -trimpath=true in the plugin, false in the engine"
+    assert verdict.message.endswith(f"({'; '.join(verdict.reasons)})")
 
 
 def test_another_machine_is_named(answers, go_compat):

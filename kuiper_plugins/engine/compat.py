@@ -402,17 +402,13 @@ class Verdict:
     """Would the engine load the plugin, and if not why, in the words the engine would log."""
 
     ok: bool
-    reasons: tuple[str, ...] = ()
+    message: str = ""  # the refusal: eKuiper's and Go's words, then the reasons in parentheses
+    reasons: tuple[str, ...] = ()  # ours, each on its own
     differing_packages: tuple[str, ...] = ()
     differing_modules: tuple[ModuleDifference, ...] = ()
     plugin_go_version: str | None = None
     engine_go_version: str | None = None
     engine_version: str | None = None
-
-    @property
-    def message(self) -> str:
-        """Return the refusal, beginning with eKuiper's words; empty when the plugin would load."""
-        return self.reasons[0] if self.reasons else ""
 
     def as_description(self) -> dict:
         """Return describe's ``compatibility`` object for this verdict."""
@@ -457,50 +453,30 @@ def check(
     opening = f'{PREFIX} {shown}: plugin.Open("{shown}"):'
     if engine.plugin_stub:
         # without cgo Go's plugin.Open refuses every file at once, before looking at it
-        return Verdict(
-            ok=False,
-            reasons=(f"{PREFIX} {shown}: plugin: not implemented (the engine was built with CGO_ENABLED=0)",),
-            engine_go_version=engine.go_version,
-            engine_version=version,
-        )
+        reason = "the engine was built with CGO_ENABLED=0"
+        return _refused(f"{PREFIX} {shown}: plugin: not implemented", [reason], engine, version)
     try:
         plugin = read_binary(plugin_so)
     except NotReadable as exc:
-        return Verdict(
-            ok=False,
-            reasons=(f"{opening} {shown}: {exc.args[0]} (not a shared object: not a Go plugin)",),
-            engine_go_version=engine.go_version,
-            engine_version=version,
-        )
+        words = f"{opening} {shown}: {exc.args[0]}"
+        return _refused(words, ["not a shared object: not a Go plugin"], engine, version)
     except OSError as exc:
         # plugin.Open resolves the path with realpath(3) before dlopen(3)
-        words = "realpath failed" if not os.path.exists(plugin_so) else f"{shown}: {exc.strerror or exc}"
-        return Verdict(
-            ok=False,
-            reasons=(f"{opening} {words}",),
-            engine_go_version=engine.go_version,
-            engine_version=version,
-        )
-    base = {
-        "plugin_go_version": plugin.go_version,
-        "engine_go_version": engine.go_version,
-        "engine_version": version,
-    }
+        if not os.path.exists(plugin_so):
+            return _refused(f"{opening} realpath failed", ["no such file"], engine, version)
+        return _refused(f"{opening} {shown}: {exc.strerror or exc}", [], engine, version)
     built = _built_with(plugin, engine)
 
     refusal = _loader_refusal(plugin, engine, shown)
     if refusal:
         words, why = refusal
-        return Verdict(ok=False, reasons=(f"{opening} {words} ({why}; {built})",), **base)
+        return _refused(f"{opening} {words}", [why, built], engine, version, plugin)
 
     mode = plugin.build_info.settings.get("-buildmode") if plugin.build_info else None
     if not plugin.package_hashes or plugin.elf_type != "ET_DYN" or mode not in (None, "plugin"):
         what = f"it was built with -buildmode={mode}" if mode and mode != "plugin" else "no go:link.pkghash symbols"
-        return Verdict(
-            ok=False,
-            reasons=(f"{PREFIX} {shown}: not a Go plugin ({what}; build it with go build -buildmode=plugin)",),
-            **base,
-        )
+        reasons = [what, "build it with go build -buildmode=plugin"]
+        return _refused(f"{PREFIX} {shown}: not a Go plugin", reasons, engine, version, plugin)
 
     differing = tuple(
         package
@@ -508,26 +484,48 @@ def check(
         if package in engine.package_hashes and engine.package_hashes[package] != digest
     )
     if not differing:
-        return Verdict(ok=True, **base)
-    modules = _differing_modules(differing, plugin.build_info, engine.build_info)
-    opening_no_ext = f'{PREFIX} {shown}: plugin.Open("{_without_so(shown)}"):'
-    hint = []
-    if len(differing) > 1:
-        hint.append("also " + ", ".join(differing[1:]))
-    hint.append(built)
-    if modules:
-        hint.append(
-            "; ".join(
-                f"{m.path} {m.plugin or 'absent'} in the plugin, {m.engine or 'absent'} in the engine" for m in modules
-            )
+        return Verdict(
+            ok=True,
+            plugin_go_version=plugin.go_version,
+            engine_go_version=engine.go_version,
+            engine_version=version,
         )
+    modules = _differing_modules(differing, plugin.build_info, engine.build_info)
+    reasons = ["also " + ", ".join(differing[1:])] if len(differing) > 1 else []
+    reasons.append(built)
+    reasons.extend(
+        f"{m.path} {m.plugin or 'absent'} in the plugin, {m.engine or 'absent'} in the engine" for m in modules
+    )
     flags = _differing_settings(plugin.build_info, engine.build_info)
     if flags:
-        hint.append("build settings differ: " + ", ".join(flags))
-    message = (
-        f"{opening_no_ext} plugin was built with a different version of package {differing[0]} ({'; '.join(hint)})"
+        reasons.append("build settings differ: " + ", ".join(flags))
+    # once dlopen has succeeded, plugin.Open names the file without its .so
+    words = (
+        f'{PREFIX} {shown}: plugin.Open("{_without_so(shown)}"): '
+        f"plugin was built with a different version of package {differing[0]}"
     )
-    return Verdict(ok=False, reasons=(message,), differing_packages=differing, differing_modules=modules, **base)
+    return _refused(words, reasons, engine, version, plugin, differing, modules)
+
+
+def _refused(
+    words: str,
+    reasons: list[str],
+    engine: GoBinary,
+    engine_version: str | None,
+    plugin: GoBinary | None = None,
+    differing: tuple[str, ...] = (),
+    modules: tuple[ModuleDifference, ...] = (),
+) -> Verdict:
+    return Verdict(
+        ok=False,
+        message=f"{words} ({'; '.join(reasons)})" if reasons else words,
+        reasons=tuple(reasons),
+        differing_packages=differing,
+        differing_modules=modules,
+        plugin_go_version=plugin.go_version if plugin else None,
+        engine_go_version=engine.go_version,
+        engine_version=engine_version,
+    )
 
 
 def verdict_for(
@@ -570,7 +568,6 @@ def _built_with(plugin: GoBinary, engine: GoBinary) -> str:
 
 
 def _without_so(path: Path) -> str:
-    # plugin.Open names the file without its .so once dlopen has succeeded
     text = str(path)
     return text[:-3] if len(text) > 3 and text.endswith(".so") else text
 
