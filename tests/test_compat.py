@@ -351,6 +351,8 @@ def test_a_plugins_packages_come_in_its_link_order(go_compat):
     packages = list(plugin.package_hashes)
     assert packages.index("example.com/dep") < packages.index("runtime")
     assert "example.com/plugin" in packages
+    # arm64's relocations (R_AARCH64_ABS64) give the same order as amd64's (R_X86_64_64)
+    assert list(compat.read_binary(go_compat.path("arm64.so")).package_hashes)[:3] == packages[:3]
 
 
 @pytest.mark.parametrize("engine", ["missing", "not-elf.so", "clib.so"])
