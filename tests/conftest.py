@@ -367,12 +367,18 @@ class GoGobError(Exception):
     """gobcheck refused its input; the message is Go's error."""
 
 
+def find_go() -> str:
+    """Return the go command: on PATH, else Debian's golang-go or the upstream tarball's place."""
+    known = ("/usr/lib/go/bin/go", "/usr/local/go/bin/go")
+    go = shutil.which("go") or next((path for path in known if os.path.exists(path)), None)
+    assert go, "the go command is needed (make system-deps installs Debian's golang-go)"
+    return go
+
+
 @pytest.fixture(scope="session")
 def go_gob(request, tmp_path_factory) -> GoGob:
     """Build tests/go/gobcheck once per session with the machine's Go (stdlib only, no network)."""
-    known = ("/usr/lib/go/bin/go", "/usr/local/go/bin/go")  # Debian's golang-go, the upstream tarball
-    go = shutil.which("go") or next((path for path in known if os.path.exists(path)), None)
-    assert go, "the go command is needed (make system-deps installs Debian's golang-go)"
+    go = find_go()
     work = tmp_path_factory.mktemp("gobcheck")
     cache = request.config.cache.mkdir("go-build") if getattr(request.config, "cache", None) else work / "go-build"
     env = {

@@ -1,2 +1,2 @@
 """What the eKuiper engine sees and checks: its key-value store (kv), the gob values kept in it (gob),
-and the names it builds in (builtins)."""
+the names it builds in (builtins), and whether it would load a native plugin (compat)."""
