@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     layout = Layout.of(settings)
     layout.create()
     db.initialise(layout.registry_file)
-    installer = Installer(settings, connect=lambda: db.connect(layout.registry_file))
+    engine = EngineClient(settings.engine_url, settings.engine_token) if settings.engine_url else None
+    installer = Installer(settings, connect=lambda: db.connect(layout.registry_file), engine=engine)
     installer.recover()
     uploads = Uploads(layout.uploads, layout.incoming, settings.max_plugin_size)
     uploads.sweep()
@@ -81,7 +82,7 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         uploads=uploads,
         stop_service=stop_service or stop_gunicorn,
         restart_engine=_engine_restarter(settings),
-        engine=EngineClient(settings.engine_url, settings.engine_token) if settings.engine_url else None,
+        engine=engine,
     )
     from kuiper_plugins.web.api import bp
     from kuiper_plugins.web.openapi import docs_bp

@@ -103,7 +103,8 @@ def envelope(status: int, code: int, message: str, headers: dict[str, str] | Non
     """The JSON error response every refusal is sent as."""
     from flask import Response
 
-    body = json.dumps({"error": code, "message": message}, ensure_ascii=False)
+    # Compact, with a trailing newline, as Go's http.Error writes eKuiper's envelope.
+    body = json.dumps({"error": code, "message": message}, ensure_ascii=False, separators=(",", ":")) + "\n"
     return Response(body, status=status, mimetype="application/json", headers=headers)
 
 

@@ -225,6 +225,16 @@ def _command(value: Any) -> tuple[str, ...]:
     return _list(value)
 
 
+def _engine_binary(value: Any) -> Path | None:
+    """engine.binary: a kuiperd that can load plugins; anything else stops start-up, naming the key."""
+    from kuiper_plugins.engine.compat import read_engine  # compat reads SettingsError from here
+
+    path = _optional_path(value)
+    if path is not None:
+        read_engine(path)  # raises UnusableEngine, which says why
+    return path
+
+
 def _store_type(value: Any) -> str:
     from kuiper_plugins.engine.kv import check_store_type  # kv reads SettingsError from here
 
@@ -237,7 +247,7 @@ SECTION_KEYS: dict[str, dict[str, tuple[str, Any]]] = {
     "engine": {
         "url": ("engine_url", lambda v: _url(v) if _optional_text(v) else None),
         "token": ("engine_token", _optional_text),
-        "binary": ("engine_binary", _optional_path),
+        "binary": ("engine_binary", _engine_binary),
         "restartcommand": ("engine_restart_command", _command),
         "restarttimeout": ("engine_restart_timeout", _seconds),
     },

@@ -140,7 +140,8 @@ class Counted:
 
 
 def build_app(home: Path):
-    settings = Settings(home=home, private_net_allow_list=(), download_timeout=5, install_script_timeout=5)
+    settings = Settings(home=home, private_net_allow_list=(), download_timeout=5, install_script_timeout=5,
+                        portable_verify_on_install=False)
     stops: list[bool] = []
     app = create_app(settings, stop_service=lambda: stops.append(True))
     return app, stops

@@ -115,7 +115,8 @@ def test_not_a_zip_is_refused(service, file_server):
     before = service.snapshot()
     response = service.post("sources", {"name": "random", "file": file_server.url("junk.zip")})
     assert response.status_code == 400
-    assert "invalid zip file" in message(response)
+    assert message(response).startswith(
+        "sources plugins create command error: fail to install plugin: zip: not a valid zip file")
     service.assert_unchanged(before)
 
 
@@ -269,13 +270,14 @@ def test_register_refusals(service, file_server):
 
 
 def test_portable_install_describe_list_delete(service, file_server):
-    url = plugin_zip(file_server, "mirror.zip", portable_members(extra={"lib/helper.txt": "h"}))
+    url = plugin_zip(file_server, "mirror.zip", portable_members(extra={"lib/helper.txt": "h"}),
+                     modes={"mirror": 0o100755})
     response = service.post("portables", {"name": "mirror", "file": url})
     assert response.status_code == 201, response.data
     assert response.data == b"portable plugin mirror is created"
     folder = service.home / "plugins/portable/mirror"
     executable = folder / "mirror"
-    assert executable.stat().st_mode & stat.S_IXUSR, "the executable gets its run bit"
+    assert executable.stat().st_mode & stat.S_IXUSR, "the executable keeps the zip's run bit"
     assert (folder / "mirror.json").exists() and (folder / "lib/helper.txt").read_text() == "h"
     assert not (folder / "sources").exists()
     for root in ("etc", "data"):
@@ -439,22 +441,22 @@ def test_update_body_name_must_match_the_path(service, file_server):
 # ---------------------------------------------------------------------------- names, bodies, routes
 
 
-@pytest.mark.parametrize("name", ["", " a", "a b", "../x", "a.b", "ｒandom", "café", "x" * 65, "a\nb"])
+@pytest.mark.parametrize("name", ["", " a", "a b", "../x", "a.b", "ｒandom", "café", "x" * 251, "a\nb"])
 def test_name_rule_in_bodies(service, file_server, name):
     before = service.snapshot()
     response = service.post("sources", {"name": name, "file": source_zip(file_server)})
     assert response.status_code == 400
-    assert "name" in message(response)
+    assert message(response).startswith("id "), "eKuiper's ID rule, in its words, without a prefix"
     service.assert_unchanged(before)
 
 
-@pytest.mark.parametrize("path", ["invalid%20name", "a.b", "caf%C3%A9", "x" * 65])
+@pytest.mark.parametrize("path", ["invalid%20name", "a.b", "caf%C3%A9", "x" * 251])
 @pytest.mark.parametrize("method", ["get", "delete", "put"])
 def test_name_rule_in_paths(service, method, path):
     before = service.snapshot()
     response = getattr(service.client, method)(f"/plugins/sources/{path}", json={"file": "http://x/a.zip"})
     assert response.status_code == 400
-    assert "invalid name" in message(response)
+    assert message(response).startswith("id '")
     service.assert_unchanged(before)
 
 

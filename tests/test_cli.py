@@ -65,7 +65,8 @@ class LiveService:
 def server(home, file_server):
     """The real app (stop_service only records the call) on a loopback port."""
     stopped = threading.Event()
-    settings = Settings(home=home, private_net_allow_list=(f"127.0.0.1:{file_server.port}",))
+    settings = Settings(home=home, private_net_allow_list=(f"127.0.0.1:{file_server.port}",),
+                        portable_verify_on_install=False)  # stub portable packages
     app = create_app(settings, stop_service=stopped.set)
     live = LiveService(url="", home=home, stopped=stopped)
 

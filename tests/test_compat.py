@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import find_go
+from conftest import find_go, make_zip
 from elftools.elf.elffile import ELFFile
 
 from kuiper_plugins.engine import compat
@@ -380,3 +380,48 @@ def test_a_missing_plugin_is_refused_as_dlopen_would(go_compat, tmp_path):
     opened, line = go_compat.plugin_open("host", str(missing))
     assert not opened
     assert verdict.message.startswith(f"fail to install plugin: {line}")
+
+
+# ---------------------------------------------------------------------------- through the API (engine.binary)
+
+
+def test_an_install_checked_against_the_engine_is_described_with_its_verdict(make_service, file_server, go_compat):
+    service = make_service(engine_binary=go_compat.path("host"))
+    make_zip(file_server.root / "echo.zip", {"Echo@v1.0.0.so": go_compat.path("same.so").read_bytes()})
+    response = service.post("functions", {"name": "echo", "file": file_server.url("echo.zip")})
+    assert response.status_code == 201, response.data
+    described = service.client.get("/plugins/functions/echo").get_json()
+    assert described["name"] == "echo" and described["version"] == "1.0.0"
+    assert described["compatibility"]["verdict"] == "compatible"
+    assert described["compatibility"]["goVersion"].startswith("go1.")
+    assert described["compatibility"]["engineGoVersion"] == described["compatibility"]["goVersion"]
+    assert described["compatibility"]["engineVersion"] == "2.4.0"  # basic.kuiperVersion: no engine.url here
+
+
+@pytest.mark.parametrize("plugin", ["dep-edited.so", "dep-v1.1.0.so", "trimpath.so", "arm64.so", "not-elf.so"])
+def test_an_install_the_engine_would_not_load_is_refused_and_writes_nothing(make_service, file_server, go_compat,
+                                                                          plugin):
+    service = make_service(engine_binary=go_compat.path("host"))
+    make_zip(file_server.root / "echo.zip", {"Echo@v1.0.0.so": go_compat.path(plugin).read_bytes()})
+    before = service.snapshot()
+    response = service.post("functions", {"name": "echo", "file": file_server.url("echo.zip")})
+    assert response.status_code == 400
+    message = response.get_json()["message"]
+    final = service.home.resolve() / "plugins/functions/Echo@v1.0.0.so"
+    assert message.startswith(f"functions plugins create command error: fail to install plugin: cannot open {final}")
+    if plugin.startswith(("dep", "trimpath")):
+        assert "plugin was built with a different version of package example.com/dep" in message
+    service.assert_unchanged(before)
+
+
+def test_an_update_the_engine_would_not_load_keeps_the_old_plugin(make_service, file_server, go_compat):
+    service = make_service(engine_binary=go_compat.path("host"))
+    make_zip(file_server.root / "v1.zip", {"Echo@v1.0.0.so": go_compat.path("same.so").read_bytes()})
+    make_zip(file_server.root / "v2.zip", {"Echo@v2.0.0.so": go_compat.path("dep-v1.1.0.so").read_bytes()})
+    assert service.post("functions", {"name": "echo", "file": file_server.url("v1.zip")}).status_code == 201
+    before = service.snapshot()
+    response = service.client.put("/plugins/functions/echo", json={"file": file_server.url("v2.zip")})
+    assert response.status_code == 400
+    message = response.get_json()["message"]
+    assert "example.com/dep v1.1.0 => ../dep-v1.1.0 in the plugin, v1.0.0 => ../dep in the engine" in message
+    service.assert_unchanged(before)

@@ -448,3 +448,105 @@ def test_init_timeout_refusals_name_the_key(value):
 
 def test_the_default_init_timeout_is_ekuipers():
     assert parse_duration(portable.DEFAULT_INIT_TIMEOUT) == 60.0
+
+
+# ---------------------------------------------------------------------------- through the API
+
+
+def zip_folder(folder: Path, target: Path, extra: dict[str, tuple[bytes, int]] | None = None) -> Path:
+    """Zip a plugin folder with each file's mode (the run bit included), as a packager would."""
+    import zipfile
+
+    with zipfile.ZipFile(target, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                info = zipfile.ZipInfo(str(path.relative_to(folder)))
+                info.external_attr = (stat.S_IFREG | stat.S_IMODE(path.stat().st_mode)) << 16
+                archive.writestr(info, path.read_bytes())
+        for name, (data, mode) in (extra or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFREG | mode) << 16
+            archive.writestr(info, data)
+    return target
+
+
+def test_a_real_python_plugin_installs_through_the_api_after_its_handshake(make_service, file_server, sdk_python):
+    service = make_service(portable_verify_on_install=True, portable_python_bin=str(sdk_python))
+    zip_folder(FIXTURES / "pygreet", file_server.root / "pygreet.zip")
+    response = service.post("portables", {"name": "pygreet", "file": file_server.url("pygreet.zip")})
+    assert response.status_code == 201, response.data
+    described = service.client.get("/plugins/portables/pygreet").get_json()
+    assert described["executable"] == str(service.layout.portable_dir("pygreet") / "pygreet.py")
+    assert (service.home / "etc/sources/greeting.yaml").exists()
+    assert not Path("/tmp/plugin_pygreet.ipc").exists()
+
+
+def test_a_plugin_that_never_shakes_hands_is_refused_through_the_api_and_nothing_is_written(make_service, file_server):
+    service = make_service(portable_verify_on_install=True, portable_init_timeout=2.0)
+    descriptor = {"version": "v1", "language": "go", "executable": "silent.sh", "sinks": ["hush"]}
+    zip_folder(FIXTURES / "silent", file_server.root / "silent.zip",
+               {"silent.json": (json.dumps(descriptor).encode(), 0o644)})
+    before = service.snapshot()
+    response = service.post("portables", {"name": "silent", "file": file_server.url("silent.zip")})
+    assert response.status_code == 400
+    message = response.get_json()["message"]
+    exe = service.layout.portable_dir("silent") / "silent.sh"
+    assert message.startswith(f"portable plugin create command error: fail to install plugin: plugin {exe} control"
+                              " handshake error: receive time out")
+    service.assert_unchanged(before)
+
+
+def test_an_executable_without_its_run_bit_is_refused_with_permission_denied(make_service, file_server):
+    service = make_service(portable_verify_on_install=True)
+    descriptor = {"version": "v1", "language": "go", "executable": "mirror", "sinks": ["echo"]}
+    zip_folder(FIXTURES / "silent", file_server.root / "mirror.zip", {
+        "mirror.json": (json.dumps(descriptor).encode(), 0o644), "mirror": (b"#!/bin/sh\nexit 0\n", 0o644)})
+    before = service.snapshot()
+    response = service.post("portables", {"name": "mirror", "file": file_server.url("mirror.zip")})
+    assert response.status_code == 400
+    exe = service.layout.portable_dir("mirror") / "mirror"
+    assert (f"fail to install plugin: plugin executable {exe} stops with error fork/exec {exe}: permission denied"
+            in response.get_json()["message"])
+    service.assert_unchanged(before)
+
+
+def portable_script_package(file_server, zip_name: str, script: str, version: str = "v1") -> str:
+    descriptor = {"version": version, "language": "go", "executable": "run.sh", "sinks": ["echo"]}
+    zip_folder(FIXTURES / "silent", file_server.root / zip_name, {
+        "mirror.json": (json.dumps(descriptor).encode(), 0o644), "run.sh": (b"#!/bin/sh\nexit 0\n", 0o755),
+        "install.sh": (script.encode(), 0o644)})
+    return file_server.url(zip_name)
+
+
+def test_a_portable_install_sh_runs_in_the_plugins_own_folder_with_the_proxy(make_service, file_server, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("no_proxy", "localhost")
+    monkeypatch.setenv("SECRET_TOKEN", "not for scripts")
+    service = make_service()
+    script = ('pwd > where.txt\nenv | sort > env.txt\nmkdir venv && ln -s "$PWD/venv" venv-link\n')
+    url = portable_script_package(file_server, "mirror.zip", script)
+    assert service.post("portables", {"name": "mirror", "file": url}).status_code == 201
+    folder = service.layout.portable_dir("mirror")
+    assert (folder / "where.txt").read_text().strip() == str(folder)
+    env = (folder / "env.txt").read_text()
+    assert "HTTPS_PROXY=http://127.0.0.1:3128" in env and "no_proxy=localhost" in env
+    assert "SECRET_TOKEN" not in env
+    assert (folder / "venv-link").resolve() == folder / "venv"  # an absolute link made in place stays valid
+
+
+def test_a_failing_portable_install_sh_takes_the_folder_away_and_an_update_puts_the_old_one_back(
+        make_service, file_server):
+    service = make_service()
+    before = service.snapshot()
+    failing = portable_script_package(file_server, "bad.zip", "mkdir made-here\necho broken >&2\nexit 4\n", "v2")
+    response = service.post("portables", {"name": "mirror", "file": failing})
+    assert response.status_code == 400 and "exit status 4" in response.get_json()["message"]
+    service.assert_unchanged(before)
+    good = portable_script_package(file_server, "good.zip", "touch installed-v1\n")
+    assert service.post("portables", {"name": "mirror", "file": good}).status_code == 201
+    before = service.snapshot()
+    response = service.client.put("/plugins/portables/mirror", json={"file": failing})
+    assert response.status_code == 400
+    service.assert_unchanged(before)
+    assert (service.layout.portable_dir("mirror") / "installed-v1").exists()
+    assert service.client.get("/plugins/portables/mirror").get_json()["version"] == "v1"

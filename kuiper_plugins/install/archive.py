@@ -15,7 +15,7 @@ three passes, cheapest first:
 
 `extract` then writes exactly the accepted entries under a fresh folder. It
 walks that folder by file descriptor with ``O_NOFOLLOW`` so no link is ever
-followed, sets fixed modes, and counts every byte against the size `inspect`
+followed, sets fixed modes (0644, or 0755 for an entry with a run bit), and counts every byte against the size `inspect`
 accepted. `zipfile` is the one parser for both steps; the byte-level checks
 here only make sure it has nothing ambiguous to interpret.
 """
@@ -48,6 +48,7 @@ RATIO_FREE_SIZE = 1 << 20  # entries up to 1 MiB may compress as well as they li
 CHUNK_SIZE = 1 << 20
 
 FILE_MODE = 0o644
+EXECUTABLE_MODE = 0o755
 FOLDER_MODE = 0o755
 
 # Record layouts from PKWARE's APPNOTE.TXT, section 4.3; all little-endian, signature first.
@@ -241,7 +242,7 @@ def _locate_directory(archive: BinaryIO, file_size: int, max_entries: int) -> _D
 def _find_end_record(archive: BinaryIO, file_size: int) -> int:
     """Return the end record's offset, found the way zipfile finds it."""
     if file_size < _END_RECORD.size:
-        raise _rejected("not a zip archive")
+        raise _not_a_zip()
     archive.seek(file_size - _END_RECORD.size)
     last = archive.read(_END_RECORD.size)
     if last.startswith(_END_RECORD_SIG) and last.endswith(b"\0\0"):
@@ -251,7 +252,7 @@ def _find_end_record(archive: BinaryIO, file_size: int) -> int:
     tail = archive.read()
     found = tail.rfind(_END_RECORD_SIG)
     if found < 0 or found + _END_RECORD.size > len(tail):
-        raise _rejected("not a zip archive")
+        raise _not_a_zip()
     return search_start + found
 
 
@@ -471,7 +472,8 @@ def _write_file(archive: zipfile.ZipFile, entry: Entry, root_fd: int, segments: 
         if parent_fd != root_fd:
             os.close(parent_fd)
     try:
-        os.fchmod(file_fd, FILE_MODE)  # whatever the umask
+        # The zip's run bit is kept, as eKuiper keeps the entry's mode; the rest is fixed, whatever the umask.
+        os.fchmod(file_fd, EXECUTABLE_MODE if entry.executable else FILE_MODE)
         # zipfile stops inflating at the declared size and drops the rest unseen; asking it for one byte more
         # lets _copy_member see a stream that goes on past its declaration (the CRC covers only what was read).
         probe = copy.copy(info)
@@ -523,6 +525,11 @@ def _open_folder(root_fd: int, segments: list[str]) -> int:
 
 
 # --- messages ------------------------------------------------------------------
+
+
+def _not_a_zip() -> ArchiveRejected:
+    """Go's archive/zip words for a file without an end record, which eKuiper passes on."""
+    return ArchiveRejected("zip: not a valid zip file (no zip end record found: the file is not a zip archive)")
 
 
 def _rejected(detail: str) -> ArchiveRejected:

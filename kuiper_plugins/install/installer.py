@@ -31,6 +31,7 @@ its start or at its commit point only.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kuiper_plugins.engine import builtins, kv
+from kuiper_plugins.engine import builtins, compat, kv, portable
 from kuiper_plugins.errors import (
     ArchiveRejected,
     DiskFull,
@@ -91,8 +92,9 @@ def type_label(plugin_type: str) -> str:
 class Installer:
     """Carries out plugin operations against one KUIPER_HOME and its registry."""
 
-    def __init__(self, settings: Settings, connect: Callable[[], sqlite3.Connection]):
+    def __init__(self, settings: Settings, connect: Callable[[], sqlite3.Connection], engine=None):
         self.settings = settings
+        self.engine = engine  # an EngineClient when engine.url is set
         self.layout = Layout.of(settings)
         self._connect = connect
         self.engine_store = kv.EngineStore(kv.store_path(self.layout.data, settings.store_sqlite_name))
@@ -102,30 +104,34 @@ class Installer:
     def install(self, plugin_type: str, request: dict[str, Any]) -> None:
         """Install a new plugin from the request's package URL."""
         name = request["name"]
-        with self._logged("install", plugin_type, name, request) as outcome, self._locked(plugin_type, name) as conn:
-            if registry.find_by_key(conn, plugin_type, name) is not None:
-                raise InvalidRequest(f"invalid name {name}: duplicate")
-            self._refuse_before_fetching(conn, plugin_type, request, None)
-            with self._reserved(conn, plugin_type, name, "install") as op:
-                outcome.update(self._install_package(conn, op, plugin_type, request, old=None))
-            self._project(conn, plugin_type, name)
+        with self._logged("install", plugin_type, name, request) as outcome:
+            fetch.check_url(request["file"])  # eKuiper's order: the URL, then duplicate, then function names
+            with self._locked(plugin_type, name) as conn:
+                if registry.find_by_key(conn, plugin_type, name) is not None:
+                    raise InvalidRequest(f"invalid name {name}: duplicate")
+                self._refuse_before_fetching(conn, plugin_type, request, None)
+                with self._reserved(conn, plugin_type, name, "install") as op:
+                    outcome.update(self._install_package(conn, op, plugin_type, request, old=None))
+                self._project(conn, plugin_type, name)
 
     def update(self, plugin_type: str, name: str, request: dict[str, Any]) -> None:
         """Replace an installed plugin by a new package; the old one stays whole until the new one is in."""
-        with self._logged("update", plugin_type, name, request) as outcome, self._locked(plugin_type, name) as conn:
-            old = registry.find(conn, plugin_type, name)
-            if old is None:
-                if plugin_type != PORTABLE:
-                    raise PluginNotFound(
-                        f"update {plugin_type} plugin {name} error, cannot delete old version:"
-                        f" invalid name {name}: not exist"
-                    )
-                if registry.find_by_key(conn, plugin_type, name) is not None:
-                    raise InvalidRequest(f"invalid name {name}: duplicate")
-            self._refuse_before_fetching(conn, plugin_type, request, old)
-            with self._reserved(conn, plugin_type, name, "update") as op:
-                outcome.update(self._install_package(conn, op, plugin_type, request, old=old))
-            self._project(conn, plugin_type, name)
+        with self._logged("update", plugin_type, name, request) as outcome:
+            fetch.check_url(request["file"])
+            with self._locked(plugin_type, name) as conn:
+                old = registry.find(conn, plugin_type, name)
+                if old is None:
+                    if plugin_type != PORTABLE:
+                        raise PluginNotFound(
+                            f"update {plugin_type} plugin {name} error, cannot delete old version:"
+                            f" invalid name {name}: not exist"
+                        )
+                    if registry.find_by_key(conn, plugin_type, name) is not None:
+                        raise InvalidRequest(f"invalid name {name}: duplicate")
+                self._refuse_before_fetching(conn, plugin_type, request, old)
+                with self._reserved(conn, plugin_type, name, "update") as op:
+                    outcome.update(self._install_package(conn, op, plugin_type, request, old=old))
+                self._project(conn, plugin_type, name)
 
     def delete(self, plugin_type: str, name: str) -> None:
         """Remove exactly the files the install wrote, the plugin's functions and its registry entry.
@@ -451,19 +457,15 @@ class Installer:
         finally:
             fetched.path.unlink(missing_ok=True)
 
-        if plan.script:
-            try:
-                scripts.run_install_script(
-                    unpacked / plan.script, request.get("shellParas") or [], cwd=unpacked,
-                    timeout=settings.install_script_timeout, marker=op.id,
-                )
-            except ScriptFailed as exc:
-                raise exc.with_prefix("fail to install plugin")
-        if plan.executable:
-            os.chmod(unpacked / plan.executable, 0o755)
+        compatibility = self._check_compatibility(plan, unpacked) if plugin_type in NATIVE_TYPES else None
+        if plan.script and plugin_type != PORTABLE:
+            # As eKuiper: a native plugin's install.sh runs in a scratch folder with the zip's other files.
+            self._run_script(op, plan, request, unpacked)
 
         moves, files = self._stage_units(conn, op, plan, unpacked, old)
         self._publish(op, moves)
+        if plugin_type == PORTABLE:
+            files = self._finish_portable(op, plan, request, files)
         descriptor = None
         if plan.descriptor is not None:
             descriptor = dict(plan.descriptor)
@@ -473,7 +475,7 @@ class Installer:
                 registry.save(
                     conn, plugin_type=plugin_type, name=name, version=plan.version, descriptor=descriptor,
                     request=request, sha256=fetched.sha256, files=files, functions=plan.functions,
-                    replaces=old.id if old is not None else None,
+                    replaces=old.id if old is not None else None, compatibility=compatibility,
                 )
                 registry.end_operation(conn, op.id, committed=True)
         except sqlite3.IntegrityError:
@@ -482,6 +484,59 @@ class Installer:
             raise InstallFailed(f"fail to install plugin: a file of plugin {name} was taken by another plugin")
         op.committed = True
         return {"version": plan.version, "sha256": fetched.sha256}
+
+    def _check_compatibility(self, plan: packages.InstallPlan, unpacked: Path) -> dict[str, Any] | None:
+        """Refuse, before install.sh or anything else runs, a binary engine.binary's plugin.Open would refuse."""
+        if self.settings.engine_binary is None:
+            return None  # a standalone registry: only the package rules apply
+        binary = plan.units[0]
+        verdict = compat.verdict_for(
+            unpacked / binary.src, self.settings.engine_binary, engine_version=self.engine_version(),
+            shown_as=Path(os.path.realpath(self.layout.absolute(binary.dest).parent)) / Path(binary.dest).name,
+        )
+        if not verdict.ok:
+            raise PackageInvalid(verdict.message)
+        return verdict.as_description()
+
+    def _run_script(self, op: _Operation, plan: packages.InstallPlan, request: dict[str, Any], cwd: Path,
+                    passed_env: dict[str, str] | None = None) -> None:
+        try:
+            scripts.run_install_script(
+                cwd / plan.script, request.get("shellParas") or [], cwd=cwd,
+                timeout=self.settings.install_script_timeout, marker=op.id, passed_env=passed_env,
+            )
+        except ScriptFailed as exc:
+            raise exc.with_prefix("fail to install plugin")
+
+    def _finish_portable(self, op: _Operation, plan: packages.InstallPlan, request: dict[str, Any],
+                         files: list[registry.RecordedFile]) -> list[registry.RecordedFile]:
+        """Run install.sh and the handshake in the plugin's own folder, in place (as eKuiper does), then seal it.
+
+        The folder is already moved in (an update's old one set aside): a venv or an absolute link made by
+        install.sh stays valid. A failure undoes the moves, taking the whole folder away and putting the
+        old one back. What install.sh added is fsynced and fingerprinted before the commit.
+        """
+        folder = self.layout.portable_dir(plan.name)
+        if plan.script:
+            passed = {k: os.environ[k] for k in scripts.PORTABLE_PASSED_ENV if k in os.environ}
+            self._run_script(op, plan, request, folder, passed)
+        if self.settings.portable_verify_on_install:
+            try:
+                portable.verify_descriptor(folder, plan.name, plan.descriptor or {},
+                                           python_bin=self.settings.portable_python_bin,
+                                           init_timeout=self.settings.portable_init_timeout)
+            except PackageInvalid as exc:
+                raise exc.with_prefix("fail to install plugin")
+        recorded = self.layout.relative(folder)
+        print_ = durable.seal(folder)
+        durable.sync_folders([folder.parent])
+        return [registry.RecordedFile(recorded, print_.size, print_.sha256) if f.path == recorded else f
+                for f in files]
+
+    def engine_version(self) -> str | None:
+        """The managed engine's version: its own answer (engine.url), else basic.kuiperVersion."""
+        info = self.engine.info() if self.engine is not None else None
+        return info.version if info is not None else self.settings.kuiper_version
 
     def _plan(
         self, plugin_type: str, name: str, request: dict[str, Any], zip_path: Path
@@ -498,7 +553,8 @@ class Installer:
             raw = archive.read_member(zip_path, member, max_size=DESCRIPTOR_MAX_BYTES) if present else None
             return entries, packages.plan_portable(name, entries, raw, shell_paras=shell_paras)
         functions = request.get("functions") or [name]
-        plan = packages.plan_native(plugin_type, name, entries, shell_paras=shell_paras, functions=functions)
+        plan = packages.plan_native(plugin_type, name, entries, shell_paras=shell_paras, functions=functions,
+                                    shown=lambda recorded: str(self.layout.absolute(recorded)))
         return entries, plan
 
     def _stage_units(
@@ -585,6 +641,10 @@ class Installer:
         """
         journal = []
         for index, (staged, dest) in enumerate(moves):
+            if staged is not None:
+                # Folders this move will make come first, so that an undo removes them after their contents.
+                journal += [{"dest": folder, "backup": None, "placed": True, "made": True}
+                            for folder in self._missing_parents(dest) if folder not in {e["dest"] for e in journal}]
             backup = f"backup/{index}" if self._exists(dest) else None
             journal.append({"dest": dest, "backup": backup, "placed": staged is not None})
         (op.staging / "backup").mkdir(exist_ok=True)
@@ -595,7 +655,8 @@ class Installer:
         # Each destination folder, and the backup folder when old files went there. The folder the staged
         # files leave need not be synced: losing that side of a rename only leaves debris in staging.
         touched = set()
-        for (staged, _dest), entry in zip(moves, journal, strict=True):
+        moving = [entry for entry in journal if not entry.get("made")]
+        for (staged, _dest), entry in zip(moves, moving, strict=True):
             target = self._inside_home(entry["dest"])
             if entry["backup"]:
                 _set_aside(target, op.staging / entry["backup"], replaced=staged is not None and not staged.is_dir())
@@ -620,7 +681,11 @@ class Installer:
                 log.warning("not undoing the move of %r: it does not lead inside %s", entry, self.layout.home)
                 continue
             backup = staging / entry["backup"] if entry["backup"] else None
-            if backup is None:
+            if entry.get("made"):
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    os.rmdir(target)  # a folder the operation made, emptied by the undos before this one
+                touched.add(target.parent)
+            elif backup is None:
                 if entry["placed"]:
                     _remove(target)
                     touched.add(target.parent)
@@ -732,6 +797,15 @@ class Installer:
         if clashes:
             function, plugin = clashes[0]
             raise InvalidRequest(f"function name {function} already exists (it belongs to plugin {plugin})")
+
+    def _missing_parents(self, recorded: str) -> list[str]:
+        """The folders above a destination that do not exist yet, outermost first."""
+        missing = []
+        parent = recorded.rpartition("/")[0]
+        while parent and "/" in parent and not self._exists(parent):
+            missing.append(parent)
+            parent = parent.rpartition("/")[0]
+        return list(reversed(missing))
 
     def _exists(self, recorded: str) -> bool:
         return os.path.lexists(self.layout.absolute(recorded))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from kuiper_plugins.errors import PluginBusy
 
+_LONGEST_KEY = 200  # "<type>.<key>.lock" stays well inside 255 bytes
 _ATTEMPTS = 100  # a lock file removed under us this often in a row means it is in heavy use: busy
 
 
@@ -81,8 +83,14 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def plugin_lock(locks_dir: Path, plugin_type: str, name: str) -> PluginLock:
-    """The lock of one plugin; names differing only in case share it, as they share a registry key."""
-    return PluginLock(locks_dir / f"{plugin_type}.{name.lower()}.lock")
+    """The lock of one plugin; names differing only in case share it, as they share a registry key.
+
+    A name too long for a file name of its own is locked under its digest.
+    """
+    key = name.lower()
+    if len(key) > _LONGEST_KEY:
+        key = "sha256-" + hashlib.sha256(key.encode()).hexdigest()
+    return PluginLock(locks_dir / f"{plugin_type}.{key}.lock")
 
 
 @contextmanager

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kuiper_plugins.errors import InvalidRequest, PackageInvalid
 from kuiper_plugins.install.archive import Entry
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")  # eKuiper's ValidateID rule
+# The longest file name a plugin's name becomes is `<name>.yaml`/`<name>.json` (and `<Name>@<version>.so`):
+# the file system allows 255 bytes, so a name may have 250.
+MAX_NAME_BYTES = 250
 VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 INSTALL_SCRIPT = "install.sh"
 PORTABLE_LANGUAGES = ("go", "python")
@@ -24,11 +27,19 @@ PORTABLE_SYMBOL_KINDS = ("sources", "sinks", "functions")
 
 
 def check_name(name: Any, what: str = "name") -> str:
-    """Return `name` if it follows the name rule (1-64 of [A-Za-z0-9_-]), else refuse it."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        shown = name if isinstance(name, str) else repr(name)
+    """Return `name` if it follows eKuiper's ID rule (letters, digits, `_`, `-`), else refuse it in eKuiper's words."""
+    if not isinstance(name, str) or name == "":
+        raise InvalidRequest("id cannot be empty")
+    if name != name.strip():
+        raise InvalidRequest(f"id '{name}' contains leading or trailing whitespace")
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidRequest(
-            f"invalid {what} '{shown}': only 1 to 64 letters, digits, hyphens and underscores are allowed"
+            f"id '{name}' contains invalid characters: only alphanumeric, hyphens and underscores are allowed"
+        )
+    if len(name) > MAX_NAME_BYTES:
+        raise InvalidRequest(
+            f"id '{name[:20]}...' is too long ({len(name)} characters; a {what} becomes file names, which may"
+            f" have at most 255 bytes: {MAX_NAME_BYTES} characters are left for it)"
         )
     return name
 
@@ -64,10 +75,15 @@ def _root_files(entries: Sequence[Entry]) -> dict[str, Entry]:
     return {e.name: e for e in entries if not e.is_dir and "/" not in e.name}
 
 
-def _listing(entries: Sequence[Entry], limit: int = 20) -> str:
+def _zip_files(entries: Sequence[Entry], limit: int = 100) -> str:
+    """The zip's entry names as Go prints a []string (a folder keeps its trailing slash), the first `limit`."""
     names = [e.name + ("/" if e.is_dir else "") for e in entries]
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} entries)" if len(names) > limit else "")
+    shown = " ".join(names[:limit])
+    return shown + (f" ...and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _go_bool(value: bool) -> str:
+    return "true" if value else "false"
 
 
 def _check_script(has_script: bool, shell_paras: Sequence[str]) -> None:
@@ -77,9 +93,12 @@ def _check_script(has_script: bool, shell_paras: Sequence[str]) -> None:
 
 def plan_native(
     plugin_type: str, name: str, entries: Sequence[Entry], *, shell_paras: Sequence[str] = (),
-    functions: Sequence[str] = (),
+    functions: Sequence[str] = (), shown: Callable[[str], str] = str,
 ) -> InstallPlan:
-    """Plan a native source, sink or function plugin from its zip listing."""
+    """Plan a native source, sink or function plugin from its zip listing.
+
+    `shown` maps a recorded path (`plugins/sources/x.so`) to the one messages name (absolute, as eKuiper's).
+    """
     root = _root_files(entries)
     has_script = INSTALL_SCRIPT in root
     _check_script(has_script, shell_paras)
@@ -87,14 +106,23 @@ def plan_native(
     capitalised = name[0].upper() + name[1:]
     so_pattern = re.compile(rf"(?:{re.escape(name)}|{re.escape(capitalised)})(?:@(.*))?\.so")
     binaries = [(n, m) for n in sorted(root) if (m := so_pattern.fullmatch(n))]
+    yaml_name = f"{name}.yaml"
+    needs_yaml = plugin_type == "sources"
+    problems = []
     if not binaries:
-        raise PackageInvalid(
-            f"invalid zip file: no {name}.so or {capitalised}.so (optionally @version) at the zip root;"
-            f" found: {_listing(entries)}"
-        )
+        problems.append(f"no {name}.so or {capitalised}.so (optionally @version) at the zip root")
     if len(binaries) > 1:
+        problems.append(f"more than one binary for plugin {name}: {', '.join(n for n, _ in binaries)}")
+    if needs_yaml and yaml_name not in root:
+        problems.append(f"source plugin {name} needs {yaml_name} at the zip root")
+    if problems:
+        filenames = [shown(f"plugins/{plugin_type}/{n}") for n, _ in binaries]
+        if needs_yaml and yaml_name in root:
+            filenames += [shown(f"{folder}/sources/{yaml_name}") for folder in ("etc", "data")]
         raise PackageInvalid(
-            f"invalid zip file: more than one binary for plugin {name}: {', '.join(n for n, _ in binaries)}"
+            f"invalid zip file: expectFiles: {3 if needs_yaml else 1}, got filenames:[{' '.join(filenames)}],"
+            f" zipFiles: [{_zip_files(entries)}], yamlFileChecked:{_go_bool(yaml_name in root and needs_yaml)},"
+            f" soFileChecked:{_go_bool(bool(binaries))} ({'; '.join(problems)})"
         )
     so_name, match = binaries[0]
     version = match.group(1) or ""
@@ -104,9 +132,6 @@ def plan_native(
     etc_dir, data_dir = f"etc/{plugin_type}", f"data/{plugin_type}"
     units = [Unit(so_name, f"plugins/{plugin_type}/{so_name}")]
     if plugin_type == "sources":
-        yaml_name = f"{name}.yaml"
-        if yaml_name not in root:
-            raise PackageInvalid(f"invalid zip file: source plugin {name} needs {yaml_name} at the zip root")
         units += [Unit(yaml_name, f"{etc_dir}/{yaml_name}", group="yaml"),
                   Unit(yaml_name, f"{data_dir}/{yaml_name}", group="yaml")]
     json_name = f"{name}.json"
@@ -163,8 +188,8 @@ def plan_portable(
         top, _, rest = entry.name.partition("/")
         if top not in PORTABLE_SYMBOL_KINDS or not rest:
             continue
-        if entry.is_dir or "/" in rest:
-            raise PackageInvalid(f"invalid zip file: {entry.name}: folders under {top}/ are not supported")
+        if entry.is_dir:
+            continue  # its files are units of their own; their folders are made as they are placed
         units += [Unit(entry.name, f"etc/{entry.name}"), Unit(entry.name, f"data/{entry.name}")]
     # The rest of the unpacked tree becomes the plugin's own folder; it must come last.
     units.append(Unit("", f"plugins/portable/{name}", is_dir=True))

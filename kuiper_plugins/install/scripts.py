@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,9 +201,14 @@ def check_shell_paras(paras: Sequence[str]) -> None:
             raise InvalidRequest(f"shellParas[{index}] is not valid Unicode text")
 
 
+# What a portable plugin's install.sh gets from the service's environment, as eKuiper's runs with its own
+# environment: the proxy settings a `pip install` needs, and the language.
+PORTABLE_PASSED_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "LANG")
+
+
 def run_install_script(
     script: Path, args: Sequence[str], *, cwd: Path, timeout: float, marker: str,
-    confined: Confinement | None = None,
+    confined: Confinement | None = None, passed_env: Mapping[str, str] | None = None,
 ) -> str:
     """Run `/bin/sh script args...` in cwd and return the last 64 KiB of its output (stdout and stderr).
 
@@ -211,6 +216,7 @@ def run_install_script(
     raise ScriptFailed before anything runs. The output is decoded as UTF-8 with control characters
     removed. Raise ScriptFailed when the script exits non-zero, is killed by a signal, overruns `timeout`
     seconds, or cannot be started. Whatever the outcome, no process it started is left running.
+    `passed_env` adds variables to the otherwise scrubbed environment (see PORTABLE_PASSED_ENV).
     """
     check_shell_paras(args)
     _marker_entry(marker)
@@ -226,6 +232,10 @@ def run_install_script(
         "TMPDIR": workdir,
         MARKER_ENV: marker,
     }
+    if passed_env:
+        env.update(passed_env)
+        if "LANG" in passed_env:
+            del env["LC_ALL"]  # the passed language applies
     log.info("running %s in %s with %d parameter(s), timeout %g s", script, workdir, len(args), timeout)
     started = time.monotonic()
     status_read, status_write = os.pipe()

@@ -99,6 +99,10 @@ MIGRATIONS: list[str] = [
         id          TEXT    PRIMARY KEY
     );
     """,
+    # The engine's verdict on a native plugin (engine.binary), shown by describe.
+    """
+    ALTER TABLE plugins ADD COLUMN compatibility TEXT;
+    """,
 ]
 
 

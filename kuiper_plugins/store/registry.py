@@ -42,6 +42,7 @@ class Plugin:
     request: dict[str, Any] | None
     sha256: str | None
     adopted: bool
+    compatibility: dict[str, Any] | None = None  # the engine's verdict, when engine.binary checked it
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def _plugin(row: sqlite3.Row) -> Plugin:
         request=json.loads(row["request"]) if row["request"] else None,
         sha256=row["sha256"],
         adopted=bool(row["adopted"]),
+        compatibility=json.loads(row["compatibility"]) if row["compatibility"] else None,
     )
 
 
@@ -216,6 +218,7 @@ def save(
     functions: Sequence[str],
     replaces: int | None = None,
     adopted: bool = False,
+    compatibility: dict[str, Any] | None = None,
 ) -> int:
     """Record a fully installed plugin (replacing the row `replaces` on update); return its id."""
     now = time.time()
@@ -226,7 +229,7 @@ def save(
         conn.execute("DELETE FROM plugins WHERE id = ?", (replaces,))
     cursor = conn.execute(
         "INSERT INTO plugins (type, name, name_key, version, descriptor, request, sha256, adopted,"
-        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " created_at, updated_at, compatibility) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             plugin_type,
             name,
@@ -238,6 +241,7 @@ def save(
             int(adopted),
             created_at,
             now,
+            json.dumps(compatibility) if compatibility is not None else None,
         ),
     )
     plugin_id = cursor.lastrowid

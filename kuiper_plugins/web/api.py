@@ -112,6 +112,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
+                            object_pairs_hook=_reject_duplicate_keys)
+
+
 def _read_body() -> bytes:
     """The request body, refusing (413) one longer than MAX_CONTENT_LENGTH, with or without Content-Length.
 
@@ -147,8 +151,8 @@ def load_body(schema, what: str) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest(f"{prefix}: EOF")
     try:
-        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float,
-                          object_pairs_hook=_reject_duplicate_keys)
+        # As Go's json.Decoder: the first JSON value is read, whatever follows it is ignored.
+        data, _end = _DECODER.raw_decode(raw.decode("utf-8").lstrip(" \t\r\n"))
         _check_strings(data)
     except (ValueError, RecursionError, UnicodeError) as exc:
         detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
@@ -187,6 +191,7 @@ def list_plugins(plugin_type: str) -> Response:
 @bp.post(f"/plugins/<{ALL_TYPES}:plugin_type>")
 def create_plugin(plugin_type: str) -> Response:
     body = load_body(create_schema, f"{type_label(plugin_type)} plugin")
+    checked_name(body["name"])  # as eKuiper: after decoding, in its own words, before the create command
     try:
         installer().install(plugin_type, _request_record(plugin_type, body))
     except PluginError as exc:
@@ -224,7 +229,10 @@ def _description(conn: sqlite3.Connection, plugin_type: str, name: str) -> dict[
     description: dict[str, Any] = {"name": plugin.name, "version": plugin.version}
     if functions is not None:
         description["functions"] = functions
-    return native_description.dump(description)
+    body = native_description.dump(description)
+    if plugin.compatibility is not None:
+        body["compatibility"] = plugin.compatibility  # keyed apart: eKuiper's name/version shape stays
+    return body
 
 
 @bp.delete(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>")

@@ -18,8 +18,9 @@ from kuiper_plugins.install import fetch, packages, scripts
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 MAX_FUNCTIONS = 1000
 NAME_DOC = {
-    "pattern": "^[A-Za-z0-9_-]{1,64}$",
-    "description": "1-64 letters, digits, hyphens and underscores",
+    "pattern": "^[A-Za-z0-9_-]+$",
+    "maxLength": 250,
+    "description": "letters, digits, hyphens and underscores (eKuiper's rule), at most 250",
     "example": "random",
 }
 URL_DOC = {
@@ -82,8 +83,10 @@ class CaseInsensitiveSchema(Schema):
 class PluginRequestSchema(CaseInsensitiveSchema):
     """Body of POST /plugins/{type}: a name and the URL of its package."""
 
-    name = fields.String(required=True, validate=_name, metadata=NAME_DOC)
-    file = fields.String(required=True, validate=_url, metadata=URL_DOC)
+    # Checked after decoding, as eKuiper checks them: the name by its ID rule (a plain message), the URL
+    # by the installer (a "create command error"), before anything else.
+    name = fields.String(required=True, metadata=NAME_DOC)
+    file = fields.String(required=True, metadata=URL_DOC)
     shellParas = fields.List(
         fields.String(), load_default=list, validate=_shell_paras,
         metadata={"maxItems": 32, "description": "arguments of install.sh, passed as they are"},
@@ -102,9 +105,7 @@ class PluginRequestSchema(CaseInsensitiveSchema):
 class PluginUpdateSchema(PluginRequestSchema):
     """Body of PUT /plugins/{type}/{name}: as for create; the name may be left out."""
 
-    name = fields.String(
-        load_default=None, validate=_name, metadata={**NAME_DOC, "description": "must equal the path's name"}
-    )
+    name = fields.String(load_default=None, metadata={**NAME_DOC, "description": "must equal the path's name"})
 
 
 class FunctionListSchema(CaseInsensitiveSchema):
