@@ -105,6 +105,16 @@ def check_order(events, home: Path) -> dict:
         assert any(index < e.index < commit and synced(e) == folder for e in events), (
             f"{folder} was not fsynced between the rename of {dest} and the commit")
         checked["folders"] += 1
+        # Whatever was written inside a placed folder after its rename (a portable install.sh) is synced too.
+        written_after = {}
+        for event in events:
+            if index < event.index < commit and (write := written(event)) is not None \
+                    and write[0].startswith(f"{dest}/"):
+                written_after[write[0]] = event.index
+        for path, at in written_after.items():
+            assert any(at < e.index < commit and synced(e) == path for e in events), (
+                f"{path} was written after its folder was placed and not fsynced before the commit")
+            checked["written in place"] = checked.get("written in place", 0) + 1
         answer = next(e for e in events if e.index > index and e.pid == pid
                       and (sent_to_socket(e) or "").startswith("HTTP/1.1 "))
         assert answer.index > commit, f"answered before the commit was durable: {sent_to_socket(answer)[:40]}"
@@ -131,6 +141,14 @@ def test_the_durable_steps_come_in_order(start_gunicorn, file_server, tmp_path, 
         body["file"] = file_server.url("v2.zip")
         assert requests.put(f"{server.url}/plugins/sources/alpha", json=body, timeout=WAIT).status_code == 200
         assert requests.delete(f"{server.url}/plugins/sources/alpha", timeout=WAIT).status_code == 200
+        # A portable plugin: a whole folder moved in, and its install.sh run in place before the commit.
+        portable = {"version": "v1", "language": "go", "executable": "run", "sinks": ["beta"]}
+        make_zip(file_server.root / "beta.zip", {"beta.json": json.dumps(portable), "run": "#!/bin/sh\n",
+                                                  "lib/data.txt": "d" * 5000, "install.sh": "echo x > made.txt\n",
+                                                  "sinks/beta.json": "{}"}, modes={"run": 0o100755})
+        body = {"name": "beta", "file": file_server.url("beta.zip")}
+        assert requests.post(f"{server.url}/plugins/portables", json=body, timeout=WAIT).status_code == 201
+        assert requests.delete(f"{server.url}/plugins/portables/beta", timeout=WAIT).status_code == 200
     finally:
         tracer.send_signal(signal.SIGINT)
         tracer.wait(timeout=WAIT)
@@ -141,7 +159,9 @@ def test_the_durable_steps_come_in_order(start_gunicorn, file_server, tmp_path, 
     removals = [e for e in events if (removed(e) or "").find("/backup/") >= 0]
     assert removals, "an update and a delete set old files aside and removed them after the commit"
     with capsys.disabled():
-        print(f"\ndurable order: {checked['renames']} renames into place checked in {len(events)} traced calls")
+        print(f"\ndurable order: {checked['renames']} renames into place and {checked.get('written in place', 0)}"
+              f" files written in place checked in {len(events)} traced calls")
+    assert checked.get("written in place", 0) >= 1  # the portable install.sh's made.txt
 
 
 # ---------------------------------------------------------------------------- power cuts at every barrier
