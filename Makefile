@@ -6,6 +6,8 @@ export KUIPER_HOME ?= $(CURDIR)/var
 
 # Debian tools the tests and benchmarks drive for real; installed when missing (needs root, as on CI).
 TEST_TOOLS := openssl chromium nginx strace wrk unzip
+# Tools whose Debian package has another name: tool:package.
+TEST_TOOLS_IN := systemd-analyze:systemd
 
 .PHONY: venv run test lint clean system-deps bench fuzz
 
@@ -24,6 +26,7 @@ lint: venv
 
 system-deps:
 	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	for pair in $(TEST_TOOLS_IN); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
