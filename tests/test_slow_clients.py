@@ -19,7 +19,7 @@ import requests
 from conftest import make_zip
 from test_deploy import nginx  # noqa: F401  (the fixture: real nginx with the shipped server block)
 
-from kuiper_plugins.web.gunicorn_worker import HEAD_SECONDS
+from kuiper_plugins.web.gunicorn_worker import HEAD_SECONDS, MAX_HEAD, _announced_body
 
 pytestmark = pytest.mark.slow
 
@@ -231,3 +231,57 @@ def test_a_streamed_body_that_stalls_is_cut_off(start_gunicorn):
     assert STALL_SECONDS - 0.5 <= took <= STALL_SECONDS + 5, took
     assert requests.get(f"{server.url}/config/uploads", timeout=10).json() == []
     assert requests.get(f"{server.url}/ping", timeout=ANSWER_WITHIN).status_code == 200
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    (b"GET /ping HTTP/1.1\r\nHost: a", (0, False)),
+    (b"POST /x HTTP/1.1\r\nContent-Length: 12", (12, False)),
+    (b"POST /x HTTP/1.1\r\ncontent-length:  12 \r\nExpect: 100-Continue", (12, True)),
+    (b"POST /x HTTP/1.1\r\nContent-Length: %d" % (2 * 1024 * 1024), (None, False)),  # an upload: streamed
+    (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked", (None, False)),
+    (b"POST /x HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6", (None, False)),  # gunicorn refuses it
+    (b"POST /x HTTP/1.1\r\nContent-Length: -5", (None, False)),
+])
+def test_which_bodies_are_read_before_serving(head, expected):
+    assert _announced_body(head) == expected
+
+
+def test_a_huge_head_is_refused_and_a_bare_lf_head_answered_at_once(start_gunicorn):
+    server = start_gunicorn(workers=1)
+    huge = _raw_request(server.port, b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * (MAX_HEAD + 10))
+    answer = _answer(huge, ANSWER_WITHIN)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == 1000
+    bare_lf = _raw_request(server.port, b"GET /ping HTTP/1.1\nHost: 127.0.0.1\n\n")
+    assert _answer(bare_lf, ANSWER_WITHIN).startswith(b"HTTP/1.1 400 ")
+
+
+def test_one_upload_streams_at_a_time_behind_nginx(start_gunicorn, nginx, tmp_path):  # noqa: F811
+    server = start_gunicorn(workers=2)
+    url = nginx(server.port)
+    port = int(url.rsplit(":", 1)[1])
+    size = 4 * 1024 * 1024
+    first = _raw_request(port, b"POST /config/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b\r\n"
+                         + f"Content-Length: {size}\r\n\r\n".encode() + b"--b\r\n")
+    try:
+        # While the first streams, a second upload is refused in the service's envelope; reads go on.
+        deadline = time.monotonic() + ANSWER_WITHIN
+        while True:
+            second = requests.post(f"{url}/config/uploads", files={"uploadFile": ("b.zip", b"PK")}, timeout=10)
+            if second.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # until nginx has read the first upload's head, bounded by the deadline
+        assert second.status_code == 503, second.text
+        assert "another upload is in progress" in second.json()["message"]
+        assert requests.get(f"{url}/plugins/sources", timeout=ANSWER_WITHIN).json() == []
+    finally:
+        first.close()
+    # Once it is gone, uploads go through again.
+    deadline = time.monotonic() + ANSWER_WITHIN
+    while True:
+        again = requests.post(f"{url}/config/uploads", files={"uploadFile": ("b.zip", b"PK")}, timeout=10)
+        if again.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # until nginx has seen the first connection close, bounded by the deadline
+    assert again.status_code == 201, again.text

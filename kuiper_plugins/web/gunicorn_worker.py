@@ -260,24 +260,28 @@ class BufferingWorker(SyncWorker):
         self._receive(conn, sock)  # the head often came with the connection
 
     def _receive(self, conn: _Connection, _sock=None) -> None:
-        try:
-            chunk = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self._forget(conn, self._reading)  # closed (or reset) before a whole request
-            util.close(conn.sock)
-            return
-        conn.data += chunk
-        if conn.complete(time.monotonic()):
-            self._forget(conn, self._reading)
-            self._ready.append(conn)
-        elif conn.head_end is None and len(conn.data) > MAX_HEAD:
-            self._forget(conn, self._reading)
-            self._refuse(conn, 431, "Request Header Fields Too Large",
-                         f"request head larger than {MAX_HEAD} bytes")
+        """Take what has arrived; queue the connection once its request is whole, drop it when it closed."""
+        while True:
+            try:
+                chunk = conn.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._forget(conn, self._reading)  # closed (or reset) before a whole request
+                util.close(conn.sock)
+                return
+            conn.data += chunk
+            if conn.complete(time.monotonic()):
+                self._forget(conn, self._reading)
+                self._ready.append(conn)
+                return
+            if conn.head_end is None and len(conn.data) > MAX_HEAD:
+                self._forget(conn, self._reading)
+                self._refuse(conn, 431, "Request Header Fields Too Large",
+                             f"request head larger than {MAX_HEAD} bytes")
+                return
 
     def _linger_read(self, conn: _Connection, _sock=None) -> None:
         try:
@@ -298,7 +302,11 @@ class BufferingWorker(SyncWorker):
             pass
 
     def _expire(self, now: float) -> None:
+        """Answer 408 to requests past their deadline (after taking what arrived meanwhile); end lingering."""
         for conn in [c for c in self._reading.values() if c.deadline <= now]:
+            self._receive(conn)  # it may have arrived while a request was being served
+            if conn.sock.fileno() not in self._reading:
+                continue
             self._forget(conn, self._reading)
             what = "request head" if conn.head_end is None else "request body"
             seconds = HEAD_SECONDS if conn.head_end is None else BODY_SECONDS
