@@ -10,7 +10,10 @@ seen to have been closed by the server, the head deadline having passed.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -151,7 +154,7 @@ def test_half_sent_requests_do_not_starve_gunicorn(start_gunicorn, file_server):
     attack, _probers = probe_under_attack(server.url, server.port, file_server)
     # The head deadline closed the first connections, with a 408, when it passed (not before, not much after).
     assert attack.closed_after, "the server never closed a half-sent request"
-    assert all(HEAD_SECONDS - 0.5 <= seconds <= HEAD_SECONDS + 3 for seconds in attack.closed_after), \
+    assert all(HEAD_SECONDS - 0.5 <= seconds <= HEAD_SECONDS + 5 for seconds in attack.closed_after), \
         attack.closed_after
     assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in attack.answers), attack.answers[:3]
 
@@ -163,7 +166,7 @@ def test_half_sent_requests_do_not_starve_the_service_behind_nginx(start_gunicor
     attack, _probers = probe_under_attack(url, port, file_server)
     # nginx's client_header_timeout closed them (it sends nothing, or its 408).
     assert attack.closed_after, "nginx never closed a half-sent request"
-    assert all(seconds <= 10 + 3 for seconds in attack.closed_after), attack.closed_after
+    assert all(10 - 0.5 <= seconds <= 10 + 5 for seconds in attack.closed_after), attack.closed_after
 
 
 def _raw_request(port: int, head: bytes) -> socket.socket:
@@ -285,3 +288,14 @@ def test_one_upload_streams_at_a_time_behind_nginx(start_gunicorn, nginx, tmp_pa
             break
         time.sleep(0.05)  # until nginx has seen the first connection close, bounded by the deadline
     assert again.status_code == 201, again.text
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3"])
+def test_a_bad_timeout_stops_start_up_with_its_name(value):
+    started = subprocess.run(
+        [sys.executable, "-c", "import kuiper_plugins.web.gunicorn_worker"],
+        env={**os.environ, "KUIPER_PLUGINS_HEAD_TIMEOUT": value}, capture_output=True, text=True, timeout=60,
+    )
+    assert started.returncode == 1
+    assert f"KUIPER_PLUGINS_HEAD_TIMEOUT must be a number of seconds above 0 (and below a day), not '{value}'" \
+        in started.stderr
