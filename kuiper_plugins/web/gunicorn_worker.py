@@ -256,8 +256,9 @@ class BufferingWorker(SyncWorker):
         util.close_on_exec(sock)
         conn = _Connection(sock, addr, listener, time.monotonic())
         self._reading[sock.fileno()] = conn
-        self._selector.register(sock, selectors.EVENT_READ, partial(self._receive, conn))
         self._receive(conn, sock)  # the head often came with the connection
+        if sock.fileno() in self._reading:
+            self._selector.register(sock, selectors.EVENT_READ, partial(self._receive, conn))
 
     def _receive(self, conn: _Connection, _sock=None) -> None:
         """Take what has arrived; queue the connection once its request is whole, drop it when it closed."""
@@ -299,7 +300,7 @@ class BufferingWorker(SyncWorker):
         try:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
-            pass
+            pass  # never registered: its request was whole on arrival
 
     def _expire(self, now: float) -> None:
         """Answer 408 to requests past their deadline (after taking what arrived meanwhile); end lingering."""
@@ -363,6 +364,15 @@ class BufferingWorker(SyncWorker):
         try:
             conn.sock.shutdown(socket.SHUT_WR)
             conn.sock.setblocking(False)
+        except OSError:
+            util.close(conn.sock)
+            return
+        try:
+            if conn.sock.recv(RECV_SIZE) == b"":
+                util.close(conn.sock)  # the client has closed already
+                return
+        except (BlockingIOError, InterruptedError):
+            pass
         except OSError:
             util.close(conn.sock)
             return
