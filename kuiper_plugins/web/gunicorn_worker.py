@@ -336,7 +336,7 @@ class BufferingWorker(SyncWorker):
         req = None
         sock.settimeout(BODY_SECONDS)
         try:
-            parser = http.get_parser(self.cfg, _StreamedBody(sock), conn.addr)
+            parser = http.RequestParser(self.cfg, _StreamedBody(sock), conn.addr)
             parser.unreader.unread(bytes(conn.data))
             req = next(parser)
             self.handle_request(conn.listener, req, sock, conn.addr)
