@@ -261,7 +261,9 @@ def test_a_huge_head_is_refused_and_a_bare_lf_head_answered_at_once(start_gunico
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == 1000
     bare_lf = _raw_request(server.port, b"GET /ping HTTP/1.1\nHost: 127.0.0.1\n\n")
-    assert _answer(bare_lf, ANSWER_WITHIN).startswith(b"HTTP/1.1 400 ")
+    answer = _answer(bare_lf, ANSWER_WITHIN)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"lines must end with CRLF" in answer
 
 
 def test_one_upload_streams_at_a_time_behind_nginx(start_gunicorn, nginx, tmp_path):  # noqa: F811

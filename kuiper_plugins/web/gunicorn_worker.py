@@ -86,8 +86,7 @@ class _Connection:
         if self.head_end is None:
             end = self.data.find(b"\r\n\r\n")
             if end < 0:
-                # A bare LF is refused by gunicorn's parser: let it answer 400 now rather than 408 later.
-                return b"\n\n" in self.data
+                return False
             self.head_end = end + 4
             length, expects_continue = _announced_body(bytes(self.data[:end]))
             if length is None or length == 0:
@@ -277,6 +276,11 @@ class BufferingWorker(SyncWorker):
             if conn.complete(time.monotonic()):
                 self._forget(conn, self._reading)
                 self._ready.append(conn)
+                return
+            if conn.head_end is None and b"\n\n" in conn.data:
+                # gunicorn 27 refuses bare LF line ends; older ones would wait in recv() for a CRLF.
+                self._forget(conn, self._reading)
+                self._refuse(conn, 400, "Bad Request", "invalid request head: lines must end with CRLF")
                 return
             if conn.head_end is None and len(conn.data) > MAX_HEAD:
                 self._forget(conn, self._reading)
