@@ -61,6 +61,10 @@ def worker_abort(worker):
 def _interrupt(worker, reason: str) -> None:
     """Raise, from the signal handler, into the request being served, if there is one.
 
+    This reaches the request because the worker (gunicorn_worker.BufferingWorker) serves it in the main
+    thread, where Python runs signal handlers, and the signal breaks it out of the call it waits in. A
+    threaded worker would lose both (docs/deployment.md).
+
     The installer undoes what the operation started as the exception unwinds it (whatever it cannot
     finish, start-up recovery does), the client gets a 503, and the worker, no longer alive, exits
     after answering. With no request in flight, gunicorn's own exit goes ahead.
