@@ -25,6 +25,7 @@ from kuiper_plugins.web.gunicorn_hooks import (  # noqa: F401  (gunicorn reads t
     on_starting,
     post_fork,
     post_request,
+    post_worker_init,
     pre_request,
     worker_abort,
     worker_int,
