@@ -6,12 +6,10 @@ export KUIPER_HOME ?= $(CURDIR)/var
 
 # Debian tools the tests and benchmarks drive for real; installed when missing (needs root, as on CI).
 TEST_TOOLS := openssl chromium nginx strace wrk unzip eatmydata
-# Go's own encoding/gob checks our bytes (tests/go/gobcheck); the command is go, Debian's package golang-go.
-GO_PACKAGE := golang-go
-# The arm64 C cross compiler cgo needs to build the arm64 plugin tests/test_compat.py refuses by machine.
-ARM64_CC_PACKAGE := gcc-aarch64-linux-gnu
-# musl-gcc links the musl plugin tests/test_compat.py refuses by C library.
-MUSL_PACKAGE := musl-tools
+# Tools whose Debian package has another name, as tool:package: Go (its encoding/gob and plugin.Open are asked
+# by the tests), the arm64 C cross compiler and musl-gcc (plugins tests/test_compat.py refuses by machine and
+# by C library), and systemd-analyze (the unit is verified).
+TEST_TOOLS_IN := go:golang-go aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu musl-gcc:musl-tools systemd-analyze:systemd
 
 .PHONY: venv run test lint clean system-deps bench fuzz
 
@@ -30,9 +28,7 @@ lint: venv
 
 system-deps:
 	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
-	command -v go >/dev/null || missing="$$missing $(GO_PACKAGE)"; \
-	command -v aarch64-linux-gnu-gcc >/dev/null || missing="$$missing $(ARM64_CC_PACKAGE)"; \
-	command -v musl-gcc >/dev/null || missing="$$missing $(MUSL_PACKAGE)"; \
+	for pair in $(TEST_TOOLS_IN); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi

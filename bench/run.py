@@ -463,7 +463,8 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         "## How each figure is measured",
         "",
         f"- **Reads.** `gunicorn -c etc/gunicorn.conf.py wsgi:app` with WEB_CONCURRENCY={sizes.workers} (the"
-        " production configuration, sync workers, access log on, written to a file), against"
+        " production configuration: kuiper-plugins' BufferingWorker, gunicorn's sync request handling fed only"
+        " requests that have fully arrived; access log on, written to a file), against"
         " `bench/bare_app.py` under the same configuration file, same workers, same worker class. The bare app"
         " serialises the same data with `json.dumps` per request; the bench checks before loading that both"
         " answer byte-identical bodies and the same Content-Type. Load: `wrk -t1"
@@ -547,6 +548,8 @@ def main() -> int:
     seconds = time.perf_counter() - began
     bench.load_averages.append(os.getloadavg())
     command = "make bench" if not args.smoke else "python bench/run.py --smoke"
+    if args.only:
+        command = "python bench/run.py" + "".join(f" --only {section}" for section in args.only)
     print("\n" + bench.console_table())
     if bench.cpu_per_request:
         print("\nCPU per request (gunicorn master + workers):\n" + "\n".join(bench.cpu_table()))

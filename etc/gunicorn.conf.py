@@ -1,9 +1,12 @@
 """gunicorn settings for kuiper-plugins: `gunicorn -c etc/gunicorn.conf.py wsgi:app`.
 
 The bind address comes from the service settings (basic.restIp, basic.restPort);
-WEB_CONCURRENCY sets the worker count. A sync worker is killed when one request
-outlasts `timeout`, so the timeout is derived from the longest install: the
-download and install.sh at their limits, plus OVERHEAD_SECONDS for the rest
+WEB_CONCURRENCY sets the worker count. The worker class is our own
+(kuiper_plugins/web/gunicorn_worker.py): gunicorn's sync worker, fed only requests that have fully
+arrived, so that slow or idle clients cannot hold a worker (docs/deployment.md says why this one).
+A worker is killed when one request outlasts `timeout`, so the timeout is
+derived from the longest install: the download, install.sh and a portable plugin's handshake at their limits,
+plus OVERHEAD_SECONDS for the rest
 (waits on a busy registry at the reservation and the commit, killing and
 reaping install.sh's processes, unpacking up to maxUnpackedSize). SIGTERM is a
 graceful stop that waits as long for installs in flight to finish. SIGINT or
@@ -23,6 +26,7 @@ from kuiper_plugins.web.gunicorn_hooks import (  # noqa: F401  (gunicorn reads t
     on_starting,
     post_fork,
     post_request,
+    post_worker_init,
     pre_request,
     worker_abort,
     worker_int,
@@ -38,7 +42,10 @@ except SettingsError as exc:
 _host = f"[{_settings.rest_ip}]" if ":" in _settings.rest_ip else _settings.rest_ip
 bind = [f"{_host}:{_settings.rest_port}"]
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-timeout = int(_settings.download_timeout + _settings.install_script_timeout + OVERHEAD_SECONDS)
+worker_class = "kuiper_plugins.web.gunicorn_worker.BufferingWorker"
+# A portable install also starts the plugin and waits, at most portable.initTimeout, for its handshake.
+_handshake = _settings.portable_init_timeout + 15 if _settings.portable_verify_on_install else 0
+timeout = int(_settings.download_timeout + _settings.install_script_timeout + _handshake + OVERHEAD_SECONDS)
 graceful_timeout = timeout
 accesslog = "-"
 errorlog = "-"

@@ -578,3 +578,27 @@ def test_the_worker_timeout_outlasts_the_longest_install(monkeypatch, tmp_path):
     config = runpy.run_path(str(REPO / "etc/gunicorn.conf.py"))
     assert config["timeout"] >= 1000 + 2000 + 60
     assert config["graceful_timeout"] >= config["timeout"]
+
+
+def test_a_stop_sent_while_a_worker_boots_is_not_lost(start_gunicorn, tmp_path):
+    """A worker still booting when the stop comes leaves as soon as it has booted, not at the graceful timeout."""
+    server = start_gunicorn(workers=2)
+    registry = Layout(server.home).registry_file
+    master = psutil.Process(server.process.pid)
+    old_workers = {child.pid for child in master.children()}
+    # Exclusive locking mode keeps even readers out, WAL or not: a new worker's start-up check of the
+    # registry waits (it retries for its busy timeout), in post_fork, before it has signal handlers.
+    hold = sqlite3.connect(registry, isolation_level=None, timeout=WAIT)
+    try:
+        hold.execute("PRAGMA locking_mode=EXCLUSIVE")
+        hold.execute("BEGIN EXCLUSIVE")
+        os.kill(next(iter(old_workers)), signal.SIGKILL)
+        booting = wait_for(lambda: {c.pid for c in master.children()} - old_workers, "a replacement worker")
+        os.kill(server.process.pid, signal.SIGTERM)
+        wait_for(lambda: all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                             for pid in old_workers), "the booted workers to leave")
+        assert all(psutil.pid_exists(pid) for pid in booting), "the replacement is still in its start-up check"
+    finally:
+        hold.execute("ROLLBACK")
+        hold.close()
+    assert server.process.wait(timeout=WAIT) == 0

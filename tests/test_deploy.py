@@ -112,3 +112,34 @@ def test_systemd_unit_restarts_the_service():
     assert service["ExecStart"].endswith("gunicorn -c etc/gunicorn.conf.py wsgi:app")
     assert "KUIPER_HOME=" in service["Environment"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_systemd_unit_says_why_it_runs_as_root_and_is_hardened_around_install_sh():
+    text = SYSTEMD_UNIT.read_text()
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read_string(text)
+    service = unit["Service"]
+    assert service["User"] == "root"
+    why = text[: text.index("User=root")].rsplit("[Service]", 1)[1]
+    assert "install.sh" in why and "apt" in why and "CAP_SYS_ADMIN" in why, why
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "ProtectKernelTunables", "ProtectControlGroups",
+                "ProtectKernelLogs", "LockPersonality", "RestrictRealtime"):
+        assert service.get(key) == "yes", key
+    # What install.sh and its PID namespace need stays available.
+    for key in ("RestrictNamespaces", "CapabilityBoundingSet", "ProtectSystem", "RestrictSUIDSGID", "PrivateDevices",
+                "ProtectKernelModules", "SystemCallFilter"):
+        assert key not in service, f"{key} would break install.sh or its confinement"
+    assert "AF_NETLINK" in service["RestrictAddressFamilies"].split(), "sock_diag needs netlink"
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is needed (make test installs the systemd package)"
+    # Placed where a checkout with its .venv really is, so that verify can check the commands exist.
+    unit = tmp_path / SYSTEMD_UNIT.name
+    unit.write_text(SYSTEMD_UNIT.read_text().replace("/opt/kuiper-plugins", str(REPO)))
+    checked = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    # verify exits 0 on unknown keys and bad values, which it only prints: any word from it is a finding.
+    findings = [line for line in (checked.stdout + checked.stderr).splitlines() if line.strip()]
+    assert checked.returncode == 0 and findings == [], findings

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from kuiper_plugins.errors import PluginError, RequestInterrupted
@@ -31,12 +32,25 @@ def on_starting(server):
         sys.exit(f"kuiper-plugins cannot start: {problem}")
 
 
+# What the master sends its workers. Until a new worker has set its own handlers, it still runs the
+# master's, which only queue the signal in the worker's copy of the master: a stop sent while workers
+# boot was lost, and they ran on until the graceful timeout. post_fork holds these signals back and
+# post_worker_init lets them in, once the worker's handlers are in place.
+WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT, signal.SIGUSR1}
+
+
 def post_fork(server, worker):
     """In each new worker, before the app loads: a registry that went bad since start stops the service."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
     problem = _registry_problem()
     if problem:
         server.log.error("kuiper-plugins cannot start: %s", problem)
         sys.exit(WORKER_BOOT_ERROR)
+
+
+def post_worker_init(worker):
+    """In each new worker, once its signal handlers are set and the app is loaded: take the signals held back."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
 
 
 def pre_request(worker, req):
@@ -60,6 +74,10 @@ def worker_abort(worker):
 
 def _interrupt(worker, reason: str) -> None:
     """Raise, from the signal handler, into the request being served, if there is one.
+
+    This reaches the request because the worker (gunicorn_worker.BufferingWorker) serves it in the main
+    thread, where Python runs signal handlers, and the signal breaks it out of the call it waits in. A
+    threaded worker would lose both (docs/deployment.md).
 
     The installer undoes what the operation started as the exception unwinds it (whatever it cannot
     finish, start-up recovery does), the client gets a 503, and the worker, no longer alive, exits
