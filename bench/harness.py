@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class Server:
     workers: int = 2
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    checkout: Path = REPO  # the source tree served: this one, or an older commit's worktree (a baseline)
     process: subprocess.Popen | None = None
     started_in: float = 0.0
 
@@ -67,6 +69,7 @@ class Server:
             "KUIPER_HOME": str(self.home),
             "KUIPER__BASIC__RESTPORT": str(self.port),
             "WEB_CONCURRENCY": str(self.workers),
+            **({"PYTHONPATH": str(self.checkout)} if self.checkout != REPO else {}),
             **self.env,
         }
         extra = ["--pythonpath", str(BENCH)] if self.app.startswith("bare_app") else []
@@ -75,7 +78,7 @@ class Server:
             began = time.perf_counter()
             self.process = subprocess.Popen(
                 [str(GUNICORN), "-c", "etc/gunicorn.conf.py", *extra, self.app],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.checkout, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         finally:
@@ -464,3 +467,15 @@ def eatmydata_library() -> str:
     if not found:
         raise RuntimeError("libeatmydata is missing: install Debian's eatmydata (make bench does)")
     return found[0]
+
+
+@contextmanager
+def checkout_of(revision: str, where: Path) -> Iterator[Path]:
+    """A detached worktree of this repository at `revision`, removed afterwards (a same-run baseline)."""
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(where), revision],
+                   check=True, timeout=120, capture_output=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)], timeout=120,
+                       capture_output=True)
