@@ -174,6 +174,8 @@ def _allow_list(value: Any) -> tuple[str, ...]:
 
 
 def _users(value: Any) -> tuple[str, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):  # one uid, from YAML or an environment variable
+        value = str(value)
     entries = _list(value)
     for entry in entries:
         user_id(entry)
