@@ -240,6 +240,16 @@ def test_a_request_no_socket_stands_behind_is_refused(service):
     service.assert_unchanged(before)
 
 
+def test_protected_mode_off_admits_remote_addresses_but_still_checks_local_callers(make_service):
+    service = make_service(protected_mode=False)
+    assert service.client.get("/plugins/sources", environ_base={"REMOTE_ADDR": "203.0.113.9"}).status_code == 200
+    assert service.client.get("/plugins/sources").status_code == 200  # this test's own connection: root
+    unknown = {"REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": str(free_port())}
+    refused = service.client.get("/plugins/sources", environ_base=unknown)
+    assert refused.status_code == 403
+    assert refused.get_json()["message"].startswith("the local caller could not be identified")
+
+
 def test_a_port_shared_with_a_user_not_allowed_is_refused_until_that_user_is(make_service, listener):
     """Through the test client (no socket in the environ): every socket on the claimed end must be allowed."""
     with socket.socket() as second_server:

@@ -77,8 +77,9 @@ class LocalCallers:
     """The local users served while authentication is off, and who holds the client's end of a connection.
 
     With the accepted socket in the WSGI environ (gunicorn, werkzeug), the connection's four-tuple is
-    looked up exactly, or SO_PEERCRED read for a Unix domain socket; the answer is kept for as long as
-    that socket lives, since a connection's client cannot change (keep-alive requests reuse it).
+    looked up exactly, or SO_PEERCRED read for a Unix domain socket. Under a threaded server, whose
+    connections may carry many requests (gthread keep-alive), the answer is kept for as long as the
+    socket lives, since a connection's client cannot change.
     Without the socket, REMOTE_ADDR and REMOTE_PORT as the server gives them name the client's end,
     and every live socket bound there must belong to an allowed user.
     """
@@ -98,9 +99,8 @@ class LocalCallers:
                 f" connections the kernel attributes to root, the service's user or basic.allowedUsers"
                 f" are served; {ANOTHER_WAY})"
             ) from None
-        refused = sorted(uids - self.allowed_uids)
-        if refused:
-            who = ", ".join(_user_shown(uid) for uid in refused)
+        if not uids <= self.allowed_uids:
+            who = ", ".join(_user_shown(uid) for uid in sorted(uids - self.allowed_uids))
             log.info("refused local user %s: not in basic.allowedUsers", who)
             raise Forbidden(
                 f"local user {who} may not call this service while basic.authentication is off"
@@ -111,6 +111,9 @@ class LocalCallers:
         """The uids the kernel names for this request's connection; raise PeerUnknown when it cannot."""
         sock = connection_socket(environ)
         if sock is not None:
+            if not environ.get("wsgi.multithread"):
+                # A sync worker answers one request per connection: a cache entry would never be read again.
+                return peer_of_socket(sock)
             uids = self._known.get(sock)
             if uids is None:
                 uids = peer_of_socket(sock)
@@ -192,7 +195,7 @@ def register_access_checks(app: Flask, settings: Settings, authenticate: Authent
 
 def _on_unix_socket(environ: Mapping[str, Any]) -> bool:
     sock = connection_socket(environ)
-    return sock is not None and sock.family == socket.AF_UNIX
+    return sock is not None and sock.family == getattr(socket, "AF_UNIX", None)
 
 
 def _shown(text: str, limit: int = 100) -> str:

@@ -49,10 +49,12 @@ _SOCKID_TAIL = struct.Struct("=III")  # ... then interface and the cookie (host 
 _MSG_HEAD = struct.Struct("=BBBB")  # inet_diag_msg: family, state, timer, retransmits
 _MSG_TAIL = struct.Struct("=IIIII")  # after the sockid: expires, rqueue, wqueue, uid, inode
 _ERROR = struct.Struct("=i")
+_EXACT_REQUEST = struct.Struct("=IHHII" "BBBBI" "HH16s16s" "III")  # nlmsghdr, inet_diag_req_v2 with its sockid
 _NLATTR = struct.Struct("=HH")  # length, type
 _BC_OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, offset if true, offset if false
 _HOSTCOND = struct.Struct("=BBxxi")  # inet_diag_hostcond: family, prefix length, port; the address follows
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+_LINUX = sys.platform.startswith("linux")
 PROC_TABLES = {socket.AF_INET: "/proc/net/tcp", socket.AF_INET6: "/proc/net/tcp6"}
 
 
@@ -65,15 +67,20 @@ def peer_of_socket(sock: socket.socket) -> frozenset[int]:
 
     TCP: the client's socket is looked up by the connection's four-tuple. Unix domain: SO_PEERCRED.
     """
-    if sock.family == socket.AF_UNIX:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        return frozenset({_UCRED.unpack(creds)[1]})
     try:
-        client = sock.getpeername()[:2]
-        server = sock.getsockname()[:2]
+        client = sock.getpeername()
+        if isinstance(client, str | bytes):  # a Unix domain socket's peer has a path (or none), not a port
+            return frozenset({_peer_credentials(sock)})
+        server = sock.getsockname()
     except OSError as exc:
         raise PeerUnknown(f"the connection is gone ({exc.strerror})") from None
-    return owners(client, server)
+    return owners(client[:2], server[:2])
+
+
+def _peer_credentials(sock: socket.socket) -> int:
+    if not hasattr(socket, "SO_PEERCRED"):
+        raise PeerUnknown(f"local callers can be identified only on Linux, not on {sys.platform}")
+    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
 
 
 def owners(client: Endpoint, server: Endpoint | None = None) -> frozenset[int]:
@@ -83,15 +90,15 @@ def owners(client: Endpoint, server: Endpoint | None = None) -> frozenset[int]:
     every live socket bound to the client's address and port counts: the caller can then require all
     of them to be allowed, so that another socket sharing the port cannot lend the caller its owner.
     """
-    client, server = _normalise(client), _normalise(server) if server is not None else None
-    if not sys.platform.startswith("linux"):
+    if not _LINUX:
         raise PeerUnknown(f"local callers can be identified only on Linux, not on {sys.platform}")
+    client = _normalise(client)
     try:
         if server is not None:
-            return frozenset({owner_by_sock_diag(client, server)})
+            return frozenset({owner_by_sock_diag(client, _normalise(server))})
         return owners_by_sock_diag_dump(client)
     except _DiagUnavailable:
-        return owners_from_proc(client, server)
+        return owners_from_proc(client, _normalise(server) if server is not None else None)
 
 
 class _DiagUnavailable(Exception):
@@ -101,17 +108,19 @@ class _DiagUnavailable(Exception):
 def owner_by_sock_diag(client: Endpoint, server: Endpoint) -> int:
     """Return the uid of the socket with local end `client` and remote end `server`, asked of inet_diag."""
     family = socket.AF_INET6 if ":" in client[0] else socket.AF_INET
-    request = (
-        _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-        + _SOCKID.pack(client[1], server[1], _packed(family, client[0]), _packed(family, server[0]))
-        + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-    )
+    client_address, server_address = _packed(family, client[0]), _packed(family, server[0])
     with _shared.lock:
         diag = _shared.open()
         _shared.sequence = sequence = (_shared.sequence + 1) & 0xFFFFFFFF
-        header = _NLMSGHDR.pack(_NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, sequence, 0)
+        # The whole request in one pack: nlmsghdr, inet_diag_req_v2 and its sockid (ports in network order).
+        request = _EXACT_REQUEST.pack(
+            _EXACT_REQUEST.size, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, sequence, 0,
+            family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF,
+            socket.htons(client[1]), socket.htons(server[1]), client_address, server_address,
+            0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE,
+        )
         try:
-            diag.sendto(header + request, (0, 0))
+            diag.sendto(request, (0, 0))
             # The kernel answers within sendto, so the reply is already queued: never wait for it. Replies
             # to an earlier request that went unread (there should be none) are skipped by their number.
             for _ in range(8):
@@ -279,22 +288,23 @@ def owners_from_proc(client: Endpoint, server: Endpoint | None = None) -> frozen
 
 def _normalise(endpoint: Endpoint) -> Endpoint:
     """An IPv4 address for an IPv4-mapped IPv6 one, no scope id; the port as an int."""
-    address = endpoint[0].split("%", 1)[0]
-    if address.startswith("::ffff:") and "." in address:
-        address = address[len("::ffff:"):]
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    address = endpoint[0]
+    if ":" not in address:  # IPv4, the common case
+        _packed(socket.AF_INET, address)
+        return (address, int(endpoint[1]))
+    address = address.split("%", 1)[0]
     try:
-        if family == socket.AF_INET6 and (ipaddress.IPv6Address(address).ipv4_mapped is not None):
-            address = str(ipaddress.IPv6Address(address).ipv4_mapped)  # a mapped address in hex groups
-        else:
-            socket.inet_pton(family, address)
-    except (OSError, ValueError):
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
+    except ValueError:
         raise PeerUnknown(f"the client address {address[:60]!r} is not an IP address") from None
-    return (address, int(endpoint[1]))
+    return (str(mapped) if mapped is not None else address, int(endpoint[1]))
 
 
 def _packed(family: int, address: str) -> bytes:
-    return socket.inet_pton(family, address).ljust(16, b"\0")
+    try:
+        return socket.inet_pton(family, address)  # struct's "16s" pads an IPv4 address with zeros
+    except OSError:
+        raise PeerUnknown(f"the client address {address[:60]!r} is not an IP address") from None
 
 
 def _proc_endpoint(family: int, endpoint: Endpoint) -> str | None:
