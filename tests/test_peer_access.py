@@ -227,7 +227,8 @@ def test_a_request_no_socket_stands_behind_is_refused(service):
     """The claimed client end names no socket on this machine: refused, however loopback it looks."""
     before = service.snapshot()
     for environ in ({"REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": str(free_port())}, {"REMOTE_PORT": ""},
-                    {"REMOTE_ADDR": "::1", "REMOTE_PORT": service.peer.environ["REMOTE_PORT"]}):
+                    {"REMOTE_ADDR": "::1", "REMOTE_PORT": service.peer.environ["REMOTE_PORT"]},
+                    {"REMOTE_PORT": "99999"}, {"REMOTE_PORT": "\u0661\u0662"}):
         for method, path in (("GET", "/plugins/sources"), ("POST", "/plugins/sources"), ("GET", "/config/uploads")):
             response = service.client.open(path, method=method, environ_base=environ,
                                            json={"name": "random", "file": "http://127.0.0.1:9/random.zip"})

@@ -95,7 +95,7 @@ class LocalCallers:
         except PeerUnknown as exc:
             log.info("refused a local caller that could not be identified: %s", exc)
             raise Forbidden(
-                f"the local caller could not be identified: {exc} (with basic.authentication off only"
+                f"the local caller could not be identified: {_shown(str(exc), 200)} (with basic.authentication off only"
                 f" connections the kernel attributes to root, the service's user or basic.allowedUsers"
                 f" are served; {ANOTHER_WAY})"
             ) from None
@@ -120,7 +120,7 @@ class LocalCallers:
                 self._known[sock] = uids
             return uids
         port = str(environ.get("REMOTE_PORT") or "")
-        if not port.isdigit():
+        if not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
             raise PeerUnknown("the server gave neither the connection nor the client's port")
         return owners((str(environ.get("REMOTE_ADDR") or ""), int(port)))
 
