@@ -140,6 +140,28 @@ def test_a_connection_that_does_not_exist_is_unknown(listener, lookup):
         LOOKUPS[lookup](("127.0.0.1", free_port()), listener.getsockname())
 
 
+def test_a_forked_child_asks_through_its_own_netlink_socket(listener):
+    """As a gunicorn worker forked from a master that already looked a caller up."""
+    with socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert peers.peer_of_socket(accepted) == {os.geteuid()}  # the parent's socket now exists
+            reader, writer = os.pipe()
+            child = os.fork()
+            if child == 0:  # pragma: no cover (the child reports through the pipe)
+                try:
+                    fresh = peers._shared.socket is None
+                    answer = peers.peer_of_socket(accepted) == {os.geteuid()}
+                    os.write(writer, b"%d%d" % (fresh, answer))
+                finally:
+                    os._exit(0)
+            os.close(writer)
+            with os.fdopen(reader, "rb") as report:
+                assert report.read() == b"11"
+            assert os.waitpid(child, 0)[1] == 0
+            assert peers.peer_of_socket(accepted) == {os.geteuid()}
+
+
 def test_ipv6_and_ipv4_mapped_connections():
     with socket.socket(socket.AF_INET6) as dual:
         dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -223,23 +223,21 @@ class _SharedDiag:
     """One netlink socket per process for the exact lookups, used under a lock (a lookup is microseconds).
 
     Not one per thread: threads that come and go (a thread per request) would each leave one behind.
-    A forked child opens its own rather than share its parent's.
+    A forked child (a gunicorn worker forked by a master that looked something up) starts afresh:
+    its own socket, and a lock no thread of the parent can be holding.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.socket: socket.socket | None = None
-        self.pid = 0
         self.sequence = 0
 
     def open(self) -> socket.socket:
-        if self.socket is None or self.pid != os.getpid():
-            self.close()  # a copy inherited through fork: this process's descriptor only
+        if self.socket is None:
             try:
                 self.socket = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
             except (OSError, AttributeError) as exc:
                 raise _DiagUnavailable(str(exc)) from None
-            self.pid = os.getpid()
         return self.socket
 
     def close(self) -> None:
@@ -247,9 +245,15 @@ class _SharedDiag:
             self.socket.close()
         self.socket = None
 
+    def after_fork(self) -> None:
+        self.lock = threading.Lock()
+        self.close()  # the child's copy of the descriptor; the parent's stays open
+
 
 _shared = _SharedDiag()
 atexit.register(_shared.close)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_shared.after_fork)
 
 
 def owners_from_proc(client: Endpoint, server: Endpoint | None = None) -> frozenset[int]:
