@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import pwd
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ class Settings:
     portable_python_bin: str = "python"  # eKuiper's portable.pythonBin
     portable_init_timeout: float = 60  # eKuiper's portable.initTimeout, in seconds
     portable_verify_on_install: bool = True  # portable.verifyOnInstall (ours): start it, await its handshake
+    allowed_users: tuple[str, ...] = ()
     prebuild: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: {
             "sources": ("random", "zmq", "sql", "video", "kafka"),
@@ -87,6 +89,30 @@ class Settings:
         """Host header values accepted: the configured ones, or the loopback names plus restIp."""
         hosts = self.allowed_hosts or ("localhost", "127.0.0.1", "::1", self.rest_ip)
         return frozenset(h.strip().lower().strip("[]") for h in hosts if h.strip())
+
+    @property
+    def allowed_uids(self) -> frozenset[int]:
+        """The uids served with authentication off: root, this process's own, and basic.allowedUsers."""
+        try:
+            return frozenset({0, os.geteuid(), *(user_id(entry) for entry in self.allowed_users)})
+        except ValueError as exc:
+            raise SettingsError(f"invalid value for basic.allowedUsers: {exc}") from None
+
+
+MAX_UID = 0xFFFFFFFE  # (uid_t)-1 means "no user" to the kernel
+
+
+def user_id(entry: str) -> int:
+    """The uid a basic.allowedUsers entry names: a number as it is, a name looked up in the user database."""
+    text = str(entry).strip()
+    if text.isdigit():
+        if int(text) > MAX_UID:
+            raise ValueError(f"uid {text} is out of range")
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise ValueError(f"no user named {text!r} on this machine") from None
 
 
 # eKuiper key (lower-cased) in section `basic` -> (field name, parser)
@@ -164,6 +190,15 @@ def _allow_list(value: Any) -> tuple[str, ...]:
     return entries
 
 
+def _users(value: Any) -> tuple[str, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):  # one uid, from YAML or an environment variable
+        value = str(value)
+    entries = _list(value)
+    for entry in entries:
+        user_id(entry)
+    return entries
+
+
 BASIC_KEYS: dict[str, tuple[str, Any]] = {
     "restip": ("rest_ip", _ip),
     "restport": ("rest_port", _int(1, 65535)),
@@ -182,6 +217,7 @@ BASIC_KEYS: dict[str, tuple[str, Any]] = {
     "installscripts": ("install_scripts", _bool),
     "protectedmode": ("protected_mode", _bool),
     "allowedhosts": ("allowed_hosts", _list),
+    "allowedusers": ("allowed_users", _users),
 }
 PREBUILD_TYPES = ("sources", "sinks", "functions")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from flask.testing import FlaskClient
 
 from kuiper_plugins import create_app
 from kuiper_plugins.layout import Layout
@@ -182,13 +183,51 @@ def engine_dump(home: Path) -> list[str]:
         conn.close()
 
 
+class LoopbackPeer:
+    """A real TCP connection on the loopback, opened and held by the test process.
+
+    The test client has no socket; its requests claim this connection's client end as REMOTE_ADDR and
+    REMOTE_PORT, so the service asks the kernel about a socket that exists and belongs to this process's
+    user, as it would for a request from a real client of this user.
+    """
+
+    def __init__(self, address: str = "127.0.0.1"):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.listener = socket.socket(family)
+        self.listener.bind((address, 0))
+        self.listener.listen(1)
+        self.client = socket.socket(family)
+        self.client.bind((address, 0))  # else the kernel picks 127.0.0.1 as the source of any 127.x
+        self.client.connect(self.listener.getsockname()[:2])
+        self.accepted, _ = self.listener.accept()
+        host, port = self.client.getsockname()[:2]
+        self.environ = {"REMOTE_ADDR": host, "REMOTE_PORT": str(port)}
+
+    def close(self) -> None:
+        for sock in (self.client, self.accepted, self.listener):
+            sock.close()
+
+
+def client_class_for(peer: LoopbackPeer) -> type[FlaskClient]:
+    """A test client class whose requests come from `peer`'s connection (a request may still override it)."""
+
+    class PeerClient(FlaskClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.environ_base.update(peer.environ)
+
+    return PeerClient
+
+
 class Service:
     """The app under test with its home, a test client and helpers to check what changed."""
 
-    def __init__(self, home: Path, app, stops: list):
+    def __init__(self, home: Path, app, stops: list, peer: LoopbackPeer):
         self.home = home
         self.layout = Layout(home)
         self.app = app
+        self.peer = peer
+        app.test_client_class = client_class_for(peer)
         self.client = app.test_client()
         self.stops = stops
 
@@ -220,8 +259,26 @@ def home(tmp_path) -> Path:
 
 
 @pytest.fixture
-def make_service(home, file_server):
-    """Build the service on a fresh home; downloads from the fixture server are allowed, nothing else."""
+def loopback_peer():
+    """A real loopback connection held by this test (root's, as the tests run); more on demand."""
+    peers: list[LoopbackPeer] = []
+
+    def open_peer(address: str = "127.0.0.1") -> LoopbackPeer:
+        peers.append(LoopbackPeer(address))
+        return peers[-1]
+
+    yield open_peer
+    for peer in peers:
+        peer.close()
+
+
+@pytest.fixture
+def make_service(home, file_server, loopback_peer):
+    """Build the service on a fresh home; downloads from the fixture server are allowed, nothing else.
+
+    Its test client's requests come from a real loopback connection of this test's user.
+    """
+    peer = loopback_peer()
 
     def build(**overrides) -> Service:
         overrides.setdefault("private_net_allow_list", (f"127.0.0.1:{file_server.port}",))
@@ -229,7 +286,7 @@ def make_service(home, file_server):
         overrides.setdefault("portable_verify_on_install", False)
         settings = Settings(home=home, **overrides)
         stops: list = []
-        return Service(home, create_app(settings, stop_service=lambda: stops.append(True)), stops)
+        return Service(home, create_app(settings, stop_service=lambda: stops.append(True)), stops, peer)
 
     return build
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ipaddress
 import json
 import socket
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import hypothesis  # noqa: E402
 import schemathesis  # noqa: E402
+from conftest import LoopbackPeer  # noqa: E402
 from hypothesis import HealthCheck, Phase, given  # noqa: E402
 from schemathesis.checks import (  # noqa: E402
     content_type_conformance,
@@ -125,8 +127,6 @@ class Counted:
         self.last_status = 0
 
     def __call__(self, environ, start_response):
-        # schemathesis' WSGI client leaves REMOTE_ADDR out; a real server on the loopback would set this.
-        environ.setdefault("REMOTE_ADDR", "127.0.0.1")
         if environ.get("PATH_INFO") == "/openapi.json" and environ.get("HTTP_X_FUZZ_SCHEMA") == "1":
             self.schema_fetches += 1
             return self.app(environ, start_response)
@@ -139,11 +139,23 @@ class Counted:
         return self.app(environ, counting_start_response)
 
 
-def build_app(home: Path):
+def build_app(home: Path, peer: LoopbackPeer):
+    """The app, its every request (schemathesis' and the seeding test client's) from `peer`'s connection.
+
+    schemathesis' WSGI client leaves REMOTE_ADDR out and the test client has no socket; a real server
+    would name the client's end of a real connection, so the service can ask the kernel who holds it.
+    """
     settings = Settings(home=home, private_net_allow_list=(), download_timeout=5, install_script_timeout=5,
                         portable_verify_on_install=False)
     stops: list[bool] = []
     app = create_app(settings, stop_service=lambda: stops.append(True))
+    wsgi_app = app.wsgi_app
+
+    def from_peer(environ, start_response):
+        environ.update(peer.environ)
+        return wsgi_app(environ, start_response)
+
+    app.wsgi_app = from_peer
     return app, stops
 
 
@@ -202,8 +214,8 @@ def run(examples: int, seed: int) -> dict:
     errors: list[str] = []
     per_operation: dict[str, int] = collections.Counter()
     unsatisfiable: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="kuiper-fuzz-") as folder:
-        app, stops = build_app(Path(folder) / "home")
+    with tempfile.TemporaryDirectory(prefix="kuiper-fuzz-") as folder, contextlib.closing(LoopbackPeer()) as peer:
+        app, stops = build_app(Path(folder) / "home", peer)
         counted = Counted(app)
         document = app.test_client().get("/openapi.json")
         if document.status_code != 200:

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from conftest import LoopbackPeer, client_class_for  # this file lives beside conftest.py
+
 from kuiper_plugins import create_app
 from kuiper_plugins.settings import Settings
 
@@ -21,6 +23,7 @@ def main() -> int:
     home, method, path = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     body = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
     app = create_app(Settings(home=home), stop_service=lambda: None)
+    app.test_client_class = client_class_for(LoopbackPeer())  # the request comes from a real local connection
     response = app.test_client().open(path, method=method, json=body)
     sys.stdout.write(f"ANSWERED {response.status_code}\n")
     sys.stdout.flush()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, disk_state, make_zip
+from conftest import REPO, client_class_for, disk_state, make_zip
 from fs_trace import TRACED, PowerCut, parse, removed, renamed, sent_to_socket, synced, written
 
 from kuiper_plugins import create_app
@@ -316,18 +316,23 @@ def test_a_power_cut_during_an_install_leaves_no_plugin_or_the_whole_plugin(temp
     report(capsys, "an install", outcomes)
 
 
-def test_a_power_cut_during_an_update_leaves_v1_or_v2_whole(template, tmp_path, capsys):
-    method, path, body = install_request("v1")(template)
-    assert create_app(Settings(home=template)).test_client().post(path, json=body).status_code == 201
+def installed_in(home: Path, peer, request) -> None:
+    app = create_app(Settings(home=home))
+    app.test_client_class = client_class_for(peer)
+    method, path, body = request(home)
+    assert app.test_client().open(path, method=method, json=body).status_code == 201
+
+
+def test_a_power_cut_during_an_update_leaves_v1_or_v2_whole(template, tmp_path, capsys, loopback_peer):
+    installed_in(template, loopback_peer(), install_request("v1"))
     quiesce(template)
     outcomes = power_cut_outcomes(template, install_request("v2", "PUT"), tmp_path)
     assert outcomes["old"] > 0 and outcomes["new"] > 0
     report(capsys, "an update", outcomes)
 
 
-def test_a_power_cut_during_a_delete_leaves_the_plugin_whole_or_gone(template, tmp_path, capsys):
-    method, path, body = install_request("v1")(template)
-    assert create_app(Settings(home=template)).test_client().post(path, json=body).status_code == 201
+def test_a_power_cut_during_a_delete_leaves_the_plugin_whole_or_gone(template, tmp_path, capsys, loopback_peer):
+    installed_in(template, loopback_peer(), install_request("v1"))
     quiesce(template)
     outcomes = power_cut_outcomes(template, lambda home: ("DELETE", "/plugins/sources/alpha", None), tmp_path)
     assert outcomes["old"] > 0 and outcomes["new"] > 0

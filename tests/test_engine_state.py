@@ -12,7 +12,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import make_zip
+from conftest import client_class_for, make_zip
 
 from kuiper_plugins import create_app
 from kuiper_plugins.engine import kv
@@ -214,7 +214,13 @@ def test_a_portable_plugin_ekuiper_installed_is_listed_described_and_deletable(h
 # ---------------------------------------------------------------------------- layouts
 
 
-def test_the_deb_layout_puts_each_folder_where_that_engine_reads_it(tmp_path, file_server, go_gob):
+def client_of(settings, peer):
+    app = create_app(settings, stop_service=lambda: None)
+    app.test_client_class = client_class_for(peer)
+    return app.test_client()
+
+
+def test_the_deb_layout_puts_each_folder_where_that_engine_reads_it(tmp_path, file_server, go_gob, loopback_peer):
     etc, data, plugins = tmp_path / "etc/kuiper", tmp_path / "var/lib/kuiper/data", tmp_path / "var/lib/kuiper/plugins"
     etc.mkdir(parents=True)
     (etc / "kuiper.yaml").write_text("basic:\n  restPort: 9123\n")
@@ -222,7 +228,7 @@ def test_the_deb_layout_puts_each_folder_where_that_engine_reads_it(tmp_path, fi
                               "KUIPER_DATA_DIR": str(data), "KUIPER_PLUGINS_DIR": str(plugins)})
     assert settings.rest_port == 9123  # the settings file is <etc>/kuiper.yaml
     settings = settings.with_overrides(private_net_allow_list=(f"127.0.0.1:{file_server.port}",))
-    client = create_app(settings, stop_service=lambda: None).test_client()
+    client = client_of(settings, loopback_peer())
     make_zip(file_server.root / "random.zip", {"Random@v1.0.0.so": SO, "random.yaml": YAML, "etc/a.conf": "a"})
     created = client.post("/plugins/sources", json={"name": "random", "file": file_server.url("random.zip")})
     assert created.status_code == 201, created.data
@@ -248,10 +254,10 @@ def test_another_engine_store_stops_start_up_naming_the_key(tmp_path, value):
         load_settings({"KUIPER_HOME": str(tmp_path), "KUIPER__STORE__TYPE": value})
 
 
-def test_store_sqlite_name_moves_ekuipers_store(tmp_path, file_server, go_gob):
+def test_store_sqlite_name_moves_ekuipers_store(tmp_path, file_server, go_gob, loopback_peer):
     settings = Settings(home=tmp_path, store_sqlite_name="engine.db",
                         private_net_allow_list=(f"127.0.0.1:{file_server.port}",))
-    client = create_app(settings, stop_service=lambda: None).test_client()
+    client = client_of(settings, loopback_peer())
     make_zip(file_server.root / "echo3.zip", {"echo3.so": SO})
     body = {"name": "echo3", "file": file_server.url("echo3.zip")}
     assert client.post("/plugins/functions", json=body).status_code == 201

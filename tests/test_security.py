@@ -1582,9 +1582,12 @@ def test_protected_mode_refuses_remote_clients(attack):
             assert attack.client.get(open_path, environ_base={"REMOTE_ADDR": client}).status_code == 200
 
 
-def test_protected_mode_lets_loopback_clients_in(attack):
-    for client in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
-        assert attack.client.get("/plugins/sources", environ_base={"REMOTE_ADDR": client}).status_code == 200
+def test_protected_mode_lets_loopback_clients_in(attack, loopback_peer):
+    """Each from a real connection of this test's user (root) on that loopback address."""
+    for client, spelled in (("127.0.0.1", "127.0.0.1"), ("127.8.9.10", "127.8.9.10"), ("::1", "::1"),
+                            ("127.0.0.1", "::ffff:127.0.0.1")):
+        environ = {**loopback_peer(client).environ, "REMOTE_ADDR": spelled}
+        assert attack.client.get("/plugins/sources", environ_base=environ).status_code == 200
 
 
 def test_protected_mode_off_lets_remote_clients_in_but_not_foreign_hosts(attack):

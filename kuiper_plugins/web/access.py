@@ -8,14 +8,23 @@ Checked before any view runs, in this order, for every path:
 2. ``/`` and ``/ping`` stay open past this point, as in eKuiper, so that
    supervisors can probe them; so do ``/openapi.json`` and ``/docs``.
 3. With ``basic.authentication`` on, a valid JWT (`kuiper_plugins.web.auth`); 401.
-   With it off and ``basic.protectedMode`` on, only loopback clients; 403.
+   With it off: a client on a non-loopback address is refused while ``basic.protectedMode`` is on
+   (403) and let in while it is off; a client on the loopback (or a Unix domain socket) is served only
+   when the kernel names the user holding its end of the connection and that user is root, the
+   service's own user or one in ``basic.allowedUsers`` (`kuiper_plugins.web.peers`); 403 otherwise.
+   The address alone proves nothing: every local user can connect from 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import pwd
 import re
-from collections.abc import Callable
+import socket
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask, Request, request
@@ -24,10 +33,17 @@ from kuiper_plugins.errors import Forbidden, Unauthorized, envelope
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings
 from kuiper_plugins.web.auth import JwtAuthenticator
+from kuiper_plugins.web.peers import PeerUnknown, owners, peer_of_socket
+
+log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/", "/ping", "/openapi.json", "/docs"})
 OPEN_PREFIXES = ("/docs/",)  # the API's description is no secret; a browser cannot send a JWT for it
 WWW_AUTHENTICATE = 'Bearer realm="kuiper-plugins"'
+
+# Where WSGI servers put the accepted connection: gunicorn, and werkzeug's development server.
+SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
+ANOTHER_WAY = "or turn on basic.authentication and send a JWT"
 
 # A Host header or an Origin's authority: a name or IPv4 address, or a bracketed IPv6 address; an optional port.
 _AUTHORITY = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::[0-9]{1,5})?")
@@ -57,6 +73,74 @@ def is_loopback(address: str | None) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+class LocalCallers:
+    """The local users served while authentication is off, and who holds the client's end of a connection.
+
+    With the accepted socket in the WSGI environ (gunicorn, werkzeug), the connection's four-tuple is
+    looked up exactly, or SO_PEERCRED read for a Unix domain socket. Under a threaded server, whose
+    connections may carry many requests (gthread keep-alive), the answer is kept for as long as the
+    socket lives, since a connection's client cannot change.
+    Without the socket, REMOTE_ADDR and REMOTE_PORT as the server gives them name the client's end,
+    and every live socket bound there must belong to an allowed user.
+    """
+
+    def __init__(self, allowed_uids: frozenset[int]):
+        self.allowed_uids = allowed_uids
+        self._known: weakref.WeakKeyDictionary[socket.socket, frozenset[int]] = weakref.WeakKeyDictionary()
+
+    def check(self, environ: Mapping[str, Any]) -> None:
+        """Return if the kernel names an allowed user as the caller; raise Forbidden otherwise."""
+        try:
+            uids = self.callers(environ)
+        except PeerUnknown as exc:
+            log.info("refused a local caller that could not be identified: %s", exc)
+            raise Forbidden(
+                f"the local caller could not be identified: {_shown(str(exc), 200)} (with basic.authentication off only"
+                f" connections the kernel attributes to root, the service's user or basic.allowedUsers"
+                f" are served; {ANOTHER_WAY})"
+            ) from None
+        if not uids <= self.allowed_uids:
+            who = ", ".join(_user_shown(uid) for uid in sorted(uids - self.allowed_uids))
+            log.info("refused local user %s: not in basic.allowedUsers", who)
+            raise Forbidden(
+                f"local user {who} may not call this service while basic.authentication is off"
+                f" (add the user to basic.allowedUsers, {ANOTHER_WAY})"
+            )
+
+    def callers(self, environ: Mapping[str, Any]) -> frozenset[int]:
+        """The uids the kernel names for this request's connection; raise PeerUnknown when it cannot."""
+        sock = connection_socket(environ)
+        if sock is not None:
+            if not environ.get("wsgi.multithread"):
+                # A sync worker answers one request per connection: a cache entry would never be read again.
+                return peer_of_socket(sock)
+            uids = self._known.get(sock)
+            if uids is None:
+                uids = peer_of_socket(sock)
+                self._known[sock] = uids
+            return uids
+        port = str(environ.get("REMOTE_PORT") or "")
+        if not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+            raise PeerUnknown("the server gave neither the connection nor the client's port")
+        return owners((str(environ.get("REMOTE_ADDR") or ""), int(port)))
+
+
+def connection_socket(environ: Mapping[str, Any]) -> socket.socket | None:
+    """The accepted socket the WSGI server put in the environ, if it did."""
+    for key in SOCKET_KEYS:
+        sock = environ.get(key)
+        if isinstance(sock, socket.socket):
+            return sock
+    return None
+
+
+def _user_shown(uid: int) -> str:
+    try:
+        return f"'{pwd.getpwuid(uid).pw_name}' (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def jwt_authentication(settings: Settings) -> Authenticate:
     """The authenticate hook for basic.authentication: a JWT checked against $KUIPER_HOME/etc/mgmt/."""
     authenticator = JwtAuthenticator(Layout.of(settings).mgmt_keys)
@@ -76,6 +160,7 @@ def register_access_checks(app: Flask, settings: Settings, authenticate: Authent
     allowed = settings.host_allow_list
     if authenticate is None and settings.authentication:
         authenticate = jwt_authentication(settings)
+    local_callers = LocalCallers(settings.allowed_uids)
 
     @app.before_request
     def check_access():
@@ -94,7 +179,9 @@ def register_access_checks(app: Flask, settings: Settings, authenticate: Authent
             return None
         if authenticate is not None:
             authenticate(request)
-        elif settings.protected_mode and not is_loopback(request.remote_addr):
+        elif is_loopback(request.remote_addr) or _on_unix_socket(request.environ):
+            local_callers.check(request.environ)
+        elif settings.protected_mode:
             raise Forbidden(
                 f"client {_shown(request.remote_addr or '')} refused: protected mode allows only loopback clients"
                 " while authentication is off (turn on basic.authentication, or set basic.protectedMode to false)"
@@ -104,6 +191,11 @@ def register_access_checks(app: Flask, settings: Settings, authenticate: Authent
     @app.errorhandler(Unauthorized)
     def unauthorized(exc: Unauthorized):
         return envelope(exc.status, exc.code, exc.message, {"WWW-Authenticate": WWW_AUTHENTICATE})
+
+
+def _on_unix_socket(environ: Mapping[str, Any]) -> bool:
+    sock = connection_socket(environ)
+    return sock is not None and sock.family == getattr(socket, "AF_UNIX", None)
 
 
 def _shown(text: str, limit: int = 100) -> str:
