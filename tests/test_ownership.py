@@ -61,7 +61,11 @@ def test_a_file_someone_else_put_there_is_never_replaced(service, file_server, p
     before = service.snapshot()
     response = service.post("sinks", {"name": "influx", "file": url})
     assert response.status_code == 400
-    assert f"fail to install plugin: {path} already exists and was not installed" in message(response)
+    if path.startswith("plugins/"):  # the plugin's own binary: a plugin of that name is there, unknown to us
+        assert message(response).startswith(f"sinks plugins create command error: invalid name influx: duplicate"
+                                            f" ({path} already exists and was not installed")
+    else:
+        assert f"fail to install plugin: {path} already exists and was not installed" in message(response)
     service.assert_unchanged(before)
 
 
@@ -77,7 +81,8 @@ def test_a_portable_folder_eKuiper_installed_is_never_replaced(service, file_ser
     before = service.snapshot()
     response = service.post("portables", {"name": "mirror", "file": file_server.url("mirror.zip")})
     assert response.status_code == 400
-    assert "plugins/portable/mirror already exists and was not installed" in message(response)
+    assert message(response).startswith("portable plugin create command error: invalid name mirror: duplicate"
+                                        " (plugins/portable/mirror already exists and was not installed")
     service.assert_unchanged(before)
 
 

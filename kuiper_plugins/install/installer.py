@@ -575,8 +575,15 @@ class Installer:
             raise PackageInvalid(
                 f"fail to install plugin: {path} belongs to {type_label(owner_type)} plugin {owner_name}"
             )
+        main = plan.units[-1] if plan.plugin_type == PORTABLE else plan.units[0]  # the folder or the binary
         for unit in placing:
             if unit.group is None and unit.dest not in old_records and self._exists(unit.dest):
+                if unit is main and old is None:
+                    # A plugin of that name is there that we do not know: eKuiper would call it a duplicate.
+                    raise InvalidRequest(
+                        f"invalid name {plan.name}: duplicate ({unit.dest} already exists and was not installed by"
+                        " kuiper-plugins, nor adopted at start-up: move it away first)"
+                    )
                 raise PackageInvalid(
                     f"fail to install plugin: {unit.dest} already exists and was not installed as part of"
                     f" {type_label(plan.plugin_type)} plugin {plan.name} (kuiper-plugins never replaces what it"
