@@ -477,9 +477,15 @@ def test_a_service_that_is_not_root_is_confined_by_a_user_namespace_or_refuses(t
     python = python_for(65534)
     with tempfile.TemporaryDirectory(prefix="kp-nobody-") as folder:
         os.chmod(folder, 0o777)
+        # A copy of the package nobody can read, wherever this checkout lives (a clone in a 0700 folder).
+        source = Path(folder) / "src"
+        shutil.copytree(MAIN / "kuiper_plugins", source / "kuiper_plugins",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [source, *source.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         done = subprocess.run(
             [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", python, "-I", "-c", AS_NOBODY,
-             folder, token, str(MAIN)],
+             folder, token, str(source)],
             cwd=folder, env={"PATH": os.environ["PATH"]}, capture_output=True, text=True,
             timeout=60,
         )

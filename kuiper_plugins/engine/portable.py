@@ -340,7 +340,9 @@ def probe_namespaces(unshare: str = "unshare") -> Namespaces:
     failures = []
     for options in UNSHARE_OPTIONS:
         command = (found, *options, "--")
-        report, problem = _run_helper(command, {"mode": "probe", "tmpfs": TMPFS_OPTIONS}, _PROBE_TIMEOUT)
+        report, problem = _run_helper(
+            command, {"mode": "probe", "tmpfs": TMPFS_OPTIONS, "keep": _below_tmp(*_own_python())}, _PROBE_TIMEOUT
+        )
         if report.get("outcome") == "probed":
             return Namespaces(command, f"namespaces of its own with a private /tmp ({' '.join(command[:-1])})")
         failures.append(f"{' '.join(options)}: {report.get('error') or problem}")
@@ -421,7 +423,8 @@ def verify_handshake(
     spec = {
         "mode": "run", "url": control_url(name), "argv": argv, "cwd": str(exe.parent), "env": env,
         "timeout": init_timeout, "tmpfs": TMPFS_OPTIONS, "output_limit": OUTPUT_LIMIT,
-        "keep": _below_tmp(Path(os.path.abspath(plugin_dir)), exe.parent, _home_of(Path(argv[0]))),
+        "keep": _below_tmp(Path(os.path.abspath(plugin_dir)), exe.parent, _home_of(Path(argv[0])),
+                           *_interpreter_homes(exe), *_own_python()),
     }
     log.info("starting portable plugin %s for its handshake: %s (in %s), timeout %g s",
              name, " ".join(argv), exe.parent, init_timeout)
@@ -533,6 +536,24 @@ def _home_of(command: Path) -> Path:
     """The folder an interpreter needs beside it: a venv's root for ``<venv>/bin/python``, else its folder."""
     folder = command.parent
     return folder.parent if folder.name == "bin" else folder
+
+
+def _interpreter_homes(executable: Path) -> tuple[Path, ...]:
+    """For a script, the home of the interpreter its `#!` line names (a venv below /tmp must stay visible)."""
+    try:
+        with open(executable, "rb") as script:
+            first = script.readline(4096)
+    except OSError:
+        return ()
+    if not first.startswith(b"#!"):
+        return ()
+    words = first[2:].decode("utf-8", "replace").split()
+    return (_home_of(Path(words[0])),) if words and words[0].startswith("/") else ()
+
+
+def _own_python() -> tuple[Path, ...]:
+    """The folders this service's Python runs from (its venv, with pynng): the helper imports from them."""
+    return tuple(Path(p) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
 
 
 def _below_tmp(*folders: Path) -> list[str]:
