@@ -131,8 +131,9 @@ def go_compat(request, tmp_path_factory) -> GoCompat:
     assert shutil.which(ARM64_CC), f"{ARM64_CC} is needed for the arm64 plugin (make system-deps installs it)"
     assert shutil.which(MUSL_CC), f"{MUSL_CC} is needed for the musl plugin (make system-deps installs it)"
     assert shutil.which("cc"), "a C compiler is needed for cgo (Debian's gcc)"
-    cache = Path(request.config.cache.mkdir("go-compat")) if request.config.cache else tmp_path_factory.mktemp("gc")
-    go_cache = Path(request.config.cache.mkdir("go-build")) if request.config.cache else cache / "go-build"
+    pytest_cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    cache = Path(pytest_cache.mkdir("go-compat")) if pytest_cache else tmp_path_factory.mktemp("gc")
+    go_cache = Path(pytest_cache.mkdir("go-build")) if pytest_cache else cache / "go-build"
     env = {
         **os.environ,
         "GOTOOLCHAIN": "local",

@@ -36,7 +36,7 @@ SDK_REQUIREMENT = "ekuiper>=2,<3"  # eKuiper's Python SDK; it brings the pynng v
 @pytest.fixture(scope="session")
 def sdk_python(request, tmp_path_factory) -> Path:
     """A Python with eKuiper's SDK (`ekuiper` from PyPI) installed: built once, kept in the pytest cache."""
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
     root = cache.mkdir("portable-sdk-venv") if cache is not None else tmp_path_factory.mktemp("sdk")
     venv = root / "venv"
     python = venv / "bin" / "python"
@@ -400,7 +400,7 @@ def go_durations(request, tmp_path_factory) -> dict[str, dict]:
     go = shutil.which("go") or next((path for path in known if os.path.exists(path)), None)
     assert go, "the go command is needed (make system-deps installs Debian's golang-go)"
     work = tmp_path_factory.mktemp("durationcheck")
-    cache = request.config.cache.mkdir("go-build") if request.config.cache is not None else work / "go-build"
+    cache = request.config.cache.mkdir("go-build") if getattr(request.config, "cache", None) else work / "go-build"
     env = {
         **os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": "", "GOWORK": "off",
         "GO111MODULE": "on", "CGO_ENABLED": "0", "GOCACHE": str(cache), "GOPATH": str(work / "gopath"),
