@@ -248,7 +248,9 @@ def test_gunicorn_refuses_to_start_on_a_corrupt_registry_and_keeps_it(tmp_path):
 
 @pytest.mark.slow
 def test_a_registry_locked_past_the_busy_timeout_is_a_503_and_reads_go_on(start_gunicorn, file_server, tmp_path):
-    server = start_gunicorn(workers=4)
+    # Three writes wait on the lock, one per worker; the others are left for the reads (a worker waiting
+    # on the lock serves nothing else meanwhile, as a sync worker does not).
+    server = start_gunicorn(workers=6)
     home = server.home
     make_zip(file_server.root / "echo.zip", {"Echo@v1.so": "echo"})
     for name in ("random", "flux"):
@@ -266,7 +268,7 @@ def test_a_registry_locked_past_the_busy_timeout_is_a_503_and_reads_go_on(start_
             InFlight("PUT", f"{server.url}/plugins/sources/random", {"file": file_server.url("random.zip")}),
             InFlight("DELETE", f"{server.url}/plugins/sources/flux"),
         ]
-        # The fourth worker serves reads meanwhile: WAL readers do not wait for the writer's lock.
+        # The other workers serve reads meanwhile: WAL readers do not wait for the writer's lock.
         for _ in range(5):
             assert requests.get(f"{server.url}/plugins/sources", timeout=WAIT).json() == ["flux", "random"]
             assert requests.get(f"{server.url}/plugins/sources/random", timeout=WAIT).status_code == 200
