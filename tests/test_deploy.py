@@ -26,9 +26,10 @@ def nginx(tmp_path):
     assert Path(binary).exists(), "nginx is needed (make test installs it)"
     processes: list[subprocess.Popen] = []
 
-    def start(upstream_port: int) -> str:
+    def start(upstream_port: int, user: str = "root") -> str:
+        """nginx on a free port in front of `upstream_port`, its workers running as `user` ("name group")."""
         port = free_port()
-        prefix = tmp_path / "nginx"
+        prefix = tmp_path / f"nginx-{len(processes)}"
         (prefix / "logs").mkdir(parents=True)
         site = NGINX_SITE.read_text()
         site = re.sub(r"listen 80;", f"listen 127.0.0.1:{port};", site)
@@ -42,7 +43,7 @@ def nginx(tmp_path):
         )
         process = subprocess.Popen(
             [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "logs/error.log"),
-             "-g", "daemon off; user root;"],
+             "-g", f"daemon off; user {user};"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         processes.append(process)

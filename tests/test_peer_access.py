@@ -11,7 +11,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -20,9 +19,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, Gunicorn, free_port, make_zip
+from conftest import Gunicorn, free_port, make_zip
 from cryptography.hazmat.primitives.asymmetric import rsa
 from test_auth import ISSUER, public_pem, sign
+from test_deploy import nginx  # noqa: F401  (the fixture nginx_as_www_data builds on)
 
 from kuiper_plugins.settings import Settings, SettingsError, load_settings, user_id
 from kuiper_plugins.web import peers
@@ -429,52 +429,10 @@ def test_a_unix_domain_socket_names_its_peer_with_so_peercred(tmp_path):
 
 # ---------------------------------------------------------------------------- behind nginx
 
-NGINX_SITE = REPO / "etc/nginx/kuiper-plugins.conf"
-
-
 @pytest.fixture
-def nginx_as_www_data(tmp_path):
+def nginx_as_www_data(nginx):  # noqa: F811  (test_deploy's real nginx with the shipped server block)
     """The shipped server block in front of a given gunicorn port, nginx's workers running as www-data."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    assert Path(binary).exists(), "nginx is needed (make test installs it)"
-    started: list[subprocess.Popen] = []
-
-    def start(upstream_port: int) -> str:
-        port = free_port()
-        prefix = tmp_path / f"nginx-{len(started)}"
-        (prefix / "logs").mkdir(parents=True)
-        site = NGINX_SITE.read_text().replace("listen 80;", f"listen 127.0.0.1:{port};")
-        (prefix / "site.conf").write_text(site.replace("server 127.0.0.1:9081;", f"server 127.0.0.1:{upstream_port};"))
-        (prefix / "nginx.conf").write_text(
-            "pid nginx.pid;\nerror_log logs/error.log;\nevents { worker_connections 64; }\n"
-            "http {\n  access_log logs/access.log;\n  client_body_temp_path body;\n  proxy_temp_path proxy;\n"
-            "  fastcgi_temp_path fastcgi;\n  uwsgi_temp_path uwsgi;\n  scgi_temp_path scgi;\n"
-            "  include site.conf;\n}\n"
-        )
-        process = subprocess.Popen(
-            [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "logs/error.log"),
-             "-g", "daemon off; user www-data www-data;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        started.append(process)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read().decode()
-            try:
-                requests.get(f"{url}/ping", timeout=1)
-                return url
-            except requests.ConnectionError:
-                time.sleep(0.05)  # polling for readiness, bounded by the deadline
-        raise AssertionError("nginx did not start")
-
-    yield start
-    for process in started:
-        process.send_signal(signal.SIGQUIT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        process.stderr.close()
+    return lambda upstream_port: nginx(upstream_port, user="www-data www-data")
 
 
 @pytest.mark.slow
