@@ -105,6 +105,9 @@ def test_an_engine_never_reached_falls_back_to_kuiper_version(make_service, capl
     urls = service.client.get("/plugins/functions/prebuild").get_json()
     assert "/kuiper-plugins/2.4.0/" in urls["echo"]
     assert "using basic.kuiperVersion" in caplog.text
+    # A down engine is asked again only after a while, not on every request (GET / is a health probe).
+    assert service.client.get("/").get_json()["version"] == "2.4.0"
+    assert caplog.text.count("did not say who it is") == 1
 
 
 def test_portable_status_is_relayed_as_the_engine_answers(make_service, engine):

@@ -62,7 +62,7 @@ class EngineClient:
     def info(self) -> EngineInfo | None:
         """The engine's version, OS and arch; the last known answer while it is down; None if never known."""
         with self._lock:
-            if self._info is not None and time.monotonic() - self._fetched_at < REFRESH_SECONDS:
+            if self._fetched_at and time.monotonic() - self._fetched_at < REFRESH_SECONDS:
                 return self._info
         try:
             response = self._get("/")
@@ -75,6 +75,8 @@ class EngineClient:
         except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
             with self._lock:
                 known = self._info
+                # Ask again only after REFRESH_SECONDS: a down engine must not cost every request a timeout.
+                self._fetched_at = time.monotonic()
             log.warning("the engine at %s did not say who it is (%s); using %s", self.url, exc,
                         f"its last answer, version {known.version}" if known else "basic.kuiperVersion")
             return known
