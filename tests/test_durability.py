@@ -132,7 +132,12 @@ def test_the_durable_steps_come_in_order(start_gunicorn, file_server, tmp_path, 
     make_zip(file_server.root / "v1.zip", source_members("v1.0.0"))
     make_zip(file_server.root / "v2.zip", source_members("v2.0.0"))
     import psutil
-    workers = [child.pid for child in psutil.Process(server.process.pid).children()]
+    master = psutil.Process(server.process.pid)
+    deadline = time.monotonic() + WAIT
+    while len(master.children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling until both workers have booted (a request may go to either), bounded
+    workers = [child.pid for child in master.children()]
+    assert len(workers) == 2, workers
     trace = tmp_path / "trace.txt"
     tracer = attach_strace(workers, trace)
     try:
