@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Flask
 
@@ -40,6 +41,14 @@ class Services:
     stop_service: Callable[[], None]
     restart_engine: Callable[[], object] | None = None
     engine: EngineClient | None = None
+    registry_file: Path | None = None  # the layout's, worked out once: every read asks for it
+
+
+class _Flask(Flask):
+    """Flask, minus the check for coroutines on every call of a view or hook: none of ours is async."""
+
+    def ensure_sync(self, func: Callable) -> Callable:
+        return func
 
 
 def stop_gunicorn() -> None:
@@ -72,7 +81,7 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     if settings.install_scripts:
         scripts.confinement()  # probed and logged once per process: whether install.sh can be confined
 
-    app = Flask(__name__, static_folder=None)
+    app = _Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BODY
     # "//" in a path (a %2F in a name) must not become an HTML 308 redirect: no route matches, a JSON 404.
     app.url_map.merge_slashes = False
@@ -82,7 +91,7 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         uploads=uploads,
         stop_service=stop_service or stop_gunicorn,
         restart_engine=_engine_restarter(settings),
-        engine=engine,
+        engine=engine, registry_file=layout.registry_file,
     )
     from kuiper_plugins.web.api import bp
     from kuiper_plugins.web.openapi import docs_bp

@@ -164,10 +164,11 @@ def register_access_checks(app: Flask, settings: Settings, authenticate: Authent
 
     @app.before_request
     def check_access():
-        host = host_of(request.host or "")
+        req = request._get_current_object()  # once: each use of the proxy looks the request up again
+        host = host_of(req.host or "")
         if host is None or host not in allowed:
-            raise Forbidden(f"host '{_shown(request.host or '')}' is not allowed; add it to basic.allowedHosts")
-        origin = request.headers.get("Origin")
+            raise Forbidden(f"host '{_shown(req.host or '')}' is not allowed; add it to basic.allowedHosts")
+        origin = req.headers.get("Origin")
         if origin is not None:
             if origin.strip().lower() == "null":
                 raise Forbidden("requests from an opaque origin are not allowed")
@@ -175,15 +176,15 @@ def register_access_checks(app: Flask, settings: Settings, authenticate: Authent
             origin_host = host_of(parts.netloc) if parts.scheme in ("http", "https") else None
             if origin_host is None or origin_host not in allowed:
                 raise Forbidden(f"origin '{_shown(origin)}' is not allowed; add its host to basic.allowedHosts")
-        if request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES):
+        if req.path in OPEN_PATHS or req.path.startswith(OPEN_PREFIXES):
             return None
         if authenticate is not None:
-            authenticate(request)
-        elif is_loopback(request.remote_addr) or _on_unix_socket(request.environ):
-            local_callers.check(request.environ)
+            authenticate(req)
+        elif is_loopback(req.remote_addr) or _on_unix_socket(req.environ):
+            local_callers.check(req.environ)
         elif settings.protected_mode:
             raise Forbidden(
-                f"client {_shown(request.remote_addr or '')} refused: protected mode allows only loopback clients"
+                f"client {_shown(req.remote_addr or '')} refused: protected mode allows only loopback clients"
                 " while authentication is off (turn on basic.authentication, or set basic.protectedMode to false)"
             )
         return None

@@ -70,7 +70,7 @@ RECV_SIZE = 256 * 1024
 class _Connection:
     """One accepted connection while its request arrives (or, answered, while it lingers)."""
 
-    __slots__ = ("sock", "addr", "listener", "data", "head_end", "body_end", "deadline")
+    __slots__ = ("sock", "addr", "listener", "data", "head_end", "body_end", "deadline", "watched")
 
     def __init__(self, sock: socket.socket, addr, listener, now: float):
         self.sock = sock
@@ -80,6 +80,7 @@ class _Connection:
         self.head_end: int | None = None
         self.body_end: int | None = None
         self.deadline = now + HEAD_SECONDS
+        self.watched = False  # registered with the selector
 
     def complete(self, now: float) -> bool:
         """Whether the request has arrived far enough to be served; finds the head's end and body length."""
@@ -258,6 +259,7 @@ class BufferingWorker(SyncWorker):
         self._receive(conn, sock)  # the head often came with the connection
         if sock.fileno() in self._reading:
             self._selector.register(sock, selectors.EVENT_READ, partial(self._receive, conn))
+            conn.watched = True
 
     def _receive(self, conn: _Connection, _sock=None) -> None:
         """Take what has arrived; queue the connection once its request is whole, drop it when it closed."""
@@ -301,10 +303,12 @@ class BufferingWorker(SyncWorker):
 
     def _forget(self, conn: _Connection, table: dict[int, _Connection]) -> None:
         table.pop(conn.sock.fileno(), None)
-        try:
-            self._selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass  # never registered: its request was whole on arrival
+        if conn.watched:  # not when its request was whole on arrival (asking would cost an exception)
+            conn.watched = False
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
 
     def _expire(self, now: float) -> None:
         """Answer 408 to requests past their deadline (after taking what arrived meanwhile); end lingering."""
@@ -383,6 +387,7 @@ class BufferingWorker(SyncWorker):
         conn.deadline = time.monotonic() + LINGER_SECONDS
         self._lingering[conn.sock.fileno()] = conn
         self._selector.register(conn.sock, selectors.EVENT_READ, partial(self._linger_read, conn))
+        conn.watched = True
 
 
 def _peer(addr) -> str:
