@@ -60,7 +60,7 @@ class Sizes:
 
 FULL = Sizes(
     small_registry=200, large_registry=10_000, read_seconds=5, read_rounds=3, warmup_seconds=1,
-    large_install_bytes=64 * MIB, large_install_reps=3, small_installs=200, install_rounds=3, bare_posts=1000,
+    large_install_bytes=64 * MIB, large_install_reps=3, small_installs=200, install_rounds=5, bare_posts=1000,
     cold_start_reps=3,
 )
 SMOKE = Sizes(
@@ -517,7 +517,10 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         f" from `data/uploads`, {sizes.clients} client threads each POSTing on a fresh connection,"
         f" {sizes.workers} workers. Baseline: `unzip` + `mv` into place of the same zips with the same"
         " concurrency, the file-system work any installer must do; the bare app answering the same POST with"
-        " the same client shows the HTTP ceiling.",
+        " the same client shows the HTTP ceiling. The cost of durability: the same 200 installs by the code"
+        f" before it (commit {BEFORE_DURABLE[:8]}, from a worktree of this repository) and by this code with"
+        f" fsync made a no-op (eatmydata), {sizes.install_rounds} rounds taken in turns, each on a fresh copy"
+        " of the same home; the medians of the rounds' p50 latencies are compared.",
         "- **Cold start.** Spawning the production gunicorn command to the first 200 on `/plugins/sources`"
         f" with the {sizes.large_registry}-plugin registry (polled every 5 ms), against the bare app holding"
         f" the same list; median of {sizes.cold_start_reps}.",

@@ -7,6 +7,7 @@ import http.server
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +27,7 @@ from flask.testing import FlaskClient
 from kuiper_plugins import create_app
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings
+from kuiper_plugins.store import db
 
 # ---------------------------------------------------------------------------- loopback only
 
@@ -231,6 +233,11 @@ class Service:
         self.client = app.test_client()
         self.stops = stops
 
+    def stop(self) -> None:
+        """Close the registry connections this thread keeps, as the end of a worker process does."""
+        self.app.extensions["kuiper_plugins"].installer.close()
+        db.close_reader(self.layout.registry_file)
+
     def snapshot(self) -> tuple[dict, list[str], list[str]]:
         return disk_state(self.home), registry_dump(self.home), engine_dump(self.home)
 
@@ -309,6 +316,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_SERVING = re.compile(r"\[(\d+)\] \[INFO\] kuiper_plugins\.app: .* serving KUIPER_HOME")
+
+
 class Gunicorn:
     """A real `gunicorn -c etc/gunicorn.conf.py wsgi:app` on a free loopback port."""
 
@@ -359,6 +369,24 @@ class Gunicorn:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
+
+    def workers_booted(self) -> list[int]:
+        """Wait until every worker the master has now has built the app (it logs `serving KUIPER_HOME`).
+
+        The first /ping proves one worker is up; another may still be in its start-up recovery.
+        """
+        import psutil
+
+        master = psutil.Process(self.process.pid)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            workers = {child.pid for child in master.children()}
+            text = self.log_path.read_text(errors="replace")
+            served = {int(pid) for pid in _SERVING.findall(text)}
+            if len(workers) == int(self.env["WEB_CONCURRENCY"]) and workers <= served:
+                return sorted(workers)
+            time.sleep(0.02)  # polling the log for the workers' start-up line, bounded by the deadline
+        raise AssertionError(f"the workers did not all boot within {START_TIMEOUT}s: {self.log()}")
 
 
 @pytest.fixture

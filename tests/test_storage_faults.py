@@ -174,6 +174,7 @@ def test_a_read_only_registry_refuses_writes_serves_reads_and_is_never_written(
     make_zip(file_server.root / "random.zip", source_members("random"))
     make_zip(file_server.root / "echo.zip", {"Echo@v1.so": "echo"})
     assert service.post("sources", {"name": "random", "file": file_server.url("random.zip")}).status_code == 201
+    service.stop()  # the restart below is in this process: nothing of the first service's may stay open
     registry_file = service.layout.registry_file
     before = service.snapshot()
     content = digest(registry_file)

@@ -47,6 +47,11 @@ def sync_folders(folders: Iterable[Path]) -> None:
             fsync_path(folder)
 
 
+def seal_all(paths: Iterable[Path]) -> list[Fingerprint]:
+    """`seal` each path in turn; the fingerprints come back in the order of `paths`."""
+    return [seal(path) for path in paths]
+
+
 def seal(path: Path) -> Fingerprint:
     """Fsync a file, or every file and folder of a tree, and return its fingerprint.
 

@@ -5,14 +5,17 @@ Every operation on a plugin runs the same stages:
    dead operation a crashed worker left on that name;
 2. check the request against the registry (duplicate, not found, built-in
    names, function clashes), then reserve the name in the operations table
-   (a durable commit) and make a staging folder
-   `data/.kuiper-plugins/staging/<operation id>` on the same filesystem;
+   and make a staging folder `data/.kuiper-plugins/staging/<operation id>`
+   on the same filesystem (the reservation is not fsynced on its own: the
+   journal is what recovery goes by, and the operation's last commit makes
+   the row durable with it);
 3. do the slow work inside staging: download, inspect, unpack, install.sh;
    refuse a destination that exists and is not recorded as this plugin's;
 4. seal what will be moved: fsync every staged file and folder, taking the
    size and sha256 the registry will record;
-5. write the journal (the operation and its file moves) to
-   `<staging>/journal.json`, fsynced, then make the moves with os.replace,
+5. write the journal (the operation and its file moves) beside the staging
+   folder, `<operation id>.journal.json`, fsynced with the staging root (one
+   fsync makes both names durable), then make the moves with os.replace,
    old files going aside into the staging folder (a file being replaced is
    hard-linked aside first, so its path never goes missing), then fsync
    every folder a move touched;
@@ -68,7 +71,11 @@ from kuiper_plugins.store import db, registry
 log = logging.getLogger(__name__)
 
 DESCRIPTOR_MAX_BYTES = 1024 * 1024
-JOURNAL_FILE = "journal.json"
+# An operation's journal sits beside its staging folder, `<operation>.journal.json`, so that one fsync of
+# the staging root makes both names durable; versions before kept it inside, as `journal.json`, and a
+# journal found there is honoured all the same.
+JOURNAL_SUFFIX = ".journal.json"
+LEGACY_JOURNAL_FILE = "journal.json"
 BACKUP_NAME = re.compile(r"backup/[0-9]+")
 SO_FILE_NAME = re.compile(r"([A-Za-z0-9_-]+?)(?:@([A-Za-z0-9._+-]+))?\.so")
 
@@ -96,8 +103,13 @@ class Installer:
         self.settings = settings
         self.engine = engine  # an EngineClient when engine.url is set
         self.layout = Layout.of(settings)
-        self._connect = connect
+        self._connect = connect  # a fresh connection, for start-up recovery
+        self._writer = db.KeptWriter(self.layout.registry_file)  # the operations' connection, kept between them
         self.engine_store = kv.EngineStore(kv.store_path(self.layout.data, settings.store_sqlite_name))
+
+    def close(self) -> None:
+        """Close this thread's kept registry connection (a test restarting a service in-process)."""
+        self._writer.close()
 
     # ---------------------------------------------------------------- operations
 
@@ -187,13 +199,15 @@ class Installer:
         with blocking_lock(self.layout.locks / "recovery.lock"):
             conn = self._connect()
             try:
-                for folder in sorted(self.layout.staging.iterdir()):
+                seen = set()
+                for folder in _operation_folders(self.layout.staging):
+                    seen.add(folder.name)
                     try:
                         self._recover_folder(conn, folder)
                     except (PluginError, OSError) as exc:
                         log.error("could not recover the operation in %s: %s; it will be retried", folder, exc)
                 for op in registry.operations(conn):
-                    if not os.path.lexists(self.layout.staging / op.id):
+                    if op.id not in seen:
                         self._recover_folder(conn, self.layout.staging / op.id)
                 self._forget_cleared(conn)
                 self._sweep_locks()
@@ -208,7 +222,7 @@ class Installer:
         op_row = next((op for op in registry.operations(conn) if op.id == folder.name), None)
         owner = (journal["type"], journal["name"]) if journal else (op_row.type, op_row.name) if op_row else None
         if owner is None:
-            shutil.rmtree(folder, ignore_errors=True)  # no journal, no reservation: it moved nothing
+            _remove_staging(folder)  # no journal, no reservation: it moved nothing
             return
         lock = plugin_lock(self.layout.locks, *owner)
         if not lock.try_acquire():
@@ -233,7 +247,7 @@ class Installer:
         _drop_journal(folder)
         with db.transaction(conn):
             registry.end_operation(conn, op_id)
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove_staging(folder)
         about = journal or (vars(op_row) if op_row else {"kind": "operation", "type": "-", "name": "-"})
         log.warning(
             "rolled back the unfinished %s of %s plugin %s (operation %s, worker pid %s, %d processes killed)",
@@ -243,7 +257,8 @@ class Installer:
 
     def _forget_cleared(self, conn: sqlite3.Connection) -> None:
         """Drop the finished-operation records whose staging folders are gone."""
-        cleared = [i for i in registry.finished_operations(conn) if not os.path.lexists(self.layout.staging / i)]
+        cleared = [i for i in registry.finished_operations(conn)
+                   if not os.path.lexists(self.layout.staging / i) and _read_journal(self.layout.staging / i) is None]
         if cleared:
             with db.transaction(conn):
                 registry.forget_finished(conn, cleared)
@@ -315,7 +330,7 @@ class Installer:
     def _journaled_files(self) -> set[str]:
         """Every destination named by a journal still in staging (operations in flight or not yet settled)."""
         named: set[str] = set()
-        for folder in self.layout.staging.iterdir():
+        for folder in _operation_folders(self.layout.staging):
             try:
                 journal = _read_journal(folder)
             except PluginError:
@@ -594,7 +609,6 @@ class Installer:
         units_dir.mkdir()
         first_copy: dict[str, Path] = {}
         moves: list[tuple[Path | None, str]] = []
-        files: list[registry.RecordedFile] = []
         for index, unit in enumerate(placing):
             staged = units_dir / str(index)
             if unit.src in first_copy:
@@ -611,9 +625,10 @@ class Installer:
             else:
                 os.replace(unpacked / unit.src, staged)
                 first_copy[unit.src] = staged
-            print_ = durable.seal(staged)
             moves.append((staged, unit.dest))
-            files.append(registry.RecordedFile(unit.dest, print_.size, print_.sha256))
+        prints = durable.seal_all([staged for staged, _dest in moves])
+        files = [registry.RecordedFile(dest, print_.size, print_.sha256)
+                 for (_staged, dest), print_ in zip(moves, prints, strict=True)]
 
         placed = {u.dest for u in placing}
         kept_owned = {u.dest for u in plan.units if u.group in kept_groups and u.dest in old_records}
@@ -716,19 +731,16 @@ class Installer:
         lock = plugin_lock(self.layout.locks, plugin_type, name).acquire_or_refuse(
             f"{type_label(plugin_type)} plugin {name}"
         )
-        conn: sqlite3.Connection | None = None
         try:
-            conn = self._connect()
-            stale = registry.operation_for(conn, plugin_type, name) if roll_back_stale else None
-            if stale is not None:
-                try:
-                    self._settle(conn, self.layout.staging / stale.id, stale)
-                except OSError as exc:
-                    raise _os_error(exc) from exc
-            yield conn
+            with self._writer.session() as conn:
+                stale = registry.operation_for(conn, plugin_type, name) if roll_back_stale else None
+                if stale is not None:
+                    try:
+                        self._settle(conn, self.layout.staging / stale.id, stale)
+                    except OSError as exc:
+                        raise _os_error(exc) from exc
+                yield conn
         finally:
-            if conn is not None:
-                conn.close()
             lock.release()
 
     @contextmanager
@@ -737,7 +749,9 @@ class Installer:
         op_id = uuid.uuid4().hex
         op = _Operation(id=op_id, staging=self.layout.staging / op_id, plugin_type=plugin_type, name=name, kind=kind)
         try:
-            with db.transaction(conn):
+            # Not fsynced on its own: the journal, fsynced before the first move, is what recovery honours,
+            # and the operation's next durable commit (its end, either way) makes this row durable too.
+            with db.transaction(conn, durable=False):
                 registry.begin_operation(conn, op.id, plugin_type, name, kind, os.getpid())
         except sqlite3.IntegrityError:
             # Only an operation whose roll-back failed can still hold the name; the lock says it is not ours.
@@ -745,8 +759,7 @@ class Installer:
                              " its roll-back")
         try:
             try:
-                op.staging.mkdir()
-                durable.fsync_path(self.layout.staging)  # the folder, and so its journal, survives a power cut
+                op.staging.mkdir()  # its name is made durable with its journal's, before the first move
                 yield op
             except OSError as exc:
                 raise _os_error(exc) from exc
@@ -758,7 +771,7 @@ class Installer:
             if op.committed:
                 self._clear_committed(conn, op)
             elif not op.journal:
-                shutil.rmtree(op.staging, ignore_errors=True)
+                _remove_staging(op.staging)
 
     def _clear_committed(self, conn: sqlite3.Connection, op: _Operation) -> None:
         """Remove a committed operation's staging folder (its old files), then its finished record.
@@ -927,9 +940,31 @@ def _is_our_copy(existing: Path, new_file: Path, recorded: registry.RecordedFile
         return False
 
 
+def _journal_file(staging: Path) -> Path:
+    return staging.with_name(staging.name + JOURNAL_SUFFIX)
+
+
+def _operation_folders(root: Path) -> list[Path]:
+    """The staging folder of every operation that left anything in the staging root, sorted."""
+    names = set()
+    for entry in root.iterdir():
+        name = entry.name
+        for suffix in (JOURNAL_SUFFIX + ".partial", JOURNAL_SUFFIX):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        names.add(name)
+    return [root / name for name in sorted(names)]
+
+
 def _write_journal(staging: Path, journal: dict[str, Any]) -> None:
-    """Write the journal into the staging folder whole or not at all, and make it durable, before any move."""
-    partial = staging / f"{JOURNAL_FILE}.partial"
+    """Write the journal beside the staging folder whole or not at all, and make it durable, before any move.
+
+    One fsync of the staging root makes durable both the journal's name and the staging folder's (made
+    earlier, in the same folder).
+    """
+    target = _journal_file(staging)
+    partial = target.with_name(target.name + ".partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         view = memoryview(json.dumps(journal).encode())
@@ -938,47 +973,58 @@ def _write_journal(staging: Path, journal: dict[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(partial, staging / JOURNAL_FILE)
-    durable.fsync_path(staging)
+    os.replace(partial, target)
+    durable.fsync_path(staging.parent)
 
 
 def _read_journal(staging: Path) -> dict[str, Any] | None:
     """The journal an operation wrote before its first move; None when it made none."""
-    try:
-        text = (staging / JOURNAL_FILE).read_text()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        journal = json.loads(text)
-        if not isinstance(journal, dict) or not isinstance(journal.get("moves"), list):
-            raise ValueError("not a journal of this version")
-    except ValueError as exc:
-        raise InstallFailed(f"the journal {staging / JOURNAL_FILE} is unreadable: {exc}")
-    return journal
+    for path in (_journal_file(staging), staging / LEGACY_JOURNAL_FILE):
+        try:
+            text = path.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            journal = json.loads(text)
+            if not isinstance(journal, dict) or not isinstance(journal.get("moves"), list):
+                raise ValueError("not a journal of this version")
+        except ValueError as exc:
+            raise InstallFailed(f"the journal {path} is unreadable: {exc}")
+        return journal
+    return None
 
 
 def _drop_journal(staging: Path) -> None:
     """Remove an undone operation's journal durably, so that it can never be replayed over a later state."""
-    try:
-        os.unlink(staging / JOURNAL_FILE)
-    except FileNotFoundError:
-        return
-    durable.fsync_path(staging)
+    for path in (_journal_file(staging), staging / LEGACY_JOURNAL_FILE):
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        durable.fsync_path(path.parent)
 
 
 def _clear_staging(staging: Path) -> bool:
-    """Remove a committed operation's staging folder, journal first (the old files go with it).
+    """Remove a committed operation's journal, then its staging folder (the old files go with it).
 
-    Return whether the folder is gone.
+    Return whether both are gone.
     """
-    try:
-        os.unlink(staging / JOURNAL_FILE)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
+    for path in (_journal_file(staging), staging / LEGACY_JOURNAL_FILE):
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError:
+            return False
     shutil.rmtree(staging, ignore_errors=True)
     return not os.path.lexists(staging)
+
+
+def _remove_staging(staging: Path) -> None:
+    """Remove what an operation that moved nothing, or was undone, left in staging: folder and partial journal."""
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.unlink(_journal_file(staging).with_name(staging.name + JOURNAL_SUFFIX + ".partial"))
 
 
 def _make_parents(target: Path) -> list[Path]:

@@ -127,8 +127,8 @@ def reader(path: Path) -> sqlite3.Connection:
     """This thread's connection for reads, opened on first use in this process and kept.
 
     Opening a connection costs about half a millisecond (the WAL index is mapped anew), as much as the
-    rest of a read request; writes still open one per unit of work. A connection is never carried
-    across fork: a process that finds one opened by its parent opens its own.
+    rest of a read request; writes go through a `KeptWriter`. A connection is never carried across
+    fork: a process that finds one opened by its parent opens its own.
     """
     cached = getattr(_readers, "entry", None)
     if cached is not None and cached[0] == os.getpid() and cached[1] == path:
@@ -136,6 +136,87 @@ def reader(path: Path) -> sqlite3.Connection:
     conn = connect(path)
     _readers.entry = (os.getpid(), path, conn)
     return conn
+
+
+def close_reader(path: Path) -> None:
+    """Close this thread's read connection to `path`, if it has one (a test restarting a service in-process)."""
+    cached = getattr(_readers, "entry", None)
+    if cached is not None and cached[0] == os.getpid() and cached[1] == path:
+        _readers.entry = None
+        with contextlib.suppress(sqlite3.Error):
+            cached[2].close()
+
+
+def hold_open(path: Path) -> None:
+    """Make sure this thread's read connection (see `reader`) is open on the registry and has read it.
+
+    A connection in WAL mode that has read holds a shared lock for as long as it is open. While one
+    does, closing a connection that wrote neither checkpoints the WAL into the database nor deletes
+    it, and the WAL need not be made anew by the next writer (a checkpoint's two fsyncs, and the new
+    WAL's header and folder).
+    """
+    try:
+        reader(path).execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as exc:
+        raise unavailable(exc) from None
+
+
+class KeptWriter:
+    """The connection operations write through: one per thread, kept from one operation to the next.
+
+    A new connection's first commit costs an fsync of the folder besides the WAL's; a kept one's costs
+    the WAL's alone. It is kept only while the registry file is as this thread left it: a file
+    replaced, rewritten or made read-only by someone else (its inode, size, mtime or ctime changed,
+    another worker's checkpoint included) gets a new connection, which sees the file as it now is.
+    The old one is closed while this thread's reader holds its shared lock (`hold_open`), so that
+    closing it never checkpoints the WAL into a file someone else has changed. Never carried across
+    fork.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+
+    @contextmanager
+    def session(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection for one unit of work; given up if the unit ends inside a transaction."""
+        hold_open(self.path)
+        entry = getattr(self._local, "entry", None)
+        self._local.entry = None
+        conn = None
+        if entry is not None and entry[0] == os.getpid():
+            if entry[2] == self._signature():
+                conn = entry[1]
+            else:
+                _close(entry[1])
+        if conn is None:
+            conn = connect(self.path)
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                _close(conn)
+            else:
+                self._local.entry = (os.getpid(), conn, self._signature())
+
+    def close(self) -> None:
+        """Close this thread's kept connection (a test restarting a service in-process)."""
+        entry = getattr(self._local, "entry", None)
+        self._local.entry = None
+        if entry is not None and entry[0] == os.getpid():
+            _close(entry[1])
+
+    def _signature(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _close(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        conn.close()
 
 
 def data_version(conn: sqlite3.Connection) -> int:

@@ -8,7 +8,7 @@ Invariants:
   folder: its total size and the digest of its listing), so that what is on
   disk can be told apart from what was installed;
 - an operations row marks an install, update or delete in flight, reserving
-  its (type, name); the journal of the file moves it makes is written into
+  its (type, name); the journal of the file moves it makes is written beside
   its staging folder before the first move, so that a crash at any point can
   be rolled back at start-up (see installer.py);
 - the commit of an operation ends its row and records its id in
