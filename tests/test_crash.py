@@ -585,7 +585,7 @@ def test_a_stop_sent_while_a_worker_boots_is_not_lost(start_gunicorn, tmp_path):
     server = start_gunicorn(workers=2)
     registry = Layout(server.home).registry_file
     master = psutil.Process(server.process.pid)
-    old_workers = {child.pid for child in master.children()}
+    old_workers = set(server.workers_booted())  # both past their start-up check before it is blocked
     # Exclusive locking mode keeps even readers out, WAL or not: a new worker's start-up check of the
     # registry waits (it retries for its busy timeout), in post_fork, before it has signal handlers.
     hold = sqlite3.connect(registry, isolation_level=None, timeout=WAIT)
