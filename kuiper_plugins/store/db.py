@@ -219,8 +219,11 @@ def _close(conn: sqlite3.Connection) -> None:
         conn.close()
 
 
-def data_version(conn: sqlite3.Connection) -> int:
-    """A number that changes whenever another connection has committed since this one last asked."""
+def data_version(conn: sqlite3.Connection | sqlite3.Cursor) -> int:
+    """A number that changes whenever another connection has committed since this one last asked.
+
+    A cursor kept for the purpose may be given instead of its connection: it spares making one per call.
+    """
     try:
         return conn.execute("PRAGMA data_version").fetchone()[0]
     except sqlite3.Error as exc:

@@ -165,9 +165,11 @@ def register_access_checks(app: Flask, settings: Settings, authenticate: Authent
     @app.before_request
     def check_access():
         req = request._get_current_object()  # once: each use of the proxy looks the request up again
-        host = host_of(req.host or "")
+        # The Host header as sent: host_of checks it more strictly than werkzeug's request.host would.
+        given = req.environ.get("HTTP_HOST") or ""
+        host = host_of(given)
         if host is None or host not in allowed:
-            raise Forbidden(f"host '{_shown(req.host or '')}' is not allowed; add it to basic.allowedHosts")
+            raise Forbidden(f"host '{_shown(given)}' is not allowed; add it to basic.allowedHosts")
         origin = req.headers.get("Origin")
         if origin is not None:
             if origin.strip().lower() == "null":

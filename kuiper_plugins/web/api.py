@@ -71,9 +71,9 @@ def cached_json(key: str, build: Callable[[sqlite3.Connection], Any]) -> Respons
     A `build` that raises (not found) caches nothing; there is at most one entry per plugin or function.
     """
     conn = connection()
-    version = db.data_version(conn)
     if getattr(_bodies, "conn", None) is not conn:
-        _bodies.conn, _bodies.entries = conn, {}
+        _bodies.conn, _bodies.cursor, _bodies.entries = conn, conn.cursor(), {}
+    version = db.data_version(_bodies.cursor)
     hit = _bodies.entries.get(key)
     if hit is None or hit[0] != version:
         body = json.dumps(build(conn), separators=(",", ":"), ensure_ascii=False)
