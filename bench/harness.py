@@ -472,10 +472,20 @@ def eatmydata_library() -> str:
 @contextmanager
 def checkout_of(revision: str, where: Path) -> Iterator[Path]:
     """A detached worktree of this repository at `revision`, removed afterwards (a same-run baseline)."""
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(where), revision],
-                   check=True, timeout=120, capture_output=True)
+    add_worktree(revision, where)
     try:
         yield where
     finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)], timeout=120,
-                       capture_output=True)
+        remove_worktree(where)
+
+
+def add_worktree(revision: str, where: Path) -> Path:
+    """Check `revision` out, detached, into `where` (a worktree of this repository)."""
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(where), revision],
+                   check=True, timeout=120, capture_output=True)
+    return where
+
+
+def remove_worktree(where: Path) -> None:
+    subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)], timeout=120,
+                   capture_output=True)

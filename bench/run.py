@@ -92,6 +92,9 @@ class Row:
 
 # The last commit before the install path was made durable (issue 9): the same-run baseline of its cost.
 BEFORE_DURABLE = "77afb4452c89ff6f9d3c58b937463ff1970ee59b"
+# The last commit before callers were identified and slow clients held off (issue 10): the same-run
+# baseline of what those cost the reads (it runs gunicorn's sync worker and checks no caller).
+BEFORE_ACCESS = "c373eaa230f467a818dec2dedf464052397aca6b"
 
 
 class Bench:
@@ -142,6 +145,8 @@ class Bench:
         sizes = self.sizes
         self.section(f"reads, {sizes.small_registry} and {sizes.large_registry} plugins")
         targets: list[tuple[int, str, Server, str]] = []  # (size, endpoint, server, path)
+        checkout = self.work / "checkout-before-access"
+        harness.add_worktree(BEFORE_ACCESS, checkout)
         for size in (sizes.small_registry, sizes.large_registry):
             began = time.perf_counter()
             population = populate(self.work / f"reads-{size}", size)
@@ -160,11 +165,24 @@ class Bench:
             self._same_bodies(service, bare, paths)
             targets += [(size, endpoint, server, path) for endpoint, path in paths.items()
                         for server in (service, bare)]
+            if size == sizes.small_registry:
+                # The same registry written by that commit's own fixtures (its schema is older).
+                before_home = self.work / f"reads-{size}-before-access"
+                subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                f"sys.path[:0] = [{str(checkout)!r}, {str(checkout / 'bench')!r}]; "
+                                f"from fixtures import populate; populate(Path({str(before_home)!r}), {size})"],
+                               check=True, timeout=300)
+                before = self.server(f"before-{size}", "wsgi:app", before_home)
+                before.checkout = checkout
+                before.start()
+                self._same_bodies(service, before, {k: paths[k] for k in ("list", "describe")})
+                targets += [(size, endpoint, before, paths[endpoint]) for endpoint in ("list", "describe")]
         try:
             best = self._load(targets)
         finally:
             for server in {id(t[2]): t[2] for t in targets}.values():
                 server.stop()
+            harness.remove_worktree(checkout)
 
         def rps(size: int, endpoint: str, kind: str) -> float:
             return best[(size, endpoint, f"{kind}-{size}")]
@@ -174,6 +192,10 @@ class Bench:
             self.add(Row(f"reads, {small} plugins", f"GET {endpoint}", rps(small, endpoint, "service"), "req/s",
                          rps(small, endpoint, "bare"), "bare app", "≥ 0.9x bare",
                          rps(small, endpoint, "service") >= 0.9 * rps(small, endpoint, "bare")))
+        for endpoint in ("list", "describe"):
+            self.add(Row(f"reads, {small} plugins", f"GET {endpoint} (vs before issue 10)",
+                         rps(small, endpoint, "service"), "req/s", rps(small, endpoint, "before"),
+                         f"code before issue 10 ({BEFORE_ACCESS[:8]}), sync worker"))
         label = f"reads, {large} plugins"
         for endpoint in ("list", "describe", "udfs", "udfs-one"):
             service_rps, bare_rps = rps(large, endpoint, "service"), rps(large, endpoint, "bare")
@@ -499,7 +521,10 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         " answer byte-identical bodies and the same Content-Type. Load: `wrk -t1"
         f" -c{sizes.wrk_connections} -d{sizes.read_seconds:g}s --latency <url>`, after a 1 s warm-up; service and"
         f" bare app alternate, {sizes.read_rounds} rounds, the best req/s of the rounds is kept. Any non-2xx answer"
-        " or socket error aborts the bench.",
+        " or socket error aborts the bench. What issue 10 (callers identified by the kernel, our worker) cost the"
+        f" reads: the {sizes.small_registry}-plugin list and describe are also asked of the code before it"
+        f" (commit {BEFORE_ACCESS[:8]}, a worktree of this repository, gunicorn's sync worker, its own registry"
+        " fixture) in the same rounds.",
         f"- **Registry fixture.** The {sizes.small_registry}- and {sizes.large_registry}-plugin registries are"
         " written straight into a temporary KUIPER_HOME with the project's own `db.initialise`, `db.transaction`"
         " and `registry.save` (the rows an install records, with its file list), plus each native plugin's .so"
@@ -517,7 +542,8 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         f" from `data/uploads`, {sizes.clients} client threads each POSTing on a fresh connection,"
         f" {sizes.workers} workers. Baseline: `unzip` + `mv` into place of the same zips with the same"
         " concurrency, the file-system work any installer must do; the bare app answering the same POST with"
-        " the same client shows the HTTP ceiling. The cost of durability: the same 200 installs by the code"
+        f" the same client shows the HTTP ceiling. The cost of durability: the same {sizes.small_installs} installs"
+        " by the code"
         f" before it (commit {BEFORE_DURABLE[:8]}, from a worktree of this repository) and by this code with"
         f" fsync made a no-op (eatmydata), {sizes.install_rounds} rounds taken in turns, each on a fresh copy"
         " of the same home; the medians of the rounds' p50 latencies are compared.",

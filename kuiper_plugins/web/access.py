@@ -170,7 +170,7 @@ def register_access_checks(app: Flask, settings: Settings, authenticate: Authent
         host = host_of(given)
         if host is None or host not in allowed:
             raise Forbidden(f"host '{_shown(given)}' is not allowed; add it to basic.allowedHosts")
-        origin = req.headers.get("Origin")
+        origin = req.environ.get("HTTP_ORIGIN")
         if origin is not None:
             if origin.strip().lower() == "null":
                 raise Forbidden("requests from an opaque origin are not allowed")
