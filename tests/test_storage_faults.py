@@ -286,3 +286,26 @@ def test_a_registry_locked_past_the_busy_timeout_is_a_503_and_reads_go_on(start_
     assert (disk_state(home), registry_dump(home)) == before
     assert list(Layout(home).staging.iterdir()) == []
     assert requests.delete(f"{server.url}/plugins/sources/random", timeout=WAIT).status_code == 200
+
+
+# ---------------------------------------------------------------------------- our scratch folder removed
+
+
+def test_an_install_after_our_scratch_folder_was_removed_makes_it_again(make_service, file_server, caplog):
+    """`rm -rf data/.kuiper-plugins` under a running service: the next install still works, no 500."""
+    service = make_service()
+    make_zip(file_server.root / "random.zip", source_members("random"))
+    work = service.layout.work
+    subprocess.run(["rm", "-rf", str(work)], check=True, timeout=WAIT)
+    assert not work.exists()
+    caplog.set_level(logging.WARNING, logger="kuiper_plugins.install.installer")
+
+    created = service.post("sources", {"name": "random", "file": file_server.url("random.zip")})
+
+    assert created.status_code == 201, created.data
+    assert "made it again" in caplog.text
+    assert service.client.get("/plugins/sources").get_json() == ["random"]
+    on_disk = disk_state(service.home)
+    assert all(path in on_disk for path in installed_paths("random"))
+    assert list(service.layout.staging.iterdir()) == []
+    assert list(service.layout.locks.iterdir()) == []

@@ -728,9 +728,15 @@ class Installer:
 
         A dead operation on the plugin (its lock was free, so its worker is gone) is settled first.
         """
-        lock = plugin_lock(self.layout.locks, plugin_type, name).acquire_or_refuse(
-            f"{type_label(plugin_type)} plugin {name}"
-        )
+        try:
+            lock = plugin_lock(self.layout.locks, plugin_type, name).acquire_or_refuse(
+                f"{type_label(plugin_type)} plugin {name}"
+            )
+        except FileNotFoundError:
+            self._remake_scratch()
+            lock = plugin_lock(self.layout.locks, plugin_type, name).acquire_or_refuse(
+                f"{type_label(plugin_type)} plugin {name}"
+            )
         try:
             with self._writer.session() as conn:
                 stale = registry.operation_for(conn, plugin_type, name) if roll_back_stale else None
@@ -742,6 +748,15 @@ class Installer:
                 yield conn
         finally:
             lock.release()
+
+    def _remake_scratch(self) -> None:
+        """Make the layout's folders again, durably, when someone removed ours under a running service."""
+        log.warning("%s was missing (removed while the service ran?): made it again", self.layout.locks)
+        try:
+            self.layout.create()
+            durable.sync_folders([self.layout.work, self.layout.work.parent])
+        except OSError as exc:
+            raise _os_error(exc) from exc
 
     @contextmanager
     def _reserved(self, conn: sqlite3.Connection, plugin_type: str, name: str, kind: str) -> Iterator[_Operation]:
