@@ -370,6 +370,13 @@ class Gunicorn:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
+    def wait_exit(self, timeout: float = START_TIMEOUT) -> int:
+        """The master's exit status, once it has exited; fail with the end of its log if it does not."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"gunicorn did not exit within {timeout:g}s:\n{self.log()}") from None
+
     def workers_booted(self) -> list[int]:
         """Wait until every worker the master has now has built the app (it logs `serving KUIPER_HOME`).
 

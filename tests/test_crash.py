@@ -493,7 +493,7 @@ def test_sigterm_lets_an_install_in_flight_finish(start_gunicorn, file_server, t
         gate.release()
         response = install.outcome()
         assert isinstance(response, requests.Response) and response.status_code == 201, response
-        assert server.process.wait(timeout=WAIT) == 0
+        assert server.wait_exit(WAIT) == 0
         state = disk_state(home), registry_dump(home)
 
         restarted = start_gunicorn(workers=WORKERS)
@@ -518,7 +518,7 @@ def test_a_quick_stop_rolls_the_install_in_flight_back_before_exiting(start_guni
         gate.wait_started()
         op_id, _pid = the_operation(home)
         os.kill(server.process.pid, signal.SIGINT)  # gunicorn's quick stop: workers exit at once
-        assert server.process.wait(timeout=WAIT) == 0
+        assert server.wait_exit(WAIT) == 0
         interrupted = install.outcome()
         assert isinstance(interrupted, requests.Response), interrupted
         assert interrupted.status_code == 503
@@ -562,7 +562,7 @@ def test_a_clean_restart_keeps_the_registry_and_every_file_byte_for_byte(start_g
     state = disk_state(home), registry_dump(home)
     assert len(state[0]) > 20
     server.stop()
-    assert server.process.returncode == 0
+    assert server.process.returncode == 0, server.log()
     assert (disk_state(home), registry_dump(home)) == state
 
     restarted = start_gunicorn(workers=WORKERS)
@@ -601,4 +601,4 @@ def test_a_stop_sent_while_a_worker_boots_is_not_lost(start_gunicorn, tmp_path):
     finally:
         hold.execute("ROLLBACK")
         hold.close()
-    assert server.process.wait(timeout=WAIT) == 0
+    assert server.wait_exit(WAIT) == 0

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+import queue
 import signal
 import sys
 
@@ -35,22 +37,44 @@ def on_starting(server):
 # What the master sends its workers. Until a new worker has set its own handlers, it still runs the
 # master's, which only queue the signal in the worker's copy of the master: a stop sent while workers
 # boot was lost, and they ran on until the graceful timeout. post_fork holds these signals back and
-# post_worker_init lets them in, once the worker's handlers are in place.
+# post_worker_init lets them in, once the worker's handlers are in place. One that came in the short
+# while between fork and post_fork sits in that copied queue: post_fork takes it out and
+# post_worker_init sends it again, to the worker itself. (A signal the master had queued for itself
+# before the fork is sent again too; each of these only asks the worker for what the master is about
+# to ask of it anyway: stop, or reopen its logs.)
 WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT, signal.SIGUSR1}
 
 
 def post_fork(server, worker):
     """In each new worker, before the app loads: a registry that went bad since start stops the service."""
     signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+    worker.kuiper_early_signals = _take_queued(getattr(server, "SIG_QUEUE", None))
     problem = _registry_problem()
     if problem:
         server.log.error("kuiper-plugins cannot start: %s", problem)
         sys.exit(WORKER_BOOT_ERROR)
 
 
+def _take_queued(signals) -> list[int]:
+    """Empty this process's copy of the master's signal queue (a list before gunicorn 27, a SimpleQueue
+    since); return the worker signals in it, in order. The master's own queue is untouched."""
+    taken: list = []
+    if isinstance(signals, list):
+        taken, signals[:] = list(signals), []
+    elif signals is not None and hasattr(signals, "get_nowait"):
+        for _ in range(64):  # the master queues a handful at most
+            try:
+                taken.append(signals.get_nowait())
+            except queue.Empty:
+                break
+    return [sig for sig in taken if sig in WORKER_SIGNALS]
+
+
 def post_worker_init(worker):
     """In each new worker, once its signal handlers are set and the app is loaded: take the signals held back."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+    for sig in dict.fromkeys(getattr(worker, "kuiper_early_signals", ())):
+        os.kill(os.getpid(), sig)
 
 
 def pre_request(worker, req):
