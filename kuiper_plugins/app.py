@@ -8,7 +8,6 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from flask import Flask
 
@@ -41,7 +40,6 @@ class Services:
     stop_service: Callable[[], None]
     restart_engine: Callable[[], object] | None = None
     engine: EngineClient | None = None
-    registry_file: Path | None = None  # the layout's, worked out once: every read asks for it
 
 
 class _Flask(Flask):
@@ -91,7 +89,7 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         uploads=uploads,
         stop_service=stop_service or stop_gunicorn,
         restart_engine=_engine_restarter(settings),
-        engine=engine, registry_file=layout.registry_file,
+        engine=engine,
     )
     from kuiper_plugins.web.api import bp
     from kuiper_plugins.web.openapi import docs_bp

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 NATIVE_TYPES = ("sources", "sinks", "functions")
@@ -43,7 +44,7 @@ class Layout:
     def etc(self) -> Path:
         return self.etc_dir or self.home / "etc"
 
-    @property
+    @cached_property  # a frozen layout's paths never change: worked out once (reads ask on every request)
     def data(self) -> Path:
         return self.data_dir or self.home / "data"
 
@@ -55,7 +56,7 @@ class Layout:
     def uploads(self) -> Path:
         return self.data / "uploads"
 
-    @property
+    @cached_property
     def registry_file(self) -> Path:
         return self.data / "kuiper-plugins.db"
 

@@ -57,7 +57,7 @@ def installer() -> Installer:
 
 def connection() -> sqlite3.Connection:
     """The registry connection for reads (one per worker thread, see db.reader)."""
-    return db.reader(services().registry_file)
+    return db.reader(services().layout.registry_file)
 
 
 _bodies = threading.local()
