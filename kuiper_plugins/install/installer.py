@@ -75,6 +75,7 @@ DESCRIPTOR_MAX_BYTES = 1024 * 1024
 # the staging root makes both names durable; versions before kept it inside, as `journal.json`, and a
 # journal found there is honoured all the same.
 JOURNAL_SUFFIX = ".journal.json"
+PARTIAL_SUFFIX = JOURNAL_SUFFIX + ".partial"  # a journal being written: never read, removed with its folder
 LEGACY_JOURNAL_FILE = "journal.json"
 BACKUP_NAME = re.compile(r"backup/[0-9]+")
 SO_FILE_NAME = re.compile(r"([A-Za-z0-9_-]+?)(?:@([A-Za-z0-9._+-]+))?\.so")
@@ -728,15 +729,12 @@ class Installer:
 
         A dead operation on the plugin (its lock was free, so its worker is gone) is settled first.
         """
+        take = plugin_lock(self.layout.locks, plugin_type, name).acquire_or_refuse
         try:
-            lock = plugin_lock(self.layout.locks, plugin_type, name).acquire_or_refuse(
-                f"{type_label(plugin_type)} plugin {name}"
-            )
+            lock = take(f"{type_label(plugin_type)} plugin {name}")
         except FileNotFoundError:
             self._remake_scratch()
-            lock = plugin_lock(self.layout.locks, plugin_type, name).acquire_or_refuse(
-                f"{type_label(plugin_type)} plugin {name}"
-            )
+            lock = take(f"{type_label(plugin_type)} plugin {name}")
         try:
             with self._writer.session() as conn:
                 stale = registry.operation_for(conn, plugin_type, name) if roll_back_stale else None
@@ -750,10 +748,11 @@ class Installer:
             lock.release()
 
     def _remake_scratch(self) -> None:
-        """Make the layout's folders again, durably, when someone removed ours under a running service."""
+        """Make our scratch folders again, durably, when someone removed them under a running service."""
         log.warning("%s was missing (removed while the service ran?): made it again", self.layout.locks)
         try:
-            self.layout.create()
+            for folder in (self.layout.staging, self.layout.locks, self.layout.incoming):
+                folder.mkdir(parents=True, exist_ok=True)
             durable.sync_folders([self.layout.work, self.layout.work.parent])
         except OSError as exc:
             raise _os_error(exc) from exc
@@ -959,12 +958,17 @@ def _journal_file(staging: Path) -> Path:
     return staging.with_name(staging.name + JOURNAL_SUFFIX)
 
 
+def _journal_files(staging: Path) -> tuple[Path, Path]:
+    """Where an operation's journal may be: beside its folder, or inside it (versions before)."""
+    return _journal_file(staging), staging / LEGACY_JOURNAL_FILE
+
+
 def _operation_folders(root: Path) -> list[Path]:
     """The staging folder of every operation that left anything in the staging root, sorted."""
     names = set()
     for entry in root.iterdir():
         name = entry.name
-        for suffix in (JOURNAL_SUFFIX + ".partial", JOURNAL_SUFFIX):
+        for suffix in (PARTIAL_SUFFIX, JOURNAL_SUFFIX):
             if name.endswith(suffix):
                 name = name[: -len(suffix)]
                 break
@@ -979,7 +983,7 @@ def _write_journal(staging: Path, journal: dict[str, Any]) -> None:
     earlier, in the same folder).
     """
     target = _journal_file(staging)
-    partial = target.with_name(target.name + ".partial")
+    partial = staging.with_name(staging.name + PARTIAL_SUFFIX)
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         view = memoryview(json.dumps(journal).encode())
@@ -994,7 +998,7 @@ def _write_journal(staging: Path, journal: dict[str, Any]) -> None:
 
 def _read_journal(staging: Path) -> dict[str, Any] | None:
     """The journal an operation wrote before its first move; None when it made none."""
-    for path in (_journal_file(staging), staging / LEGACY_JOURNAL_FILE):
+    for path in _journal_files(staging):
         try:
             text = path.read_text()
         except (FileNotFoundError, NotADirectoryError):
@@ -1011,7 +1015,7 @@ def _read_journal(staging: Path) -> dict[str, Any] | None:
 
 def _drop_journal(staging: Path) -> None:
     """Remove an undone operation's journal durably, so that it can never be replayed over a later state."""
-    for path in (_journal_file(staging), staging / LEGACY_JOURNAL_FILE):
+    for path in _journal_files(staging):
         try:
             os.unlink(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -1024,7 +1028,7 @@ def _clear_staging(staging: Path) -> bool:
 
     Return whether both are gone.
     """
-    for path in (_journal_file(staging), staging / LEGACY_JOURNAL_FILE):
+    for path in _journal_files(staging):
         try:
             os.unlink(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -1039,7 +1043,7 @@ def _remove_staging(staging: Path) -> None:
     """Remove what an operation that moved nothing, or was undone, left in staging: folder and partial journal."""
     shutil.rmtree(staging, ignore_errors=True)
     with contextlib.suppress(OSError):
-        os.unlink(_journal_file(staging).with_name(staging.name + JOURNAL_SUFFIX + ".partial"))
+        os.unlink(staging.with_name(staging.name + PARTIAL_SUFFIX))
 
 
 def _make_parents(target: Path) -> list[Path]:
