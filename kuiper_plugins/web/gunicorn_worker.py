@@ -264,12 +264,9 @@ class BufferingWorker(SyncWorker):
     def _receive(self, conn: _Connection, _sock=None) -> None:
         """Take what has arrived; queue the connection once its request is whole, drop it when it closed."""
         while True:
-            try:
-                chunk = conn.sock.recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
+            chunk = _recv(conn.sock)
+            if chunk is None:
                 return
-            except OSError:
-                chunk = b""
             if not chunk:
                 self._forget(conn, self._reading)  # closed (or reset) before a whole request
                 util.close(conn.sock)
@@ -291,13 +288,7 @@ class BufferingWorker(SyncWorker):
                 return
 
     def _linger_read(self, conn: _Connection, _sock=None) -> None:
-        try:
-            chunk = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
+        if _recv(conn.sock) == b"":
             self._forget(conn, self._lingering)
             util.close(conn.sock)
 
@@ -388,6 +379,16 @@ class BufferingWorker(SyncWorker):
         self._lingering[conn.sock.fileno()] = conn
         self._selector.register(conn.sock, selectors.EVENT_READ, partial(self._linger_read, conn))
         conn.watched = True
+
+
+def _recv(sock: socket.socket) -> bytes | None:
+    """What has arrived on a non-blocking socket: None when nothing yet, b"" when it closed or broke."""
+    try:
+        return sock.recv(RECV_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 def _peer(addr) -> str:
