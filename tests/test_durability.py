@@ -226,8 +226,8 @@ def restart(home: Path) -> None:
 
 
 def barriers(events, pid: int) -> dict[str, int]:
-    """How many fsyncs and fdatasyncs the request made before its answer (those after it, such as the
-    checkpoint SQLite makes when the process closes the registry, are the point after the answer)."""
+    """How many fsyncs and fdatasyncs the request made before its answer: a cut after it is the run
+    without a kill point (the child leaves right after answering)."""
     counts = {"fsync": 0, "fdatasync": 0}
     for event in events:
         if event.pid == pid and event.call == "write" and (event.string(1) or "").startswith("ANSWERED"):
