@@ -349,6 +349,9 @@ class Gunicorn:
             try:
                 # Until a worker has booted a request just waits: give it a while on a busy 2-core box.
                 if requests.get(f"{self.url}/ping", timeout=5).status_code == 200:
+                    # Every worker, not just the one that answered: a test that keeps some busy (a held
+                    # lock, a stop) must not find the others still in their start-up recovery.
+                    self.workers_booted()
                     return self
             except (requests.ConnectionError, requests.Timeout):
                 pass
@@ -380,7 +383,8 @@ class Gunicorn:
     def workers_booted(self) -> list[int]:
         """Wait until every worker the master has now has built the app (it logs `serving KUIPER_HOME`).
 
-        The first /ping proves one worker is up; another may still be in its start-up recovery.
+        The first /ping proves one worker is up; another may still be in its start-up recovery. `start`
+        waits for this; a test that has workers replaced asks again.
         """
         import psutil
 

@@ -264,11 +264,16 @@ def test_a_registry_locked_past_the_busy_timeout_is_a_503_and_reads_go_on(start_
     hold = RegistryHold(home)  # another process keeps the registry's write lock past the busy timeout
     try:
         started = time.monotonic()
-        writes = [
-            InFlight("POST", f"{server.url}/plugins/functions", {"name": "echo", "file": file_server.url("echo.zip")}),
-            InFlight("PUT", f"{server.url}/plugins/sources/random", {"file": file_server.url("random.zip")}),
-            InFlight("DELETE", f"{server.url}/plugins/sources/flux"),
-        ]
+        writes = []
+        for write in [
+            ("POST", f"{server.url}/plugins/functions", {"name": "echo", "file": file_server.url("echo.zip")}),
+            ("PUT", f"{server.url}/plugins/sources/random", {"file": file_server.url("random.zip")}),
+            ("DELETE", f"{server.url}/plugins/sources/flux", None),
+        ]:
+            writes.append(InFlight(*write))
+            # One at a time, each in its own worker: a plugin's lock file exists while an operation
+            # holds it, so its worker is waiting on the registry and accepts nothing else.
+            wait_for(lambda: len(list(Layout(home).locks.glob("*.*.lock"))) == len(writes), "the write to wait")
         # The other workers serve reads meanwhile: WAL readers do not wait for the writer's lock.
         for _ in range(5):
             assert requests.get(f"{server.url}/plugins/sources", timeout=WAIT).json() == ["flux", "random"]
