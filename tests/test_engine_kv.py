@@ -100,6 +100,47 @@ def test_an_existing_ekuiper_file_keeps_its_rows_tables_and_journal_mode(kv_path
     assert not (kv_path.parent / "checkpoint.db").exists()  # eKuiper's file existed: its layout is its own
 
 
+def test_a_write_to_a_rollback_journal_file_commits_by_a_zeroed_journal_header(kv_path):
+    # SQLite's default DELETE mode commits by unlinking the journal, which synchronous=FULL leaves unsynced:
+    # a power cut could bring the journal back, hot, and undo an acknowledged write. Ours commits by
+    # zeroing the journal's header (PERSIST, a setting of our connection), which SQLite syncs.
+    ekuiper_file(kv_path, {"stream": {"demo": b"stream rows stay"}})
+    store = EngineStore(kv_path)
+    store.put_native("sinks", "file2", "http://127.0.0.1/file2.zip")
+    journal = kv_path.with_name(kv_path.name + "-journal")
+    assert journal.is_file()
+    assert journal.read_bytes()[:28] == bytes(28)  # not hot: SQLite ignores it, and so does eKuiper
+    # The file itself keeps its own mode, and a connection in the default mode (the engine's) reads
+    # our row, writes its own, and takes the journal away as it commits.
+    engine = sqlite3.connect(kv_path, isolation_level=None)
+    assert engine.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    engine.execute("REPLACE INTO 'stream'(key, val) VALUES ('other', x'01')")
+    engine.close()
+    assert not journal.exists()
+    assert set(rows_of(kv_path, NATIVE_TABLE)) == {"sinks_file2"}
+    store.put_native("sinks", "file3", "http://127.0.0.1/file3.zip")
+    assert set(rows_of(kv_path, NATIVE_TABLE)) == {"sinks_file2", "sinks_file3"}
+    assert rows_of(kv_path, "stream") == {"demo": b"stream rows stay", "other": b"\x01"}
+    store.close()
+
+
+def test_a_file_replaced_between_writes_is_the_one_written_next(kv_path, tmp_path):
+    store = EngineStore(kv_path)
+    store.put_native("sinks", "first", "http://127.0.0.1/first.zip")
+    restored = tmp_path / "restored.db"
+    ekuiper_file(restored, {NATIVE_TABLE: {"$boot_install": gob.encode_string("$boot_install")}})
+    old = kv_path.with_name("old.db")
+    kv_path.rename(old)
+    restored.rename(kv_path)  # an operator puts a backup in place while the service runs
+    store.put_native("sinks", "second", "http://127.0.0.1/second.zip")
+    assert set(rows_of(kv_path, NATIVE_TABLE)) == {"$boot_install", "sinks_second"}
+    assert set(rows_of(old, NATIVE_TABLE)) == {"sinks_first"}
+    kv_path.unlink()  # and removed: the next write makes it again
+    store.put_native("sinks", "third", "http://127.0.0.1/third.zip")
+    assert set(rows_of(kv_path, NATIVE_TABLE)) == {"sinks_third"}
+    store.close()
+
+
 def test_a_wal_file_stays_wal(kv_path):
     conn = sqlite3.connect(kv_path)
     conn.execute("PRAGMA journal_mode=WAL")

@@ -57,6 +57,17 @@ driver (modernc.org/sqlite) may not apply; so the file's journal mode is
 left as it is and a write lock is never held for more than a moment, since
 the engine may not wait for it.
 
+A commit here is durable when it returns, whatever the file's mode. A WAL
+file is written with ``synchronous=FULL``. A rollback-journal file (what
+eKuiper's driver leaves) is written by our connection in ``PERSIST`` mode, a
+setting of the connection, not of the file: the commit is the zeroing of
+the journal's header, synced. In SQLite's default ``DELETE`` mode the commit
+would be the journal's unlink, which ``synchronous=FULL`` does not make
+durable: a power cut just after could bring the journal back, hot, and roll
+an acknowledged write back. So a ``sqliteKV.db-journal`` with a zeroed header
+may stay beside the file; SQLite, eKuiper's included, ignores such a journal,
+and eKuiper's own next write removes it.
+
 When this module creates ``sqliteKV.db`` itself, it also leaves an empty
 ``checkpoint.db`` beside it (unless one exists): eKuiper, finding a
 ``sqliteKV.db`` without a ``checkpoint.db`` at its first start, would fall
@@ -69,6 +80,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -95,6 +107,7 @@ CHECKPOINT_FILE_NAME = "checkpoint.db"
 STORE_TYPE_KEY = "store.type"
 SUPPORTED_STORE_TYPES = ("sqlite",)
 BUSY_TIMEOUT_SECONDS = 5.0
+JOURNAL_SIZE_LIMIT = 256 * 1024  # what a PERSIST journal may keep between writes
 
 
 def create_table_statement(table: str) -> str:
@@ -258,21 +271,72 @@ class ReconcileResult:
 class EngineStore:
     """eKuiper's KV file: its three plugin tables, and the record of which rows are ours.
 
-    Opens one connection per call and closes it at once: the engine shares the file, and a
-    connection kept open in a gunicorn master would be carried across fork.
+    Each thread keeps one connection between calls, never carried across fork, and only while the
+    path still names the same file: a file replaced or removed gets a new connection. Between calls
+    it holds no lock, so the engine is never kept waiting by it.
     """
 
     def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT_SECONDS):
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self._local = threading.local()
 
     # -- plumbing
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            return sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from None
+        try:
+            conn.execute("PRAGMA synchronous = FULL")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = PERSIST")  # this connection's, not the file's: see above
+                conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._unavailable(exc) from None
+        return conn
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection to the file the path names now (opened when there is none yet)."""
+        try:
+            st = os.stat(self.path)
+            identity = (st.st_dev, st.st_ino)
+        except OSError:
+            identity = None
+        entry = getattr(self._local, "entry", None)
+        if entry is not None:
+            pid, conn, known = entry
+            if pid == os.getpid() and known == identity and identity is not None:
+                return conn
+            self._local.entry = None
+            if pid == os.getpid():
+                conn.close()
+        conn = self._connect()
+        try:
+            st = os.stat(self.path)
+            self._local.entry = (os.getpid(), conn, (st.st_dev, st.st_ino))
+        except OSError:
+            pass  # not made yet (a read of a missing file never gets here): kept from the next call on
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (a test restarting a service in-process)."""
+        entry = getattr(self._local, "entry", None)
+        self._local.entry = None
+        if entry is not None and entry[0] == os.getpid():
+            entry[1].close()
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        """Drop a connection left inside a transaction by an error: the next call opens a new one."""
+        entry = getattr(self._local, "entry", None)
+        if entry is not None and entry[1] is conn:
+            self._local.entry = None
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
 
     def _unavailable(self, exc: sqlite3.Error) -> EngineStoreUnavailable:
         text = str(exc)
@@ -283,7 +347,7 @@ class EngineStore:
         return EngineStoreUnavailable(f"eKuiper's store {self.path.name} unavailable: {text}")
 
     def _write(self, step: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run `step(conn)` in one BEGIN IMMEDIATE ... COMMIT on a fresh connection; return its result.
+        """Run `step(conn)` in one BEGIN IMMEDIATE ... COMMIT on this thread's connection; return its result.
 
         The tables are created, as eKuiper creates them, inside the same transaction when missing. When
         this makes the default-named file and eKuiper has no checkpoint.db yet, an empty one is made too:
@@ -296,7 +360,7 @@ class EngineStore:
             checkpoint = self.path.with_name(CHECKPOINT_FILE_NAME)
             if self.path.name == DEFAULT_FILE_NAME and not checkpoint.exists():
                 checkpoint.touch()
-        conn = self._connect()
+        conn = self._connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -308,9 +372,11 @@ class EngineStore:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
+            self._forget(conn)
             raise self._unavailable(exc) from None
-        finally:
-            conn.close()
+        except BaseException:
+            self._forget(conn)  # whatever interrupted the step left no half-done transaction behind
+            raise
         if created:
             log.info("created eKuiper's store %s with its plugin tables", self.path)
         return result
@@ -331,10 +397,10 @@ class EngineStore:
             conn.execute(_CREATE_OWNED)
 
     def _read(self, step: Callable[[sqlite3.Connection | None], _T]) -> _T:
-        """Run `step(conn)` on a fresh connection inside one read transaction (one consistent view)."""
+        """Run `step(conn)` on this thread's connection inside one read transaction (one consistent view)."""
         if not self.path.exists():
             return step(None)
-        conn = self._connect()
+        conn = self._connection()
         try:
             conn.execute("BEGIN DEFERRED")
             try:
@@ -342,9 +408,11 @@ class EngineStore:
             finally:
                 conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
+            self._forget(conn)
             raise self._unavailable(exc) from None
-        finally:
-            conn.close()
+        except BaseException:
+            self._forget(conn)  # whatever interrupted the step left no half-done transaction behind
+            raise
 
     @staticmethod
     def _tables(conn: sqlite3.Connection) -> set[str]:

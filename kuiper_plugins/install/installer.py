@@ -109,8 +109,9 @@ class Installer:
         self.engine_store = kv.EngineStore(kv.store_path(self.layout.data, settings.store_sqlite_name))
 
     def close(self) -> None:
-        """Close this thread's kept registry connection (a test restarting a service in-process)."""
+        """Close this thread's kept connections (a test restarting a service in-process)."""
         self._writer.close()
+        self.engine_store.close()
 
     # ---------------------------------------------------------------- operations
 
