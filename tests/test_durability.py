@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import REPO, client_class_for, disk_state, make_zip
-from fs_trace import TRACED, PowerCut, parse, removed, renamed, sent_to_socket, synced, written
+from fs_trace import TRACED, PowerCut, linked, parse, removed, renamed, sent_to_socket, synced, written
 
 from kuiper_plugins import create_app
 from kuiper_plugins.layout import Layout
@@ -80,8 +80,13 @@ def check_order(events, home: Path) -> dict:
     last_write: dict[str, int] = {}
     last_sync: dict[str, int] = {}
     placed: list[tuple[int, str, int]] = []  # (event index, destination, pid)
-    checked = {"renames": 0, "folders": 0, "answers": 0}
+    set_aside: dict[str, tuple[int, str]] = {}  # installed path -> (event index, its backup in staging)
+    checked = {"renames": 0, "folders": 0, "answers": 0, "set aside": 0}
     for event in events:
+        if (link := linked(event)) is not None and "/backup/" in link[1]:
+            set_aside[link[0]] = (event.index, link[1])
+        elif (move := renamed(event)) is not None and "/backup/" in move[1] and move[1].startswith(work):
+            set_aside[move[0]] = (event.index, move[1])
         if (write := written(event)) is not None:
             last_write[write[0]] = event.index
         elif (path := synced(event)) is not None:
@@ -93,6 +98,13 @@ def check_order(events, home: Path) -> dict:
                     if path == source or path.startswith(f"{source}/"):
                         assert last_sync.get(path, -1) > index, f"{path} was renamed to {dest} unsynced"
                 assert last_sync.get(source, -1) >= 0, f"{source} was never fsynced before its rename to {dest}"
+                if dest in set_aside:
+                    # The old file's backup, and the backup folder's own name, were durable before it was replaced.
+                    at, backup = set_aside.pop(dest)
+                    for folder in (os.path.dirname(backup), os.path.dirname(os.path.dirname(backup))):
+                        assert any(at < e.index < event.index and synced(e) == folder for e in events), (
+                            f"{folder} was not fsynced between setting {dest} aside and replacing it")
+                    checked["set aside"] += 1
                 placed.append((event.index, dest, event.pid))
                 checked["renames"] += 1
             for table in (last_write, last_sync):
@@ -161,6 +173,7 @@ def test_the_durable_steps_come_in_order(start_gunicorn, file_server, tmp_path, 
     checked = check_order(events, server.home)
     # install: .so, 2 yaml, 2 json, 2 folders; update: the same; delete: only moves aside.
     assert checked["renames"] >= 14 and checked["folders"] == checked["renames"] == checked["answers"]
+    assert checked["set aside"] >= 3  # the update's .so, yaml and json were replaced only once their backups held
     removals = [e for e in events if (removed(e) or "").find("/backup/") >= 0]
     assert removals, "an update and a delete set old files aside and removed them after the commit"
     with capsys.disabled():

@@ -676,15 +676,22 @@ class Installer:
             "operation": op.id, "type": op.plugin_type, "name": op.name, "kind": op.kind, "moves": journal,
         })
         op.journal = journal
-        # Each destination folder, and the backup folder when old files went there. The folder the staged
-        # files leave need not be synced: losing that side of a rename only leaves debris in staging.
-        touched = set()
-        moving = [entry for entry in journal if not entry.get("made")]
-        for (staged, _dest), entry in zip(moves, moving, strict=True):
-            target = self._inside_home(entry["dest"])
+        moving = [(staged, self._inside_home(entry["dest"]), entry)
+                  for (staged, _dest), entry in zip(moves, [e for e in journal if not e.get("made")], strict=True)]
+        # Every old file goes aside first, and the backup folder (with its name in the operation's folder)
+        # is made durable before anything replaces one: a filesystem may persist the replacing rename on
+        # its own, and the old file must then still be in staging for an undo to put back.
+        aside = False
+        for staged, target, entry in moving:
             if entry["backup"]:
                 _set_aside(target, op.staging / entry["backup"], replaced=staged is not None and not staged.is_dir())
-                touched.add(op.staging / "backup")
+                aside = True
+        if aside:
+            durable.sync_folders([op.staging / "backup", op.staging])
+        # Then each destination folder. The folder the staged files leave need not be synced: losing that
+        # side of a rename only leaves debris in staging.
+        touched = set()
+        for staged, target, _entry in moving:
             if staged is not None:
                 touched.update(_make_parents(target))
                 os.replace(staged, target)
