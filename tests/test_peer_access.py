@@ -162,6 +162,28 @@ def test_a_forked_child_asks_through_its_own_netlink_socket(listener):
             assert peers.peer_of_socket(accepted) == {os.geteuid()}
 
 
+def test_the_ends_a_worker_got_from_accept_answer_for_that_socket_only(listener):
+    """Our worker says which connection it serves, with the ends accept() gave: only that socket uses them."""
+    with socket.create_connection(listener.getsockname()) as client, socket.create_connection(
+            listener.getsockname()):
+        accepted, address = listener.accept()
+        other, _ = listener.accept()
+        with accepted, other:
+            try:
+                peers.serving(accepted, address, listener.getsockname())
+                assert peers.peer_of_socket(accepted) == {os.geteuid()}
+                # The kernel is still the one asked: ends that name no connection name nobody.
+                peers.serving(accepted, ("127.0.0.1", free_port()), listener.getsockname())
+                with pytest.raises(peers.PeerUnknown, match="no socket on this machine"):
+                    peers.peer_of_socket(accepted)
+                # Another socket never takes them: it is looked up by its own ends.
+                assert peers.peer_of_socket(other) == {os.geteuid()}
+            finally:
+                peers.serving(None)
+            assert peers.peer_of_socket(accepted) == {os.geteuid()}  # done: asked for its ends again
+            assert client.getsockname()[:2] == address[:2]
+
+
 def test_ipv6_and_ipv4_mapped_connections():
     with socket.socket(socket.AF_INET6) as dual:
         dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

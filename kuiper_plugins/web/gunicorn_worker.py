@@ -40,6 +40,7 @@ from gunicorn.workers.sync import SyncWorker
 from werkzeug.exceptions import RequestTimeout
 
 from kuiper_plugins.app import MAX_JSON_BODY
+from kuiper_plugins.web import peers
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ class BufferingWorker(SyncWorker):
         self._ready: deque[_Connection] = deque()
         self._accepting = False
         self._selector.register(self.PIPE[0], selectors.EVENT_READ, self._wake)
+        # Our end of a connection, known without asking, when its listener is bound to one IP address.
+        self._local_ends = {listener: _bound_end(listener) for listener in self.sockets}
         for listener in self.sockets:
             listener.setblocking(False)
         try:
@@ -338,7 +341,11 @@ class BufferingWorker(SyncWorker):
             parser = http.RequestParser(self.cfg, _StreamedBody(sock), conn.addr)
             parser.unreader.unread(bytes(conn.data))
             req = next(parser)
-            self.handle_request(conn.listener, req, sock, conn.addr)
+            peers.serving(sock, conn.addr, self._local_ends.get(conn.listener))
+            try:
+                self.handle_request(conn.listener, req, sock, conn.addr)
+            finally:
+                peers.serving(None)
         except http.errors.NoMoreData as exc:
             self.log.debug("Ignored premature client disconnection. %s", exc)
         except StopIteration as exc:
@@ -379,6 +386,16 @@ class BufferingWorker(SyncWorker):
         self._lingering[conn.sock.fileno()] = conn
         self._selector.register(conn.sock, selectors.EVENT_READ, partial(self._linger_read, conn))
         conn.watched = True
+
+
+def _bound_end(listener) -> tuple[str, int] | None:
+    """The address and port of a TCP listener bound to one IP address; None for a wildcard or a Unix socket."""
+    if listener.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    address = listener.getsockname()
+    if address[0] in ("0.0.0.0", "::"):
+        return None  # each connection's own end may be any of the machine's addresses
+    return address[0], address[1]
 
 
 def _recv(sock: socket.socket) -> bytes | None:

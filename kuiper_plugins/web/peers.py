@@ -62,11 +62,36 @@ class PeerUnknown(Exception):
     """The kernel could not say who holds the client's end of a connection; the message says why."""
 
 
+class _Serving(threading.local):
+    """The connection this thread is serving, with its two ends as accept() and the listener gave them."""
+
+    sock: socket.socket | None = None
+    ends: tuple[Endpoint, Endpoint] | None = None
+
+
+_serving = _Serving()
+
+
+def serving(sock: socket.socket | None, client: Endpoint | None = None, server: Endpoint | None = None) -> None:
+    """Say which accepted TCP connection this thread serves now (None once done), and its two ends.
+
+    A worker that accepted the connection itself knows the client's end from accept() and ours from a
+    listener bound to one address; `peer_of_socket` then asks the kernel for the owner only, without
+    asking it for the ends again. Only this very socket object is answered from it.
+    """
+    if sock is None or client is None or server is None:
+        _serving.sock = _serving.ends = None
+    else:
+        _serving.sock, _serving.ends = sock, (client[:2], server[:2])
+
+
 def peer_of_socket(sock: socket.socket) -> frozenset[int]:
     """Return the uid of the process on the other end of an accepted connection (a set of one).
 
     TCP: the client's socket is looked up by the connection's four-tuple. Unix domain: SO_PEERCRED.
     """
+    if _serving.sock is sock:
+        return owners(*_serving.ends)
     try:
         client = sock.getpeername()
         if isinstance(client, str | bytes):  # a Unix domain socket's peer has a path (or none), not a port
