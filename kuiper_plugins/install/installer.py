@@ -78,6 +78,7 @@ JOURNAL_SUFFIX = ".journal.json"
 PARTIAL_SUFFIX = JOURNAL_SUFFIX + ".partial"  # a journal being written: never read, removed with its folder
 LEGACY_JOURNAL_FILE = "journal.json"
 BACKUP_NAME = re.compile(r"backup/[0-9]+")
+UNIT_PREFIX = "unit-"  # a staged unit's name in its operation's folder: unit-0, unit-1, ...
 SO_FILE_NAME = re.compile(r"([A-Za-z0-9_-]+?)(?:@([A-Za-z0-9._+-]+))?\.so")
 
 
@@ -607,12 +608,10 @@ class Installer:
                     " did not install: move it away first)"
                 )
 
-        units_dir = op.staging / "units"
-        units_dir.mkdir()
         first_copy: dict[str, Path] = {}
         moves: list[tuple[Path | None, str]] = []
         for index, unit in enumerate(placing):
-            staged = units_dir / str(index)
+            staged = op.staging / f"{UNIT_PREFIX}{index}"  # beside the unpacked tree: no folder to make for them
             if unit.src in first_copy:
                 if unit.is_dir:
                     shutil.copytree(first_copy[unit.src], staged, symlinks=True)
@@ -671,7 +670,8 @@ class Installer:
                             for folder in self._missing_parents(dest) if folder not in {e["dest"] for e in journal}]
             backup = f"backup/{index}" if self._exists(dest) else None
             journal.append({"dest": dest, "backup": backup, "placed": staged is not None})
-        (op.staging / "backup").mkdir(exist_ok=True)
+        if any(entry["backup"] for entry in journal):
+            (op.staging / "backup").mkdir(exist_ok=True)  # made only when old files will go there
         _write_journal(op.staging, {
             "operation": op.id, "type": op.plugin_type, "name": op.name, "kind": op.kind, "moves": journal,
         })
