@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -277,3 +279,57 @@ def test_workers_starting_together_on_a_new_registry_all_start(tmp_path):
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(db.MIGRATIONS)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.close()
+
+
+# ---------------------------------------------------------------------------- change detection for cached reads
+
+
+def _wal_database(path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    return conn
+
+
+def test_changes_asks_sqlite_only_once_the_wal_header_moved(tmp_path):
+    path = tmp_path / "r.db"
+    writer = _wal_database(path)
+    reader = sqlite3.connect(path, isolation_level=None)
+    asked: list[str] = []
+    reader.set_trace_callback(asked.append)
+    changes = db.Changes(reader, path)
+    start = changes.version()
+    assert [changes.version() for _ in range(5)] == [start] * 5
+    assert asked == ["PRAGMA data_version"] * 2  # the first asks, the second learns the header; then none
+    writer.execute("INSERT INTO t VALUES (1)")  # another connection commits
+    after_one = changes.version()
+    assert after_one != start and len(asked) == 3
+    assert changes.version() == after_one and len(asked) == 3
+    # Another process commits: the header lives in the shared -shm file, so this worker sees it too.
+    subprocess.run([sys.executable, "-c", f"import sqlite3; c = sqlite3.connect({str(path)!r}, isolation_level=None);"
+                    " c.execute('INSERT INTO t VALUES (2)')"], check=True, timeout=30)
+    after_two = changes.version()
+    assert after_two != after_one and len(asked) == 4
+    # A checkpoint that restarts the WAL moves the header without a commit: SQLite is asked, nothing changed.
+    writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    writer.execute("INSERT INTO t VALUES (3)")
+    assert changes.version() != after_two
+    assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 3
+    writer.close()
+    reader.close()
+
+
+def test_changes_without_a_wal_asks_every_time(tmp_path):
+    path = tmp_path / "rollback.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("CREATE TABLE t (x)")
+    reader = sqlite3.connect(path, isolation_level=None)
+    asked: list[str] = []
+    reader.set_trace_callback(asked.append)
+    changes = db.Changes(reader, path)
+    start = changes.version()
+    assert changes.version() == start and len(asked) == 2
+    writer.execute("INSERT INTO t VALUES (1)")
+    assert changes.version() != start and len(asked) == 3
+    writer.close()
+    reader.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import mmap
 import os
 import sqlite3
 import threading
@@ -228,6 +229,70 @@ def data_version(conn: sqlite3.Connection | sqlite3.Cursor) -> int:
         return conn.execute("PRAGMA data_version").fetchone()[0]
     except sqlite3.Error as exc:
         raise unavailable(exc) from None
+
+
+WAL_INDEX_HEADER = 48  # bytes in one copy of the WAL index's header; SQLite keeps two, one after the other
+
+
+class WalHeader:
+    """The header of a WAL database's index, read from its `-shm` file without a system call.
+
+    SQLite keeps that header at the start of the `-shm` file, twice (its documented file format). A
+    commit rewrites the first copy, then the second, and each copy changes with every commit: it holds
+    a commit counter, the WAL's last frame and its salts. `look()` reads both copies from a read-only
+    shared mapping. It returns the header only when the two copies agree, and None otherwise, or when
+    there is no mapping.
+
+    Map it only while this thread's reader holds the database open. SQLite truncates a `-shm` file only
+    when no connection has it open, and a mapping past the end of a truncated file would fault.
+    """
+
+    def __init__(self, database: Path):
+        self._map: mmap.mmap | None = None
+        try:
+            fd = os.open(f"{database}-shm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # not in WAL mode, or not opened yet: every look says "ask SQLite"
+        try:
+            if os.fstat(fd).st_size >= 2 * WAL_INDEX_HEADER:
+                self._map = mmap.mmap(fd, 2 * WAL_INDEX_HEADER, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError):
+            self._map = None
+        finally:
+            os.close(fd)
+
+    def look(self) -> bytes | None:
+        if self._map is None:
+            return None
+        both = self._map[: 2 * WAL_INDEX_HEADER]
+        first = both[:WAL_INDEX_HEADER]
+        return first if first == both[WAL_INDEX_HEADER:] else None
+
+
+class Changes:
+    """A reader's `PRAGMA data_version`, asked of SQLite only when the WAL index's header has changed.
+
+    The header is read before SQLite is asked. So a commit that lands between the two costs one more
+    question at the next call, and it can never be taken for no change.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, database: Path):
+        self._cursor = conn.cursor()
+        self._database = database
+        self._wal: WalHeader | None = None
+        self._header: bytes | None = None
+        self._version = 0
+
+    def version(self) -> int:
+        """A number that changes whenever another connection has committed (as `data_version`)."""
+        header = self._wal.look() if self._wal is not None else None
+        if header is not None and header == self._header:
+            return self._version
+        self._version = data_version(self._cursor)
+        self._header = header
+        if self._wal is None:
+            self._wal = WalHeader(self._database)  # the reader has the database open now
+        return self._version
 
 
 @contextmanager

@@ -67,13 +67,14 @@ def cached_json(key: str, build: Callable[[sqlite3.Connection], Any]) -> Respons
     """Answer with a JSON body built by `build`, reused until another connection commits a change.
 
     Lists and descriptions are polled far more often than plugins change; with thousands of plugins,
-    building a body costs much more than asking SQLite whether anything changed (PRAGMA data_version).
+    building a body costs much more than asking whether anything changed (`db.Changes`: the WAL
+    index's header, and PRAGMA data_version when that header moved).
     A `build` that raises (not found) caches nothing; there is at most one entry per plugin or function.
     """
     conn = connection()
     if getattr(_bodies, "conn", None) is not conn:
-        _bodies.conn, _bodies.cursor, _bodies.entries = conn, conn.cursor(), {}
-    version = db.data_version(_bodies.cursor)
+        _bodies.conn, _bodies.changes, _bodies.entries = conn, db.Changes(conn, services().layout.registry_file), {}
+    version = _bodies.changes.version()
     hit = _bodies.entries.get(key)
     if hit is None or hit[0] != version:
         body = json.dumps(build(conn), separators=(",", ":"), ensure_ascii=False)
