@@ -140,6 +140,31 @@ def test_an_operation_killed_before_its_first_move_leaves_only_debris(home, make
     assert operations(service.layout) == []
 
 
+def test_an_unreadable_journal_of_a_finished_operation_is_logged_and_start_up_goes_on(home, make_service, caplog):
+    layout = Layout(home)
+    layout.create()
+    db.initialise(layout.registry_file)
+    conn = db.connect(layout.registry_file)
+    try:
+        with db.transaction(conn):
+            registry.begin_operation(conn, "deadbeef", "sources", "random", "install", 999999)
+            registry.end_operation(conn, "deadbeef", committed=True)
+    finally:
+        conn.close()
+    journal = layout.staging / "deadbeef.journal.json"
+    journal.write_text("{torn")
+    service = make_service()
+    assert service.client.get("/plugins/sources").get_json() == []
+    assert "the journal" in caplog.text and "is unreadable" in caplog.text
+    # Left as it was for the next start, and so is the record of the operation it belongs to.
+    assert journal.read_text() == "{torn"
+    conn = db.connect(layout.registry_file)
+    try:
+        assert "deadbeef" in registry.finished_operations(conn)
+    finally:
+        conn.close()
+
+
 def test_a_live_operation_is_left_alone_by_another_worker_starting(home, make_service):
     service = make_service()
     layout = service.layout

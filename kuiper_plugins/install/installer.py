@@ -261,7 +261,8 @@ class Installer:
     def _forget_cleared(self, conn: sqlite3.Connection) -> None:
         """Drop the finished-operation records whose staging folders are gone."""
         cleared = [i for i in registry.finished_operations(conn)
-                   if not os.path.lexists(self.layout.staging / i) and _read_journal(self.layout.staging / i) is None]
+                   if not any(os.path.lexists(path) for path in _journal_files(self.layout.staging / i))
+                   and not os.path.lexists(self.layout.staging / i)]
         if cleared:
             with db.transaction(conn):
                 registry.forget_finished(conn, cleared)
