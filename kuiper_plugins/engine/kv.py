@@ -76,6 +76,7 @@ back to its older layout that keeps rule checkpoints in ``sqliteKV.db``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -300,43 +301,33 @@ class EngineStore:
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection to the file the path names now (opened when there is none yet)."""
-        try:
-            st = os.stat(self.path)
-            identity = (st.st_dev, st.st_ino)
-        except OSError:
-            identity = None
+        identity = _identity(self.path)
         entry = getattr(self._local, "entry", None)
         if entry is not None:
-            pid, conn, known = entry
-            if pid == os.getpid() and known == identity and identity is not None:
-                return conn
-            self._local.entry = None
-            if pid == os.getpid():
-                conn.close()
+            if entry[0] == os.getpid() and identity is not None and entry[2] == identity:
+                return entry[1]
+            self.close()
         conn = self._connect()
-        try:
-            st = os.stat(self.path)
-            self._local.entry = (os.getpid(), conn, (st.st_dev, st.st_ino))
-        except OSError:
-            pass  # not made yet (a read of a missing file never gets here): kept from the next call on
+        identity = identity or _identity(self.path)  # a file the connection has just made
+        if identity is not None:
+            self._local.entry = (os.getpid(), conn, identity)
         return conn
 
     def close(self) -> None:
-        """Close this thread's connection (a test restarting a service in-process)."""
+        """Close this thread's connection (a test restarting a service in-process); one from before fork is let go."""
         entry = getattr(self._local, "entry", None)
         self._local.entry = None
         if entry is not None and entry[0] == os.getpid():
-            entry[1].close()
+            with contextlib.suppress(sqlite3.Error):
+                entry[1].close()
 
     def _forget(self, conn: sqlite3.Connection) -> None:
-        """Drop a connection left inside a transaction by an error: the next call opens a new one."""
+        """Drop a connection an error may have left inside a transaction: the next call opens a new one."""
         entry = getattr(self._local, "entry", None)
         if entry is not None and entry[1] is conn:
             self._local.entry = None
-        try:
+        with contextlib.suppress(sqlite3.Error):
             conn.close()
-        except sqlite3.Error:
-            pass
 
     def _unavailable(self, exc: sqlite3.Error) -> EngineStoreUnavailable:
         text = str(exc)
@@ -639,6 +630,15 @@ class EngineStore:
         except ValueError as exc:  # GobError, JSONDecodeError and shape errors are all ValueErrors
             log.warning("eKuiper's %s row %r is skipped: %s", table, key, exc)
             return None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file a path names now (device and inode), None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _check_table(table: str) -> None:

@@ -15,10 +15,10 @@ Every operation on a plugin runs the same stages:
    size and sha256 the registry will record;
 5. write the journal (the operation and its file moves) beside the staging
    folder, `<operation id>.journal.json`, fsynced with the staging root (one
-   fsync makes both names durable), then make the moves with os.replace,
-   old files going aside into the staging folder (a file being replaced is
-   hard-linked aside first, so its path never goes missing), then fsync
-   every folder a move touched;
+   fsync makes both names durable); then set every old file aside into the
+   staging folder (a file being replaced is hard-linked, so its path never
+   goes missing) and fsync that folder, make the moves with os.replace, and
+   fsync every folder a move touched;
 6. commit the plugin row, end the reservation and record the operation as
    finished, in one durable transaction: the commit point;
 7. only then remove the staging folder (and with it the old files).
@@ -768,7 +768,7 @@ class Installer:
 
     @contextmanager
     def _reserved(self, conn: sqlite3.Connection, plugin_type: str, name: str, kind: str) -> Iterator[_Operation]:
-        """Record the operation (durably) and give it a staging folder; undo it unless the block commits it."""
+        """Record the operation and give it a staging folder; undo it unless the block commits it."""
         op_id = uuid.uuid4().hex
         op = _Operation(id=op_id, staging=self.layout.staging / op_id, plugin_type=plugin_type, name=name, kind=kind)
         try:
@@ -967,6 +967,10 @@ def _journal_file(staging: Path) -> Path:
     return staging.with_name(staging.name + JOURNAL_SUFFIX)
 
 
+def _partial_journal(staging: Path) -> Path:
+    return staging.with_name(staging.name + PARTIAL_SUFFIX)
+
+
 def _journal_files(staging: Path) -> tuple[Path, Path]:
     """Where an operation's journal may be: beside its folder, or inside it (versions before)."""
     return _journal_file(staging), staging / LEGACY_JOURNAL_FILE
@@ -992,7 +996,7 @@ def _write_journal(staging: Path, journal: dict[str, Any]) -> None:
     earlier, in the same folder).
     """
     target = _journal_file(staging)
-    partial = staging.with_name(staging.name + PARTIAL_SUFFIX)
+    partial = _partial_journal(staging)
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         view = memoryview(json.dumps(journal).encode())
@@ -1052,7 +1056,7 @@ def _remove_staging(staging: Path) -> None:
     """Remove what an operation that moved nothing, or was undone, left in staging: folder and partial journal."""
     shutil.rmtree(staging, ignore_errors=True)
     with contextlib.suppress(OSError):
-        os.unlink(staging.with_name(staging.name + PARTIAL_SUFFIX))
+        os.unlink(_partial_journal(staging))
 
 
 def _make_parents(target: Path) -> list[Path]:
