@@ -366,9 +366,28 @@ class Gunicorn:
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                # Say who did not stop, and where each was waiting, in the log a failing test shows.
+                self._log.write(f"\n[test] no graceful stop within 30 s; still running: {self._group()}\n".encode())
+                self._log.flush()
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
         self._log.close()
+
+    def _group(self) -> str:
+        """The processes left in gunicorn's process group: pid, state, kernel wait channel and command."""
+        import psutil
+
+        found = []
+        for proc in psutil.process_iter(["pid", "status", "cmdline"]):
+            try:
+                if os.getpgid(proc.info["pid"]) != self.process.pid:
+                    continue
+                wchan = Path(f"/proc/{proc.info['pid']}/wchan").read_text()
+            except OSError:
+                continue
+            found.append(f"{proc.info['pid']} {proc.info['status']} wchan={wchan or '-'} "
+                         f"{' '.join(proc.info['cmdline'] or [])[:120]}")
+        return "; ".join(found) or "none"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

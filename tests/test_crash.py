@@ -594,6 +594,10 @@ def test_a_stop_sent_while_a_worker_boots_is_not_lost(start_gunicorn, tmp_path):
         hold.execute("BEGIN EXCLUSIVE")
         os.kill(next(iter(old_workers)), signal.SIGKILL)
         booting = wait_for(lambda: {c.pid for c in master.children()} - old_workers, "a replacement worker")
+        # The ordering this relies on: the replacement cannot finish its start-up check while we hold the
+        # lock (it waits at least db.BUSY_TIMEOUT_SECONDS, then gives up with a boot error), and the booted
+        # worker, idle, leaves as soon as it gets the stop. So the replacement is still booting when the
+        # booted one has gone, unless leaving takes an idle worker longer than the whole busy timeout.
         os.kill(server.process.pid, signal.SIGTERM)
         wait_for(lambda: all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
                              for pid in old_workers), "the booted workers to leave")

@@ -87,6 +87,17 @@ def processes_with(token: str) -> list[str]:
     return found
 
 
+def _own_prefixes() -> list[Path]:
+    """The folders this test's Python runs from; the check binds them into the plugin's /tmp when below /tmp."""
+    return [Path(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)]
+
+
+def _top_folders_below_tmp(*folders: Path) -> set[str]:
+    """The first path component below /tmp of each folder that lies there."""
+    return {folder.relative_to("/tmp").parts[0] for folder in folders
+            if folder.is_relative_to("/tmp") and folder != Path("/tmp")}
+
+
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
     """Each file below folder with its size and mode, to show the check changed nothing."""
     return {
@@ -161,15 +172,26 @@ def test_a_go_plugin_is_run_directly_and_any_first_message_is_its_handshake(sdk_
 def test_a_plugin_that_never_shakes_hands_is_stopped_at_init_timeout(tmp_path, token):
     plugin_dir = place("silent", tmp_path, token)
     executable = plugin_dir / "silent.sh"
-
-    message, took = refusal(plugin_dir, "silent", "go", "silent.sh", init_timeout=2.0)
+    host_marker = Path(f"/tmp/host-only-{token}")  # in the host's /tmp: the plugin must not see it
+    host_marker.touch()
+    try:
+        message, took = refusal(plugin_dir, "silent", "go", "silent.sh", init_timeout=2.0)
+    finally:
+        host_marker.unlink()
 
     assert message.startswith(f"plugin {executable} control handshake error: receive time out (")
     assert "no handshake on ipc:///tmp/plugin_silent.ipc within portable.initTimeout, 2 s" in message
     assert 'silent plugin started with {"sendTimeout":1000}' in message
     assert "silent plugin left child" in message
-    # Its /tmp was a private one: the control socket was there, the file it left there is not in ours.
-    assert "its /tmp holds: plugin_silent.ipc" in message
+    # Its /tmp was a private one: it held the control socket and, bound back at their own paths, the
+    # folders below the host's /tmp that the plugin and the check need (the plugin's folder under pytest's
+    # base temp, this Python's venv when the clone lives in /tmp), and nothing else of the host's /tmp.
+    # `ls` sorts by the plugin's locale and those folders' names vary (TMPDIR, where the clone is), so
+    # the listing is compared as a set, not by its first word.
+    listing = message.split("its /tmp holds: ", 1)[1].split("\n", 1)[0].split()
+    assert "plugin_silent.ipc" in listing
+    assert set(listing) <= {"plugin_silent.ipc", *_top_folders_below_tmp(plugin_dir, *_own_prefixes())}
+    assert host_marker.name not in listing
     assert took >= 2.0
     assert not Path(f"/tmp/left-by-{token}").exists()
     assert not Path("/tmp/plugin_silent.ipc").exists()
