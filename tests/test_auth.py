@@ -125,8 +125,12 @@ def test_aud_may_be_a_list_holding_ekuiper(authed, keys):
     assert get(authed, sign(keys["issuer"], claims(aud=["grafana", "eKuiper"]))).status_code == 200
 
 
-def test_exp_and_nbf_are_optional_as_in_ekuiper(authed, keys):
-    assert get(authed, sign(keys["issuer"], claims(exp=None, nbf=None, iat=None))).status_code == 200
+def test_without_a_lifetime_limit_exp_and_nbf_are_optional_as_in_ekuiper(make_service, keys):
+    # basic.maxTokenLifetime 0 keeps eKuiper's behaviour; the default limit needs exp (tests below).
+    service = make_service(authentication=True, max_token_lifetime=0)
+    (service.layout.mgmt_keys / ISSUER).write_bytes(public_pem(keys["issuer"]))
+    assert get(service, sign(keys["issuer"], claims(exp=None, nbf=None, iat=None))).status_code == 200
+    assert get(service, sign(keys["issuer"], claims(exp=10**18))).status_code == 200
 
 
 def test_several_issuers_each_use_their_own_key(authed, keys):
@@ -203,6 +207,74 @@ def test_a_tampered_payload(authed, keys):
 ])
 def test_time_claims_are_enforced(authed, keys, payload, expect):
     assert_401(get(authed, sign(keys["issuer"], payload)), expect)
+
+
+# ---------------------------------------------------------------------------- lifetime (basic.maxTokenLifetime)
+
+DAY = 86400  # the default basic.maxTokenLifetime
+
+
+@pytest.mark.parametrize("payload", [claims(exp=None), claims(exp=None, iat=None, nbf=None)])
+def test_a_token_without_exp_is_refused_by_default(authed, keys, payload):
+    message = assert_401(get(authed, sign(keys["issuer"], payload)),
+                         "validate token error: token is missing required claim: exp claim is required (")
+    assert "basic.maxTokenLifetime is 86400 s" in message and "set it to 0" in message
+
+
+def test_lifetime_is_exp_minus_iat_when_iat_is_present(authed, keys):
+    issued = int(time.time()) - 10
+    at_the_limit = claims(iat=issued, exp=issued + DAY)
+    assert get(authed, sign(keys["issuer"], at_the_limit)).status_code == 200
+    message = assert_401(get(authed, sign(keys["issuer"], claims(iat=issued, exp=issued + DAY + 1))),
+                         "validate token error: token lifetime is too long (")
+    assert "its exp is 86401 s after its iat; basic.maxTokenLifetime is 86400 s" in message
+    # A token signed for two days is refused even on its last hour: the lifetime is what it was signed for.
+    two_days_ago = int(time.time()) - 2 * DAY
+    last_hour = claims(iat=two_days_ago, nbf=two_days_ago, exp=two_days_ago + 2 * DAY + 3600)
+    assert_401(get(authed, sign(keys["issuer"], last_hour)), "validate token error: token lifetime is too long")
+
+
+def test_lifetime_is_exp_minus_now_without_iat(authed, keys):
+    # 120 s on either side of the limit: far more than the time between signing and checking.
+    now = int(time.time())
+    assert get(authed, sign(keys["issuer"], claims(iat=None, exp=now + DAY - 120))).status_code == 200
+    message = assert_401(get(authed, sign(keys["issuer"], claims(iat=None, exp=now + DAY + 120))),
+                         "validate token error: token lifetime is too long (")
+    assert "s from now, and it has no iat; basic.maxTokenLifetime is 86400 s" in message
+
+
+def test_a_token_that_never_expires_in_practice_is_refused(authed, keys):
+    for payload in (claims(exp=10**18), claims(exp=10**18, iat=None), claims(exp=str(10**18))):
+        assert_401(get(authed, sign(keys["issuer"], payload)), "validate token error: token lifetime is too long")
+
+
+def test_an_iat_in_the_future_cannot_shorten_the_lifetime(authed, keys):
+    later = int(time.time()) + 30 * DAY
+    message = assert_401(get(authed, sign(keys["issuer"], claims(iat=later, exp=later + 60))), "validate token error")
+    assert message == "validate token error: token is not valid yet"
+
+
+def test_the_limit_follows_the_setting(make_service, keys):
+    service = make_service(authentication=True, max_token_lifetime=600)
+    (service.layout.mgmt_keys / ISSUER).write_bytes(public_pem(keys["issuer"]))
+    now = int(time.time())
+    assert get(service, sign(keys["issuer"], claims(iat=now, exp=now + 600))).status_code == 200
+    message = assert_401(get(service, sign(keys["issuer"], claims(iat=now, exp=now + 601))),
+                         "validate token error: token lifetime is too long")
+    assert "basic.maxTokenLifetime is 600 s" in message
+
+
+def test_a_refused_lifetime_changes_nothing(authed, keys, file_server):
+    from conftest import make_zip
+
+    make_zip(file_server.root / "random.zip", {"Random.so": b"so", "random.yaml": "a: 1\n"})
+    body = {"name": "random", "file": file_server.url("random.zip")}
+    before = authed.snapshot()
+    for payload in (claims(exp=None), claims(exp=10**18)):
+        headers = {"Authorization": sign(keys["issuer"], payload)}
+        assert authed.client.post("/plugins/sources", json=body, headers=headers).status_code == 401
+    authed.assert_unchanged(before)
+    assert file_server.requests == []
 
 
 @pytest.mark.parametrize("aud, shown", [
@@ -372,3 +444,19 @@ def test_authentication_through_real_gunicorn(start_gunicorn, tmp_path, keys):
     assert accepted.status_code == 200 and accepted.json() == []
     in_query = requests.get(f"{server.url}/plugins/sources", params={"token": token}, timeout=10)
     assert in_query.status_code == 401
+
+
+@pytest.mark.slow
+def test_max_token_lifetime_from_the_environment_through_real_gunicorn(start_gunicorn, tmp_path, keys):
+    mgmt = tmp_path / "home/etc/mgmt"
+    mgmt.mkdir(parents=True)
+    (mgmt / ISSUER).write_bytes(public_pem(keys["issuer"]))
+    server = start_gunicorn(workers=1, KUIPER__BASIC__AUTHENTICATION="true", KUIPER__BASIC__MAXTOKENLIFETIME="300")
+    now = int(time.time())
+    short = {"Authorization": sign(keys["issuer"], claims(iat=now, exp=now + 300))}
+    assert requests.get(f"{server.url}/plugins/sources", headers=short, timeout=10).status_code == 200
+    long = {"Authorization": sign(keys["issuer"], claims(iat=now, exp=now + 301))}
+    refused = requests.get(f"{server.url}/plugins/sources", headers=long, timeout=10)
+    assert refused.status_code == 401
+    assert refused.json()["message"].startswith("validate token error: token lifetime is too long"
+                                                " (its exp is 301 s after its iat; basic.maxTokenLifetime is 300 s")

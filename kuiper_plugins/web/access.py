@@ -143,7 +143,7 @@ def _user_shown(uid: int) -> str:
 
 def jwt_authentication(settings: Settings) -> Authenticate:
     """The authenticate hook for basic.authentication: a JWT checked against $KUIPER_HOME/etc/mgmt/."""
-    authenticator = JwtAuthenticator(Layout.of(settings).mgmt_keys)
+    authenticator = JwtAuthenticator(Layout.of(settings).mgmt_keys, max_lifetime=settings.max_token_lifetime)
 
     def authenticate(req: Request) -> object:
         # The header only: a token in the query string would end up in access logs and browser history.

@@ -9,6 +9,13 @@ from the token: ``none`` and an HS256 token "signed" with the public key as
 an HMAC secret are both refused. ``aud`` must contain ``eKuiper``; ``exp``
 and ``nbf`` are checked when present, as eKuiper's golang-jwt does.
 
+Unlike eKuiper, a token's lifetime is bounded (``basic.maxTokenLifetime``;
+0 keeps eKuiper's unbounded tokens): a token must carry ``exp``, and its
+lifetime may not exceed the limit. The lifetime is ``exp - iat`` when the
+token says when it was issued, else ``exp - now``, what is left of it. A
+token issued in the future is refused by the ``iat`` check before this one,
+so either way no accepted token stays valid longer than the limit from now.
+
 Every refusal is an `Unauthorized` (401) in eKuiper's words: ``missing_token``,
 ``validate token error: <why>`` or ``audience field should contain eKuiper,
 but got <aud>``. Anything of the token quoted in a message is escaped, so a
@@ -21,6 +28,7 @@ import json
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +56,9 @@ _TOKEN_ERRORS = (jwt.PyJWTError, ValueError, TypeError, OverflowError, UnicodeEr
 class JwtAuthenticator:
     """Check the Authorization header of a request against the public keys in one folder."""
 
-    def __init__(self, keys_dir: Path):
+    def __init__(self, keys_dir: Path, *, max_lifetime: int = 0):
         self.keys_dir = Path(keys_dir)
+        self.max_lifetime = max_lifetime  # seconds; 0: any lifetime, and exp may be left out, as in eKuiper
 
     def verify(self, authorization: str | None) -> dict[str, Any]:
         """Return the token's verified claims, or raise Unauthorized saying why not."""
@@ -73,7 +82,29 @@ class JwtAuthenticator:
             raise Unauthorized(f"validate token error: {_shown(str(exc))}")
         except _TOKEN_ERRORS as exc:
             raise Unauthorized(f"validate token error: {_reason(exc)}")
+        if self.max_lifetime:
+            self._check_lifetime(claims)
         return claims
+
+    def _check_lifetime(self, claims: dict[str, Any]) -> None:
+        """Refuse a token without exp, or one living longer than max_lifetime (exp - iat, else exp - now)."""
+        limit = f"basic.maxTokenLifetime is {self.max_lifetime} s"
+        if "exp" not in claims:
+            raise Unauthorized(
+                "validate token error: token is missing required claim: exp claim is required"
+                f" ({limit}: sign tokens with an exp, or set it to 0 to accept tokens that never expire)"
+            )
+        # PyJWT has read exp and iat with int() already, so these cannot fail here.
+        expires = int(claims["exp"])
+        if "iat" in claims:
+            lifetime, since = expires - int(claims["iat"]), "after its iat"
+        else:
+            lifetime, since = expires - int(time.time()), "from now, and it has no iat"
+        if lifetime > self.max_lifetime:
+            raise Unauthorized(
+                "validate token error: token lifetime is too long"
+                f" (its exp is {lifetime} s {since}; {limit}: sign tokens that expire sooner, or raise it)"
+            )
 
     def _public_key(self, issuer: str) -> RSAPublicKey:
         """Load the RSA public key of `issuer` from the file of that name (case-insensitively)."""
