@@ -592,13 +592,19 @@ def test_gunicorn_refuses_to_start_on_a_key_file_others_could_change(tmp_path, k
     key_file.chmod(0o666)
     env = {**os.environ, "KUIPER_HOME": str(home), "KUIPER__BASIC__RESTPORT": str(free_port()),
            "KUIPER__BASIC__AUTHENTICATION": "true", "WEB_CONCURRENCY": "2"}
-    result = subprocess.run([str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "kuiper-plugins cannot start: basic.authentication is on and the JWT keys in" in result.stderr
+    process = subprocess.Popen([str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # it started after all: stop it and its workers
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate(timeout=30)
+    assert process.returncode != 0
+    assert "kuiper-plugins cannot start: basic.authentication is on and the JWT keys in" in stderr
     assert (f"{key_file} (owner nobody, uid {NOBODY}, mode 0666) is owned by another user and is writable by its"
-            " group and others") in result.stderr
-    assert "Traceback" not in result.stderr
+            " group and others") in stderr
+    assert "Traceback" not in stderr
     assert not Layout(home).registry_file.exists()  # refused before anything was written
     assert key_file.read_bytes() == public_pem(keys["issuer"])
 
