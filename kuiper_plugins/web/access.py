@@ -146,8 +146,9 @@ def jwt_authentication(settings: Settings) -> Authenticate:
 
     Raises UnsafeKeyFiles when users other than root and this service's could change those keys.
     """
-    check_key_files(Layout.of(settings).mgmt_keys)
-    authenticator = JwtAuthenticator(Layout.of(settings).mgmt_keys, max_lifetime=settings.max_token_lifetime)
+    keys_dir = Layout.of(settings).mgmt_keys
+    check_key_files(keys_dir)
+    authenticator = JwtAuthenticator(keys_dir, max_lifetime=settings.max_token_lifetime)
 
     def authenticate(req: Request) -> object:
         # The header only: a token in the query string would end up in access logs and browser history.
