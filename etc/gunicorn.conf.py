@@ -14,8 +14,10 @@ SIGQUIT stop at once (and a worker past its timeout is aborted): the request in
 flight is interrupted, rolls back what it started and answers 503, instead of
 gunicorn's SystemExit and 500.
 A registry that cannot be used (corrupt file) stops start-up with one clear
-line instead of being served; the file is left as it is. The hooks doing that
-live in kuiper_plugins/web/gunicorn_hooks.py.
+line instead of being served; the file is left as it is. So do, with
+basic.authentication on, JWT keys in etc/mgmt that users other than root and
+the service's could change. The hooks doing that live in
+kuiper_plugins/web/gunicorn_hooks.py.
 """
 
 import os

@@ -21,6 +21,7 @@ from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings, load_settings
 from kuiper_plugins.store import db
 from kuiper_plugins.web.access import register_access_checks
+from kuiper_plugins.web.auth import check_key_files
 from kuiper_plugins.web.uploads import Uploads
 
 MAX_JSON_BODY = 1024 * 1024
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     """Build the application: settings, layout, registry, start-up recovery, blueprint, error handlers."""
     settings = settings or load_settings()
     layout = Layout.of(settings)
+    if settings.authentication:
+        check_key_files(layout.mgmt_keys)  # before anything is written; raises UnsafeKeyFiles
     layout.create()
     db.initialise(layout.registry_file)
     engine = EngineClient(settings.engine_url, settings.engine_token) if settings.engine_url else None

@@ -104,7 +104,8 @@ class Layout:
     def create(self) -> None:
         """Create every folder of the layout that is missing."""
         for folder in self.folders():
-            folder.mkdir(parents=True, exist_ok=True)
+            # The JWT keys folder is made writable by its owner alone, whatever the umask (see web/auth.py).
+            folder.mkdir(parents=True, exist_ok=True, mode=0o755 if folder == self.mgmt_keys else 0o777)
 
     def relative(self, path: Path) -> str:
         """The path as recorded in the registry: `etc/...`, `data/...` or `plugins/...`, "/"-separated."""

@@ -49,6 +49,7 @@ class Settings:
     private_net_allow_list: tuple[str, ...] = ()
     allow_external_file_access: bool = False
     authentication: bool = False
+    max_token_lifetime: int = 86400  # basic.maxTokenLifetime: seconds a JWT may live; 0: no limit
     max_plugin_size: int = 512 * 1024 * 1024
     max_unpacked_size: int = 2 * 1024 * 1024 * 1024
     max_archive_entries: int = 10000
@@ -144,6 +145,13 @@ def _seconds(value: Any) -> float:
     return float(value)
 
 
+def _token_lifetime(value: Any) -> int:
+    """basic.maxTokenLifetime: whole seconds, as the other basic.* durations are written; 0 turns the limit off."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("expected a whole number of seconds (86400 for 24 hours), or 0 for no limit")
+    return value
+
+
 def _text(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float) or not str(value).strip():
         raise ValueError("expected a non-empty text")
@@ -207,6 +215,7 @@ BASIC_KEYS: dict[str, tuple[str, Any]] = {
     "privatenetallowlist": ("private_net_allow_list", _allow_list),
     "allowexternalfileaccess": ("allow_external_file_access", _bool),
     "authentication": ("authentication", _bool),
+    "maxtokenlifetime": ("max_token_lifetime", _token_lifetime),
     "maxpluginsize": ("max_plugin_size", _int(1)),
     "maxunpackedsize": ("max_unpacked_size", _int(1)),
     "maxarchiveentries": ("max_archive_entries", _int(1)),

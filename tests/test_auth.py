@@ -11,7 +11,11 @@ import hashlib
 import hmac
 import json
 import os
+import pwd
+import signal
+import subprocess
 import time
+from pathlib import Path
 
 import jwt
 import pytest
@@ -19,8 +23,11 @@ import requests
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from kuiper_plugins import create_app
 from kuiper_plugins.errors import Unauthorized
-from kuiper_plugins.web.auth import JwtAuthenticator
+from kuiper_plugins.layout import Layout
+from kuiper_plugins.settings import Settings, SettingsError
+from kuiper_plugins.web.auth import JwtAuthenticator, UnsafeKeyFiles
 
 ISSUER = "sample_key.pub"
 OPEN_ROUTE = "/plugins/sources"
@@ -125,8 +132,12 @@ def test_aud_may_be_a_list_holding_ekuiper(authed, keys):
     assert get(authed, sign(keys["issuer"], claims(aud=["grafana", "eKuiper"]))).status_code == 200
 
 
-def test_exp_and_nbf_are_optional_as_in_ekuiper(authed, keys):
-    assert get(authed, sign(keys["issuer"], claims(exp=None, nbf=None, iat=None))).status_code == 200
+def test_without_a_lifetime_limit_exp_and_nbf_are_optional_as_in_ekuiper(make_service, keys):
+    # basic.maxTokenLifetime 0 keeps eKuiper's behaviour; the default limit needs exp (tests below).
+    service = make_service(authentication=True, max_token_lifetime=0)
+    (service.layout.mgmt_keys / ISSUER).write_bytes(public_pem(keys["issuer"]))
+    assert get(service, sign(keys["issuer"], claims(exp=None, nbf=None, iat=None))).status_code == 200
+    assert get(service, sign(keys["issuer"], claims(exp=10**18))).status_code == 200
 
 
 def test_several_issuers_each_use_their_own_key(authed, keys):
@@ -203,6 +214,72 @@ def test_a_tampered_payload(authed, keys):
 ])
 def test_time_claims_are_enforced(authed, keys, payload, expect):
     assert_401(get(authed, sign(keys["issuer"], payload)), expect)
+
+
+# ---------------------------------------------------------------------------- lifetime (basic.maxTokenLifetime)
+
+DAY = 86400  # the default basic.maxTokenLifetime
+
+
+@pytest.mark.parametrize("payload", [claims(exp=None), claims(exp=None, iat=None, nbf=None)])
+def test_a_token_without_exp_is_refused_by_default(authed, keys, payload):
+    message = assert_401(get(authed, sign(keys["issuer"], payload)),
+                         "validate token error: token is missing required claim: exp claim is required (")
+    assert "basic.maxTokenLifetime is 86400 s" in message and "set it to 0" in message
+
+
+def test_lifetime_is_exp_minus_iat_when_iat_is_present(authed, keys):
+    issued = int(time.time()) - 10
+    at_the_limit = claims(iat=issued, exp=issued + DAY)
+    assert get(authed, sign(keys["issuer"], at_the_limit)).status_code == 200
+    message = assert_401(get(authed, sign(keys["issuer"], claims(iat=issued, exp=issued + DAY + 1))),
+                         "validate token error: token lifetime is too long (")
+    assert "its exp is 86401 s after its iat; basic.maxTokenLifetime is 86400 s" in message
+    # A token signed for two days is refused even on its last hour: the lifetime is what it was signed for.
+    two_days_ago = int(time.time()) - 2 * DAY
+    last_hour = claims(iat=two_days_ago, nbf=two_days_ago, exp=two_days_ago + 2 * DAY + 3600)
+    assert_401(get(authed, sign(keys["issuer"], last_hour)), "validate token error: token lifetime is too long")
+    # An iat set in the future cannot shorten the lifetime of a token that is valid now: it is refused first.
+    later = int(time.time()) + 30 * DAY
+    message = assert_401(get(authed, sign(keys["issuer"], claims(iat=later, exp=later + 60))), "validate token error")
+    assert message == "validate token error: token is not valid yet"
+
+
+def test_lifetime_is_exp_minus_now_without_iat(authed, keys):
+    # 120 s on either side of the limit: far more than the time between signing and checking.
+    now = int(time.time())
+    assert get(authed, sign(keys["issuer"], claims(iat=None, exp=now + DAY - 120))).status_code == 200
+    message = assert_401(get(authed, sign(keys["issuer"], claims(iat=None, exp=now + DAY + 120))),
+                         "validate token error: token lifetime is too long (")
+    assert "s from now, and it has no iat; basic.maxTokenLifetime is 86400 s" in message
+
+
+def test_a_token_that_never_expires_in_practice_is_refused(authed, keys):
+    for payload in (claims(exp=10**18), claims(exp=10**18, iat=None), claims(exp=str(10**18))):
+        assert_401(get(authed, sign(keys["issuer"], payload)), "validate token error: token lifetime is too long")
+
+
+def test_the_limit_follows_the_setting(make_service, keys):
+    service = make_service(authentication=True, max_token_lifetime=600)
+    (service.layout.mgmt_keys / ISSUER).write_bytes(public_pem(keys["issuer"]))
+    now = int(time.time())
+    assert get(service, sign(keys["issuer"], claims(iat=now, exp=now + 600))).status_code == 200
+    message = assert_401(get(service, sign(keys["issuer"], claims(iat=now, exp=now + 601))),
+                         "validate token error: token lifetime is too long")
+    assert "basic.maxTokenLifetime is 600 s" in message
+
+
+def test_a_refused_lifetime_changes_nothing(authed, keys, file_server):
+    from conftest import make_zip
+
+    make_zip(file_server.root / "random.zip", {"Random.so": b"so", "random.yaml": "a: 1\n"})
+    body = {"name": "random", "file": file_server.url("random.zip")}
+    before = authed.snapshot()
+    for payload in (claims(exp=None), claims(exp=10**18)):
+        headers = {"Authorization": sign(keys["issuer"], payload)}
+        assert authed.client.post("/plugins/sources", json=body, headers=headers).status_code == 401
+    authed.assert_unchanged(before)
+    assert file_server.requests == []
 
 
 @pytest.mark.parametrize("aud, shown", [
@@ -285,6 +362,123 @@ def test_no_keys_folder_at_all(authed, keys):
     (authed.layout.mgmt_keys / ISSUER).unlink()
     authed.layout.mgmt_keys.rmdir()
     assert_401(get(authed, sign(keys["issuer"])), "validate token error: not found target key file")
+
+
+# ---------------------------------------------------------------------------- key files others could change
+
+NOBODY = pwd.getpwnam("nobody").pw_uid
+
+
+def planted_home(tmp_path: Path, keys, spoil) -> tuple[Path, Path]:
+    """A home whose etc/mgmt holds the issuer's key, then `spoil(home, key_file)`; return (home, what is named)."""
+    home = tmp_path / "home"
+    mgmt = Layout(home).mgmt_keys
+    mgmt.mkdir(parents=True)
+    key_file = mgmt / ISSUER
+    key_file.write_bytes(public_pem(keys["issuer"]))
+    return home, spoil(home, key_file)
+
+
+def _chmod(mode: int, which=lambda home, key: key):
+    def spoil(home: Path, key: Path) -> Path:
+        os.chmod(which(home, key), mode)
+        return which(home, key)
+
+    return spoil
+
+
+def _owned_by_nobody(home: Path, key: Path) -> Path:
+    os.chown(key, NOBODY, -1)
+    return key
+
+
+def _link_to_a_writable_key(home: Path, key: Path) -> Path:
+    outside = home.parent / "elsewhere.pub"
+    outside.write_bytes(key.read_bytes())
+    outside.chmod(0o666)
+    key.unlink()
+    key.symlink_to(outside)
+    return key
+
+
+UNSAFE_KEYS = {
+    "key-world-writable": (_chmod(0o666), "(owner root, uid 0, mode 0666) is writable by its group and others"),
+    "key-group-writable": (_chmod(0o664), "(owner root, uid 0, mode 0664) is writable by its group"),
+    "key-owned-by-nobody": (_owned_by_nobody, f"(owner nobody, uid {NOBODY}, mode 0644) is owned by another user"),
+    "key-linked-to-a-writable-file": (_link_to_a_writable_key, "(owner root, uid 0, mode 0666) is writable by"),
+    "mgmt-world-writable": (_chmod(0o777, lambda home, key: key.parent), "(owner root, uid 0, mode 0777) is writable"),
+    "mgmt-sticky-still-refused": (_chmod(0o1777, lambda home, key: key.parent), "(owner root, uid 0, mode 1777) is"),
+    "home-world-writable": (_chmod(0o777, lambda home, key: home), "(owner root, uid 0, mode 0777) is writable by"),
+    "etc-group-writable": (_chmod(0o775, lambda home, key: home / "etc"), "(owner root, uid 0, mode 0775) is writable"),
+}
+
+
+@pytest.mark.parametrize("case", UNSAFE_KEYS)
+def test_create_app_refuses_key_files_others_could_change(tmp_path, keys, case):
+    spoil, why = UNSAFE_KEYS[case]
+    home, named = planted_home(tmp_path, keys, spoil)
+    settings = Settings(home=home, authentication=True)
+    before = sorted(str(path.relative_to(home)) for path in home.rglob("*"))
+    with pytest.raises(UnsafeKeyFiles) as refused:
+        create_app(settings, stop_service=lambda: None)
+    message = str(refused.value)
+    assert isinstance(refused.value, SettingsError)
+    assert message.startswith(f"basic.authentication is on and the JWT keys in {Layout(home).mgmt_keys} could be")
+    assert f"{named} {why}" in message, message
+    assert "chown root PATH" in message and "chmod go-w PATH" in message
+    assert sorted(str(path.relative_to(home)) for path in home.rglob("*")) == before  # nothing written
+    # With authentication off the keys are never read, and the same home serves.
+    app = create_app(settings.with_overrides(authentication=False), stop_service=lambda: None)
+    assert app.test_client().get("/ping").status_code == 200
+    app.extensions["kuiper_plugins"].installer.close()
+
+
+def test_keys_under_a_sticky_world_writable_folder_are_accepted(tmp_path, keys, loopback_peer):
+    # As /tmp: others may create entries in it, but not rename or remove the home that root owns there.
+    tmp_path.chmod(0o1777)
+    home, _ = planted_home(tmp_path, keys, lambda home, key: key)
+    app = create_app(Settings(home=home, authentication=True), stop_service=lambda: None)
+    try:
+        key_file = Layout(home).mgmt_keys / ISSUER
+        key_file.chmod(0o666)
+        refused = app.test_client().get(OPEN_ROUTE, headers={"Authorization": sign(keys["issuer"])})
+        assert_401(refused, "validate token error: key file of issuer sample_key.pub could be changed by other users")
+        key_file.chmod(0o644)
+        accepted = app.test_client().get(OPEN_ROUTE, headers={"Authorization": sign(keys["issuer"])})
+        assert accepted.status_code == 200, accepted.data
+    finally:
+        app.extensions["kuiper_plugins"].installer.close()
+
+
+def test_a_key_that_became_unsafe_after_start_is_refused(authed, keys, caplog):
+    key_file = authed.layout.mgmt_keys / ISSUER
+    token = sign(keys["issuer"])
+    assert get(authed, token).status_code == 200
+    for spoil, undo in ((lambda: key_file.chmod(0o666), lambda: key_file.chmod(0o644)),
+                        (lambda: os.chown(key_file, NOBODY, -1), lambda: os.chown(key_file, 0, -1))):
+        spoil()
+        message = assert_401(get(authed, token), "validate token error: key file of issuer sample_key.pub could be")
+        assert message.endswith("(it must be owned by root or the service's user and writable by no one else)")
+        undo()
+        assert get(authed, token).status_code == 200
+    assert f"of issuer sample_key.pub: {key_file} (owner root, uid 0, mode 0666) is writable by" in caplog.text
+    authed.layout.mgmt_keys.chmod(0o777)
+    assert_401(get(authed, token), "validate token error: the key folder etc/mgmt could be changed by other users (")
+    authed.layout.mgmt_keys.chmod(0o755)
+    assert get(authed, token).status_code == 200
+
+
+def test_the_service_makes_etc_mgmt_writable_by_its_owner_alone_whatever_the_umask(tmp_path, keys):
+    home = tmp_path / "home"
+    (home / "etc").mkdir(parents=True)  # an installation's folders, without etc/mgmt yet
+    old = os.umask(0o002)  # restored below: a group-writable umask, as some distributions give users
+    try:
+        app = create_app(Settings(home=home, authentication=True), stop_service=lambda: None)
+    finally:
+        os.umask(old)
+    app.extensions["kuiper_plugins"].installer.close()
+    assert Layout(home).mgmt_keys.stat().st_mode & 0o777 == 0o755
+    assert Layout(home).uploads.stat().st_mode & 0o777 == 0o775  # the other folders follow the umask
 
 
 # ---------------------------------------------------------------------------- every route, nothing written
@@ -372,3 +566,62 @@ def test_authentication_through_real_gunicorn(start_gunicorn, tmp_path, keys):
     assert accepted.status_code == 200 and accepted.json() == []
     in_query = requests.get(f"{server.url}/plugins/sources", params={"token": token}, timeout=10)
     assert in_query.status_code == 401
+
+
+@pytest.mark.slow
+def test_max_token_lifetime_from_the_environment_through_real_gunicorn(start_gunicorn, tmp_path, keys):
+    mgmt = tmp_path / "home/etc/mgmt"
+    mgmt.mkdir(parents=True)
+    (mgmt / ISSUER).write_bytes(public_pem(keys["issuer"]))
+    server = start_gunicorn(workers=1, KUIPER__BASIC__AUTHENTICATION="true", KUIPER__BASIC__MAXTOKENLIFETIME="300")
+    now = int(time.time())
+    short = {"Authorization": sign(keys["issuer"], claims(iat=now, exp=now + 300))}
+    assert requests.get(f"{server.url}/plugins/sources", headers=short, timeout=10).status_code == 200
+    long = {"Authorization": sign(keys["issuer"], claims(iat=now, exp=now + 301))}
+    refused = requests.get(f"{server.url}/plugins/sources", headers=long, timeout=10)
+    assert refused.status_code == 401
+    assert refused.json()["message"].startswith("validate token error: token lifetime is too long"
+                                                " (its exp is 301 s after its iat; basic.maxTokenLifetime is 300 s")
+
+
+@pytest.mark.slow
+def test_gunicorn_refuses_to_start_on_a_key_file_others_could_change(tmp_path, keys):
+    from conftest import GUNICORN, REPO, free_port
+
+    home, key_file = planted_home(tmp_path, keys, _owned_by_nobody)
+    key_file.chmod(0o666)
+    env = {**os.environ, "KUIPER_HOME": str(home), "KUIPER__BASIC__RESTPORT": str(free_port()),
+           "KUIPER__BASIC__AUTHENTICATION": "true", "WEB_CONCURRENCY": "2"}
+    process = subprocess.Popen([str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # it started after all: stop it and its workers
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate(timeout=30)
+    assert process.returncode != 0
+    assert "kuiper-plugins cannot start: basic.authentication is on and the JWT keys in" in stderr
+    assert (f"{key_file} (owner nobody, uid {NOBODY}, mode 0666) is owned by another user and is writable by its"
+            " group and others") in stderr
+    assert "Traceback" not in stderr
+    assert not Layout(home).registry_file.exists()  # refused before anything was written
+    assert key_file.read_bytes() == public_pem(keys["issuer"])
+
+
+@pytest.mark.slow
+def test_a_worker_started_after_a_key_went_unsafe_stops_the_service(start_gunicorn, tmp_path, keys):
+    import psutil
+
+    mgmt = tmp_path / "home/etc/mgmt"
+    mgmt.mkdir(parents=True)
+    (mgmt / ISSUER).write_bytes(public_pem(keys["issuer"]))
+    server = start_gunicorn(workers=1, KUIPER__BASIC__AUTHENTICATION="true")
+    (mgmt / ISSUER).chmod(0o666)
+    (worker,) = psutil.Process(server.process.pid).children()
+    os.kill(worker.pid, signal.SIGKILL)
+    # The master forks a new worker once it reaps this one; its post_fork finds the key unsafe and stops
+    # the service, which wait_exit awaits (bounded).
+    assert server.wait_exit() != 0
+    assert "kuiper-plugins cannot start: basic.authentication is on and the JWT keys in" in server.log()
+    assert f"{mgmt / ISSUER} (owner root, uid 0, mode 0666) is writable by its group and others" in server.log()

@@ -14,7 +14,7 @@ import requests
 from conftest import make_zip
 
 from kuiper_plugins.engine.client import EngineClient
-from kuiper_plugins.engine.restart import run_restart_command
+from kuiper_plugins.engine.restart import restart_environment, run_restart_command
 
 ROOT_ANSWER = {"version": "2.4.1", "os": "linux", "arch": "arm64", "upTimeSeconds": 42, "memoryTotal": "1024"}
 STATUS_ANSWER = [{"pluginName": "mirror", "status": "running", "pid": 123, "refCount": {"rule1": 1}}]
@@ -153,6 +153,55 @@ def test_stop_with_a_restart_command_runs_it_once_and_keeps_serving(start_gunico
     assert marker.read_text() == "restart\n"  # once
     assert requests.get(f"{server.url}/ping", timeout=30).status_code == 200  # this service keeps running
     assert server.process.poll() is None
+
+
+def test_the_restart_command_runs_without_this_services_settings_in_its_environment(
+        start_gunicorn, file_server, tmp_path):
+    # The engine a restart script starts must not read this service's KUIPER__BASIC__RESTPORT (it would bind
+    # our port and stay down), nor anything else meant for this service or its gunicorn.
+    dump = tmp_path / "restart-environ.json"
+    dump_it = f"import json, os; json.dump(dict(os.environ), open({str(dump)!r}, 'w'))"
+    command = json.dumps([sys.executable, "-c", dump_it])
+    server = start_gunicorn(
+        workers=2, KUIPER__ENGINE__RESTARTCOMMAND=command, KUIPER__BASIC__DOWNLOADTIMEOUT="60",
+        KUIPER_PLUGINS_LOG_LEVEL="info", KUIPER_PLUGINS_HEAD_TIMEOUT="10", GUNICORN_CMD_ARGS="--graceful-timeout 30",
+        LANG="C.UTF-8", HOME=str(tmp_path), KuiperBaseKey=str(tmp_path / "home"),
+    )
+    make_zip(file_server.root / "random.zip", {"Random.so": b"so", "random.yaml": "a: 1\n"})
+    body = {"name": "random", "file": file_server.url("random.zip")}
+    assert requests.post(f"{server.url}/plugins/sources", json=body, timeout=30).status_code == 201
+    assert requests.delete(f"{server.url}/plugins/sources/random?stop=1", timeout=30).status_code == 200
+    deadline = time.monotonic() + 30
+    while "engine.restartCommand finished" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling for the command's outcome in the log, bounded by the deadline
+    assert "engine.restartCommand finished (exit status 0)" in server.log()
+    seen = json.loads(dump.read_text())
+    assert server.env["KUIPER__BASIC__RESTPORT"] == str(server.port)  # the service had its settings ...
+    leaked = sorted(name for name in seen if name.upper().startswith(("KUIPER__", "KUIPER_PLUGINS", "GUNICORN_")))
+    assert leaked == []  # ... and the command got none of them
+    for name in ("KUIPER_HOME", "WEB_CONCURRENCY", "SERVER_SOFTWARE"):
+        assert name not in seen, name
+    # What a command needs stays, as does eKuiper's own base folder variable.
+    for name in ("PATH", "HOME", "LANG", "KuiperBaseKey"):
+        assert seen.get(name) == server.env[name], name
+
+
+def test_restart_environment_keeps_what_commands_need_and_drops_the_services_own():
+    environ = {
+        "PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC",
+        "HTTPS_PROXY": "http://127.0.0.1:3128", "KuiperBaseKey": "/kuiper", "DOCKER_HOST": "unix:///run/docker.sock",
+        "KUIPER__BASIC__RESTPORT": "9082", "kuiper__basic__restport": "9083", "KUIPER__STORE__SQLITE__NAME": "x.db",
+        "KUIPER_PLUGINS_SERVER": "gunicorn", "KUIPER_PLUGINS_LOG_LEVEL": "debug", "KUIPER_PLUGINS_DIR": "/p",
+        "KUIPER_PLUGINS_TOKEN": "a.b.c", "KUIPER_HOME": "/var/lib/kuiper", "KUIPER_ETC_DIR": "/etc/kuiper",
+        "KUIPER_DATA_DIR": "/var/lib/kuiper/data", "WEB_CONCURRENCY": "4", "SERVER_SOFTWARE": "gunicorn/23.0.0",
+        "GUNICORN_CMD_ARGS": "--workers 4", "GUNICORN_FD": "3", "GUNICORN_PID": "1", "LISTEN_FDS": "1",
+        "LISTEN_PID": "1", "LISTEN_FDNAMES": "http", "NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "1",
+        "WATCHDOG_PID": "1",
+    }
+    assert restart_environment(environ) == {
+        "PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC",
+        "HTTPS_PROXY": "http://127.0.0.1:3128", "KuiperBaseKey": "/kuiper", "DOCKER_HOST": "unix:///run/docker.sock",
+    }
 
 
 def test_a_restart_command_past_its_timeout_is_killed_and_logged(caplog):

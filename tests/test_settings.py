@@ -108,3 +108,24 @@ def test_settings_are_frozen(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.rest_port = 1  # type: ignore[misc]
     assert settings.with_overrides(rest_port=1).rest_port == 1
+
+
+def test_max_token_lifetime_is_whole_seconds_from_the_file_or_the_environment(tmp_path):
+    assert load_settings({"KUIPER_HOME": str(tmp_path)}).max_token_lifetime == 86400
+    write_home_config(tmp_path, "basic:\n  maxTokenLifetime: 3600\n")
+    assert load_settings({"KUIPER_HOME": str(tmp_path)}).max_token_lifetime == 3600
+    env = {"KUIPER_HOME": str(tmp_path), "KUIPER__BASIC__MAXTOKENLIFETIME": "0"}
+    assert load_settings(env).max_token_lifetime == 0  # no limit, as eKuiper
+
+
+@pytest.mark.parametrize("text", ["24h", "-1", "1.5", "true", "", "86400s"])
+def test_a_bad_max_token_lifetime_stops_start_up_naming_the_key(tmp_path, text):
+    env = {"KUIPER_HOME": str(tmp_path), "KUIPER__BASIC__MAXTOKENLIFETIME": text}
+    with pytest.raises(SettingsError, match="KUIPER__BASIC__MAXTOKENLIFETIME: expected a whole number of seconds"):
+        load_settings(env)
+
+
+def test_a_bad_max_token_lifetime_in_the_file_names_the_key(tmp_path):
+    write_home_config(tmp_path, "basic:\n  maxTokenLifetime: 1d\n")
+    with pytest.raises(SettingsError, match=r"'1d' for basic.maxTokenLifetime: expected a whole number of seconds"):
+        load_settings({"KUIPER_HOME": str(tmp_path)})

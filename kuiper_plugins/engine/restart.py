@@ -5,6 +5,14 @@ session with stdin closed, after the response has gone out, in a thread of
 its own so that the worker goes on serving. Its outcome and the last lines
 of its output are logged; at `engine.restartTimeout` it and everything in
 its process group are killed.
+
+The command gets the environment a clean start of the service would have:
+this process's, minus what configures this service (its ``KUIPER__*``
+settings, its ``KUIPER_PLUGINS*`` and folder variables) and what gunicorn or
+systemd handed to this service alone. A script that starts kuiperd directly
+would otherwise give the engine this service's ``basic.restPort``, and the
+engine would fail to bind a port that is taken. ``KuiperBaseKey`` stays: it
+is eKuiper's own, and names the installation both of them work on.
 """
 
 from __future__ import annotations
@@ -14,11 +22,24 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
 OUTPUT_TAIL = 2048  # characters of the command's output kept for the log
+
+# Variables that configure this service: its settings (KUIPER__SECTION__KEY, which eKuiper would read as
+# its own), its KUIPER_PLUGINS_* variables (log level, timeouts, the CLI's URL and token, the plugins
+# folder) and gunicorn's (GUNICORN_CMD_ARGS, and the GUNICORN_FD and GUNICORN_PID of a re-exec).
+SERVICE_PREFIXES = ("KUIPER__", "KUIPER_PLUGINS", "GUNICORN_")
+SERVICE_VARIABLES = frozenset({
+    "KUIPER_HOME", "KUIPER_ETC_DIR", "KUIPER_DATA_DIR",  # this service's folders (eKuiper reads KuiperBaseKey)
+    "WEB_CONCURRENCY",  # gunicorn's worker count
+    "SERVER_SOFTWARE",  # set by gunicorn's arbiter: a child would think it runs under a web server
+    # Handed to this service's process alone: its listening sockets (by systemd, or by gunicorn to the
+    # master it re-executes) and its line to systemd's notification socket and watchdog.
+    "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC",
+})
 
 
 def restart_in_background(command: Sequence[str], timeout: float) -> threading.Thread:
@@ -35,7 +56,7 @@ def run_restart_command(command: Sequence[str], timeout: float) -> int | None:
     try:
         process = subprocess.Popen(
             list(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
+            start_new_session=True, close_fds=True, env=restart_environment(os.environ),
         )
     except OSError as exc:
         log.error("engine.restartCommand could not be started: %s", exc)
@@ -54,6 +75,14 @@ def run_restart_command(command: Sequence[str], timeout: float) -> int | None:
     else:
         log.error("engine.restartCommand failed with exit status %d: %s", process.returncode, tail)
     return process.returncode
+
+
+def restart_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """Return `environ` without the variables that configure this service (see SERVICE_PREFIXES)."""
+    return {
+        name: value for name, value in environ.items()
+        if not name.upper().startswith(SERVICE_PREFIXES) and name.upper() not in SERVICE_VARIABLES
+    }
 
 
 def _tail(output: bytes | None) -> str:

@@ -32,7 +32,7 @@ from flask import Flask, Request, request
 from kuiper_plugins.errors import Forbidden, Unauthorized, envelope
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings
-from kuiper_plugins.web.auth import JwtAuthenticator
+from kuiper_plugins.web.auth import JwtAuthenticator, check_key_files
 from kuiper_plugins.web.peers import PeerUnknown, owners, peer_of_socket
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,13 @@ def _user_shown(uid: int) -> str:
 
 
 def jwt_authentication(settings: Settings) -> Authenticate:
-    """The authenticate hook for basic.authentication: a JWT checked against $KUIPER_HOME/etc/mgmt/."""
-    authenticator = JwtAuthenticator(Layout.of(settings).mgmt_keys)
+    """The authenticate hook for basic.authentication: a JWT checked against $KUIPER_HOME/etc/mgmt/.
+
+    Raises UnsafeKeyFiles when users other than root and this service's could change those keys.
+    """
+    keys_dir = Layout.of(settings).mgmt_keys
+    check_key_files(keys_dir)
+    authenticator = JwtAuthenticator(keys_dir, max_lifetime=settings.max_token_lifetime)
 
     def authenticate(req: Request) -> object:
         # The header only: a token in the query string would end up in access logs and browser history.

@@ -1,4 +1,5 @@
-"""gunicorn server hooks: refuse to start on an unusable registry, and roll back an interrupted request.
+"""gunicorn server hooks: refuse to start on an unusable registry or on JWT keys that others could change,
+and roll back an interrupted request.
 
 `etc/gunicorn.conf.py` imports these by name; gunicorn calls them in the master or the workers.
 """
@@ -14,6 +15,7 @@ from kuiper_plugins.errors import PluginError, RequestInterrupted
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import load_settings
 from kuiper_plugins.store import db
+from kuiper_plugins.web.auth import UnsafeKeyFiles, check_key_files
 
 WORKER_BOOT_ERROR = 3  # gunicorn's exit status for "worker failed to boot": the master stops, no respawn loop
 
@@ -27,9 +29,21 @@ def _registry_problem() -> str | None:
     return None
 
 
+def _key_files_problem() -> str | None:
+    """With basic.authentication on, why the JWT keys cannot be trusted (see check_key_files); None when they can."""
+    settings = load_settings()
+    if not settings.authentication:
+        return None
+    try:
+        check_key_files(Layout.of(settings).mgmt_keys)
+    except UnsafeKeyFiles as exc:
+        return str(exc)
+    return None
+
+
 def on_starting(server):
     """In the master, before any worker is forked (the check's connection is closed by then)."""
-    problem = _registry_problem()
+    problem = _registry_problem() or _key_files_problem()
     if problem:
         sys.exit(f"kuiper-plugins cannot start: {problem}")
 
@@ -46,10 +60,10 @@ WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT,
 
 
 def post_fork(server, worker):
-    """In each new worker, before the app loads: a registry that went bad since start stops the service."""
+    """In each new worker, before the app loads: a registry or keys that went bad since start stop the service."""
     signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
     worker.kuiper_early_signals = _take_queued(getattr(server, "SIG_QUEUE", None))
-    problem = _registry_problem()
+    problem = _registry_problem() or _key_files_problem()
     if problem:
         server.log.error("kuiper-plugins cannot start: %s", problem)
         sys.exit(WORKER_BOOT_ERROR)
