@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -121,8 +122,16 @@ def test_each_lookup_names_the_user_holding_the_client_socket(listener, lookup):
 
 @pytest.mark.parametrize("lookup", LOOKUPS)
 def test_a_closed_client_socket_names_nobody_at_all(listener, lookup):
-    """TIME_WAIT and orphaned sockets report uid 0: taking that for root would let anyone in."""
-    client = socket.create_connection(listener.getsockname())
+    """TIME_WAIT and orphaned sockets report uid 0: taking that for root would let anyone in.
+
+    The lookups by the client's end alone count every live socket with that end, by design (see
+    peers.owners). Linux lets two connections to different servers share a local port, so on a busy
+    machine another process's live connection on 127.0.0.1 could hold the same end, and be counted.
+    The client therefore binds a loopback address of its own that no other socket uses.
+    """
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.bind((f"127.{os.getpid() % 250 + 3}.{uuid.uuid4().int % 250 + 3}.{uuid.uuid4().int % 250 + 3}", 0))
+    client.connect(listener.getsockname())
     accepted, _ = listener.accept()
     with accepted:
         ends = endpoints(accepted)
