@@ -8,12 +8,16 @@ util-linux's unshare, pynng, and Go's own time.ParseDuration for the duration ru
 from __future__ import annotations
 
 import fcntl
+import grp
 import json
 import os
+import pwd
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -22,6 +26,8 @@ from pathlib import Path
 import psutil
 import pynng
 import pytest
+import requests
+from conftest import disk_state
 
 from kuiper_plugins.engine import portable
 from kuiper_plugins.engine.portable import parse_duration, verify_descriptor, verify_handshake
@@ -390,6 +396,34 @@ def test_without_namespaces_the_check_is_refused_and_nothing_runs(tmp_path, toke
     assert processes_with(token) == []
 
 
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ("[a for a in args if a != '--net']", "not in a network namespace of its own"),
+        ("['--user', '--map-root-user', *args]", "cannot become nobody: "),
+    ],
+    ids=["host-network", "no-nobody"],
+)
+def test_where_the_network_or_nobody_cannot_be_had_the_check_is_refused(tmp_path, token, change, why):
+    """An unshare that leaves the host's network, or one in a user namespace of the service's own (all a
+    service not run as root could have): the probe must say so, and no check runs with fewer walls."""
+    wrapper = tmp_path / "unshare"
+    wrapper.write_text(
+        f"#!{shutil.which('python3', path='/usr/bin:/bin')}\nimport os, sys\nargs = sys.argv[1:]\n"
+        f"os.execv({shutil.which('unshare')!r}, ['unshare', *{change}])\n"
+    )
+    wrapper.chmod(0o755)
+    plugin_dir = place("silent", tmp_path, token)
+
+    found = portable.probe_namespaces(str(wrapper))
+
+    assert not found.available
+    assert why in found.description, found.description
+    message, _ = refusal(plugin_dir, "silent", "go", "silent.sh", confined=found)
+    assert message.startswith("portable plugin silent cannot be started for its handshake check on this machine (")
+    assert processes_with(token) == []
+
+
 def test_this_machine_can_confine_the_check():
     """CI runs as root with util-linux: the check must be available there, not silently refused."""
     found = portable.namespaces()
@@ -402,6 +436,221 @@ def test_init_timeout_must_be_a_sane_number_of_seconds(tmp_path, token):
     for bad in (0, -1, portable.MAX_INIT_TIMEOUT + 1):
         with pytest.raises(ValueError):
             verify_handshake(plugin_dir, "silent", "go", "silent.sh", python_bin="python", init_timeout=bad)
+    assert processes_with(token) == []
+
+
+# ---------------------------------------------------------------------------- what the plugin may do
+
+NOBODY = 65534  # the uid and gid the check runs the plugin as
+NOBODY_NAME = pwd.getpwuid(NOBODY).pw_name  # "nobody"
+
+
+@pytest.fixture
+def listener():
+    """A TCP socket listening on 127.0.0.1: a connection to it completes in the kernel, even unaccepted."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.setblocking(False)
+        yield server
+
+
+def pending_connections(server: socket.socket) -> int:
+    """How many connections reached `server` (accepting each, without waiting for more)."""
+    count = 0
+    for _ in range(64):
+        try:
+            connection, _ = server.accept()
+        except BlockingIOError:
+            return count
+        connection.close()
+        count += 1
+    return count
+
+
+HOSTILE = """#!/bin/sh
+# Everything it tries must fail: it runs as nobody, without the host's network, /tmp or the service's files.
+echo "uid $(id -u) gid $(id -g) groups $(id -G)"
+grep -E '^(CapPrm|CapEff|CapBnd|NoNewPrivs):' /proc/self/status | tr -s '\\t' ' '
+umount /tmp 2>/dev/null && echo "umount /tmp: done" || echo "umount /tmp: refused"
+( : > /proc/1/fd/1 ) 2>/dev/null && echo "/proc/1/fd/1: opened" || echo "/proc/1/fd/1: refused"
+{curl} -s -m 3 -o /dev/null http://127.0.0.1:{port}/ && echo "curl: connected" || echo "curl: refused"
+{python} -c 'import socket; socket.create_connection(("127.0.0.1", {port}), timeout=3)' 2>/dev/null \\
+    && echo "python: connected" || echo "python: refused"
+{python} -c 'import socket; s = socket.create_server(("127.0.0.1", 0)); socket.create_connection(s.getsockname())' \\
+    && echo "own loopback: works" || echo "own loopback: broken"
+touch written-by-plugin 2>/dev/null && echo "own folder: written" || echo "own folder: refused"
+echo x 2>/dev/null >> {registry} && echo "registry: written" || echo "registry: refused"
+touch /var/tmp/left-by-{token} /dev/shm/left-by-{token} && ipcmk -M {segment} >/dev/null && echo "scratch: written"
+exit 3
+"""
+
+
+def shared_memory_of_size(size: int) -> list[str]:
+    """The host's System V shared memory segments of `size` bytes (/proc/sysvipc/shm)."""
+    rows = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    return [row for row in rows if row.split()[3] == str(size)]
+
+
+def hostile_plugin(folder: Path, port: int, registry: Path, token: str, segment: int) -> Path:
+    """Write the HOSTILE executable into `folder` as run.sh, aimed at `port`, the file `registry` and more."""
+    folder.mkdir(parents=True)
+    script = HOSTILE.format(curl=shutil.which("curl"), python=shutil.which("python3", path="/usr/bin:/bin"),
+                            port=port, registry=registry, token=token, segment=segment)
+    (folder / "run.sh").write_text(script)
+    (folder / "run.sh").chmod(0o755)
+    return folder
+
+
+def test_the_plugin_runs_as_nobody_without_the_hosts_network_tmp_or_the_service_files(tmp_path, token, listener):
+    home = tmp_path / token / "home"
+    registry = home / "data" / "kuiper-plugins.db"
+    registry.parent.mkdir(parents=True)
+    registry.write_bytes(b"SQLite format 3\x00")
+    segment = 40000 + uuid.uuid4().int % 20000  # a size no other segment on the host has (checked below)
+    assert shared_memory_of_size(segment) == []
+    plugin_dir = hostile_plugin(home / "plugins" / "portable" / "hostile", listener.getsockname()[1], registry,
+                                token, segment)
+    before = tree(home)
+
+    message, _ = refusal(plugin_dir, "hostile", "go", "run.sh")
+
+    assert message.startswith(f"plugin executable {plugin_dir / 'run.sh'} stops with error exit status 3 (")
+    said = message.split("its last output:\n", 1)[1]
+    assert f"uid {NOBODY} gid {NOBODY} groups {NOBODY}\n" in said
+    for field in ("CapPrm", "CapEff", "CapBnd"):
+        assert f"{field}: 0000000000000000\n" in said
+    assert "NoNewPrivs: 1\n" in said
+    for attempt in ("umount /tmp", "/proc/1/fd/1", "curl", "python", "own folder", "registry"):
+        assert f"{attempt}: refused" in said, said
+    assert "own loopback: works" in said  # a network of its own, with a loopback of its own
+    # The scratch folders anyone may write to, and System V IPC, were its own, and went with it.
+    assert "scratch: written" in said
+    assert not Path(f"/var/tmp/left-by-{token}").exists() and not Path(f"/dev/shm/left-by-{token}").exists()
+    assert shared_memory_of_size(segment) == []
+    assert pending_connections(listener) == 0
+    assert tree(home) == before
+    assert registry.read_bytes() == b"SQLite format 3\x00"
+    assert processes_with(token) == []
+
+
+def test_a_plugin_writing_into_the_checks_own_output_is_refused_its_own_words_and_the_worker_stays_small(
+    tmp_path, token,
+):
+    """Round 3's P6, scaled down: 64 MiB into /proc/1/fd/1, the helper's report channel. The plugin, as nobody,
+    cannot even open it. Measured in a Python of its own, whose peak RSS is this check's alone: VmHWM, as
+    ru_maxrss would carry over the RSS of the pytest process it was forked from."""
+    plugin_dir = tmp_path / token / "spill"
+    plugin_dir.mkdir(parents=True)
+    (plugin_dir / "run.sh").write_text("#!/bin/sh\nhead -c 64M /dev/zero > /proc/1/fd/1\nexit 4\n")
+    (plugin_dir / "run.sh").chmod(0o755)
+    program = (
+        "import json, sys, psutil\n"
+        "from kuiper_plugins.engine.portable import verify_handshake\n"
+        "from kuiper_plugins.errors import PackageInvalid\n"
+        "start = psutil.Process().memory_info().rss\n"
+        "try:\n"
+        "    verify_handshake(sys.argv[1], 'spill', 'go', 'run.sh', python_bin='python', init_timeout=30)\n"
+        "    message = 'no refusal'\n"
+        "except PackageInvalid as exc:\n"
+        "    message = exc.message\n"
+        "status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
+        "peak = int(status['VmHWM'].split()[0]) * 1024\n"
+        "print(json.dumps({'message': message, 'growth': peak - start}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program, str(plugin_dir)], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    result = json.loads(done.stdout)
+
+    executable = plugin_dir / "run.sh"
+    assert result["message"].startswith(f"plugin executable {executable} stops with error exit status 4 ("), result
+    assert "cannot create /proc/1/fd/1: Permission denied" in result["message"]
+    assert result["growth"] < 16 * 1024 * 1024, result  # before: 200 MiB and more for 64 MiB written
+    assert processes_with(token) == []
+
+
+def test_a_check_whose_report_overflows_is_killed_and_refused_for_that(tmp_path, token):
+    """Should anything write into the helper's stdout after all, the service reads at most REPORT_LIMIT bytes.
+
+    The "confinement" here is a shell that spills 8 MiB on the helper's stdout and then sleeps: it stands for
+    a writer the plugin's uid no longer allows. The check is killed at the cap, not at its deadline.
+    """
+    plugin_dir = place("silent", tmp_path, token)
+    spilling = portable.Namespaces(
+        ("/bin/sh", "-c", 'head -c 8M /dev/zero; sleep 60; exec "$@"', token), "a shell that spills 8 MiB",
+    )
+
+    message, took = refusal(plugin_dir, "silent", "go", "silent.sh", init_timeout=30.0, confined=spilling)
+
+    assert message == (
+        "portable plugin silent was stopped during its handshake check (more than 1048576 bytes"
+        " came on the check's own stdout, where only the check writes its one-line report: the plugin or something"
+        " it started wrote into it)"
+    )
+    assert took < 30  # killed at the cap; its sleep 60 and the 45 s deadline never came
+    assert processes_with(token) == []
+
+
+def test_an_executable_nobody_may_not_run_is_refused_with_ekuipers_words_and_why(tmp_path, token):
+    plugin_dir = tmp_path / token / "private"
+    plugin_dir.mkdir(parents=True)
+    executable = plugin_dir / "run.sh"
+    executable.write_text("#!/bin/sh\necho started\nexit 3\n")
+    executable.chmod(0o700)
+
+    message, _ = refusal(plugin_dir, "private", "go", "run.sh")
+
+    assert message == (
+        f"plugin executable {executable} stops with error fork/exec {executable}: permission denied"
+        f" (the check runs the plugin as the user nobody, who may not read {executable} (mode 0700); it printed"
+        " nothing)"
+    )
+    assert stat.S_IMODE(executable.stat().st_mode) == 0o700  # the service does not open it up
+    assert processes_with(token) == []
+
+
+def test_a_python_plugin_with_a_module_nobody_may_read_is_refused_with_why(sdk_python, tmp_path, token):
+    plugin_dir = place("pygreet", tmp_path, token)
+    (plugin_dir / "greeting.py").chmod(0o600)
+
+    message, _ = refusal(plugin_dir, "pygreet", "python", "pygreet.py", python_bin=str(sdk_python))
+
+    assert message.startswith(
+        f"plugin executable {plugin_dir / 'pygreet.py'} stops with error exit status 1 (the check runs the plugin"
+        f" as the user nobody, who may not read {plugin_dir / 'greeting.py'} (mode 0600); it ended after "
+    )
+    assert "PermissionError: [Errno 13] Permission denied" in message
+
+
+@pytest.fixture
+def closed_folder(token):
+    """A folder like `mktemp -d` makes, 0700, outside /tmp (which the check covers anyway); removed after."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{token}-", dir="/var/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_the_sdk_plugin_shakes_hands_as_nobody_from_folders_closed_to_others(sdk_python, closed_folder, token):
+    """The plugin's folder sits below a 0700 folder outside /tmp, and its Python below /root (0700 here: the
+    SDK venv's python links to a pyenv one there); both are reachable as nobody, at their real paths."""
+    assert stat.S_IMODE(closed_folder.stat().st_mode) == 0o700
+    plugin_dir = closed_folder / "plugins" / "portable" / "pygreet"
+    shutil.copytree(FIXTURES / "pygreet", plugin_dir)
+    (plugin_dir / "whoami.py").write_text("import os\nprint(f'pygreet runs as uid {os.getuid()}')\n")
+    (plugin_dir / "pygreet.py").write_text("import whoami\n" + (FIXTURES / "pygreet" / "pygreet.py").read_text())
+    before = tree(closed_folder)
+
+    shook = verify_handshake(
+        plugin_dir, "pygreet", "python", "pygreet.py", python_bin=str(sdk_python), init_timeout=30.0,
+    )
+
+    assert shook.message == b"handshake"
+    assert f"pygreet runs as uid {NOBODY}" in shook.output
+    assert f"pygreet started in {plugin_dir} with" in shook.output
+    assert tree(closed_folder) == before
+    assert stat.S_IMODE(closed_folder.stat().st_mode) == 0o700
     assert processes_with(token) == []
 
 
@@ -572,3 +821,45 @@ def test_a_failing_portable_install_sh_takes_the_folder_away_and_an_update_puts_
     service.assert_unchanged(before)
     assert (service.layout.portable_dir("mirror") / "installed-v1").exists()
     assert service.client.get("/plugins/portables/mirror").get_json()["version"] == "v1"
+
+
+def test_without_install_scripts_a_hostile_portable_runs_as_nobody_and_cannot_call_the_api(
+        start_gunicorn, file_server, tmp_path, token):
+    """Round 3's P2: installScripts off, the check on. The package's executable records `id` and calls the
+    service's own API on its port; it must have run as nobody, and no request of its reached gunicorn."""
+    server = start_gunicorn(KUIPER__BASIC__INSTALLSCRIPTS="false", KUIPER__PORTABLE__VERIFYONINSTALL="true",
+                            KUIPER__PORTABLE__INITTIMEOUT="20s")
+    curl, python = shutil.which("curl"), shutil.which("python3", path="/usr/bin:/bin")
+    api = f"http://127.0.0.1:{server.port}/plugins/portables?from={token}"
+    script = (
+        "#!/bin/sh\n"
+        'echo "id: $(id)"\n'
+        f"{curl} -s -m 3 -o /dev/null '{api}' && echo 'curl: reached the API' || echo 'curl: refused'\n"
+        f"{python} -c 'import urllib.request; urllib.request.urlopen(\"{api}\", timeout=3)' 2>/dev/null"
+        " && echo 'python: reached the API' || echo 'python: refused'\n"
+        "exit 3\n"
+    )
+    descriptor = {"version": "v1", "language": "go", "executable": "run.sh", "sinks": ["hostile"]}
+    zip_folder(FIXTURES / "silent", file_server.root / "hostile.zip", {
+        "hostile.json": (json.dumps(descriptor).encode(), 0o644), "run.sh": (script.encode(), 0o755)})
+    before = disk_state(server.home)
+
+    response = requests.post(f"{server.url}/plugins/portables",
+                             json={"name": "hostile", "file": file_server.url("hostile.zip")}, timeout=60)
+
+    assert response.status_code == 400, response.text
+    message = response.json()["message"]
+    exe = server.home / "plugins" / "portable" / "hostile" / "run.sh"
+    assert message.startswith(
+        f"portable plugin create command error: fail to install plugin: plugin executable {exe} stops with error"
+        " exit status 3 ("
+    ), message
+    group = grp.getgrgid(NOBODY).gr_name
+    assert f"id: uid={NOBODY}({NOBODY_NAME}) gid={NOBODY}({group})" in message
+    assert "curl: refused" in message and "python: refused" in message
+    assert requests.get(f"{server.url}/plugins/portables", timeout=10).json() == []
+    assert disk_state(server.home) == before
+    log = server.log_path.read_text(errors="replace")
+    assert '"POST /plugins/portables HTTP/1.1" 400' in log  # the access log is on, and holds the install
+    assert token not in log  # and no request of the plugin's
+    assert processes_with(token) == []

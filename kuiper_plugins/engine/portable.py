@@ -7,16 +7,28 @@ for one message from the plugin's Req0 socket: the SDKs send ``handshake``, and 
 does not answer the handshake; its first command later is the reply. `verify_handshake` does the same, then
 stops the plugin and everything it started.
 
-Confinement: the check runs in namespaces of its own, made by util-linux's ``unshare --pid --fork
---kill-child --mount --propagation private``. PID 1 there is a small Python program (``_HELPER``, run by
-this Python, which has pynng) that mounts a fresh tmpfs on ``/tmp`` (so the socket can never meet a running
-engine's sockets in the host's ``/tmp``), listens, starts the plugin, waits, and writes one JSON line with
-the outcome on its stdout. When it exits, the kernel kills every other process in its PID namespace and
-``unshare`` returns only once they are gone. The helper keeps its own deadline; past that plus a grace the
-host kills ``unshare``, whose ``--kill-child`` takes the helper, and so the namespace, with it. Whether the
-namespaces can be made here is probed once per process; where they cannot, every check is refused, never
-run unconfined. This is not a sandbox: the plugin runs as the service's user and can write wherever that
-user can, as it will when the engine starts it.
+Confinement: the package's code is never trusted with anything, whoever installs it. The check runs in
+namespaces of its own, made by util-linux's ``unshare --pid --fork --kill-child --mount --net --ipc
+--propagation private``. PID 1 there is a small Python program (``_HELPER``, run as root by this Python,
+which has pynng) that prepares the plugin's view and then starts the plugin as the user ``nobody`` (uid and
+gid 65534, no other groups, no capabilities, no_new_privs so that setuid programs cannot raise it):
+
+- a fresh tmpfs on ``/tmp``, so the socket never meets a running engine's sockets in the host's ``/tmp``
+  and the plugin sees nothing of the host's ``/tmp``; fresh ones, too, on the other folders anyone may
+  write to (``/var/tmp``, ``/dev/shm``, ``/run/lock``), and System V IPC of its own, so that nothing the
+  plugin leaves there outlives the check;
+- a network of its own with only a loopback interface: the plugin reaches neither this service's API nor
+  anything else;
+- the folders the plugin needs (its own, its interpreter's) at their real paths even where a folder above
+  them is closed to others: such a folder is covered with an empty tmpfs and the needed ones are bound
+  back into it, so nobody gains exactly those folders and loses nothing it could see before.
+
+The helper listens, starts the plugin, waits, and writes one JSON line with the outcome on its stdout,
+which the service reads with a size cap. When the helper exits, the kernel kills every other process in
+its PID namespace and ``unshare`` returns only once they are gone. The helper keeps its own deadline; past
+that plus a grace the host kills ``unshare``, whose ``--kill-child`` takes the helper, and so the
+namespace, with it. Whether all this can be done here is probed once per process; where it cannot
+(without root, for one), every check is refused, never run with fewer walls.
 """
 
 from __future__ import annotations
@@ -25,11 +37,14 @@ import json
 import logging
 import os
 import re
+import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,35 +58,40 @@ DEFAULT_INIT_TIMEOUT = "60s"  # eKuiper's etc/kuiper.yaml value for portable.ini
 CONFIG_ARGUMENT = '{"sendTimeout":1000}'  # what eKuiper passes: its PortableConfig, marshalled by Go
 MAX_INIT_TIMEOUT = 3600.0  # seconds; an install request waits this long at most for one plugin
 TMPFS_OPTIONS = "mode=1777,size=64m"  # the plugin's private /tmp
+# The host's other folders that anyone may write to: the plugin gets fresh, empty ones, which go with it.
+SCRATCH_FOLDERS = ("/var/tmp", "/dev/shm", "/run/lock")
+SCRATCH_OPTIONS = "mode=1777,size=16m"
 PLUGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # when the service has no PATH
-PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")  # what the plugin gets of the service's environment
+PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")  # what the plugin gets of the service's environment
+NOBODY = 65534  # the uid and gid the plugin runs as: the user nobody and its group
+COVER_OPTIONS = "mode=0755,size=1m"  # an empty tmpfs over a folder closed to others; only we make folders in it
 OUTPUT_LIMIT = 64 * 1024  # bytes of the plugin's output kept (the last ones)
+REPORT_LIMIT = 1024 * 1024  # bytes read, at most, of the helper's stdout (its one-line report) and stderr
 TAIL_LINES = 20  # lines of output quoted in an error message
 TAIL_CHARS = 2048  # characters of output quoted in an error message, at most
 
 _SETUP_GRACE = 15.0  # seconds beyond init_timeout for the namespace, the mount and the listener
 _REAP_TIMEOUT = 10.0  # waiting for a killed unshare to be reaped
 _PROBE_TIMEOUT = 15.0
+_READ_SIZE = 64 * 1024
+_SCAN_LIMIT = 10000  # entries of a refused plugin's folder looked at for files nobody cannot read
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
-# unshare's options, tried in this order: as root; in a user namespace of its own (mapping the service's
-# user to root there, which a mount needs) for anyone else; each with and without a /proc of its own.
-_PRIVATE = ("--pid", "--fork", "--kill-child", "--mount", "--propagation", "private")
-UNSHARE_OPTIONS = (
-    (*_PRIVATE, "--mount-proc"),
-    ("--user", "--map-root-user", *_PRIVATE, "--mount-proc"),
-    _PRIVATE,
-    ("--user", "--map-root-user", *_PRIVATE),
-)
+# unshare's options, tried in this order: with a /proc of its own, then without one (some containers
+# cannot mount /proc). Both need root: a user namespace of the service's own could not hold nobody.
+_PRIVATE = ("--pid", "--fork", "--kill-child", "--mount", "--net", "--ipc", "--propagation", "private")
+UNSHARE_OPTIONS = ((*_PRIVATE, "--mount-proc"), _PRIVATE)
 
-# PID 1 of the check's namespaces, run as `python -I -c _HELPER <spec json>`. It reports one JSON object
-# on stdout. It never signals -1 unless it is PID 1, where that means "everyone in this PID namespace".
+# PID 1 of the check's namespaces, run as root as `python -I -c _HELPER <spec json>`. It reports one JSON
+# object on stdout. It never signals -1 unless it is PID 1, where that means "everyone in this PID namespace".
+# Everything that needs root happens here, before the plugin starts: the plugin itself runs as nobody.
 _HELPER = r"""
-import ctypes, json, os, selectors, signal, subprocess, sys, time
+import ctypes, fcntl, json, os, selectors, signal, socket, struct, subprocess, sys, time
 
 spec = json.loads(sys.argv[1])
 started = time.monotonic()
+nobody = spec["nobody"]
 
 
 def finish(**report):
@@ -89,27 +109,76 @@ def finish(**report):
 
 if os.getpid() != 1:
     finish(outcome="setup", error="not the first process of a PID namespace of its own")
+net = os.stat("/proc/self/ns/net")
+if [net.st_dev, net.st_ino] == spec["host_net"]:
+    finish(outcome="setup", error="not in a network namespace of its own")
 host_tmp = os.stat("/tmp").st_dev
-# Folders of the plugin that live below the host's /tmp are held open now and bound back at the same path
-# once the private /tmp hides them.
+# The folders the plugin needs that a cover would hide are held open now and bound back at the same path.
 kept = []
-for path in spec.get("keep", ()):
+for path in spec["bind"]:
     try:
         kept.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
     except OSError as exc:
         finish(outcome="setup", error="cannot open " + path + ": " + exc.strerror)
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_char_p)
-if libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 2 | 4, spec["tmpfs"].encode()) != 0:  # MS_NOSUID | MS_NODEV
-    finish(outcome="setup", error="cannot mount a private /tmp: " + os.strerror(ctypes.get_errno()))
+libc.prctl.argtypes = (ctypes.c_int,) + (ctypes.c_ulong,) * 4
+umask = os.umask(0o022)  # the folders made on our own tmpfs must let nobody pass, whatever the service's umask
+for path, options in spec["cover"]:
+    os.makedirs(path, 0o755, exist_ok=True)  # one cover may lie in another (/var/tmp in a closed /var)
+    if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, options.encode()) != 0:  # MS_NOSUID | MS_NODEV
+        finish(outcome="setup", error="cannot mount a private " + path + ": " + os.strerror(ctypes.get_errno()))
 if os.stat("/tmp").st_dev == host_tmp or os.listdir("/tmp"):
     finish(outcome="setup", error="the private /tmp is not a fresh file system")
 for path, fd in kept:
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, 0o755, exist_ok=True)
     if libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, 4096 | 16384, None) != 0:  # MS_BIND|MS_REC
-        finish(outcome="setup", error="cannot bind " + path + " into the private /tmp: "
+        finish(outcome="setup", error="cannot bind " + path + " into the plugin's view: "
                + os.strerror(ctypes.get_errno()))
     os.close(fd)
+os.umask(umask)
+try:
+    # A fresh network namespace has only a loopback interface, down: bring it up for the plugin's own use.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        request = struct.pack("16sh22x", b"lo", 0)
+        flags = struct.unpack("16sh22x", fcntl.ioctl(probe, 0x8913, request))[1]  # SIOCGIFFLAGS
+        fcntl.ioctl(probe, 0x8914, struct.pack("16sh22x", b"lo", flags | 1))  # SIOCSIFFLAGS, IFF_UP
+except OSError as exc:
+    finish(outcome="setup", error="cannot bring up the loopback interface of its own network: " + exc.strerror)
+# No program the plugin runs may gain rights (setuid bits and file capabilities are ignored), and no
+# capability is left in the bounding set. The uid and gid change happens as the plugin is started.
+for capability in range(64):
+    if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+        if ctypes.get_errno() == 22:  # EINVAL: past the last capability this kernel knows
+            break
+        finish(outcome="setup", error="cannot empty the capability bounding set: " + os.strerror(ctypes.get_errno()))
+if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+    finish(outcome="setup", error="cannot set no_new_privs: " + os.strerror(ctypes.get_errno()))
+if spec["mode"] == "probe":
+    # Become nobody in a child, as the plugin will, and look at what is left. (Before pynng is imported: no
+    # other thread may hold a lock the child would need.)
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            os.setgroups([])
+            os.setresgid(nobody, nobody, nobody)
+            os.setresuid(nobody, nobody, nobody)
+            with open("/proc/self/status") as status:
+                fields = dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
+            left = [key for key in ("CapPrm", "CapEff", "CapBnd", "CapAmb") if int(fields.get(key, "1"), 16)]
+            if os.getresuid() != (nobody,) * 3 or os.getgroups() not in ([], [nobody]) or left \
+                    or fields.get("NoNewPrivs") != "1":
+                code = 255
+        except OSError as exc:
+            code = exc.errno or 255
+        os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+    if code == 255:
+        finish(outcome="setup", error="a process made nobody still holds rights")
+    if code != 0:
+        why = os.strerror(code) if code > 0 else "killed by signal " + str(-code)
+        finish(outcome="setup", error="cannot become nobody: " + why)
 try:
     import pynng
 except ImportError as exc:
@@ -122,6 +191,10 @@ try:
     sock.listen(spec["url"])
 except pynng.NNGException as exc:
     finish(outcome="listen", error=str(exc))
+try:
+    os.chmod(spec["socket"], 0o666)  # the plugin, as nobody, dials it: connecting needs write permission
+except OSError as exc:
+    finish(outcome="setup", error="cannot open the control socket to the plugin: " + exc.strerror)
 
 output = bytearray()
 total = 0
@@ -129,7 +202,7 @@ out_read, out_write = os.pipe()
 try:
     plugin = subprocess.Popen(
         spec["argv"], cwd=spec["cwd"], env=spec["env"], stdin=subprocess.DEVNULL,
-        stdout=out_write, stderr=out_write, close_fds=True,
+        stdout=out_write, stderr=out_write, close_fds=True, user=nobody, group=nobody, extra_groups=[],
     )
 except OSError as exc:
     finish(outcome="start", errno=exc.errno, filename=exc.filename)
@@ -333,20 +406,22 @@ def _look_path(command: str, path: str, executable: Path) -> str:
 # ---------------------------------------------------------------------------- confinement
 
 def probe_namespaces(unshare: str = "unshare") -> Namespaces:
-    """Find out whether `unshare` can make the check's namespaces here (PID, mount, a fresh /tmp)."""
+    """Find out whether `unshare` can make the check's namespaces here and the helper can make nobody in them."""
     found = unshare if "/" in unshare else shutil.which(unshare, path=PLUGIN_PATH)
     if found is None or not os.access(found, os.X_OK):
         return Namespaces((), f"util-linux's unshare was not found ({unshare} is not an executable file)")
     failures = []
     for options in UNSHARE_OPTIONS:
         command = (found, *options, "--")
-        report, problem = _run_helper(
-            command, {"mode": "probe", "tmpfs": TMPFS_OPTIONS, "keep": _below_tmp(*_own_python())}, _PROBE_TIMEOUT
-        )
+        report, problem = _run_helper(command, {"mode": "probe", **_private_view(_own_python())}, _PROBE_TIMEOUT)
         if report.get("outcome") == "probed":
-            return Namespaces(command, f"namespaces of its own with a private /tmp ({' '.join(command[:-1])})")
+            return Namespaces(
+                command, f"namespaces of its own with a private /tmp and network, as nobody ({' '.join(command[:-1])})"
+            )
         failures.append(f"{' '.join(options)}: {report.get('error') or problem}")
-    return Namespaces((), f"{found} cannot make the namespaces here ({'; '.join(failures)})")
+    if os.geteuid() != 0:
+        failures.append(f"the plugin is run as nobody, which needs the service to run as root, not uid {os.geteuid()}")
+    return Namespaces((), f"{found} cannot confine the check here ({'; '.join(failures)})")
 
 
 _probe_lock = threading.Lock()
@@ -399,7 +474,8 @@ def verify_handshake(
     portable.initTimeout in seconds. Raise PackageInvalid, in eKuiper's words followed by the plugin's last
     output lines, when the plugin cannot be started, exits, or sends nothing within `init_timeout`; also
     when this machine cannot confine the check. Messages name the executable as if `plugin_dir` were
-    `display_dir` (say, the plugin's final folder while it is checked in a staging one). Whatever the
+    `display_dir` (say, the plugin's final folder while it is checked in a staging one). The plugin runs
+    as nobody, without the host's network or scratch folders (see the module's docstring). Whatever the
     outcome, nothing the plugin started is left running, and the host's /tmp is not touched.
     """
     if not 0 < init_timeout <= MAX_INIT_TIMEOUT:
@@ -420,11 +496,13 @@ def verify_handshake(
             f"portable plugin {name} cannot be started for its handshake check on this machine"
             f" ({confined.description}; set portable.verifyOnInstall to false to install without the check)"
         )
+    package = Path(os.path.abspath(plugin_dir))
+    needed = (package, exe.parent, *_homes(Path(argv[0])), *_interpreter_homes(exe))
     spec = {
-        "mode": "run", "url": control_url(name), "argv": argv, "cwd": str(exe.parent), "env": env,
-        "timeout": init_timeout, "tmpfs": TMPFS_OPTIONS, "output_limit": OUTPUT_LIMIT,
-        "keep": _below_tmp(Path(os.path.abspath(plugin_dir)), exe.parent, _home_of(Path(argv[0])),
-                           *_interpreter_homes(exe), *_own_python()),
+        "mode": "run", "url": control_url(name), "socket": control_url(name).removeprefix("ipc://"),
+        "argv": argv, "cwd": str(exe.parent), "env": env, "timeout": init_timeout, "output_limit": OUTPUT_LIMIT,
+        # The package's own folders are bound as they are: inside it, nothing is opened up for nobody.
+        **_private_view((package, *(f for f in needed if not f.is_relative_to(package)), *_own_python())),
     }
     log.info("starting portable plugin %s for its handshake: %s (in %s), timeout %g s",
              name, " ".join(argv), exe.parent, init_timeout)
@@ -438,20 +516,36 @@ def verify_handshake(
         log.info("portable plugin %s printed:\n%s", name, output[-8192:])
     if outcome == "handshake":
         return Handshake(str(report.get("message", "")).encode("latin-1"), elapsed, output)
-    raise PackageInvalid(_refusal(name, exe, shown, argv, init_timeout, report, problem, output))
+    refused = _Refused(name, package, exe, shown, argv)
+    raise PackageInvalid(_refusal(refused, init_timeout, report, problem, output))
 
 
-def _refusal(
-    name: str, exe: Path, shown: Path, argv: list[str], init_timeout: float, report: Mapping, problem: str,
-    output: str,
-) -> str:
-    """The message for a plugin that did not shake hands: eKuiper's words first, then ours in parentheses.
+@dataclass(frozen=True)
+class _Refused:
+    """The plugin a refusal is about: its name, folder, executable as run and as shown, and its command."""
 
-    `exe` is the executable as it was run, `shown` as the message names it.
-    """
+    name: str
+    package: Path
+    exe: Path
+    shown: Path
+    argv: list[str]
+
+    def as_shown(self, path: Path) -> Path:
+        """`path`, a file of the package or its interpreter, named as the message names the executable."""
+        if path.is_relative_to(self.package):
+            return Path(os.path.normpath(self.shown.parent / os.path.relpath(path, self.exe.parent)))
+        return path
+
+
+def _refusal(refused: _Refused, init_timeout: float, report: Mapping, problem: str, output: str) -> str:
+    """The message for a plugin that did not shake hands: eKuiper's words first, then ours in parentheses."""
+    name, exe, shown, argv = refused.name, refused.exe, refused.shown, refused.argv
     outcome = report.get("outcome")
     elapsed = float(report.get("elapsed", 0.0))
     said = _said(output)
+    if outcome in ("start", "exited", "timeout"):
+        closed = _closed_to_nobody(refused)
+        as_nobody = f"the check runs the plugin as the user nobody, who may not {closed}; " if closed else ""
     if outcome == "start":
         errno = int(report.get("errno") or 0)
         reason = _go_errno(errno)
@@ -461,6 +555,8 @@ def _refusal(
             what = f"fork/exec {shown if argv[0] == str(exe) else argv[0]}"
         if errno == 13 and argv[0] == str(exe) and not os.access(exe, os.X_OK):
             hint = "the executable has no run bit; the service does not add one"
+        elif as_nobody:
+            hint = as_nobody.removesuffix("; ")
         else:
             hint = "the plugin could not be started"
         return f"plugin executable {shown} stops with error {what}: {reason} ({hint}; {said})"
@@ -469,16 +565,22 @@ def _refusal(
         if status != 0:
             return (
                 f"plugin executable {shown} stops with error {_go_exit(status)}"
-                f" (it ended after {elapsed:.1f} s without its handshake; {said})"
+                f" ({as_nobody}it ended after {elapsed:.1f} s without its handshake; {said})"
             )
         return (
             f"plugin {shown} control handshake error: receive time out"
-            f" (it exited with status 0 after {elapsed:.1f} s without its handshake; {said})"
+            f" ({as_nobody}it exited with status 0 after {elapsed:.1f} s without its handshake; {said})"
         )
     if outcome == "timeout":
         return (
-            f"plugin {shown} control handshake error: receive time out (no handshake on {control_url(name)}"
-            f" within portable.initTimeout, {init_timeout:g} s; the plugin was stopped; {said})"
+            f"plugin {shown} control handshake error: receive time out ({as_nobody}no handshake on"
+            f" {control_url(name)} within portable.initTimeout, {init_timeout:g} s; the plugin was stopped; {said})"
+        )
+    if outcome == "overflow":
+        return (
+            f"portable plugin {name} was stopped during its handshake check (more than {REPORT_LIMIT} bytes came"
+            f" on the check's own {report.get('stream')}, where only the check writes its one-line report:"
+            " the plugin or something it started wrote into it)"
         )
     if outcome == "listen":
         return (
@@ -493,7 +595,12 @@ def _refusal(
 
 
 def _run_helper(command: tuple[str, ...], spec: dict, timeout: float) -> tuple[dict, str]:
-    """Run _HELPER under `command`; return its report (empty if it gave none) and, if so, why not."""
+    """Run _HELPER under `command`; return its report (empty if it gave none) and, if so, why not.
+
+    The helper's stdout and stderr are read with a cap of REPORT_LIMIT bytes each: past it, or past
+    `timeout`, the check is killed. An overflow is reported as outcome ``overflow``.
+    """
+    spec = {**spec, "nobody": NOBODY, "host_net": _network_namespace()}
     try:
         proc = subprocess.Popen(
             [*command, sys.executable, "-I", "-c", _HELPER, json.dumps(spec)],
@@ -503,33 +610,81 @@ def _run_helper(command: tuple[str, ...], spec: dict, timeout: float) -> tuple[d
         )
     except OSError as exc:
         return {}, f"{command[0]} could not be started: {exc.strerror or exc}"
-    overran = False
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        overran = True
-        # unshare leads its own group; with --kill-child its death takes the helper and the namespace along.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            stdout, stderr = proc.communicate(timeout=_REAP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = b"", b""
-            log.error("the handshake check (pid %d) did not end within %g s of SIGKILL", proc.pid, _REAP_TIMEOUT)
+        (stdout, stderr), cut = _read_capped(proc, timeout)
+        if cut is None:
+            try:
+                # Both pipes are closed: unshare, which holds them too, is gone or about to be.
+                proc.wait(timeout=_REAP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                cut = "timeout"
+        if cut is not None:
+            _kill(proc)
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+    detail = _tail(_sanitize(stderr.decode("utf-8", errors="replace")))
+    if cut == "timeout":
+        return {}, f"the check did not end within {timeout:g} s and was killed: {detail}"
+    if cut is not None:
+        return {"outcome": "overflow", "stream": cut}, (
+            f"the check wrote more than {REPORT_LIMIT} bytes to its {cut} and was killed"
+        )
     try:
-        # Only the helper writes here (the plugin's output goes to a pipe of its own), so it is bounded.
         report = json.loads(stdout)
     except ValueError:
         report = None
     if isinstance(report, dict):
         return report, ""
-    detail = _tail(_sanitize(stderr.decode("utf-8", errors="replace")))
-    if overran:
-        return {}, f"the check did not end within {timeout:g} s and was killed: {detail}"
     return {}, f"the check ended without a verdict (exit status {proc.returncode}): {detail}"
+
+
+def _read_capped(proc: subprocess.Popen, timeout: float) -> tuple[tuple[bytes, bytes], str | None]:
+    """Read `proc`'s stdout and stderr to their end; stop early at `timeout` or when one exceeds REPORT_LIMIT.
+
+    Return what was read of each and why reading stopped early: ``timeout``, ``stdout``, ``stderr``, or None.
+    """
+    read = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    names = {proc.stdout: "stdout", proc.stderr: "stderr"}
+    deadline = time.monotonic() + timeout
+    cut = None
+    with selectors.DefaultSelector() as selector:
+        for stream in read:
+            selector.register(stream, selectors.EVENT_READ)
+        while cut is None and selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                cut = "timeout"
+                break
+            for key, _ in selector.select(remaining):
+                data = os.read(key.fd, _READ_SIZE)
+                if not data:
+                    selector.unregister(key.fileobj)
+                    continue
+                read[key.fileobj] += data
+                if len(read[key.fileobj]) > REPORT_LIMIT:
+                    cut = names[key.fileobj]
+                    break
+    return (bytes(read[proc.stdout]), bytes(read[proc.stderr])), cut
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the check: unshare leads its own group, and with --kill-child its death takes the namespace along."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=_REAP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        log.error("the handshake check (pid %d) did not end within %g s of SIGKILL", proc.pid, _REAP_TIMEOUT)
+
+
+def _network_namespace() -> list[int]:
+    """This process's network namespace, as the helper can compare it with its own."""
+    found = os.stat("/proc/self/ns/net")
+    return [found.st_dev, found.st_ino]
 
 
 def _home_of(command: Path) -> Path:
@@ -538,17 +693,26 @@ def _home_of(command: Path) -> Path:
     return folder.parent if folder.name == "bin" else folder
 
 
+def _homes(command: Path) -> tuple[Path, ...]:
+    """The homes of a command as named and as its links resolve (a venv's python links to its base Python)."""
+    return (_home_of(command), _home_of(Path(os.path.realpath(command))))
+
+
 def _interpreter_homes(executable: Path) -> tuple[Path, ...]:
-    """For a script, the home of the interpreter its `#!` line names (a venv below /tmp must stay visible)."""
+    """For a script, the homes of the interpreter its `#!` line names (it must stay reachable for nobody)."""
     try:
-        with open(executable, "rb") as script:
-            first = script.readline(4096)
+        # Not blocking, and only a regular file: a FIFO in the package must not hold the worker here.
+        fd = os.open(executable, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ()
+    with open(fd, "rb") as script:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ()
+        first = script.readline(4096)
     if not first.startswith(b"#!"):
         return ()
     words = first[2:].decode("utf-8", "replace").split()
-    return (_home_of(Path(words[0])),) if words and words[0].startswith("/") else ()
+    return _homes(Path(words[0])) if words and words[0].startswith("/") else ()
 
 
 def _own_python() -> tuple[Path, ...]:
@@ -556,21 +720,106 @@ def _own_python() -> tuple[Path, ...]:
     return tuple(Path(p) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
 
 
-def _below_tmp(*folders: Path) -> list[str]:
-    """The folders (outermost first, none inside another) that the private /tmp would hide."""
-    below = sorted({
-        folder for folder in folders
-        if folder.is_relative_to("/tmp") and folder != Path("/tmp") and folder.is_dir()
-    })
-    return [str(folder) for index, folder in enumerate(below)
+def _private_view(folders: tuple[Path, ...]) -> dict[str, list]:
+    """The mounts that give the plugin `folders` at their real paths: ``cover`` with a tmpfs, then ``bind`` back.
+
+    /tmp and the SCRATCH_FOLDERS are always covered, with fresh ones of the plugin's own. Above each other
+    folder, the outermost folder nobody may not pass through is covered with an empty tmpfs: nobody could not
+    reach anything below it anyway. Each folder below a cover (only the outermost of nested ones) is bound
+    back at its path, through folders the helper makes passable. A folder itself closed to nobody stays closed.
+    """
+    covers = {Path("/tmp"): TMPFS_OPTIONS}
+    covers.update((Path(folder), SCRATCH_OPTIONS) for folder in SCRATCH_FOLDERS
+                  if os.path.isdir(folder) and not os.path.islink(folder))
+    scratch = tuple(covers)
+    wanted = sorted({folder for folder in folders if folder.is_absolute() and folder.is_dir()})
+    for folder in wanted:
+        if not any(folder.is_relative_to(place) for place in scratch):
+            closed = next((above for above in reversed(folder.parents)
+                           if above != Path("/") and not _nobody_may(above, 1)), None)
+            if closed is not None:
+                covers[closed] = COVER_OPTIONS
+    below = [folder for folder in wanted if any(folder.is_relative_to(c) and folder != c for c in covers)]
+    bind = [folder for index, folder in enumerate(below)
             if not any(folder.is_relative_to(outer) for outer in below[:index])]
+    return {
+        "cover": [[str(folder), options] for folder, options in sorted(covers.items())],
+        "bind": [str(folder) for folder in bind],
+    }
+
+
+def _nobody_may(path: Path, bits: int, status: os.stat_result | None = None) -> bool:
+    """Whether the user nobody (no groups but its own) has all `bits` (4 read, 2 write, 1 run/enter) on `path`.
+
+    Judged by the mode bits alone; a file that cannot be looked at counts as closed.
+    """
+    try:
+        status = status or os.stat(path)
+    except OSError:
+        return False
+    shift = 6 if status.st_uid == NOBODY else 3 if status.st_gid == NOBODY else 0
+    return (status.st_mode >> shift) & bits == bits
+
+
+def _closed_to_nobody(refused: _Refused) -> str:
+    """What nobody may not do that the plugin needs (``read <file> (mode 0600)``), or "" if nothing is found.
+
+    Looked at: the executable (run, or read for a script or a python plugin), the folders from the
+    package's to the executable's, the interpreter, then the package's other files (a bounded walk).
+    """
+    exe, package = refused.exe, refused.package
+    needs: list[tuple[Path, int]] = []
+    if exe.is_relative_to(package):
+        needs += [(folder, 1) for folder in reversed(exe.parents) if folder.is_relative_to(package)]
+    interpreted = refused.argv[0] != str(exe)  # python: the interpreter reads the file
+    needs.append((exe, 4 if interpreted else 5 if _interpreter_homes(exe) else 1))
+    if interpreted:
+        needs.append((Path(os.path.realpath(refused.argv[0])), 1))
+    for path, bits in needs:
+        if path.exists() and not _nobody_may(path, bits):
+            return _closed(refused, path, bits)
+    pending = [package]
+    seen = 0
+    while pending and seen < _SCAN_LIMIT:
+        try:
+            entries = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                seen += 1
+                if seen > _SCAN_LIMIT:
+                    break
+                if entry.is_symlink():
+                    continue  # what a link points at is not the package's own
+                folder = entry.is_dir()
+                if not _nobody_may(Path(entry.path), 5 if folder else 4, entry.stat()):
+                    return _closed(refused, Path(entry.path), 5 if folder else 4)
+                if folder:
+                    pending.append(Path(entry.path))
+    return ""
+
+
+def _closed(refused: _Refused, path: Path, bits: int) -> str:
+    """``<verb> <path> (mode <mode>)`` for the first of `bits` that nobody lacks on `path`."""
+    if bits & 4 and not _nobody_may(path, 4):
+        verb = "read"
+    else:
+        verb = "enter" if path.is_dir() else "run"
+    try:
+        mode = f" (mode {stat.S_IMODE(os.stat(path).st_mode):04o})"
+    except OSError:
+        mode = ""
+    return f"{verb} {refused.as_shown(path)}{mode}"
 
 
 def _plugin_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The plugin's environment: a few of the service's variables, the private /tmp as TMPDIR, no bytecode."""
+    """The plugin's environment: a few of the service's variables, the private /tmp as HOME and TMPDIR."""
     env = {key: environ[key] for key in PASSED_ENV if environ.get(key)}
     env.setdefault("PATH", PLUGIN_PATH)
     env.setdefault("LANG", "C.UTF-8")
+    # nobody has no home of its own; what a plugin writes to its home at start lands in the private /tmp.
+    env["HOME"] = "/tmp"
     env["TMPDIR"] = "/tmp"
     # A python plugin must not leave __pycache__ folders in files the registry does not record as its own.
     env["PYTHONDONTWRITEBYTECODE"] = "1"
