@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from engine_fixtures import *  # noqa: F403 (the kuiperd fixtures)
 from flask.testing import FlaskClient
 
 from kuiper_plugins import create_app

@@ -7,7 +7,6 @@ util-linux's unshare, pynng, and Go's own time.ParseDuration for the duration ru
 
 from __future__ import annotations
 
-import fcntl
 import grp
 import json
 import os
@@ -34,37 +33,11 @@ from kuiper_plugins.engine.portable import parse_duration, verify_descriptor, ve
 from kuiper_plugins.errors import PackageInvalid
 
 FIXTURES = Path(__file__).resolve().parent / "portable"
-SDK_REQUIREMENT = "ekuiper>=2,<3"  # eKuiper's Python SDK; it brings the pynng version it was made with
 
 
 # ---------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="session")
-def sdk_python(request, tmp_path_factory) -> Path:
-    """A Python with eKuiper's SDK (`ekuiper` from PyPI) installed: built once, kept in the pytest cache."""
-    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-    root = cache.mkdir("portable-sdk-venv") if cache is not None else tmp_path_factory.mktemp("sdk")
-    venv = root / "venv"
-    python = venv / "bin" / "python"
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest process may be building it
-        if not _has_sdk(python):
-            shutil.rmtree(venv, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, capture_output=True)
-            done = subprocess.run(
-                [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", SDK_REQUIREMENT],
-                timeout=600, capture_output=True, text=True,
-            )
-            assert done.returncode == 0, f"pip install {SDK_REQUIREMENT} failed:\n{done.stdout}\n{done.stderr}"
-            assert _has_sdk(python)
-    return python
-
-
-def _has_sdk(python: Path) -> bool:
-    if not python.exists():
-        return False
-    done = subprocess.run([str(python), "-c", "import ekuiper, pynng"], capture_output=True, timeout=60)
-    return done.returncode == 0
+# sdk_python (eKuiper's Python SDK in a cached venv) comes from engine_fixtures, through conftest.
 
 
 @pytest.fixture

@@ -1,0 +1,3 @@
+module sqlflow.org/gohive
+
+go 1.19

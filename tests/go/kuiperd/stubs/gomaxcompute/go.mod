@@ -1,0 +1,3 @@
+module sqlflow.org/gomaxcompute
+
+go 1.19
