@@ -33,6 +33,7 @@ import ssl
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 
 from gunicorn import http, util
@@ -40,6 +41,7 @@ from gunicorn.workers.sync import SyncWorker
 from werkzeug.exceptions import RequestTimeout
 
 from kuiper_plugins.app import MAX_JSON_BODY
+from kuiper_plugins.errors import MalformedBody
 from kuiper_plugins.web import peers
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,47 @@ class _StreamedBody:
             self.sock.settimeout(BODY_SECONDS)
         self.received += len(data)
         return data
+
+
+class _FramedBody:
+    """The request body as the application reads it (wsgi.input): a broken chunked framing is a 400.
+
+    gunicorn's chunked reader raises its own parse errors from inside a read, which the application
+    knows nothing of (a 500 and a traceback); each becomes MalformedBody, in Go's words for it.
+    """
+
+    def __init__(self, body):
+        self._body = body
+
+    def read(self, size: int | None = None) -> bytes:
+        return self._framed(self._body.read, size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        return self._framed(self._body.readline, size)
+
+    def readlines(self, size: int | None = None) -> list[bytes]:
+        return self._framed(self._body.readlines, size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def __getattr__(self, name: str):
+        return getattr(self._body, name)  # what gunicorn itself asks of the body afterwards (`failed`)
+
+    @staticmethod
+    def _framed(read: Callable, size: int | None):
+        try:
+            return read(size)
+        except http.errors.ParseException as exc:
+            raise MalformedBody(f"malformed chunked encoding ({_printable(str(exc))})") from None
+        except http.errors.NoMoreData:
+            raise MalformedBody("unexpected EOF (the connection ended inside a chunked body)") from None
 
 
 class BufferingWorker(SyncWorker):
@@ -341,6 +384,7 @@ class BufferingWorker(SyncWorker):
             parser = http.RequestParser(self.cfg, _StreamedBody(sock), conn.addr)
             parser.unreader.unread(bytes(conn.data))
             req = next(parser)
+            req.body = _FramedBody(req.body)
             peers.serving(sock, conn.addr, self._local_ends.get(conn.listener))
             try:
                 self.handle_request(conn.listener, req, sock, conn.addr)
@@ -406,6 +450,12 @@ def _recv(sock: socket.socket) -> bytes | None:
         return None
     except OSError:
         return b""
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Printable ASCII only, bounded: what a client sent, quoted back in a message."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 def _peer(addr) -> str:
