@@ -1,9 +1,10 @@
-"""Hostile connections against real gunicorn as shipped.
+"""Hostile connections against real gunicorn as shipped, and through the shipped nginx.
 
 Another local user (`nobody`, through setpriv, as in tests/test_peer_access.py) floods the service with
 idle connections, or with request bodies it is refused anyway (tests/flood_client.py runs the flood and
 reports what it saw); meanwhile the service must stay available and its workers' memory bounded. Then:
-malformed chunked bodies are 400s in eKuiper's envelope.
+malformed chunked bodies are 400s in eKuiper's envelope, and one client cannot keep nginx's upload slot
+from the others.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import pytest
 import requests
 from conftest import REPO
 from cryptography.hazmat.primitives.asymmetric import rsa
-from test_auth import ISSUER, public_pem
+from test_auth import ISSUER, public_pem, sign
+from test_deploy import nginx  # noqa: F401  (the fixture: real nginx with the shipped server block)
 from test_peer_access import as_user
 
 pytestmark = pytest.mark.slow
@@ -256,3 +258,80 @@ def test_malformed_chunked_bodies_are_400_in_ekuipers_envelope(start_gunicorn):
             assert answer["message"].startswith(prefix + "malformed chunked encoding ("), (path, case, answer)
     assert requests.get(f"{server.url}/plugins/sources", timeout=10).json() == []
     assert requests.get(f"{server.url}/config/uploads", timeout=10).json() == []
+
+
+# ---------------------------------------------------------------------------- nginx's upload slot
+
+ATTACK_EVERY = 0.5
+UPLOADS = 20
+UPLOAD_EVERY = 0.25
+ATTACK_HEAD = (b"POST /config/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+               b"Content-Length: 100000000\r\n\r\n")
+
+
+class UnfinishedUploads(threading.Thread):
+    """From another client address (127.0.0.2), start an upload every ATTACK_EVERY s: its head, 1,000 body
+    bytes, then nothing; every connection stays open until stop()."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port = port
+        self.sockets: list[socket.socket] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        for _ in range(200):  # bounded; stop() ends it long before
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", self.port))
+            sock.sendall(ATTACK_HEAD + b"--b\r\n" + b"x" * 995)
+            self.sockets.append(sock)
+            if self.stopping.wait(ATTACK_EVERY):
+                return
+
+    def stop(self) -> list[bytes]:
+        """Stop, and return the status code each connection got (b"" for none)."""
+        self.stopping.set()
+        self.join(20)
+        lines = []
+        for sock in self.sockets:
+            sock.settimeout(0.5)
+            try:
+                lines.append(sock.recv(4096)[9:12])
+            except OSError:
+                lines.append(b"")
+            sock.close()
+        return lines
+
+
+def test_an_unauthenticated_client_cannot_keep_the_upload_slot_behind_nginx(start_gunicorn, nginx,  # noqa: F811
+                                                                            tmp_path):
+    """N3: with authentication on, a client without a token keeps starting uploads it never finishes."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "home/etc/mgmt").mkdir(parents=True)
+    (tmp_path / "home/etc/mgmt" / ISSUER).write_bytes(public_pem(key))
+    server = start_gunicorn(workers=2, KUIPER__BASIC__AUTHENTICATION="true")
+    url = nginx(server.port)
+    attack = UnfinishedUploads(int(url.rsplit(":", 1)[1]))
+    attack.start()
+    statuses = []
+    try:
+        token = {"Authorization": f"Bearer {sign(key)}"}
+        began = time.monotonic()
+        for number in range(UPLOADS):
+            # Paced, so that the uploads spread over the attack instead of all landing between two of its requests.
+            time.sleep(max(0.0, began + number * UPLOAD_EVERY - time.monotonic()))
+            answer = requests.post(f"{url}/config/uploads", headers=token, timeout=10,
+                                   files={"uploadFile": (f"up{number}.zip", b"PK\x05\x06" + bytes(18))})
+            statuses.append(answer.status_code)
+    finally:
+        refused = attack.stop()
+    assert statuses.count(201) >= UPLOADS - 1, statuses
+    assert len(refused) >= 5
+    # The attacker got the service's 401 (on the head), or nginx's 503 while its own previous one still lingered.
+    assert set(refused) <= {b"401", b"503"}, refused
+    assert b"401" in refused
+    uploaded = requests.get(f"{url}/config/uploads", headers=token, timeout=10).json()
+    assert sorted(path.rsplit("/", 1)[1] for path in uploaded) == sorted(
+        f"up{number}.zip" for number, status in enumerate(statuses) if status == 201)
