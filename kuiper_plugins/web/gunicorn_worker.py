@@ -494,7 +494,7 @@ class BufferingWorker(SyncWorker):
             return True
         try:
             environ = self._environ(conn)
-        except Exception:  # noqa: BLE001  (gunicorn's parser answers it, as for any request, when served)
+        except Exception:  # (gunicorn's parser answers it, as for any request, when served)
             return False
         peers.serving(conn.sock, conn.addr, self._local_ends.get(conn.listener))
         try:
@@ -502,7 +502,7 @@ class BufferingWorker(SyncWorker):
         except (Forbidden, Unauthorized) as exc:
             self._answer_refusal(conn, exc)
             return False
-        except Exception:  # noqa: BLE001  (the app runs the same check when it serves the request, and answers)
+        except Exception:  # (the app runs the same check when it serves the request, and answers)
             log.debug("the caller check on %s's head failed; the app will run it", _peer(conn.addr), exc_info=True)
             return False
         finally:
