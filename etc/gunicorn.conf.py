@@ -45,6 +45,9 @@ _host = f"[{_settings.rest_ip}]" if ":" in _settings.rest_ip else _settings.rest
 bind = [f"{_host}:{_settings.rest_port}"]
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "kuiper_plugins.web.gunicorn_worker.BufferingWorker"
+# Connections one worker holds while their requests arrive (idle and slow ones included); at that number it
+# closes the oldest still without a whole head for each new one. The worker raises its open-files limit to fit.
+worker_connections = 4096
 # A portable install also starts the plugin and waits, at most portable.initTimeout, for its handshake.
 _handshake = _settings.portable_init_timeout + 15 if _settings.portable_verify_on_install else 0
 timeout = int(_settings.download_timeout + _settings.install_script_timeout + _handshake + OVERHEAD_SECONDS)

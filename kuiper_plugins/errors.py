@@ -39,6 +39,14 @@ class InvalidRequest(PluginError):
     """The request itself is wrong: body, name, URL syntax, parameters."""
 
 
+class MalformedBody(InvalidRequest):
+    """The request body broke its framing (a malformed chunked encoding) while it was read; a 400.
+
+    Raised from inside the body stream, before the view has a body to look at: the view puts its
+    own eKuiper prefix in front (`with_prefix`), as eKuiper's decode error would carry.
+    """
+
+
 class InstallFailed(PluginError):
     """The package could not be installed: download, archive, rules or script."""
 

@@ -1,6 +1,7 @@
 """Who may call the API: the Host/Origin allow-list, protected mode and JWT authentication.
 
-Checked before any view runs, in this order, for every path:
+Checked before any view runs, in this order, for every path (and, by our gunicorn worker, on a
+request's head before its body is read: `AccessCheck`):
 1. ``Host`` must name one of ``basic.allowedHosts`` (DNS rebinding: a page on
    ``evil.example`` whose name now resolves to 127.0.0.1 still sends
    ``Host: evil.example``); a browser's ``Origin``, when sent, too (a
@@ -27,7 +28,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, Request, request
+from flask import Flask, Response, request
+from werkzeug.wrappers import Request
 
 from kuiper_plugins.errors import Forbidden, Unauthorized, envelope
 from kuiper_plugins.layout import Layout
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/", "/ping", "/openapi.json", "/docs"})
 OPEN_PREFIXES = ("/docs/",)  # the API's description is no secret; a browser cannot send a JWT for it
 WWW_AUTHENTICATE = 'Bearer realm="kuiper-plugins"'
+EXTENSION = "kuiper_plugins.access"  # where the app keeps its AccessCheck, for the worker to find
 
 # Where WSGI servers put the accepted connection: gunicorn, and werkzeug's development server.
 SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
@@ -157,23 +160,31 @@ def jwt_authentication(settings: Settings) -> Authenticate:
     return authenticate
 
 
-def register_access_checks(app: Flask, settings: Settings, authenticate: Authenticate | None = None) -> None:
-    """Refuse requests from hosts, origins or clients the settings do not allow.
+class AccessCheck:
+    """The checks above, for one service's settings, on one request.
 
-    With basic.authentication on and no `authenticate` given, JWT authentication is built here.
+    The app runs them before every view. Our gunicorn worker runs the same object on a request's
+    head, before it reads the body (`kuiper_plugins.web.gunicorn_worker`): a refused caller's body is
+    then never buffered, and the answer is the one the app would give.
     """
-    allowed = settings.host_allow_list
-    if authenticate is None and settings.authentication:
-        authenticate = jwt_authentication(settings)
-    local_callers = LocalCallers(settings.allowed_uids)
 
-    @app.before_request
-    def check_access():
-        req = request._get_current_object()  # once: each use of the proxy looks the request up again
+    def __init__(self, settings: Settings, authenticate: Authenticate | None = None):
+        if authenticate is None and settings.authentication:
+            authenticate = jwt_authentication(settings)
+        self.settings = settings
+        self.allowed = settings.host_allow_list
+        self.authenticate = authenticate
+        self.local_callers = LocalCallers(settings.allowed_uids)
+
+    def check(self, req: Request) -> bool:
+        """Raise Forbidden or Unauthorized for a request the settings refuse; return whether its caller was checked.
+
+        False is an open path (``/ping``, ``/docs``, ...): only Host and Origin were checked there.
+        """
         # The Host header as sent: host_of checks it more strictly than werkzeug's request.host would.
         given = req.environ.get("HTTP_HOST") or ""
         host = host_of(given)
-        if host is None or host not in allowed:
+        if host is None or host not in self.allowed:
             raise Forbidden(f"host '{_shown(given)}' is not allowed; add it to basic.allowedHosts")
         origin = req.environ.get("HTTP_ORIGIN")
         if origin is not None:
@@ -181,24 +192,49 @@ def register_access_checks(app: Flask, settings: Settings, authenticate: Authent
                 raise Forbidden("requests from an opaque origin are not allowed")
             parts = urlsplit(origin.strip())
             origin_host = host_of(parts.netloc) if parts.scheme in ("http", "https") else None
-            if origin_host is None or origin_host not in allowed:
+            if origin_host is None or origin_host not in self.allowed:
                 raise Forbidden(f"origin '{_shown(origin)}' is not allowed; add its host to basic.allowedHosts")
         if req.path in OPEN_PATHS or req.path.startswith(OPEN_PREFIXES):
-            return None
-        if authenticate is not None:
-            authenticate(req)
+            return False
+        if self.authenticate is not None:
+            self.authenticate(req)
         elif is_loopback(req.remote_addr) or _on_unix_socket(req.environ):
-            local_callers.check(req.environ)
-        elif settings.protected_mode:
+            self.local_callers.check(req.environ)
+        elif self.settings.protected_mode:
             raise Forbidden(
                 f"client {_shown(req.remote_addr or '')} refused: protected mode allows only loopback clients"
                 " while authentication is off (turn on basic.authentication, or set basic.protectedMode to false)"
             )
-        return None
+        return True
+
+
+def refusal(exc: Forbidden | Unauthorized) -> Response:
+    """The answer to a refused caller: the service's envelope, with a Bearer challenge on a 401."""
+    headers = {"WWW-Authenticate": WWW_AUTHENTICATE} if isinstance(exc, Unauthorized) else None
+    return envelope(exc.status, exc.code, exc.message, headers)
+
+
+def access_check_of(app: object) -> AccessCheck | None:
+    """The AccessCheck an app built by `register_access_checks` runs; None for any other WSGI app."""
+    extensions = getattr(app, "extensions", None)
+    return extensions.get(EXTENSION) if isinstance(extensions, dict) else None
+
+
+def register_access_checks(app: Flask, settings: Settings, authenticate: Authenticate | None = None) -> None:
+    """Refuse requests from hosts, origins or clients the settings do not allow.
+
+    With basic.authentication on and no `authenticate` given, JWT authentication is built here.
+    """
+    access = app.extensions[EXTENSION] = AccessCheck(settings, authenticate)
+
+    @app.before_request
+    def check_access():
+        # The request object once: each use of the proxy looks the request up again.
+        access.check(request._get_current_object())
 
     @app.errorhandler(Unauthorized)
     def unauthorized(exc: Unauthorized):
-        return envelope(exc.status, exc.code, exc.message, {"WWW-Authenticate": WWW_AUTHENTICATE})
+        return refusal(exc)
 
 
 def _on_unix_socket(environ: Mapping[str, Any]) -> bool:

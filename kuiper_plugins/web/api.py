@@ -17,7 +17,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from kuiper_plugins import __version__
-from kuiper_plugins.errors import InvalidRequest, PluginError, PluginNotFound
+from kuiper_plugins.errors import InvalidRequest, MalformedBody, PluginError, PluginNotFound
 from kuiper_plugins.install import catalog, fetch, packages
 from kuiper_plugins.install.installer import Installer, type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
@@ -148,7 +148,10 @@ def _check_strings(value: Any) -> None:
 def load_body(schema, what: str) -> dict[str, Any]:
     """Parse the JSON body strictly and load it with `schema`; every failure is a 400 naming the cause."""
     prefix = f"Invalid body: Error decoding the {what} json"
-    raw = _read_body()
+    try:
+        raw = _read_body()
+    except MalformedBody as exc:  # a broken chunked framing, found while reading
+        raise exc.with_prefix(prefix) from None
     if not raw.strip():
         raise InvalidRequest(f"{prefix}: EOF")
     try:
@@ -368,7 +371,10 @@ def upload_file() -> Response:
             path = _upload_from_url(body["name"], body["file"])
     else:
         request.max_content_length = state.settings.max_plugin_size + 64 * 1024
-        part = request.files.get("uploadFile")
+        try:
+            part = request.files.get("uploadFile")
+        except MalformedBody as exc:
+            raise exc.with_prefix("Error parse the multi part form") from None
         if part is None:
             raise InvalidRequest("Error Retrieving the File: the multipart field uploadFile is missing")
         path = uploads.save_stream(part.filename or "", part.stream)

@@ -9,6 +9,20 @@ does. Serving in the main thread keeps what the service relies on: signal handle
 `worker_int` and `worker_abort` (gunicorn_hooks) still interrupt the request in flight, and a request
 that hangs still stops the heartbeat, so the master's timeout still aborts it.
 
+Who sends a body is checked before the body is read. Once a head that announces a body is whole,
+the app's own caller check (`kuiper_plugins.web.access.AccessCheck`) runs on it here: a refused
+caller gets the app's 403 or 401 at once, and nothing of its body is kept. A body is buffered only
+for a caller let in on a guarded path; anything else (an open path, a head the check cannot read)
+is served at once, and the application reads from the socket what it needs.
+
+Crowds of connections cannot shut the worker: it never stops accepting because it holds many. It
+holds up to `worker_connections` (etc/gunicorn.conf.py raises it, and this worker raises its
+open-files limit to fit); at that number, each new connection closes the oldest one still waiting
+for its head (503), so idle or slow connections make room for new ones instead of keeping them in
+the listen queue. What it buffers is bounded too: unfinished heads HEAD_BUDGET bytes in all (past it
+the oldest are closed, 503), bodies waiting to be served BODY_BUDGET (past it a request is served at
+once and the rest of its body streams).
+
 Limits (a connection past one is closed; one whose request is late gets a 408 first). Two environment
 variables, read when gunicorn starts, set them, as WEB_CONCURRENCY sets the worker count:
 - KUIPER_PLUGINS_HEAD_TIMEOUT (HEAD_SECONDS, 10): the head must arrive within it of the connection,
@@ -27,23 +41,27 @@ import errno
 import json
 import logging
 import os
+import resource
 import selectors
 import socket
 import ssl
 import sys
 import time
-from collections import deque
+from collections.abc import Callable
 from functools import partial
 
 from gunicorn import http, util
+from gunicorn.http import wsgi
 from gunicorn.workers.sync import SyncWorker
 from werkzeug.exceptions import RequestTimeout
+from werkzeug.wrappers import Request
 
 from kuiper_plugins.app import MAX_JSON_BODY
+from kuiper_plugins.errors import Forbidden, MalformedBody, Unauthorized
 from kuiper_plugins.web import peers
+from kuiper_plugins.web.access import AccessCheck, access_check_of, refusal
 
 log = logging.getLogger(__name__)
-
 
 
 def _seconds(variable: str, default: float) -> float:
@@ -66,15 +84,22 @@ STREAM_MIN_RATE = 16 * 1024
 MAX_HEAD = 64 * 1024
 LINGER_SECONDS = 2.0  # how long a closed connection may wait for the client's FIN, as gunicorn's close_graceful
 RECV_SIZE = 256 * 1024
+HEAD_RECV_SIZE = 16 * 1024  # while a head arrives: little of a body is read before its caller is checked
+HEAD_BUDGET = 16 * 1024 * 1024  # bytes of unfinished heads one worker holds at most
+BODY_BUDGET = 32 * 1024 * 1024  # bytes of let-in requests, waiting to be served, one worker holds at most
+ACCEPT_BATCH = 64  # connections taken per wake-up, so that a crowd leaves the listen queue quickly
+FD_RESERVE = 256  # descriptors left for what a request opens: the registry, downloads, install.sh's pipes
+WARN_EVERY = 10.0  # seconds between two warnings that connections were closed to make room
 
 
 class _Connection:
     """One accepted connection while its request arrives (or, answered, while it lingers)."""
 
-    __slots__ = ("sock", "addr", "listener", "data", "head_end", "body_end", "deadline", "watched")
+    __slots__ = ("sock", "fd", "addr", "listener", "data", "head_end", "body_end", "deadline", "watched", "table")
 
     def __init__(self, sock: socket.socket, addr, listener, now: float):
         self.sock = sock
+        self.fd = sock.fileno()
         self.addr = addr
         self.listener = listener
         self.data = bytearray()
@@ -82,29 +107,12 @@ class _Connection:
         self.body_end: int | None = None
         self.deadline = now + HEAD_SECONDS
         self.watched = False  # registered with the selector
+        self.table: dict[int, _Connection] | None = None  # the worker's table it is in, if any
 
-    def complete(self, now: float) -> bool:
-        """Whether the request has arrived far enough to be served; finds the head's end and body length."""
-        if self.head_end is None:
-            end = self.data.find(b"\r\n\r\n")
-            if end < 0:
-                return False
-            self.head_end = end + 4
-            length, expects_continue = _announced_body(bytes(self.data[:end]))
-            if length is None or length == 0:
-                return True
-            if expects_continue:
-                self._answer_continue()
-            self.body_end = self.head_end + length
-            self.deadline = now + BODY_SECONDS
-        return self.body_end is None or len(self.data) >= self.body_end
-
-    def _answer_continue(self) -> None:
+    def answer_continue(self) -> None:
         """Send 100 Continue now and drop the Expect line, so that gunicorn does not send it again."""
         head = bytes(self.data[: self.head_end])
-        lines = head.split(b"\r\n")
-        kept = [line for line in lines if not _is_expect_continue(line)]
-        new_head = b"\r\n".join(kept)
+        new_head = b"\r\n".join(line for line in head.split(b"\r\n") if not _is_expect_continue(line))
         self.data[: self.head_end] = new_head
         self.head_end = len(new_head)
         try:
@@ -176,6 +184,47 @@ class _StreamedBody:
         return data
 
 
+class _FramedBody:
+    """The request body as the application reads it (wsgi.input): a broken chunked framing is a 400.
+
+    gunicorn's chunked reader raises its own parse errors from inside a read, which the application
+    knows nothing of (a 500 and a traceback); each becomes MalformedBody, in Go's words for it.
+    """
+
+    def __init__(self, body):
+        self._body = body
+
+    def read(self, size: int | None = None) -> bytes:
+        return self._framed(self._body.read, size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        return self._framed(self._body.readline, size)
+
+    def readlines(self, size: int | None = None) -> list[bytes]:
+        return self._framed(self._body.readlines, size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def __getattr__(self, name: str):
+        return getattr(self._body, name)  # what gunicorn itself asks of the body afterwards (`failed`)
+
+    @staticmethod
+    def _framed(read: Callable, size: int | None):
+        try:
+            return read(size)
+        except http.errors.ParseException as exc:
+            raise MalformedBody(f"malformed chunked encoding ({_printable(str(exc))})") from None
+        except http.errors.NoMoreData:
+            raise MalformedBody("unexpected EOF (the connection ended inside a chunked body)") from None
+
+
 class BufferingWorker(SyncWorker):
     """A sync worker that serves a request only once it has arrived; see the module docstring."""
 
@@ -188,9 +237,17 @@ class BufferingWorker(SyncWorker):
     def run(self) -> None:
         """Accept, read and serve until told to stop; then serve what has fully arrived and close the rest."""
         self._selector = selectors.DefaultSelector()
-        self._reading: dict[int, _Connection] = {}
-        self._lingering: dict[int, _Connection] = {}
-        self._ready: deque[_Connection] = deque()
+        # Each table keeps its connections in the order they entered it, which is their deadlines' order.
+        self._heads: dict[int, _Connection] = {}  # accepted, the head arriving
+        self._bodies: dict[int, _Connection] = {}  # the caller let in, a body arriving to be kept
+        self._ready: dict[int, _Connection] = {}  # whole (or to be streamed): waiting to be served
+        self._lingering: dict[int, _Connection] = {}  # answered: waiting for the client's close
+        self._head_bytes = 0  # held in _heads
+        self._body_bytes = 0  # held in _bodies and _ready
+        self._shed = 0  # connections closed to make room since the last warning
+        self._warned = -WARN_EVERY
+        self._capacity = _connection_capacity(self.cfg.worker_connections)
+        self._access: AccessCheck | None = access_check_of(self.wsgi)
         self._accepting = False
         self._selector.register(self.PIPE[0], selectors.EVENT_READ, self._wake)
         # Our end of a connection, known without asking, when its listener is bound to one IP address.
@@ -200,20 +257,74 @@ class BufferingWorker(SyncWorker):
         try:
             while self.alive:
                 self.notify()
-                self._set_accepting(not self._ready and len(self._reading) < self.cfg.worker_connections)
+                self._set_accepting(not self._ready)
                 self._poll(0 if self._ready else self._next_timeout())
                 self._expire(time.monotonic())
                 if self._ready:
-                    self._serve(self._ready.popleft())
+                    self._serve(self._next_ready())
                 if not self.is_parent_alive():
                     return
             while self._ready:
                 self.notify()
-                self._serve(self._ready.popleft())
+                self._serve(self._next_ready())
         finally:
-            for conn in [*self._ready, *self._reading.values(), *self._lingering.values()]:
-                util.close(conn.sock)
+            for table in (self._ready, self._heads, self._bodies, self._lingering):
+                for conn in table.values():
+                    util.close(conn.sock)
             self._selector.close()
+
+    # ------------------------------------------------------------ the tables
+
+    def _enter(self, conn: _Connection, table: dict[int, _Connection]) -> None:
+        """Move a connection into a table (at its end), its buffered bytes counted against that table's budget."""
+        self._leave(conn)
+        conn.table = table
+        table[conn.fd] = conn
+        if table is self._heads:
+            self._head_bytes += len(conn.data)
+        elif table is not self._lingering:
+            self._body_bytes += len(conn.data)
+
+    def _leave(self, conn: _Connection) -> None:
+        table = conn.table
+        if table is None:
+            return
+        del table[conn.fd]
+        conn.table = None
+        if table is self._heads:
+            self._head_bytes -= len(conn.data)
+        elif table is not self._lingering:
+            self._body_bytes -= len(conn.data)
+
+    def _watch(self, conn: _Connection, callback) -> None:
+        self._selector.register(conn.sock, selectors.EVENT_READ, partial(callback, conn))
+        conn.watched = True
+
+    def _unwatch(self, conn: _Connection) -> None:
+        if conn.watched:  # not when its request was whole on arrival (asking would cost an exception)
+            conn.watched = False
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+
+    def _close(self, conn: _Connection) -> None:
+        self._leave(conn)
+        self._unwatch(conn)
+        util.close(conn.sock)
+
+    def _queue(self, conn: _Connection) -> None:
+        """Serve this request as soon as the worker is free: nothing more is read for it here."""
+        self._unwatch(conn)
+        self._enter(conn, self._ready)
+
+    def _next_ready(self) -> _Connection:
+        conn = next(iter(self._ready.values()))
+        self._leave(conn)
+        return conn
+
+    def _open(self) -> int:
+        return len(self._heads) + len(self._bodies) + len(self._ready) + len(self._lingering)
 
     # ------------------------------------------------------------ the selector
 
@@ -233,10 +344,11 @@ class BufferingWorker(SyncWorker):
             pass
 
     def _next_timeout(self) -> float:
-        deadlines = [c.deadline for c in self._reading.values()] + [c.deadline for c in self._lingering.values()]
-        if not deadlines:
+        fronts = [next(iter(table.values())).deadline for table in (self._heads, self._bodies, self._lingering)
+                  if table]
+        if not fronts:
             return 1.0
-        return max(0.0, min(1.0, min(deadlines) - time.monotonic()))
+        return max(0.0, min(1.0, min(fronts) - time.monotonic()))
 
     def _set_accepting(self, accepting: bool) -> None:
         if accepting == self._accepting:
@@ -249,78 +361,204 @@ class BufferingWorker(SyncWorker):
         self._accepting = accepting
 
     def _accept(self, listener) -> None:
-        try:
-            sock, addr = listener.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                return  # another worker took it
-            raise
-        sock.setblocking(False)
-        util.close_on_exec(sock)
-        conn = _Connection(sock, addr, listener, time.monotonic())
-        self._reading[sock.fileno()] = conn
-        self._receive(conn, sock)  # the head often came with the connection
-        if sock.fileno() in self._reading:
-            self._selector.register(sock, selectors.EVENT_READ, partial(self._receive, conn))
-            conn.watched = True
+        """Take what waits on a listener, a few at a time; stop once a request is whole, leaving the rest to
+        idle workers."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = listener.accept()
+            except OSError as exc:
+                if exc.errno == errno.ECONNABORTED:
+                    continue  # reset while it waited
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    return  # none left (or another worker took it)
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    log.warning("cannot accept a connection: %s", exc.strerror)
+                    if self._heads:  # a place for the next one; the kernel keeps this one queued
+                        self._shed_oldest_head("the process ran out of file descriptors")
+                    return
+                raise
+            sock.setblocking(False)
+            util.close_on_exec(sock)
+            conn = _Connection(sock, addr, listener, time.monotonic())
+            if not self._make_room():
+                self._refuse(conn, 503, "Service Unavailable",
+                             f"too many requests in progress: this worker holds {self._capacity} connections,"
+                             " each with a request arriving or waiting to be served")
+                continue
+            self._enter(conn, self._heads)
+            self._receive(conn)  # the head often came with the connection
+            if conn.table is self._heads or conn.table is self._bodies:
+                self._watch(conn, self._receive)
+            if self._ready:
+                return
+
+    def _make_room(self) -> bool:
+        """Make a place for one more connection when the worker holds its capacity; False if none can be freed.
+
+        Lingering connections, already answered, go first; then the oldest whose head is still arriving.
+        Requests whose caller was let in are never closed for room.
+        """
+        while self._open() >= self._capacity:
+            if self._lingering:
+                self._close(next(iter(self._lingering.values())))
+            elif self._heads:
+                self._shed_oldest_head(f"this worker holds its {self._capacity} connections (worker_connections)")
+            else:
+                return False
+        return True
+
+    def _shed_oldest_head(self, why: str) -> None:
+        """Close the connection that has waited longest for its head, with a 503 saying why."""
+        conn = next(iter(self._heads.values()))
+        self._shed += 1
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY:
+            log.warning("closed %d connection(s) still without a whole request head, oldest first, to make room:"
+                        " %s", self._shed, why)
+            self._shed, self._warned = 0, now
+        self._refuse(conn, 503, "Service Unavailable",
+                     f"too many connections: {why}, and this one, the oldest still without a whole request head,"
+                     " was closed to make room")
 
     def _receive(self, conn: _Connection, _sock=None) -> None:
-        """Take what has arrived; queue the connection once its request is whole, drop it when it closed."""
-        while True:
-            chunk = _recv(conn.sock)
+        """Take what has arrived: check the caller once the head is whole, queue the request once it can be
+        served, drop the connection when it closed."""
+        while conn.table is self._heads or conn.table is self._bodies:
+            in_head = conn.table is self._heads
+            chunk = _recv(conn.sock, HEAD_RECV_SIZE if in_head else RECV_SIZE)
             if chunk is None:
                 return
             if not chunk:
-                self._forget(conn, self._reading)  # closed (or reset) before a whole request
-                util.close(conn.sock)
+                self._close(conn)  # closed (or reset) before a whole request
                 return
+            seen = len(conn.data)
             conn.data += chunk
-            if conn.complete(time.monotonic()):
-                self._forget(conn, self._reading)
-                self._ready.append(conn)
-                return
-            if conn.head_end is None and b"\n\n" in conn.data:
-                # gunicorn 27 refuses bare LF line ends; older ones would wait in recv() for a CRLF.
-                self._forget(conn, self._reading)
-                self._refuse(conn, 400, "Bad Request", "invalid request head: lines must end with CRLF")
-                return
-            if conn.head_end is None and len(conn.data) > MAX_HEAD:
-                self._forget(conn, self._reading)
-                self._refuse(conn, 431, "Request Header Fields Too Large",
-                             f"request head larger than {MAX_HEAD} bytes")
-                return
+            if in_head:
+                self._head_bytes += len(chunk)
+                self._head_received(conn, seen)
+            else:
+                self._body_bytes += len(chunk)
+                if len(conn.data) >= conn.body_end:
+                    self._queue(conn)
+                elif self._body_bytes > BODY_BUDGET:
+                    log.info("serving %s before its body has arrived: %d bytes of requests are buffered",
+                             _peer(conn.addr), self._body_bytes)
+                    self._queue(conn)  # the rest of its body streams while it is served
 
-    def _linger_read(self, conn: _Connection, _sock=None) -> None:
-        if _recv(conn.sock) == b"":
-            self._forget(conn, self._lingering)
-            util.close(conn.sock)
+    def _head_received(self, conn: _Connection, seen: int) -> None:
+        """After more of a head arrived (`seen` bytes were there before): act on a whole, bad or large head."""
+        end = conn.data.find(b"\r\n\r\n", max(0, seen - 3))
+        if end >= 0:
+            self._head_whole(conn, end + 4)
+        elif conn.data.find(b"\n\n", max(0, seen - 1)) >= 0:
+            # gunicorn 27 refuses bare LF line ends; older ones would wait in recv() for a CRLF.
+            self._refuse(conn, 400, "Bad Request", "invalid request head: lines must end with CRLF")
+        elif len(conn.data) > MAX_HEAD:
+            self._refuse(conn, 431, "Request Header Fields Too Large", f"request head larger than {MAX_HEAD} bytes")
+        else:
+            while self._head_bytes > HEAD_BUDGET and self._heads:
+                self._shed_oldest_head(f"unfinished request heads hold {self._head_bytes} bytes in this worker")
 
-    def _forget(self, conn: _Connection, table: dict[int, _Connection]) -> None:
-        table.pop(conn.sock.fileno(), None)
-        if conn.watched:  # not when its request was whole on arrival (asking would cost an exception)
-            conn.watched = False
-            try:
-                self._selector.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
+    def _head_whole(self, conn: _Connection, head_end: int) -> None:
+        """The head is whole: serve a request without a body; check the caller of one with a body."""
+        conn.head_end = head_end
+        length, expects = _announced_body(bytes(conn.data[: head_end - 4]))
+        if length == 0:
+            self._queue(conn)
+            return
+        keep_body = self._check_caller(conn)
+        if conn.table is not self._heads:
+            return  # refused: answered here
+        if length is None or not keep_body:
+            self._queue(conn)  # streamed to the application, which reads what it needs
+            return
+        self._leave(conn)
+        if expects:
+            conn.answer_continue()
+        conn.body_end = conn.head_end + length
+        conn.deadline = time.monotonic() + BODY_SECONDS
+        self._enter(conn, self._bodies)
+        if len(conn.data) >= conn.body_end:
+            self._queue(conn)
+
+    # ------------------------------------------------------------ the caller, before the body
+
+    def _check_caller(self, conn: _Connection) -> bool:
+        """Run the app's caller check on a whole head that announces a body; answer a refused caller here.
+
+        True: a caller let in on a guarded path, whose body may be kept here. False: serve the request
+        without keeping its body: an open path; a head gunicorn's parser refuses (it answers it when the
+        request is served); a caller refused (answered here); another app than ours (nothing to ask).
+        """
+        if self._access is None:
+            return True
+        try:
+            environ = self._environ(conn)
+        except Exception:  # (gunicorn's parser answers it, as for any request, when served)
+            return False
+        peers.serving(conn.sock, conn.addr, self._local_ends.get(conn.listener))
+        try:
+            return self._access.check(Request(environ))
+        except (Forbidden, Unauthorized) as exc:
+            self._answer_refusal(conn, exc)
+            return False
+        except Exception:  # (the app runs the same check when it serves the request, and answers)
+            log.debug("the caller check on %s's head failed; the app will run it", _peer(conn.addr), exc_info=True)
+            return False
+        finally:
+            peers.serving(None)
+
+    def _environ(self, conn: _Connection) -> dict:
+        """The WSGI environ gunicorn builds for this head, as the app would see it (the body not read).
+
+        An Expect: 100-continue line is left out: gunicorn would answer it, and only a caller let in may
+        be told to send its body.
+        """
+        head = bytes(conn.data[: conn.head_end])
+        head = b"\r\n".join(line for line in head.split(b"\r\n") if not _is_expect_continue(line))
+        req = next(http.RequestParser(self.cfg, iter([head]), conn.addr))
+        server = self._local_ends.get(conn.listener) or conn.listener.getsockname()
+        return wsgi.create(req, conn.sock, conn.addr, server, self.cfg)[1]
+
+    def _answer_refusal(self, conn: _Connection, exc: Forbidden | Unauthorized) -> None:
+        """Answer a refused caller as the app would, drop what arrived of its body, and linger for its close."""
+        response = refusal(exc)
+        lines = [f"HTTP/1.1 {response.status}", *(f"{name}: {value}" for name, value in response.headers.items()),
+                 "Connection: close", "", ""]
+        log.info("answered %s to %s before reading the body it announced", response.status_code, _peer(conn.addr))
+        self._leave(conn)
+        self._unwatch(conn)
+        conn.data = bytearray()
+        try:
+            conn.sock.send("\r\n".join(lines).encode("latin-1") + response.get_data())  # small: never blocks
+        except OSError:
+            pass
+        self._linger(conn)
+
+    # ------------------------------------------------------------ deadlines and refusals
 
     def _expire(self, now: float) -> None:
         """Answer 408 to requests past their deadline (after taking what arrived meanwhile); end lingering."""
-        for conn in [c for c in self._reading.values() if c.deadline <= now]:
-            self._receive(conn)  # it may have arrived while a request was being served
-            if conn.sock.fileno() not in self._reading:
-                continue
-            self._forget(conn, self._reading)
-            what = "request head" if conn.head_end is None else "request body"
-            seconds = HEAD_SECONDS if conn.head_end is None else BODY_SECONDS
-            log.info("closing %s: its %s did not arrive within %g s", _peer(conn.addr), what, seconds)
-            self._refuse(conn, 408, "Request Timeout", f"{what} not received within {seconds:g} seconds")
-        for conn in [c for c in self._lingering.values() if c.deadline <= now]:
-            self._forget(conn, self._lingering)
-            util.close(conn.sock)
+        for table, what, seconds in ((self._heads, "request head", HEAD_SECONDS),
+                                     (self._bodies, "request body", BODY_SECONDS)):
+            while table:
+                conn = next(iter(table.values()))
+                if conn.deadline > now:
+                    break
+                self._receive(conn)  # it may have arrived while a request was being served
+                if conn.table is table:
+                    log.info("closing %s: its %s did not arrive within %g s", _peer(conn.addr), what, seconds)
+                    self._refuse(conn, 408, "Request Timeout", f"{what} not received within {seconds:g} seconds")
+        while self._lingering:
+            conn = next(iter(self._lingering.values()))
+            if conn.deadline > now:
+                break
+            self._close(conn)
 
     def _refuse(self, conn: _Connection, status: int, reason: str, message: str) -> None:
         """Answer an error without serving the request, in the envelope the service uses, and close."""
+        self._leave(conn)
+        self._unwatch(conn)
         body = json.dumps({"error": 1000, "message": message}).encode() + b"\n"
         head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n").encode()
@@ -340,7 +578,9 @@ class BufferingWorker(SyncWorker):
         try:
             parser = http.RequestParser(self.cfg, _StreamedBody(sock), conn.addr)
             parser.unreader.unread(bytes(conn.data))
+            conn.data = bytearray()
             req = next(parser)
+            req.body = _FramedBody(req.body)
             peers.serving(sock, conn.addr, self._local_ends.get(conn.listener))
             try:
                 self.handle_request(conn.listener, req, sock, conn.addr)
@@ -383,9 +623,35 @@ class BufferingWorker(SyncWorker):
             util.close(conn.sock)
             return
         conn.deadline = time.monotonic() + LINGER_SECONDS
-        self._lingering[conn.sock.fileno()] = conn
-        self._selector.register(conn.sock, selectors.EVENT_READ, partial(self._linger_read, conn))
-        conn.watched = True
+        self._enter(conn, self._lingering)
+        self._watch(conn, self._linger_read)
+
+    def _linger_read(self, conn: _Connection, _sock=None) -> None:
+        if _recv(conn.sock) == b"":
+            self._close(conn)
+
+
+def _connection_capacity(wanted: int) -> int:
+    """How many connections a worker may hold: `wanted`, with its open-files soft limit raised to fit.
+
+    The soft limit is raised (never lowered, and never past the hard limit) to `wanted` + FD_RESERVE;
+    when the hard limit is lower, the worker holds fewer, and says so.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, raised, exc)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    capacity = max(soft // 2, soft - FD_RESERVE)
+    log.warning("worker_connections is %d, but the open-files limit (%d, hard %d) leaves room for %d connections"
+                " per worker: raise LimitNOFILE", wanted, soft, hard, capacity)
+    return capacity
 
 
 def _bound_end(listener) -> tuple[str, int] | None:
@@ -398,14 +664,20 @@ def _bound_end(listener) -> tuple[str, int] | None:
     return address[0], address[1]
 
 
-def _recv(sock: socket.socket) -> bytes | None:
+def _recv(sock: socket.socket, size: int = RECV_SIZE) -> bytes | None:
     """What has arrived on a non-blocking socket: None when nothing yet, b"" when it closed or broke."""
     try:
-        return sock.recv(RECV_SIZE)
+        return sock.recv(size)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError:
         return b""
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Printable ASCII only, bounded: what a client sent, quoted back in a message."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 def _peer(addr) -> str:
