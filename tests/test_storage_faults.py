@@ -10,10 +10,12 @@ import hashlib
 import logging
 import os
 import random
+import socket
 import subprocess
 import threading
 import time
 
+import psutil
 import pytest
 import requests
 from conftest import GUNICORN, REPO, disk_state, free_port, make_zip, registry_dump
@@ -291,6 +293,72 @@ def test_a_registry_locked_past_the_busy_timeout_is_a_503_and_reads_go_on(start_
     assert (disk_state(home), registry_dump(home)) == before
     assert list(Layout(home).staging.iterdir()) == []
     assert requests.delete(f"{server.url}/plugins/sources/random", timeout=WAIT).status_code == 200
+
+
+@pytest.mark.slow
+def test_requests_a_worker_holds_when_it_starts_a_long_write_are_served_by_another(start_gunicorn, file_server):
+    """A worker that begins a write hands the other requests it holds to a free worker.
+
+    Each of two workers reads many connections at once but serves one request at a time. Reads are
+    begun first (half a head each) until each worker holds at least four of them (the kernel says
+    which process holds which connection). Then a write starts in one of the two and waits on the
+    registry's lock, which the test holds past the busy timeout; the worker holding that plugin's lock
+    file is the one serving it. The reads' heads are finished only once the write is waiting.
+    Ordering relied on: on loopback a send has reached the server's socket when it returns, so the
+    half heads are there before the write is served; the write cannot end before the test releases
+    the lock (or the busy timeout passes). Without the hand-over, the reads held by the write's worker
+    are answered only after the write, and the last check fails.
+    """
+    server = start_gunicorn(workers=2)
+    home = server.home
+    workers = server.workers_booted()
+    make_zip(file_server.root / "echo.zip", {"Echo@v1.so": "echo"})
+    readers: list[socket.socket] = []
+
+    def holders() -> dict[int, set[int]]:
+        """For each worker, the client ports of the readers it has accepted."""
+        ports = {reader.getsockname()[1] for reader in readers}
+        return {pid: {c.raddr.port for c in psutil.Process(pid).net_connections("tcp")
+                      if c.raddr and c.raddr.port in ports} for pid in workers}
+
+    for _ in range(64):  # bounded: connections land on whichever worker accepts first
+        reader = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+        reader.sendall(b"GET /plugins/sources HTTP/1.1\r\n")
+        readers.append(reader)
+        held = wait_for(lambda: (h := holders()) and sum(map(len, h.values())) == len(readers) and h,
+                        "the reader to be accepted")
+        if all(len(ports) >= 4 for ports in held.values()):
+            break
+    assert all(len(ports) >= 4 for ports in held.values()), held
+    hold = RegistryHold(home)
+    try:
+        write = InFlight("POST", f"{server.url}/plugins/functions",
+                         {"name": "echo", "file": file_server.url("echo.zip")})
+        lock = wait_for(lambda: next(Layout(home).locks.glob("*.*.lock"), None), "the write to wait on the registry")
+        writer = wait_for(lambda: [pid for pid in workers
+                                   if any(f.path == str(lock) for f in psutil.Process(pid).open_files())],
+                          "the worker serving the write")
+        assert held[writer[0]], "the write's worker holds reads begun before it"
+        for reader in readers:
+            reader.sendall(b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answers = [_whole_answer(reader) for reader in readers]
+        still_waiting = write.is_alive()
+    finally:
+        hold.release()
+        for reader in readers:
+            reader.close()
+    assert all(answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n[]") for answer in answers), answers
+    assert still_waiting, "the reads were answered only after the write ended"
+    assert write.outcome().status_code == 201
+
+
+def _whole_answer(sock: socket.socket) -> bytes:
+    """Read an answer until the server closes the connection (bounded by the socket's timeout)."""
+    data = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
 
 
 # ---------------------------------------------------------------------------- our scratch folder removed

@@ -23,6 +23,16 @@ the listen queue. What it buffers is bounded too: unfinished heads HEAD_BUDGET b
 the oldest are closed, 503), bodies waiting to be served BODY_BUDGET (past it a request is served at
 once and the rest of its body streams).
 
+A worker never keeps other requests waiting behind a write it serves. It reads many connections at
+once but serves one request at a time, so a connection it accepted just before it began a long write
+(an install that downloads, runs install.sh or waits on the registry's lock) would wait for that write
+while another worker sits idle. So before it serves anything but a read, it hands every other
+connection it holds with a request under way (whole, arriving, or accepted in the last HANDOFF_FRESH
+seconds) to whichever worker is free: the descriptor, with what arrived of the request, goes over a
+socket pair the master made before forking (SCM_RIGHTS), which only workers waiting for connections
+read. A worker that cannot hand one over (the pair is full, the request holds more than HANDOFF_MAX
+bytes) keeps it, as before.
+
 Limits (a connection past one is closed; one whose request is late gets a 408 first). Two environment
 variables, read when gunicorn starts, set them, as WEB_CONCURRENCY sets the worker count:
 - KUIPER_PLUGINS_HEAD_TIMEOUT (HEAD_SECONDS, 10): the head must arrive within it of the connection,
@@ -90,12 +100,17 @@ BODY_BUDGET = 32 * 1024 * 1024  # bytes of let-in requests, waiting to be served
 ACCEPT_BATCH = 64  # connections taken per wake-up, so that a crowd leaves the listen queue quickly
 FD_RESERVE = 256  # descriptors left for what a request opens: the registry, downloads, install.sh's pipes
 WARN_EVERY = 10.0  # seconds between two warnings that connections were closed to make room
+HANDOFF_MAX = 64 * 1024  # bytes of a request that may go with its connection to another worker
+HANDOFF_FRESH = 1.0  # seconds: a connection with nothing received yet is handed over only this young
+HANDOFF_BATCH = 64  # connections handed over at most before one request is served
+READS = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # served at once: nothing waits long behind them
 
 
 class _Connection:
     """One accepted connection while its request arrives (or, answered, while it lingers)."""
 
-    __slots__ = ("sock", "fd", "addr", "listener", "data", "head_end", "body_end", "deadline", "watched", "table")
+    __slots__ = ("sock", "fd", "addr", "listener", "data", "head_end", "body_end", "deadline", "watched", "table",
+                 "accepted")
 
     def __init__(self, sock: socket.socket, addr, listener, now: float):
         self.sock = sock
@@ -108,6 +123,7 @@ class _Connection:
         self.deadline = now + HEAD_SECONDS
         self.watched = False  # registered with the selector
         self.table: dict[int, _Connection] | None = None  # the worker's table it is in, if any
+        self.accepted = now
 
     def answer_continue(self) -> None:
         """Send 100 Continue now and drop the Expect line, so that gunicorn does not send it again."""
@@ -228,11 +244,14 @@ class _FramedBody:
 class BufferingWorker(SyncWorker):
     """A sync worker that serves a request only once it has arrived; see the module docstring."""
 
+    handoff: _Handoff | None = None  # made by the master (check_config) and inherited by every worker
+
     @classmethod
     def check_config(cls, cfg, log_) -> None:
         """In the master at start: refuse TLS settings, which this worker does not implement."""
         if cfg.is_ssl:
             sys.exit("kuiper-plugins: the worker does not terminate TLS (certfile/keyfile): put nginx in front")
+        BufferingWorker.handoff = _Handoff.make()
 
     def run(self) -> None:
         """Accept, read and serve until told to stop; then serve what has fully arrived and close the rest."""
@@ -358,6 +377,11 @@ class BufferingWorker(SyncWorker):
                 self._selector.register(listener, selectors.EVENT_READ, self._accept)
             else:
                 self._selector.unregister(listener)
+        if self.handoff is not None:
+            if accepting:
+                self._selector.register(self.handoff.receiving, selectors.EVENT_READ, self._take_handed)
+            else:
+                self._selector.unregister(self.handoff.receiving)
         self._accepting = accepting
 
     def _accept(self, listener) -> None:
@@ -572,6 +596,8 @@ class BufferingWorker(SyncWorker):
 
     def _serve(self, conn: _Connection) -> None:
         """Serve one whole request as the sync worker does, then leave the close to the selector."""
+        if self.alive and self.handoff is not None and bytes(conn.data[: conn.data.find(b" ")]) not in READS:
+            self._hand_over_the_others()
         sock = conn.sock
         req = None
         sock.settimeout(BODY_SECONDS)
@@ -605,6 +631,47 @@ class BufferingWorker(SyncWorker):
             self.handle_error(req, sock, conn.addr, exc)
         self._linger(conn)
 
+    # ------------------------------------------------------------ handing requests to free workers
+
+    def _hand_over_the_others(self) -> None:
+        """Before a write is served: give the requests under way here to a free worker (module docstring)."""
+        now = time.monotonic()
+        for conn in list(self._heads.values())[:HANDOFF_BATCH]:
+            self._receive(conn)  # what arrived since the last look: a head may be whole by now
+        handed = 0
+        for table in (self._ready, self._bodies, self._heads):
+            for conn in list(table.values()):
+                if handed >= HANDOFF_BATCH:
+                    return
+                if len(conn.data) > HANDOFF_MAX or (not conn.data and now - conn.accepted > HANDOFF_FRESH):
+                    continue  # too much to carry, or idle long enough not to be a client about to send
+                if not self.handoff.send(conn, self.sockets.index(conn.listener)):
+                    return  # the pair is full: the rest stay here
+                self._close(conn)  # our descriptor only: the connection travels in the message
+                handed += 1
+
+    def _take_handed(self, _sock=None) -> None:
+        """Take connections other workers handed over, while this one is free, as if just accepted."""
+        for _ in range(ACCEPT_BATCH):
+            handed = self.handoff.receive(self.sockets)
+            if handed is None:
+                return
+            conn = handed
+            if not self._make_room():
+                self._refuse(conn, 503, "Service Unavailable",
+                             f"too many requests in progress: this worker holds {self._capacity} connections,"
+                             " each with a request arriving or waiting to be served")
+                continue
+            self._enter(conn, self._heads)
+            if conn.data:
+                self._head_received(conn, 0)
+            if conn.table is self._heads or conn.table is self._bodies:
+                self._receive(conn)
+            if conn.table is self._heads or conn.table is self._bodies:
+                self._watch(conn, self._receive)
+            if self._ready:
+                return
+
     def _linger(self, conn: _Connection) -> None:
         """Half-close and wait for the client's FIN in the selector, so unread bytes do not reset the answer."""
         try:
@@ -629,6 +696,72 @@ class BufferingWorker(SyncWorker):
     def _linger_read(self, conn: _Connection, _sock=None) -> None:
         if _recv(conn.sock) == b"":
             self._close(conn)
+
+
+class _Handoff:
+    """The socket pair over which workers hand connections to each other (module docstring).
+
+    One message is one connection: its descriptor (SCM_RIGHTS), then a small JSON header (the listener's
+    index among the worker's sockets, the client's address, the request's deadline and when it was
+    accepted) and what arrived of the request. CLOCK_MONOTONIC, which time.monotonic reads, is the
+    machine's, so deadlines mean the same in every worker.
+    """
+
+    def __init__(self, sending: socket.socket, receiving: socket.socket):
+        self.sending = sending
+        self.receiving = receiving
+
+    @classmethod
+    def make(cls) -> _Handoff | None:
+        """Make the pair (in the master, before it forks); None where the system cannot."""
+        try:
+            sending, receiving = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            log.warning("workers cannot hand connections to each other (%s): a request may wait behind a"
+                        " write in the worker that took it", exc)
+            return None
+        sending.setblocking(False)
+        receiving.setblocking(False)
+        return cls(sending, receiving)
+
+    def send(self, conn: _Connection, listener_index: int) -> bool:
+        """Hand one connection over; False if the pair has no room for it now."""
+        addr = list(conn.addr) if isinstance(conn.addr, tuple) else conn.addr
+        header = json.dumps({"listener": listener_index, "addr": addr, "deadline": conn.deadline,
+                             "accepted": conn.accepted}).encode()
+        message = len(header).to_bytes(4, "big") + header + bytes(conn.data)
+        try:
+            socket.send_fds(self.sending, [message], [conn.fd])
+        except OSError:  # EAGAIN (full), EMSGSIZE, ENOBUFS: keep it
+            return False
+        return True
+
+    def receive(self, listeners: list) -> _Connection | None:
+        """Take one handed-over connection; None when there is none now."""
+        for _ in range(16):  # past a malformed message (never sent here), to the next one
+            try:
+                message, fds, flags, _ = socket.recv_fds(self.receiving, HANDOFF_MAX + 4096, 4)
+            except (BlockingIOError, InterruptedError):
+                return None
+            try:
+                if len(fds) != 1 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise ValueError("not one connection")
+                size = int.from_bytes(message[:4], "big")
+                header = json.loads(message[4:4 + size])
+                sock = socket.socket(fileno=fds.pop())
+                sock.setblocking(False)
+                addr = header["addr"]
+                conn = _Connection(sock, tuple(addr) if isinstance(addr, list) else addr,
+                                   listeners[header["listener"]], header["accepted"])
+                conn.deadline = header["deadline"]
+                conn.data = bytearray(message[4 + size:])
+                return conn
+            except (ValueError, KeyError, IndexError, TypeError, OSError) as exc:
+                log.warning("dropped a malformed connection hand-over: %s", exc)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return None
 
 
 def _connection_capacity(wanted: int) -> int:
