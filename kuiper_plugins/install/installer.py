@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kuiper_plugins import found_files
 from kuiper_plugins.engine import builtins, compat, kv, portable
 from kuiper_plugins.errors import (
     ArchiveRejected,
@@ -71,6 +73,9 @@ from kuiper_plugins.store import db, registry
 log = logging.getLogger(__name__)
 
 DESCRIPTOR_MAX_BYTES = 1024 * 1024
+# Ours, but read at start-up from a folder anything may have written into: never read without a bound.
+# (A journal lists one entry per file moved: a 10,000-file package makes well under 4 MiB.)
+JOURNAL_MAX_BYTES = 64 * 1024 * 1024
 # An operation's journal sits beside its staging folder, `<operation>.journal.json`, so that one fsync of
 # the staging root makes both names durable; versions before kept it inside, as `journal.json`, and a
 # journal found there is honoured all the same.
@@ -290,7 +295,15 @@ class Installer:
             folder = self.layout.native_dir(plugin_type)
             for so_path in sorted(folder.glob("*.so")):
                 relative = self.layout.relative(so_path)
-                if relative in recorded or relative in journaled or not so_path.is_file():
+                if relative in recorded or relative in journaled:
+                    continue
+                try:
+                    mode = so_path.lstat().st_mode
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(mode):
+                    # A link, FIFO, socket or device: an install never writes one, and reading it could block.
+                    log.warning("not adopting %s: it is a %s, not a regular file", relative, found_files.kind_of(mode))
                     continue
                 match = SO_FILE_NAME.fullmatch(so_path.name)
                 if match is None:
@@ -360,18 +373,22 @@ class Installer:
                            packages.config_copies(plugin_type, name), functions)
 
     def _adopt_portable(self, conn: sqlite3.Connection, folder: Path, engine: dict[str, Any]) -> None:
-        """Adopt a portable plugin folder whose `<name>/<name>.json` eKuiper's boot scan would accept."""
+        """Adopt a portable plugin folder whose `<name>/<name>.json` eKuiper's boot scan would accept.
+
+        The descriptor is read as anything found in the tree is (see found_files): a FIFO, link or oversized
+        file there is logged and the folder skipped. An executable reached through a link is refused, as a
+        package holding a link is.
+        """
         name = folder.name
         try:
-            with open(folder / packages.descriptor_member(name), "rb") as descriptor_file:
-                raw = descriptor_file.read(DESCRIPTOR_MAX_BYTES + 1)
-            info = packages.parse_descriptor(name, raw[:DESCRIPTOR_MAX_BYTES])
+            raw = found_files.read_regular(folder / packages.descriptor_member(name), DESCRIPTOR_MAX_BYTES)
+            info = packages.parse_descriptor(name, raw)
         except (OSError, PackageInvalid) as exc:
             log.warning("not adopting portable plugin folder %s: %s", folder, getattr(exc, "message", exc))
             return
-        executable = folder / info["executable"]
-        if not executable.is_file():
-            log.warning("not adopting portable plugin %s: cannot find executable %s", name, executable)
+        problem = _executable_problem(folder, info["executable"])
+        if problem is not None:
+            log.warning("not adopting portable plugin %s: %s", name, problem)
             return
         descriptor = dict(info, executable=str(self.layout.portable_dir(name) / info["executable"]))
         print_ = durable.fingerprint(folder)
@@ -940,6 +957,28 @@ def _refuse_builtin_functions(functions: Sequence[str]) -> None:
             raise InvalidRequest(f"invalid function name {function}: {builtins.describe('functions', function)}")
 
 
+def _executable_problem(folder: Path, executable: str) -> str | None:
+    """Why a portable folder's executable cannot be adopted (missing, or reached through a link), or None.
+
+    A package that holds a link is refused at install; the same executable put there by hand is not taken
+    either. Each folder on the way and the file itself are looked at without following links.
+    """
+    path = folder
+    parts = executable.split("/")
+    for index, part in enumerate(parts):
+        path = path / part
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            return f"cannot find executable {folder / executable}"
+        last = index == len(parts) - 1
+        if stat.S_ISLNK(mode):
+            return f"{path} is a symbolic link (an install refuses links in a package)"
+        if (not last and not stat.S_ISDIR(mode)) or (last and not stat.S_ISREG(mode)):
+            return f"{path} is a {found_files.kind_of(mode)}, not a regular {'file' if last else 'folder'}"
+    return None
+
+
 def _is_our_copy(existing: Path, new_file: Path, recorded: registry.RecordedFile | None) -> bool:
     """Whether a file on disk is ours to rewrite: empty, a prefix of (or equal to) `new_file`, or as recorded."""
     try:
@@ -954,7 +993,8 @@ def _is_our_copy(existing: Path, new_file: Path, recorded: registry.RecordedFile
                 return True
         if size > os.path.getsize(new_file):
             return False
-        with open(existing, "rb") as ours, open(new_file, "rb") as theirs:
+        # Checked above by name; opened so that a FIFO or device swapped in meanwhile is refused, not waited on.
+        with os.fdopen(found_files.open_regular(existing), "rb") as ours, open(new_file, "rb") as theirs:
             while chunk := ours.read(durable.CHUNK_SIZE):
                 if theirs.read(len(chunk)) != chunk:
                     return False
@@ -1013,11 +1053,13 @@ def _read_journal(staging: Path) -> dict[str, Any] | None:
     """The journal an operation wrote before its first move; None when it made none."""
     for path in _journal_files(staging):
         try:
-            text = path.read_text()
+            raw = found_files.read_regular(path, JOURNAL_MAX_BYTES)  # in staging, but read before anything answers
         except (FileNotFoundError, NotADirectoryError):
             continue
+        except OSError as exc:
+            raise InstallFailed(f"the journal {path} is unreadable: {exc}")
         try:
-            journal = json.loads(text)
+            journal = json.loads(raw)
             if not isinstance(journal, dict) or not isinstance(journal.get("moves"), list):
                 raise ValueError("not a journal of this version")
         except ValueError as exc:
