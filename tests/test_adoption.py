@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import tempfile
 import threading
@@ -24,7 +25,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import make_zip
 
+from kuiper_plugins.engine import gob, kv
+from kuiper_plugins.install import packages
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import SettingsError, load_settings
 
@@ -62,6 +66,20 @@ def kind(path: Path) -> str:
     mode = path.lstat().st_mode
     return "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else \
         "link" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def write_engine_rows(path: Path, rows: dict[str, dict[str, bytes]]) -> None:
+    """eKuiper's KV file with the given rows, each table made by eKuiper's own statement."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    try:
+        for table, values in rows.items():
+            conn.execute(kv.create_table_statement(table))
+            for key, blob in values.items():
+                conn.execute(f"REPLACE INTO '{table}'(key, val) VALUES (?, ?)", (key, blob))
+        conn.commit()
+    finally:
+        conn.close()
 
 
 def within_deadline(call, fifos: list[Path], seconds: float = BUILD_DEADLINE_SECONDS):
@@ -228,3 +246,127 @@ def test_a_linked_executable_is_not_adopted(home, make_service, tmp_path, caplog
     assert "link" in line
     assert (outside / "run").read_bytes() == RUN and os.path.lexists(folder / ("run" if layout_of_link ==
                                                                                "executable" else "bin"))
+
+
+# ------------------------------------------------------------------------ K8: the install rules, and the user's files
+
+
+@pytest.mark.parametrize("symbols", [
+    {"sources": ["mqtt"], "functions": ["abs"]}, {"sources": ["mqtt"]}, {"functions": ["abs"]},
+    {"functions": ["ok1", "x" * 251]},
+], ids=["mqtt-and-abs", "source-mqtt", "function-abs", "function-too-long"])
+def test_a_folder_declaring_names_the_api_refuses_is_not_adopted_and_nothing_is_touched(home, make_service, caplog,
+                                                                                        symbols):
+    layout = Layout(home)
+    layout.create()
+    for root in (layout.etc, layout.data):
+        (root / "sources/mqtt.yaml").write_text("user: mqtt config\n")
+        (root / "sources/mqtt.json").write_text('{"about": "user"}')
+    portable_folder(layout, "pq", {"executable": "run", **symbols}, {"run": RUN, "sources/mqtt.yaml": "a: 1\n"})
+    caplog.set_level(logging.INFO)
+    service = make_service()
+    before = service.snapshot()
+    assert service.client.get("/plugins/portables").get_json() == []
+    assert service.client.get("/plugins/udfs/abs").status_code == 404
+    assert service.client.get("/plugins/udfs").get_json() == []
+    [line] = warnings_naming(caplog, "portable plugin folder")
+    assert "pq" in line
+    assert service.client.delete("/plugins/portables/pq").status_code == 404
+    service.assert_unchanged(before)
+    assert (home / "etc/sources/mqtt.yaml").read_text() == "user: mqtt config\n"
+    assert (home / "etc/sources/mqtt.json").read_text() == '{"about": "user"}'
+
+
+@pytest.mark.parametrize(("plugin_type", "file_name"), [
+    ("sources", "Mqtt.so"), ("sinks", "Log@v1.so"), ("functions", "Abs.so"), ("sources", "Httppull.so"),
+    ("sinks", "x" * 251 + ".so"),
+])
+def test_a_binary_named_as_the_api_refuses_is_not_adopted(home, make_service, caplog, plugin_type, file_name):
+    layout = Layout(home)
+    layout.create()
+    (layout.native_dir(plugin_type) / file_name).write_bytes(SO)
+    (layout.etc / "sources/mqtt.yaml").write_text("user: mqtt config\n")
+    caplog.set_level(logging.INFO)
+    service = make_service()
+    assert service.client.get(f"/plugins/{plugin_type}").get_json() == []
+    assert service.client.get("/plugins/udfs").get_json() == []
+    assert len(warnings_naming(caplog, file_name)) == 1
+    assert (layout.native_dir(plugin_type) / file_name).read_bytes() == SO
+    assert (layout.etc / "sources/mqtt.yaml").read_text() == "user: mqtt config\n"
+
+
+# ---------------------------------------------------------------------------- K4: eKuiper's pluginFuncs
+
+
+HOSTILE = ["abs", "", "../x", "a" * 5000, "x y", "\u202eevil", "count", "f;drop table x"]
+
+
+def test_function_names_from_ekuipers_store_follow_the_api_rules_and_are_capped(home, make_service, caplog, go_gob):
+    layout = Layout(home)
+    layout.create()
+    (layout.native_dir("functions") / "Geo@v1.so").write_bytes(SO)
+    listed = HOSTILE + [f"f{i}" for i in range(50_000)]
+    write_engine_rows(layout.data / "sqliteKV.db", {kv.FUNCTIONS_TABLE: {"geo": gob.encode_strings(listed)}})
+    caplog.set_level(logging.INFO)
+    service = make_service()
+    assert service.client.get("/plugins/udfs/abs").status_code == 404
+    assert service.client.get("/plugins/udfs/count").status_code == 404
+    kept = [f"f{i}" for i in range(packages.MAX_FUNCTIONS)]
+    assert service.client.get("/plugins/functions/geo").get_json() == {
+        "name": "geo", "version": "1", "functions": kept}
+    assert service.client.get("/plugins/udfs").get_json() == sorted(kept)
+    [line] = warnings_naming(caplog, "pluginFuncs")  # one summary, not 50,000 lines
+    assert "geo" in line and "50008" in line and len(line) < 2000
+    # eKuiper's row now lists what is registered: what the engine reads agrees with what we answer.
+    conn = sqlite3.connect(layout.data / "sqliteKV.db")
+    try:
+        [(blob,)] = conn.execute(f"SELECT val FROM '{kv.FUNCTIONS_TABLE}' WHERE key = 'geo'").fetchall()
+    finally:
+        conn.close()
+    assert go_gob.decode_strings(blob) == kept
+
+
+def test_a_function_listed_twice_in_ekuipers_store_is_registered_once(home, make_service):
+    layout = Layout(home)
+    layout.create()
+    (layout.native_dir("functions") / "Geo.so").write_bytes(SO)
+    listed = ["g1", "g2", "g1", "G2"]
+    write_engine_rows(layout.data / "sqliteKV.db", {kv.FUNCTIONS_TABLE: {"geo": gob.encode_strings(listed)}})
+    service = make_service()
+    assert service.client.get("/plugins/functions/geo").get_json()["functions"] == ["g1", "g2", "G2"]
+
+
+def test_a_function_list_row_too_large_to_be_eKuipers_is_not_decoded(home, make_service, caplog):
+    layout = Layout(home)
+    layout.create()
+    (layout.native_dir("functions") / "Geo.so").write_bytes(SO)
+    huge = gob.encode_strings(["f"] * (2 * 1024 * 1024))  # 4 MiB of one-letter names
+    write_engine_rows(layout.data / "sqliteKV.db", {kv.FUNCTIONS_TABLE: {"geo": huge}})
+    caplog.set_level(logging.INFO)
+    service = make_service()
+    assert service.client.get("/plugins/functions/geo").get_json()["functions"] == ["geo"]
+    [line] = warnings_naming(caplog, "pluginFuncs")
+    assert "geo" in line and "larger than" in line
+
+
+# ---------------------------------------------------------------------------- the same rules at the API
+
+
+@pytest.mark.parametrize(("symbols", "expect"), [
+    ({"functions": ["f1", "abs"]}, "invalid function name abs: abs is a built-in function of eKuiper"),
+    ({"sources": ["MQTT"]}, "invalid source name MQTT: MQTT is a built-in source of eKuiper"),
+    ({"functions": ["x" * 251]}, "is too long"),
+    ({"functions": [f"f{i}" for i in range(packages.MAX_FUNCTIONS + 1)]}, "at most 1000"),
+], ids=["function-abs", "source-mqtt", "function-too-long", "too-many-functions"])
+def test_the_api_refuses_a_portable_declaring_what_adoption_refuses(service, file_server, symbols, expect):
+    descriptor = {"version": "v1", "language": "go", "executable": "pq", **symbols}
+    members = {"pq.json": json.dumps(descriptor), "pq": RUN, **{f"sources/{s}.yaml": YAML
+                                                              for s in symbols.get("sources", [])}}
+    make_zip(file_server.root / "pq.zip", members, modes={"pq": 0o100755})
+    before = service.snapshot()
+    response = service.post("portables", {"name": "pq", "file": file_server.url("pq.zip")})
+    assert response.status_code == 400
+    text = response.get_json()["message"]
+    assert text.startswith("portable plugin create command error: fail to install plugin: invalid json file pq.json")
+    assert expect in text
+    service.assert_unchanged(before)

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from kuiper_plugins import found_files
-from kuiper_plugins.engine import builtins, compat, kv, portable
+from kuiper_plugins.engine import compat, kv, portable
 from kuiper_plugins.errors import (
     ArchiveRejected,
     DiskFull,
@@ -310,14 +310,22 @@ class Installer:
                     log.warning("ignoring %s: its name does not make a plugin name", relative)
                     continue
                 name = match.group(1)[0].lower() + match.group(1)[1:]
-                if not packages.NAME_PATTERN.fullmatch(name):
+                try:
+                    packages.check_plugin_name(plugin_type, name)
+                except InvalidRequest as exc:
+                    log.warning("not adopting %s: %s (the API refuses such an install)", relative, exc.message)
                     continue
                 self._adopt_under_lock(plugin_type, name, relative, self._adopt_native,
                                        conn, plugin_type, name, relative, match.group(2), engine)
         portable_root = self.layout.plugins / "portable"
         for folder in sorted(p for p in portable_root.iterdir() if p.is_dir() and not p.is_symlink()):
             relative = self.layout.relative(folder)
-            if relative in recorded or relative in journaled or not packages.NAME_PATTERN.fullmatch(folder.name):
+            if relative in recorded or relative in journaled:
+                continue
+            try:
+                packages.check_plugin_name(PORTABLE, folder.name)
+            except InvalidRequest as exc:
+                log.warning("not adopting portable plugin folder %s: %s", folder, exc.message)
                 continue
             self._adopt_under_lock(PORTABLE, folder.name, relative, self._adopt_portable, conn, folder, engine)
 
@@ -364,7 +372,7 @@ class Installer:
         script = engine["native"].get((plugin_type, name))
         functions = [name]
         if plugin_type == "functions" and engine["functions"].get(name):
-            functions = list(engine["functions"][name])
+            functions = _adoptable_functions(name, engine["functions"][name])
         if plugin_type != "functions":
             functions = []
         request = _request_of(script, functions if name in engine["functions"] else None)
@@ -373,11 +381,11 @@ class Installer:
                            packages.config_copies(plugin_type, name), functions)
 
     def _adopt_portable(self, conn: sqlite3.Connection, folder: Path, engine: dict[str, Any]) -> None:
-        """Adopt a portable plugin folder whose `<name>/<name>.json` eKuiper's boot scan would accept.
+        """Adopt a portable plugin folder whose `<name>/<name>.json` eKuiper's boot scan and our install accept.
 
         The descriptor is read as anything found in the tree is (see found_files): a FIFO, link or oversized
-        file there is logged and the folder skipped. An executable reached through a link is refused, as a
-        package holding a link is.
+        file there is logged and the folder skipped. Its symbols follow the install's rules, and an executable
+        reached through a link is refused, as a package holding a link is.
         """
         name = folder.name
         try:
@@ -457,8 +465,7 @@ class Installer:
     ) -> None:
         """What the request alone decides, before anything is downloaded: built-in names, function clashes."""
         name = request["name"]
-        if plugin_type in NATIVE_TYPES and builtins.builtin_name(plugin_type, name):
-            raise InvalidRequest(f"invalid name {name}: {builtins.describe(plugin_type, name)}")
+        packages.check_plugin_name(plugin_type, name)
         if plugin_type == "functions":
             functions = request.get("functions") or [name]
             _refuse_builtin_functions(functions)
@@ -953,8 +960,24 @@ def _recorded_now(path: Path, recorded: str) -> registry.RecordedFile:
 
 def _refuse_builtin_functions(functions: Sequence[str]) -> None:
     for function in functions:
-        if builtins.builtin_name("functions", function):
-            raise InvalidRequest(f"invalid function name {function}: {builtins.describe('functions', function)}")
+        packages.check_function_name(function)
+
+
+def _adoptable_functions(name: str, listed: Sequence[str]) -> list[str]:
+    """The functions of eKuiper's pluginFuncs row that the API would register; the rest logged in one line.
+
+    An empty result falls back to the plugin's own name, as eKuiper does without a row.
+    """
+    verdict = packages.adoptable_functions(listed)
+    if verdict.refused or verdict.past_limit:
+        log.warning(
+            "eKuiper's pluginFuncs lists %d functions for functions plugin %s; registering %d: %d are names an"
+            " install refuses (%s%s)%s", len(listed), name, len(verdict.kept) or 1, verdict.refused,
+            "; ".join(verdict.examples), "; ..." if verdict.refused > len(verdict.examples) else "",
+            f", {verdict.past_limit} more are past the limit of {packages.MAX_FUNCTIONS}" if verdict.past_limit
+            else "",
+        )
+    return verdict.kept or [name]
 
 
 def _executable_problem(folder: Path, executable: str) -> str | None:
