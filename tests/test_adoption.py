@@ -295,6 +295,79 @@ def test_a_binary_named_as_the_api_refuses_is_not_adopted(home, make_service, ca
     assert (layout.etc / "sources/mqtt.yaml").read_text() == "user: mqtt config\n"
 
 
+@pytest.mark.parametrize("on_disk", ["edited", "identical", "absent-from-folder"])
+def test_a_config_file_outside_the_folder_is_claimed_only_when_it_is_the_folders_own(home, make_service, on_disk):
+    """eKuiper's install writes `sources/<s>.yaml` of the package to etc/sources; only a byte-for-byte copy
+    of the folder's own file can be that. A user's file stays the user's, through a DELETE too."""
+    layout = Layout(home)
+    layout.create()
+    packaged = "default:\n  url: tcp://packaged\n"
+    files = {"run": RUN, "sinks/mysink.json": '{"about": "packaged"}'}
+    if on_disk != "absent-from-folder":
+        files["sources/mysrc.yaml"] = packaged
+    folder = portable_folder(layout, "ms", {"executable": "run", "sources": ["mysrc"], "sinks": ["mysink"]}, files)
+    on_disk_yaml = "default:\n  url: tcp://users-own\n" if on_disk != "identical" else packaged
+    for root in (layout.etc, layout.data):
+        (root / "sources/mysrc.yaml").write_text(on_disk_yaml)
+        (root / "sinks/mysink.json").write_text('{"about": "users-own"}')  # never the folder's bytes
+    service = make_service()
+    assert [p["name"] for p in service.client.get("/plugins/portables").get_json()] == ["ms"]
+    assert service.client.delete("/plugins/portables/ms").status_code == 200
+    assert not folder.exists()
+    for root in (layout.etc, layout.data):
+        assert (root / "sinks/mysink.json").read_text() == '{"about": "users-own"}'
+        if on_disk == "identical":
+            assert not (root / "sources/mysrc.yaml").exists()  # the folder's own copy: eKuiper's delete removes it
+        else:
+            assert (root / "sources/mysrc.yaml").read_text() == on_disk_yaml
+
+
+@pytest.mark.parametrize("odd", ["fifo", "link", "socket"])
+def test_a_source_yaml_that_is_not_a_regular_file_is_never_claimed(home, make_service, tmp_path, caplog, odd):
+    layout = Layout(home)
+    layout.create()
+    portable_folder(layout, "ms", {"executable": "run", "sources": ["mysrc"]},
+                    {"run": RUN, "sources/mysrc.yaml": YAML})
+    target = tmp_path / "target.yaml"
+    target.write_text(YAML)  # the same bytes: only the kind of file differs
+    for root in (layout.etc, layout.data):
+        path = root / "sources/mysrc.yaml"
+        if odd == "fifo":
+            os.mkfifo(path)
+        elif odd == "socket":
+            make_socket_file(path)
+        else:
+            path.symlink_to(target)
+    caplog.set_level(logging.INFO)
+    service = make_service()
+    assert [p["name"] for p in service.client.get("/plugins/portables").get_json()] == ["ms"]
+    assert len(warnings_naming(caplog, "mysrc.yaml")) == 2  # etc and data, once each
+    assert service.client.delete("/plugins/portables/ms").status_code == 200
+    for root in (layout.etc, layout.data):
+        assert kind(root / "sources/mysrc.yaml") == odd
+    assert target.read_text() == YAML
+
+
+def test_copies_named_after_a_builtin_sink_are_never_claimed(home, make_service):
+    """eKuiper's own sample declares a sink `file` (accepted, as the API accepts it); etc/sinks/file.json is
+    eKuiper's metadata of its built-in sink, even when eKuiper's store says it installed the plugin."""
+    layout = Layout(home)
+    layout.create()
+    portable_folder(layout, "mirror", {"executable": "run", "sinks": ["file", "echo"]},
+                    {"run": RUN, "sinks/file.json": '{"about": "file"}', "sinks/echo.json": "{}"})
+    for root in (layout.etc, layout.data):
+        (root / "sinks/file.json").write_text('{"about": "file"}')
+        (root / "sinks/echo.json").write_text("{}")
+    script = gob.encode_string(kv.install_script("mirror", "https://example.com/mirror.zip"))
+    write_engine_rows(layout.data / "sqliteKV.db", {kv.PORTABLE_TABLE: {"mirror": script}})
+    service = make_service()
+    assert [p["name"] for p in service.client.get("/plugins/portables").get_json()] == ["mirror"]
+    assert service.client.delete("/plugins/portables/mirror").status_code == 200
+    for root in (layout.etc, layout.data):
+        assert (root / "sinks/file.json").read_text() == '{"about": "file"}'
+        assert not (root / "sinks/echo.json").exists()
+
+
 # ---------------------------------------------------------------------------- K4: eKuiper's pluginFuncs
 
 

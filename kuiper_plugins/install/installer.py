@@ -73,6 +73,9 @@ from kuiper_plugins.store import db, registry
 log = logging.getLogger(__name__)
 
 DESCRIPTOR_MAX_BYTES = 1024 * 1024
+# A config copy found beside an adopted plugin is compared with the folder's own file only up to this size:
+# a yaml or json of more is not one eKuiper's install wrote from a plugin package, and is left alone.
+CONFIG_COPY_MAX_BYTES = 1024 * 1024
 # Ours, but read at start-up from a folder anything may have written into: never read without a bound.
 # (A journal lists one entry per file moved: a 10,000-file package makes well under 4 MiB.)
 JOURNAL_MAX_BYTES = 64 * 1024 * 1024
@@ -376,9 +379,10 @@ class Installer:
         if plugin_type != "functions":
             functions = []
         request = _request_of(script, functions if name in engine["functions"] else None)
+        copies = self._claimed_copies(plugin_type, name, None, packages.config_copies(plugin_type, name),
+                                      installed_by_engine=script is not None)
         self._save_adopted(conn, plugin_type, name, (version or "").removeprefix("v"), None, request,
-                           [registry.RecordedFile(relative, print_.size, print_.sha256)],
-                           packages.config_copies(plugin_type, name), functions)
+                           [registry.RecordedFile(relative, print_.size, print_.sha256)], copies, functions)
 
     def _adopt_portable(self, conn: sqlite3.Connection, folder: Path, engine: dict[str, Any]) -> None:
         """Adopt a portable plugin folder whose `<name>/<name>.json` eKuiper's boot scan and our install accept.
@@ -400,10 +404,53 @@ class Installer:
             return
         descriptor = dict(info, executable=str(self.layout.portable_dir(name) / info["executable"]))
         print_ = durable.fingerprint(folder)
-        self._save_adopted(conn, PORTABLE, name, info["version"], descriptor, _request_of(engine["portable"].get(name)),
+        script = engine["portable"].get(name)
+        copies = self._claimed_copies(PORTABLE, name, folder, packages.config_copies(PORTABLE, name, info),
+                                      installed_by_engine=script is not None)
+        self._save_adopted(conn, PORTABLE, name, info["version"], descriptor, _request_of(script),
                            [registry.RecordedFile(self.layout.relative(folder), print_.size if print_ else None,
                                                   print_.sha256 if print_ else None)],
-                           packages.config_copies(PORTABLE, name, info), list(info["functions"]))
+                           copies, list(info["functions"]))
+
+    def _claimed_copies(self, plugin_type: str, name: str, folder: Path | None, copies: list[packages.ConfigCopy],
+                        *, installed_by_engine: bool) -> list[str]:
+        """The config copies on disk that `packages.claims_copy` gives to a plugin found on disk.
+
+        A copy the plugin's folder still holds the packaged original of is compared with it byte for byte;
+        a copy that is not a regular file (or real folder) where one is expected is logged and never claimed.
+        """
+        claimed = []
+        for copy in copies:
+            path = self.layout.absolute(copy.path)
+            try:
+                mode = path.lstat().st_mode
+            except FileNotFoundError:
+                continue
+            if not (stat.S_ISDIR(mode) if copy.is_dir else stat.S_ISREG(mode)):
+                log.warning("not claiming %s for %s plugin %s: it is a %s, not a regular %s", copy.path,
+                            type_label(plugin_type), name, found_files.kind_of(mode),
+                            "folder" if copy.is_dir else "file")
+                continue
+            same = None
+            packaged = folder / copy.packaged_as if folder is not None and copy.packaged_as else None
+            if packaged is not None and os.path.lexists(packaged):
+                same = self._same_bytes(path, packaged)
+            if packages.claims_copy(copy, same_as_packaged=same, installed_by_engine=installed_by_engine):
+                claimed.append(copy.path)
+            else:
+                log.info("leaving %s to its owner: %s plugin %s found on disk does not own it", copy.path,
+                         type_label(plugin_type), name)
+        return claimed
+
+    @staticmethod
+    def _same_bytes(copy: Path, packaged: Path) -> bool:
+        """Whether a config copy holds exactly the bytes of the plugin folder's file (both bounded reads)."""
+        try:
+            return (found_files.read_regular(copy, CONFIG_COPY_MAX_BYTES)
+                    == found_files.read_regular(packaged, CONFIG_COPY_MAX_BYTES))
+        except OSError as exc:
+            log.warning("cannot compare %s with %s: %s", copy, packaged, exc)
+            return False
 
     def _save_adopted(self, conn: sqlite3.Connection, plugin_type: str, name: str, version: str,
                       descriptor: dict[str, Any] | None, request: dict[str, Any] | None,

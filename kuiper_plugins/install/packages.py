@@ -6,8 +6,9 @@ PackageInvalid whose message names the plugin's problem.
 
 The same rules decide what start-up adopts from disk and from eKuiper's
 store (`check_plugin_name`, `check_function_name`, `adoptable_functions`,
-`parse_descriptor`): a plugin the API would refuse is not
-listed because eKuiper or a user put it there.
+`parse_descriptor`): a plugin the API would refuse is not listed because
+eKuiper or a user put it there. `claims_copy` decides which config files
+found beside an adopted plugin are its own, for its DELETE to remove.
 """
 
 from __future__ import annotations
@@ -293,23 +294,58 @@ def parse_descriptor(name: str, descriptor_bytes: bytes) -> dict[str, Any]:
     return _validate_descriptor(name, raw, json_name)
 
 
-def config_copies(plugin_type: str, name: str, descriptor: dict[str, Any] | None = None) -> list[str]:
+@dataclass(frozen=True)
+class ConfigCopy:
+    """A config file or folder eKuiper keeps for a plugin outside the plugin's own binary or folder."""
+
+    path: str  # as recorded: etc/sources/random.yaml
+    packaged_as: str | None  # where eKuiper's install took it from in the package: sources/random.yaml (portable)
+    is_dir: bool = False  # a native plugin's etc/<type>/<name>/ folder
+    settings: bool = False  # a source's yaml: once installed, it holds the user's configuration
+    builtin: bool = False  # named after an eKuiper built-in (a portable's sink `file`): eKuiper's own file
+
+
+def config_copies(plugin_type: str, name: str, descriptor: dict[str, Any] | None = None) -> list[ConfigCopy]:
     """The config files and folders eKuiper keeps for a plugin, whoever installed it (its delete removes them).
 
     Native: `<name>.json` (and a sink's `<name>.yaml`, a source's `<name>.yaml`) in etc/<type> and
-    data/<type>, and the `<name>/` folders there. Portable: the yaml and json of each symbol it declares.
+    data/<type>, and the `<name>/` folders there. Portable: the yaml and json of each symbol it declares,
+    which eKuiper's install writes from the package's `<kind>/<symbol>.<suffix>`.
     """
-    paths: list[str] = []
+    copies: list[ConfigCopy] = []
     if plugin_type == "portables":
         for kind in PORTABLE_SYMBOL_KINDS:
             for symbol in (descriptor or {}).get(kind, []):
-                suffixes = ("yaml", "json") if kind != "functions" else ("json",)
-                paths += [f"{root}/{kind}/{symbol}.{suffix}" for root in ("etc", "data") for suffix in suffixes]
-        return paths
+                builtin = bool(builtins.builtin_name(kind, symbol))
+                for suffix in ("yaml", "json") if kind != "functions" else ("json",):
+                    packaged = f"{kind}/{symbol}.{suffix}"
+                    copies += [ConfigCopy(f"{root}/{packaged}", packaged, settings=kind == "sources" and
+                                          suffix == "yaml", builtin=builtin) for root in ("etc", "data")]
+        return copies
     suffixes = ("json", "yaml") if plugin_type in ("sources", "sinks") else ("json",)
     for root in ("etc", "data"):
-        paths += [f"{root}/{plugin_type}/{name}.{suffix}" for suffix in suffixes] + [f"{root}/{plugin_type}/{name}"]
-    return paths
+        copies += [ConfigCopy(f"{root}/{plugin_type}/{name}.{suffix}", None,
+                              settings=plugin_type == "sources" and suffix == "yaml") for suffix in suffixes]
+        copies.append(ConfigCopy(f"{root}/{plugin_type}/{name}", None, is_dir=True))
+    return copies
+
+
+def claims_copy(copy: ConfigCopy, *, same_as_packaged: bool | None, installed_by_engine: bool) -> bool:
+    """Whether a plugin found on disk owns a config copy of its name that is there, and a DELETE may remove it.
+
+    Only what eKuiper's install of this plugin would have written is the plugin's:
+    - a copy of a file the plugin's folder still holds (`same_as_packaged` is not None) is its own only
+      when it has the folder's bytes exactly: any other content is someone's edit, or someone's file;
+    - without that evidence, only a plugin whose install eKuiper's store records (its nativePlugin or
+      portablePlugin row) owns its metadata json and `<name>/` folders, as eKuiper's own delete assumes;
+      a source's yaml never, since it holds the user's configuration;
+    - a copy named after a built-in is eKuiper's own, whatever else holds.
+    """
+    if copy.builtin:
+        return False
+    if same_as_packaged is not None:
+        return same_as_packaged
+    return installed_by_engine and not copy.settings
 
 
 def _validate_descriptor(name: str, raw: dict[str, Any], json_name: str) -> dict[str, Any]:
