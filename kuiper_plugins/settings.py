@@ -22,10 +22,12 @@ from urllib.parse import urlsplit
 import yaml
 
 from kuiper_plugins.engine.portable import parse_duration
+from kuiper_plugins.found_files import read_regular
 from kuiper_plugins.install.fetch import parse_allow_list
 
 DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "etc" / "kuiper.yaml"
 ENV_PREFIX = "KUIPER__"
+SETTINGS_FILE_MAX_BYTES = 4 * 1024 * 1024  # eKuiper's kuiper.yaml is a few KiB; a settings file is never read unbounded
 # Where eKuiper's three folders go when not under KUIPER_HOME, as its -etc, -data and -plugins flags place them.
 FOLDER_VARIABLES = (("etc", "KUIPER_ETC_DIR"), ("data", "KUIPER_DATA_DIR"), ("plugins", "KUIPER_PLUGINS_DIR"))
 
@@ -324,11 +326,11 @@ def parse_env_value(text: str) -> Any:
 
 def _read_yaml(path: Path) -> dict[str, dict[str, Any]]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        # The engine's file may be a link (a mounted ConfigMap), but never a FIFO that holds start-up.
+        data = yaml.safe_load(read_regular(path, SETTINGS_FILE_MAX_BYTES, follow_links=True).decode("utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise SettingsError(f"cannot read {path}: {exc}") from None
     if data is None:
         return {}

@@ -7,9 +7,11 @@ ignored by every rule. The lists are those of eKuiper's default build
 and the `builtins` table of `internal/binder/function`), as of eKuiper 2.4.
 Names are compared case-insensitively: a native plugin's .so file name
 upper-cases the first letter, and our names are unique regardless of case.
-Portable plugins' symbols are not checked: eKuiper's own sample portable
-plugin declares a sink named `file`. Optional extensions of the "full" build (kafka, sql, video, image, influx,
-influx2) and edgex are left out: eKuiper ships them as plugins too.
+A portable plugin's sources and functions are checked as well (at install
+and when a folder is adopted at start-up); its sinks are not: eKuiper's own
+sample portable plugin declares a sink named `file`. Optional extensions of
+the "full" build (kafka, sql, video, image, influx, influx2) and edgex are
+left out: eKuiper ships them as plugins too.
 """
 
 from __future__ import annotations

@@ -109,6 +109,10 @@ STORE_TYPE_KEY = "store.type"
 SUPPORTED_STORE_TYPES = ("sqlite",)
 BUSY_TIMEOUT_SECONDS = 5.0
 JOURNAL_SIZE_LIMIT = 256 * 1024  # what a PERSIST journal may keep between writes
+# The largest pluginFuncs value decoded. A thousand names of 250 characters (the most an install
+# registers) take about 250 KiB; a larger row is not one eKuiper wrote for a real plugin, and decoding
+# it whole could turn a few MiB of one-letter names into millions of Python strings in every worker.
+FUNCTION_LIST_MAX_BYTES = 1024 * 1024
 
 
 def create_table_statement(table: str) -> str:
@@ -603,11 +607,28 @@ class EngineStore:
         return result
 
     def function_lists(self) -> dict[str, list[str]]:
-        """Return every readable pluginFuncs row as {plugin name: functions}, for adoption."""
+        """Return every readable pluginFuncs row as {plugin name: functions}, for adoption.
+
+        A row over FUNCTION_LIST_MAX_BYTES is skipped with a warning, without being read.
+        """
+
+        def read(conn: sqlite3.Connection | None) -> list[tuple[str, int, bytes | None]]:
+            if conn is None or FUNCTIONS_TABLE not in self._tables(conn):
+                return []
+            return conn.execute(
+                "SELECT key, size, CASE WHEN size <= ? THEN CAST(val AS BLOB) END FROM"
+                f" (SELECT key, val, length(CAST(val AS BLOB)) AS size FROM '{FUNCTIONS_TABLE}' WHERE val IS NOT NULL)",
+                (FUNCTION_LIST_MAX_BYTES,),
+            ).fetchall()
+
         result = {}
-        for key, blob in self._all(FUNCTIONS_TABLE).items():
+        for key, size, blob in self._read(read):
+            if blob is None:
+                log.warning("eKuiper's %s row %r is skipped: %d bytes, larger than %d", FUNCTIONS_TABLE, key, size,
+                            FUNCTION_LIST_MAX_BYTES)
+                continue
             try:
-                result[key] = gob.decode_strings(blob)
+                result[key] = gob.decode_strings(bytes(blob))
             except gob.GobError as exc:
                 log.warning("eKuiper's %s row %r is skipped: %s", FUNCTIONS_TABLE, key, exc)
         return result

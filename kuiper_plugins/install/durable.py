@@ -9,6 +9,7 @@ then commits; `fingerprint` is what the registry records of each file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -89,6 +90,8 @@ def _link(path: Path) -> Fingerprint:
 def _file(path: Path, *, sync: bool) -> Fingerprint:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the lstat: a FIFO or device never ends
+            raise OSError(errno.EINVAL, "not a regular file any more", str(path))
         digest, size = hashlib.sha256(), 0
         while chunk := os.read(fd, CHUNK_SIZE):
             size += len(chunk)

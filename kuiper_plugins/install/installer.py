@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -50,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kuiper_plugins.engine import builtins, compat, kv, portable
+from kuiper_plugins import found_files
+from kuiper_plugins.engine import compat, kv, portable
 from kuiper_plugins.errors import (
     ArchiveRejected,
     DiskFull,
@@ -71,6 +73,12 @@ from kuiper_plugins.store import db, registry
 log = logging.getLogger(__name__)
 
 DESCRIPTOR_MAX_BYTES = 1024 * 1024
+# A config copy found beside an adopted plugin is compared with the folder's own file only up to this size:
+# a yaml or json of more is not one eKuiper's install wrote from a plugin package, and is left alone.
+CONFIG_COPY_MAX_BYTES = 1024 * 1024
+# Ours, but read at start-up from a folder anything may have written into: never read without a bound.
+# (A journal lists one entry per file moved: a 10,000-file package makes well under 4 MiB.)
+JOURNAL_MAX_BYTES = 64 * 1024 * 1024
 # An operation's journal sits beside its staging folder, `<operation>.journal.json`, so that one fsync of
 # the staging root makes both names durable; versions before kept it inside, as `journal.json`, and a
 # journal found there is honoured all the same.
@@ -290,21 +298,37 @@ class Installer:
             folder = self.layout.native_dir(plugin_type)
             for so_path in sorted(folder.glob("*.so")):
                 relative = self.layout.relative(so_path)
-                if relative in recorded or relative in journaled or not so_path.is_file():
+                if relative in recorded or relative in journaled:
+                    continue
+                try:
+                    mode = so_path.lstat().st_mode
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(mode):
+                    # A link, FIFO, socket or device: an install never writes one, and reading it could block.
+                    log.warning("not adopting %s: it is a %s, not a regular file", relative, found_files.kind_of(mode))
                     continue
                 match = SO_FILE_NAME.fullmatch(so_path.name)
                 if match is None:
                     log.warning("ignoring %s: its name does not make a plugin name", relative)
                     continue
                 name = match.group(1)[0].lower() + match.group(1)[1:]
-                if not packages.NAME_PATTERN.fullmatch(name):
+                try:
+                    packages.check_plugin_name(plugin_type, name)
+                except InvalidRequest as exc:
+                    log.warning("not adopting %s: %s (the API refuses such an install)", relative, exc.message)
                     continue
                 self._adopt_under_lock(plugin_type, name, relative, self._adopt_native,
                                        conn, plugin_type, name, relative, match.group(2), engine)
         portable_root = self.layout.plugins / "portable"
         for folder in sorted(p for p in portable_root.iterdir() if p.is_dir() and not p.is_symlink()):
             relative = self.layout.relative(folder)
-            if relative in recorded or relative in journaled or not packages.NAME_PATTERN.fullmatch(folder.name):
+            if relative in recorded or relative in journaled:
+                continue
+            try:
+                packages.check_plugin_name(PORTABLE, folder.name)
+            except InvalidRequest as exc:
+                log.warning("not adopting portable plugin folder %s: %s", folder, exc.message)
                 continue
             self._adopt_under_lock(PORTABLE, folder.name, relative, self._adopt_portable, conn, folder, engine)
 
@@ -351,34 +375,82 @@ class Installer:
         script = engine["native"].get((plugin_type, name))
         functions = [name]
         if plugin_type == "functions" and engine["functions"].get(name):
-            functions = list(engine["functions"][name])
+            functions = _adoptable_functions(name, engine["functions"][name])
         if plugin_type != "functions":
             functions = []
         request = _request_of(script, functions if name in engine["functions"] else None)
+        copies = self._claimed_copies(plugin_type, name, None, packages.config_copies(plugin_type, name),
+                                      installed_by_engine=script is not None)
         self._save_adopted(conn, plugin_type, name, (version or "").removeprefix("v"), None, request,
-                           [registry.RecordedFile(relative, print_.size, print_.sha256)],
-                           packages.config_copies(plugin_type, name), functions)
+                           [registry.RecordedFile(relative, print_.size, print_.sha256)], copies, functions)
 
     def _adopt_portable(self, conn: sqlite3.Connection, folder: Path, engine: dict[str, Any]) -> None:
-        """Adopt a portable plugin folder whose `<name>/<name>.json` eKuiper's boot scan would accept."""
+        """Adopt a portable plugin folder whose `<name>/<name>.json` eKuiper's boot scan and our install accept.
+
+        The descriptor is read as anything found in the tree is (see found_files): a FIFO, link or oversized
+        file there is logged and the folder skipped. Its symbols follow the install's rules, and an executable
+        reached through a link is refused, as a package holding a link is.
+        """
         name = folder.name
         try:
-            with open(folder / packages.descriptor_member(name), "rb") as descriptor_file:
-                raw = descriptor_file.read(DESCRIPTOR_MAX_BYTES + 1)
-            info = packages.parse_descriptor(name, raw[:DESCRIPTOR_MAX_BYTES])
+            raw = found_files.read_regular(folder / packages.descriptor_member(name), DESCRIPTOR_MAX_BYTES)
+            info = packages.parse_descriptor(name, raw)
         except (OSError, PackageInvalid) as exc:
             log.warning("not adopting portable plugin folder %s: %s", folder, getattr(exc, "message", exc))
             return
-        executable = folder / info["executable"]
-        if not executable.is_file():
-            log.warning("not adopting portable plugin %s: cannot find executable %s", name, executable)
+        problem = _executable_problem(folder, info["executable"])
+        if problem is not None:
+            log.warning("not adopting portable plugin %s: %s", name, problem)
             return
         descriptor = dict(info, executable=str(self.layout.portable_dir(name) / info["executable"]))
         print_ = durable.fingerprint(folder)
-        self._save_adopted(conn, PORTABLE, name, info["version"], descriptor, _request_of(engine["portable"].get(name)),
+        script = engine["portable"].get(name)
+        copies = self._claimed_copies(PORTABLE, name, folder, packages.config_copies(PORTABLE, name, info),
+                                      installed_by_engine=script is not None)
+        self._save_adopted(conn, PORTABLE, name, info["version"], descriptor, _request_of(script),
                            [registry.RecordedFile(self.layout.relative(folder), print_.size if print_ else None,
                                                   print_.sha256 if print_ else None)],
-                           packages.config_copies(PORTABLE, name, info), list(info["functions"]))
+                           copies, list(info["functions"]))
+
+    def _claimed_copies(self, plugin_type: str, name: str, folder: Path | None, copies: list[packages.ConfigCopy],
+                        *, installed_by_engine: bool) -> list[str]:
+        """The config copies on disk that `packages.claims_copy` gives to a plugin found on disk.
+
+        A copy the plugin's folder still holds the packaged original of is compared with it byte for byte;
+        a copy that is not a regular file (or real folder) where one is expected is logged and never claimed.
+        """
+        claimed = []
+        for copy in copies:
+            path = self.layout.absolute(copy.path)
+            try:
+                mode = path.lstat().st_mode
+            except FileNotFoundError:
+                continue
+            if not (stat.S_ISDIR(mode) if copy.is_dir else stat.S_ISREG(mode)):
+                log.warning("not claiming %s for %s plugin %s: it is a %s, not a regular %s", copy.path,
+                            type_label(plugin_type), name, found_files.kind_of(mode),
+                            "folder" if copy.is_dir else "file")
+                continue
+            same = None
+            packaged = folder / copy.packaged_as if folder is not None and copy.packaged_as else None
+            if packaged is not None and os.path.lexists(packaged):
+                same = self._same_bytes(path, packaged)
+            if packages.claims_copy(copy, same_as_packaged=same, installed_by_engine=installed_by_engine):
+                claimed.append(copy.path)
+            else:
+                log.info("leaving %s to its owner: %s plugin %s found on disk does not own it", copy.path,
+                         type_label(plugin_type), name)
+        return claimed
+
+    @staticmethod
+    def _same_bytes(copy: Path, packaged: Path) -> bool:
+        """Whether a config copy holds exactly the bytes of the plugin folder's file (both bounded reads)."""
+        try:
+            return (found_files.read_regular(copy, CONFIG_COPY_MAX_BYTES)
+                    == found_files.read_regular(packaged, CONFIG_COPY_MAX_BYTES))
+        except OSError as exc:
+            log.warning("cannot compare %s with %s: %s", copy, packaged, exc)
+            return False
 
     def _save_adopted(self, conn: sqlite3.Connection, plugin_type: str, name: str, version: str,
                       descriptor: dict[str, Any] | None, request: dict[str, Any] | None,
@@ -440,8 +512,7 @@ class Installer:
     ) -> None:
         """What the request alone decides, before anything is downloaded: built-in names, function clashes."""
         name = request["name"]
-        if plugin_type in NATIVE_TYPES and builtins.builtin_name(plugin_type, name):
-            raise InvalidRequest(f"invalid name {name}: {builtins.describe(plugin_type, name)}")
+        packages.check_plugin_name(plugin_type, name)
         if plugin_type == "functions":
             functions = request.get("functions") or [name]
             _refuse_builtin_functions(functions)
@@ -936,8 +1007,46 @@ def _recorded_now(path: Path, recorded: str) -> registry.RecordedFile:
 
 def _refuse_builtin_functions(functions: Sequence[str]) -> None:
     for function in functions:
-        if builtins.builtin_name("functions", function):
-            raise InvalidRequest(f"invalid function name {function}: {builtins.describe('functions', function)}")
+        packages.check_function_name(function)
+
+
+def _adoptable_functions(name: str, listed: Sequence[str]) -> list[str]:
+    """The functions of eKuiper's pluginFuncs row that the API would register; the rest logged in one line.
+
+    An empty result falls back to the plugin's own name, as eKuiper does without a row.
+    """
+    verdict = packages.adoptable_functions(listed)
+    if verdict.refused or verdict.past_limit:
+        log.warning(
+            "eKuiper's pluginFuncs lists %d functions for functions plugin %s; registering %d: %d are names an"
+            " install refuses (%s%s)%s", len(listed), name, len(verdict.kept) or 1, verdict.refused,
+            "; ".join(verdict.examples), "; ..." if verdict.refused > len(verdict.examples) else "",
+            f", {verdict.past_limit} more are past the limit of {packages.MAX_FUNCTIONS}" if verdict.past_limit
+            else "",
+        )
+    return verdict.kept or [name]
+
+
+def _executable_problem(folder: Path, executable: str) -> str | None:
+    """Why a portable folder's executable cannot be adopted (missing, or reached through a link), or None.
+
+    A package that holds a link is refused at install; the same executable put there by hand is not taken
+    either. Each folder on the way and the file itself are looked at without following links.
+    """
+    path = folder
+    parts = executable.split("/")
+    for index, part in enumerate(parts):
+        path = path / part
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            return f"cannot find executable {folder / executable}"
+        last = index == len(parts) - 1
+        if stat.S_ISLNK(mode):
+            return f"{path} is a symbolic link (an install refuses links in a package)"
+        if (not last and not stat.S_ISDIR(mode)) or (last and not stat.S_ISREG(mode)):
+            return f"{path} is a {found_files.kind_of(mode)}, not a regular {'file' if last else 'folder'}"
+    return None
 
 
 def _is_our_copy(existing: Path, new_file: Path, recorded: registry.RecordedFile | None) -> bool:
@@ -954,7 +1063,8 @@ def _is_our_copy(existing: Path, new_file: Path, recorded: registry.RecordedFile
                 return True
         if size > os.path.getsize(new_file):
             return False
-        with open(existing, "rb") as ours, open(new_file, "rb") as theirs:
+        # Checked above by name; opened so that a FIFO or device swapped in meanwhile is refused, not waited on.
+        with os.fdopen(found_files.open_regular(existing), "rb") as ours, open(new_file, "rb") as theirs:
             while chunk := ours.read(durable.CHUNK_SIZE):
                 if theirs.read(len(chunk)) != chunk:
                     return False
@@ -1013,11 +1123,13 @@ def _read_journal(staging: Path) -> dict[str, Any] | None:
     """The journal an operation wrote before its first move; None when it made none."""
     for path in _journal_files(staging):
         try:
-            text = path.read_text()
+            raw = found_files.read_regular(path, JOURNAL_MAX_BYTES)  # in staging, but read before anything answers
         except (FileNotFoundError, NotADirectoryError):
             continue
+        except OSError as exc:
+            raise InstallFailed(f"the journal {path} is unreadable: {exc}")
         try:
-            journal = json.loads(text)
+            journal = json.loads(raw)
             if not isinstance(journal, dict) or not isinstance(journal.get("moves"), list):
                 raise ValueError("not a journal of this version")
         except ValueError as exc:

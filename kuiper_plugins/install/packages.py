@@ -3,6 +3,12 @@
 `plan_native` and `plan_portable` decide which zip members become which
 installed files; the installer carries the plan out. Every refusal is a
 PackageInvalid whose message names the plugin's problem.
+
+The same rules decide what start-up adopts from disk and from eKuiper's
+store (`check_plugin_name`, `check_function_name`, `adoptable_functions`,
+`parse_descriptor`): a plugin the API would refuse is not listed because
+eKuiper or a user put it there. `claims_copy` decides which config files
+found beside an adopted plugin are its own, for its DELETE to remove.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kuiper_plugins.engine import builtins
 from kuiper_plugins.errors import InvalidRequest, PackageInvalid
 from kuiper_plugins.install.archive import Entry
 
@@ -24,6 +31,11 @@ VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 INSTALL_SCRIPT = "install.sh"
 PORTABLE_LANGUAGES = ("go", "python")
 PORTABLE_SYMBOL_KINDS = ("sources", "sinks", "functions")
+# The most functions one plugin may export: a function plugin's list (a request's, or eKuiper's pluginFuncs
+# row found at start-up), and each symbol list of a portable descriptor. eKuiper has no limit; a thousand
+# is far beyond any real plugin and keeps a hostile list from filling the registry and every listing.
+MAX_FUNCTIONS = 1000
+_SYMBOL_WORD = {"sources": "source", "sinks": "sink", "functions": "function"}
 
 
 def check_name(name: Any, what: str = "name") -> str:
@@ -42,6 +54,70 @@ def check_name(name: Any, what: str = "name") -> str:
             f" have at most 255 bytes: {MAX_NAME_BYTES} characters are left for it)"
         )
     return name
+
+
+def check_plugin_name(plugin_type: str, name: Any) -> str:
+    """Return `name` if the API takes it for a plugin of `plugin_type`: the ID rule, and no built-in name.
+
+    A native plugin named after one of eKuiper's built-ins (source `mqtt`, function `abs`) could never be
+    used: eKuiper looks its built-ins up first. Portable plugin names are not symbols and are not checked.
+    """
+    check_name(name)
+    if plugin_type in builtins.BY_KIND and builtins.builtin_name(plugin_type, name):
+        raise InvalidRequest(f"invalid name {name}: {builtins.describe(plugin_type, name)}")
+    return name
+
+
+def check_function_name(name: Any) -> str:
+    """Return `name` if a plugin may export a function of that name: the ID rule, and not an eKuiper built-in."""
+    check_name(name)
+    if builtins.builtin_name("functions", name):
+        raise InvalidRequest(f"invalid function name {name}: {builtins.describe('functions', name)}")
+    return name
+
+
+@dataclass(frozen=True)
+class FunctionListVerdict:
+    """What a function list found outside the API (eKuiper's pluginFuncs) may register, and what not."""
+
+    kept: list[str]  # in the list's order, each once, at most MAX_FUNCTIONS
+    refused: int  # names the API would refuse (repeats not counted)
+    examples: list[str]  # the first few refusals, each with its reason, for one log line
+    past_limit: int  # valid names beyond the first MAX_FUNCTIONS
+
+
+def adoptable_functions(listed: Sequence[str], example_count: int = 3) -> FunctionListVerdict:
+    """Split a function list found on disk into the names the API would register and the rest.
+
+    Each name must pass `check_function_name`; a name listed again counts once; the first
+    MAX_FUNCTIONS valid names are kept, in order.
+    """
+    kept: list[str] = []
+    seen: set[str] = set()
+    refused, past_limit = 0, 0
+    examples: list[str] = []
+    for name in listed:
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            check_function_name(name)
+        except InvalidRequest as exc:
+            refused += 1
+            if len(examples) < example_count:
+                examples.append(f"'{_printable(name, 40)}' ({_printable(exc.message, 100)})")
+            continue
+        if len(kept) < MAX_FUNCTIONS:
+            kept.append(name)
+        else:
+            past_limit += 1
+    return FunctionListVerdict(kept, refused, examples, past_limit)
+
+
+def _printable(text: str, limit: int) -> str:
+    """Text for one log line: cut at `limit` characters, every non-ASCII or control character escaped."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return ascii(cut)[1:-1]
 
 
 @dataclass(frozen=True)
@@ -218,23 +294,58 @@ def parse_descriptor(name: str, descriptor_bytes: bytes) -> dict[str, Any]:
     return _validate_descriptor(name, raw, json_name)
 
 
-def config_copies(plugin_type: str, name: str, descriptor: dict[str, Any] | None = None) -> list[str]:
+@dataclass(frozen=True)
+class ConfigCopy:
+    """A config file or folder eKuiper keeps for a plugin outside the plugin's own binary or folder."""
+
+    path: str  # as recorded: etc/sources/random.yaml
+    packaged_as: str | None  # where eKuiper's install took it from in the package: sources/random.yaml (portable)
+    is_dir: bool = False  # a native plugin's etc/<type>/<name>/ folder
+    settings: bool = False  # a source's yaml: once installed, it holds the user's configuration
+    builtin: bool = False  # named after an eKuiper built-in (a portable's sink `file`): eKuiper's own file
+
+
+def config_copies(plugin_type: str, name: str, descriptor: dict[str, Any] | None = None) -> list[ConfigCopy]:
     """The config files and folders eKuiper keeps for a plugin, whoever installed it (its delete removes them).
 
     Native: `<name>.json` (and a sink's `<name>.yaml`, a source's `<name>.yaml`) in etc/<type> and
-    data/<type>, and the `<name>/` folders there. Portable: the yaml and json of each symbol it declares.
+    data/<type>, and the `<name>/` folders there. Portable: the yaml and json of each symbol it declares,
+    which eKuiper's install writes from the package's `<kind>/<symbol>.<suffix>`.
     """
-    paths: list[str] = []
+    copies: list[ConfigCopy] = []
     if plugin_type == "portables":
         for kind in PORTABLE_SYMBOL_KINDS:
             for symbol in (descriptor or {}).get(kind, []):
-                suffixes = ("yaml", "json") if kind != "functions" else ("json",)
-                paths += [f"{root}/{kind}/{symbol}.{suffix}" for root in ("etc", "data") for suffix in suffixes]
-        return paths
+                builtin = bool(builtins.builtin_name(kind, symbol))
+                for suffix in ("yaml", "json") if kind != "functions" else ("json",):
+                    packaged = f"{kind}/{symbol}.{suffix}"
+                    copies += [ConfigCopy(f"{root}/{packaged}", packaged, settings=kind == "sources" and
+                                          suffix == "yaml", builtin=builtin) for root in ("etc", "data")]
+        return copies
     suffixes = ("json", "yaml") if plugin_type in ("sources", "sinks") else ("json",)
     for root in ("etc", "data"):
-        paths += [f"{root}/{plugin_type}/{name}.{suffix}" for suffix in suffixes] + [f"{root}/{plugin_type}/{name}"]
-    return paths
+        copies += [ConfigCopy(f"{root}/{plugin_type}/{name}.{suffix}", None,
+                              settings=plugin_type == "sources" and suffix == "yaml") for suffix in suffixes]
+        copies.append(ConfigCopy(f"{root}/{plugin_type}/{name}", None, is_dir=True))
+    return copies
+
+
+def claims_copy(copy: ConfigCopy, *, same_as_packaged: bool | None, installed_by_engine: bool) -> bool:
+    """Whether a plugin found on disk owns a config copy of its name that is there, and a DELETE may remove it.
+
+    Only what eKuiper's install of this plugin would have written is the plugin's:
+    - a copy of a file the plugin's folder still holds (`same_as_packaged` is not None) is its own only
+      when it has the folder's bytes exactly: any other content is someone's edit, or someone's file;
+    - without that evidence, only a plugin whose install eKuiper's store records (its nativePlugin or
+      portablePlugin row) owns its metadata json and `<name>/` folders, as eKuiper's own delete assumes;
+      a source's yaml never, since it holds the user's configuration;
+    - a copy named after a built-in is eKuiper's own, whatever else holds.
+    """
+    if copy.builtin:
+        return False
+    if same_as_packaged is not None:
+        return same_as_packaged
+    return installed_by_engine and not copy.settings
 
 
 def _validate_descriptor(name: str, raw: dict[str, Any], json_name: str) -> dict[str, Any]:
@@ -258,9 +369,17 @@ def _validate_descriptor(name: str, raw: dict[str, Any], json_name: str) -> dict
             return []
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise PackageInvalid(f"invalid json file {json_name}: {key} must be a list of names")
+        if len(value) > MAX_FUNCTIONS:
+            raise PackageInvalid(f"invalid json file {json_name}: {key} lists {len(value)} names (at most"
+                                 f" {MAX_FUNCTIONS})")
         for symbol in value:
             if not NAME_PATTERN.fullmatch(symbol):
-                raise PackageInvalid(f"invalid json file {json_name}: invalid {key} name '{symbol}'")
+                raise PackageInvalid(f"invalid json file {json_name}: invalid {key} name {_quoted(symbol)}")
+            if len(symbol) > MAX_NAME_BYTES:
+                raise PackageInvalid(
+                    f"invalid json file {json_name}: invalid {key} name {_quoted(symbol)}: it is too long"
+                    f" ({len(symbol)} characters; a symbol becomes file names: {MAX_NAME_BYTES} are left for it)"
+                )
         if len(set(value)) != len(value):
             raise PackageInvalid(f"invalid json file {json_name}: {key} lists a name twice")
         return list(value)
@@ -293,4 +412,17 @@ def _validate_descriptor(name: str, raw: dict[str, Any], json_name: str) -> dict
         if raw.get(optional) is not None:
             info[optional] = text(optional)
     info.update(sources=sources, sinks=sinks, functions=functions)
+    # Ours, after eKuiper's checks. A built-in function would make the one function namespace name this
+    # plugin as the owner of eKuiper's own `abs`; a built-in source's yaml is eKuiper's configuration of
+    # it. Sinks are left out: eKuiper's own sample plugin declares a sink `file`, and a sink brings no
+    # configuration of its own (its json is refused where a file not ours is already there).
+    for kind in ("functions", "sources"):
+        for symbol in info[kind]:
+            if builtins.builtin_name(kind, symbol):
+                raise PackageInvalid(f"invalid json file {json_name}: invalid {_SYMBOL_WORD[kind]} name {symbol}:"
+                                     f" {builtins.describe(kind, symbol)}")
     return info
+
+
+def _quoted(symbol: str) -> str:
+    return f"'{symbol}'" if len(symbol) <= 40 else f"'{symbol[:20]}...'"

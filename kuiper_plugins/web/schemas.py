@@ -16,7 +16,7 @@ from kuiper_plugins.errors import InvalidRequest
 from kuiper_plugins.install import fetch, packages, scripts
 
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-MAX_FUNCTIONS = 1000
+MAX_FUNCTIONS = packages.MAX_FUNCTIONS  # one limit for requests and for what start-up adopts
 NAME_DOC = {
     "pattern": "^[A-Za-z0-9_-]+$",
     "maxLength": 250,
