@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Gunicorn, free_port, make_zip
+from conftest import Gunicorn, disk_state, free_port, make_zip
 from cryptography.hazmat.primitives.asymmetric import rsa
 from test_auth import ISSUER, public_pem, sign
 from test_deploy import nginx  # noqa: F401  (the fixture nginx_as_www_data builds on)
@@ -397,6 +397,35 @@ def test_allowed_users_lets_nobody_in_by_name_or_uid(start_gunicorn, file_server
     assert requests.get(f"{server.url}/plugins/sources/random", timeout=10).json()["name"] == "random"
     assert curl_one(f"{server.url}/plugins/sources/random", "DELETE")[0] == 200
     assert_refused_user(curl_one(f"{server.url}/plugins/sources", user="www-data"), "www-data")
+
+
+@pytest.mark.slow
+def test_an_allowed_user_who_is_not_root_cannot_have_an_install_sh_run_as_root(start_gunicorn, file_server):
+    """install.sh runs as the service's user (root): only root, the service's user or a token's holder may
+    install a package that carries one. Another allowed user gets a 403, and the script never runs."""
+    server = start_gunicorn(KUIPER__BASIC__ALLOWEDUSERS="nobody")
+    marker = server.home / "ran-as"
+    make_zip(file_server.root / "scripted.zip", {
+        "Scripted@v1.0.0.so": b"so", "scripted.yaml": "a: 1\n",
+        "install.sh": f"#!/bin/sh\nid -u > {marker}\n",
+    })
+    body = json.dumps({"name": "scripted", "file": file_server.url("scripted.zip")})
+    before = disk_state(server.home)
+
+    status, answer = curl_one(f"{server.url}/plugins/sources", "POST", json_body=body)
+
+    assert status == 403, answer
+    message = json.loads(answer)["message"]
+    assert message.startswith("fail to install plugin: the package has an"
+                              " install.sh, which runs as this service's user, and the caller is local user"
+                              f" 'nobody' (uid {NOBODY})"), message
+    assert not marker.exists()
+    assert disk_state(server.home) == before
+    assert requests.get(f"{server.url}/plugins/sources", timeout=10).json() == []
+    # The same user may install a package without one; root may install this one, and its script runs.
+    assert curl_one(f"{server.url}/plugins/sources", "POST", json_body=plugin_body(file_server))[0] == 201
+    assert curl_one(f"{server.url}/plugins/sources", "POST", json_body=body, user=None)[0] == 201
+    assert marker.read_text().strip() == "0"
 
 
 @pytest.fixture(scope="module")

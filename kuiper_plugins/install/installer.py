@@ -56,6 +56,7 @@ from kuiper_plugins.engine import compat, kv, portable
 from kuiper_plugins.errors import (
     ArchiveRejected,
     DiskFull,
+    Forbidden,
     InstallFailed,
     InvalidRequest,
     PackageInvalid,
@@ -124,8 +125,12 @@ class Installer:
 
     # ---------------------------------------------------------------- operations
 
-    def install(self, plugin_type: str, request: dict[str, Any]) -> None:
-        """Install a new plugin from the request's package URL."""
+    def install(self, plugin_type: str, request: dict[str, Any], *, unprivileged_caller: str | None = None) -> None:
+        """Install a new plugin from the request's package URL.
+
+        `unprivileged_caller` names a caller who is neither root, this service's user nor a token's holder:
+        a package with an install.sh (which runs as this service's user) is refused for such a caller.
+        """
         name = request["name"]
         with self._logged("install", plugin_type, name, request) as outcome:
             fetch.check_url(request["file"])  # eKuiper's order: the URL, then duplicate, then function names
@@ -134,11 +139,16 @@ class Installer:
                     raise InvalidRequest(f"invalid name {name}: duplicate")
                 self._refuse_before_fetching(conn, plugin_type, request, None)
                 with self._reserved(conn, plugin_type, name, "install") as op:
-                    outcome.update(self._install_package(conn, op, plugin_type, request, old=None))
+                    outcome.update(self._install_package(conn, op, plugin_type, request, old=None,
+                                                         unprivileged_caller=unprivileged_caller))
                 self._project(conn, plugin_type, name)
 
-    def update(self, plugin_type: str, name: str, request: dict[str, Any]) -> None:
-        """Replace an installed plugin by a new package; the old one stays whole until the new one is in."""
+    def update(self, plugin_type: str, name: str, request: dict[str, Any], *,
+               unprivileged_caller: str | None = None) -> None:
+        """Replace an installed plugin by a new package; the old one stays whole until the new one is in.
+
+        `unprivileged_caller` is as for `install`.
+        """
         with self._logged("update", plugin_type, name, request) as outcome:
             fetch.check_url(request["file"])
             with self._locked(plugin_type, name) as conn:
@@ -153,7 +163,8 @@ class Installer:
                         raise InvalidRequest(f"invalid name {name}: duplicate")
                 self._refuse_before_fetching(conn, plugin_type, request, old)
                 with self._reserved(conn, plugin_type, name, "update") as op:
-                    outcome.update(self._install_package(conn, op, plugin_type, request, old=old))
+                    outcome.update(self._install_package(conn, op, plugin_type, request, old=old,
+                                                         unprivileged_caller=unprivileged_caller))
                 self._project(conn, plugin_type, name)
 
     def delete(self, plugin_type: str, name: str) -> None:
@@ -520,7 +531,7 @@ class Installer:
 
     def _install_package(
         self, conn: sqlite3.Connection, op: _Operation, plugin_type: str, request: dict[str, Any],
-        old: registry.Plugin | None,
+        old: registry.Plugin | None, unprivileged_caller: str | None = None,
     ) -> dict[str, Any]:
         name = request["name"]
         settings = self.settings
@@ -537,12 +548,18 @@ class Installer:
             self._refuse_function_clashes(conn, plan.functions, old_id)
             if plan.script and not settings.install_scripts:
                 raise ScriptFailed("the package has an install.sh and basic.installScripts is false")
+            if plan.script and unprivileged_caller is not None:
+                raise Forbidden(
+                    f"the package has an install.sh, which runs as this service's user, and the caller is"
+                    f" {unprivileged_caller}: only root, this service's user or a token's holder may install"
+                    " a package that carries one (packages without install.sh are not affected)"
+                )
             if plan.script:
                 scripts.require_confinement()  # refused before unpacking where install.sh cannot be confined
             unpacked = op.staging / "unpacked"
             unpacked.mkdir()
             archive.extract(fetched.path, entries, unpacked)
-        except (ArchiveRejected, PackageInvalid, ScriptFailed) as exc:
+        except (ArchiveRejected, PackageInvalid, ScriptFailed, Forbidden) as exc:
             raise exc.with_prefix("fail to install plugin")
         finally:
             fetched.path.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import pwd
 import re
 import socket
@@ -46,6 +47,7 @@ EXTENSION = "kuiper_plugins.access"  # where the app keeps its AccessCheck, for 
 
 # Where WSGI servers put the accepted connection: gunicorn, and werkzeug's development server.
 SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
+UNPRIVILEGED_CALLER = "kuiper_plugins.unprivileged_caller"  # environ key set by AccessCheck.check
 ANOTHER_WAY = "or turn on basic.authentication and send a JWT"
 
 # A Host header or an Origin's authority: a name or IPv4 address, or a bracketed IPv6 address; an optional port.
@@ -91,8 +93,8 @@ class LocalCallers:
         self.allowed_uids = allowed_uids
         self._known: weakref.WeakKeyDictionary[socket.socket, frozenset[int]] = weakref.WeakKeyDictionary()
 
-    def check(self, environ: Mapping[str, Any]) -> None:
-        """Return if the kernel names an allowed user as the caller; raise Forbidden otherwise."""
+    def check(self, environ: Mapping[str, Any]) -> frozenset[int]:
+        """Return the caller's uids if the kernel names an allowed user; raise Forbidden otherwise."""
         try:
             uids = self.callers(environ)
         except PeerUnknown as exc:
@@ -109,6 +111,7 @@ class LocalCallers:
                 f"local user {who} may not call this service while basic.authentication is off"
                 f" (add the user to basic.allowedUsers, {ANOTHER_WAY})"
             )
+        return uids
 
     def callers(self, environ: Mapping[str, Any]) -> frozenset[int]:
         """The uids the kernel names for this request's connection; raise PeerUnknown when it cannot."""
@@ -198,14 +201,30 @@ class AccessCheck:
             return False
         if self.authenticate is not None:
             self.authenticate(req)
+            # A token's holder acts with the authority of whoever may place keys in etc/mgmt: root or the
+            # service's user (start-up refuses keys anyone else could change).
+            req.environ[UNPRIVILEGED_CALLER] = None
         elif is_loopback(req.remote_addr) or _on_unix_socket(req.environ):
-            self.local_callers.check(req.environ)
+            uids = self.local_callers.check(req.environ)
+            others = sorted(uids - {0, os.geteuid()})
+            req.environ[UNPRIVILEGED_CALLER] = ", ".join(f"local user {_user_shown(uid)}" for uid in others) or None
         elif self.settings.protected_mode:
             raise Forbidden(
                 f"client {_shown(req.remote_addr or '')} refused: protected mode allows only loopback clients"
                 " while authentication is off (turn on basic.authentication, or set basic.protectedMode to false)"
             )
+        else:
+            req.environ[UNPRIVILEGED_CALLER] = f"client {_shown(req.remote_addr or '')}, let in without a token"
         return True
+
+
+def unprivileged_caller(environ: Mapping[str, Any]) -> str | None:
+    """Who called, when that is neither root, this service's user, nor a token's holder; None otherwise.
+
+    A package's install.sh runs as this service's user (root, as eKuiper runs it): it runs only for
+    callers with that authority.
+    """
+    return environ.get(UNPRIVILEGED_CALLER, "a caller the access check did not name")
 
 
 def refusal(exc: Forbidden | Unauthorized) -> Response:

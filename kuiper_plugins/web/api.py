@@ -22,6 +22,7 @@ from kuiper_plugins.install import catalog, fetch, packages
 from kuiper_plugins.install.installer import Installer, type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
 from kuiper_plugins.store import db, registry
+from kuiper_plugins.web.access import unprivileged_caller
 from kuiper_plugins.web.schemas import (
     FunctionListSchema,
     FunctionOwnerSchema,
@@ -197,7 +198,8 @@ def create_plugin(plugin_type: str) -> Response:
     body = load_body(create_schema, f"{type_label(plugin_type)} plugin")
     checked_name(body["name"])  # as eKuiper: after decoding, in its own words, before the create command
     try:
-        installer().install(plugin_type, _request_record(plugin_type, body))
+        installer().install(plugin_type, _request_record(plugin_type, body),
+                            unprivileged_caller=unprivileged_caller(request.environ))
     except PluginError as exc:
         raise prefixed(exc, creation_prefix(plugin_type))
     return text(f"{type_label(plugin_type)} plugin {body['name']} is created", 201)
@@ -267,7 +269,8 @@ def update_plugin(plugin_type: str, name: str) -> Response:
         raise InvalidRequest(f"the name '{body['name']}' in the body does not match '{name}' in the path")
     body["name"] = name
     try:
-        installer().update(plugin_type, name, _request_record(plugin_type, body))
+        installer().update(plugin_type, name, _request_record(plugin_type, body),
+                           unprivileged_caller=unprivileged_caller(request.environ))
     except PluginError as exc:
         action = "update" if plugin_type == PORTABLE else "create"
         raise prefixed(exc, creation_prefix(plugin_type, action))
