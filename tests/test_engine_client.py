@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
+import resource
 import sys
 import threading
 import time
@@ -214,6 +216,22 @@ def test_a_restart_command_past_its_timeout_is_killed_and_logged(caplog):
 def test_a_failing_restart_command_is_logged_with_its_output(caplog):
     assert run_restart_command([sys.executable, "-c", "print('no unit kuiper'); raise SystemExit(5)"], 30) == 5
     assert "failed with exit status 5: no unit kuiper" in caplog.text
+
+
+def test_a_restart_command_writing_without_end_costs_only_its_tail(caplog):
+    """A command that runs the engine in the foreground writes for as long as it runs: only the tail is kept."""
+    flood = "import sys; out = sys.stdout.buffer; [out.write(b'x' * 65536) for _ in range(2048)]; print('the end')"
+    caplog.set_level(logging.INFO, logger="kuiper_plugins.engine.restart")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    assert run_restart_command([sys.executable, "-c", flood], timeout=60) == 0  # 128 MiB of output
+
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 32 * 1024  # KiB: far below 128 MiB
+    assert "finished (exit status 0)" in caplog.text and caplog.text.rstrip().endswith("the end")
+    caplog.clear()
+    endless = "import sys\nwhile True: sys.stdout.write('y' * 4096)"
+    assert run_restart_command([sys.executable, "-c", endless], timeout=2) is None
+    assert "did not finish within 2 s and was killed" in caplog.text
 
 
 def test_restart_command_must_be_an_argument_list(tmp_path):

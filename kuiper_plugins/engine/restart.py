@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Mapping, Sequence
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,11 @@ def run_restart_command(command: Sequence[str], timeout: float) -> int | None:
     except OSError as exc:
         log.error("engine.restartCommand could not be started: %s", exc)
         return None
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    output, finished = _read_tail(process, timeout)
+    if not finished:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        process.stdout.close()
+        process.wait()
         log.error("engine.restartCommand did not finish within %g s and was killed; its output ended with: %s",
                   timeout, _tail(output))
         return None
@@ -83,6 +85,35 @@ def restart_environment(environ: Mapping[str, str]) -> dict[str, str]:
         name: value for name, value in environ.items()
         if not name.upper().startswith(SERVICE_PREFIXES) and name.upper() not in SERVICE_VARIABLES
     }
+
+
+def _read_tail(process: subprocess.Popen, timeout: float) -> tuple[bytes, bool]:
+    """Read the command's output until it ends, keeping the last OUTPUT_TAIL bytes; (tail, whether it ended).
+
+    A command that keeps writing (one that runs the engine in the foreground, say) costs no more memory
+    than the tail: every read of a child's output is bounded.
+    """
+    deadline = time.monotonic() + timeout
+    kept = bytearray()
+    fd = process.stdout.fileno()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return bytes(kept), False
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        kept += chunk
+        del kept[:-OUTPUT_TAIL]
+    process.stdout.close()
+    try:
+        process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:  # it closed its output but goes on
+        return bytes(kept), False
+    return bytes(kept), True
 
 
 def _tail(output: bytes | None) -> str:
