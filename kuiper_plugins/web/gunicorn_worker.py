@@ -403,18 +403,24 @@ class BufferingWorker(SyncWorker):
                 raise
             sock.setblocking(False)
             util.close_on_exec(sock)
-            conn = _Connection(sock, addr, listener, time.monotonic())
-            if not self._make_room():
-                self._refuse(conn, 503, "Service Unavailable",
-                             f"too many requests in progress: this worker holds {self._capacity} connections,"
-                             " each with a request arriving or waiting to be served")
-                continue
-            self._enter(conn, self._heads)
-            self._receive(conn)  # the head often came with the connection
-            if conn.table is self._heads or conn.table is self._bodies:
-                self._watch(conn, self._receive)
+            self._admit(_Connection(sock, addr, listener, time.monotonic()))
             if self._ready:
                 return
+
+    def _admit(self, conn: _Connection) -> None:
+        """Take a connection (just accepted, or handed over): make room, read what it brought, watch it."""
+        if not self._make_room():
+            self._refuse(conn, 503, "Service Unavailable",
+                         f"too many requests in progress: this worker holds {self._capacity} connections,"
+                         " each with a request arriving or waiting to be served")
+            return
+        self._enter(conn, self._heads)
+        if conn.data:  # what arrived before another worker handed it over
+            self._head_received(conn, 0)
+        if conn.table is self._heads or conn.table is self._bodies:
+            self._receive(conn)  # the head often came with the connection
+        if conn.table is self._heads or conn.table is self._bodies:
+            self._watch(conn, self._receive)
 
     def _make_room(self) -> bool:
         """Make a place for one more connection when the worker holds its capacity; False if none can be freed.
@@ -656,19 +662,7 @@ class BufferingWorker(SyncWorker):
             handed = self.handoff.receive(self.sockets)
             if handed is None:
                 return
-            conn = handed
-            if not self._make_room():
-                self._refuse(conn, 503, "Service Unavailable",
-                             f"too many requests in progress: this worker holds {self._capacity} connections,"
-                             " each with a request arriving or waiting to be served")
-                continue
-            self._enter(conn, self._heads)
-            if conn.data:
-                self._head_received(conn, 0)
-            if conn.table is self._heads or conn.table is self._bodies:
-                self._receive(conn)
-            if conn.table is self._heads or conn.table is self._bodies:
-                self._watch(conn, self._receive)
+            self._admit(handed)
             if self._ready:
                 return
 
