@@ -36,6 +36,7 @@ import requests
 import yaml
 
 __all__ = [
+    "go_portable",
     "kuiperd",
     "kuiperd_build",
     "multi_plugin",
@@ -55,6 +56,7 @@ KUIPERD_FLAGS = (
     f"-X {EKUIPER}/cmd.Version={EKUIPER_VERSION} -X {EKUIPER}/cmd.LoadFileType=relative",
 )
 PLUGIN_FLAGS = ("-trimpath", "-buildmode=plugin")
+PORTABLE_FLAGS = ("-trimpath",)  # a portable plugin is an ordinary executable, built as eKuiper's docs build one
 BUILD_TIMEOUT = 1800  # a cold kuiperd build is ~4 min on 2 idle cores; a shared, loaded machine is slower
 PROGRESS_EVERY = 15.0
 START_TIMEOUT = 60
@@ -278,6 +280,44 @@ def multi_plugin(request, kuiperd_build) -> NativePlugin:
         partial.unlink()
         say(f"built the multi plugin in {seconds:.0f} s")
         return NativePlugin(packaged, so_name, ("twice", "shout"), seconds)
+
+
+@dataclass(frozen=True)
+class GoPortable:
+    """A real Go portable plugin executable (tests/go/kuiperd/goportable); its name is its file name."""
+
+    binary: Path
+    built_in: float | None
+
+
+@pytest.fixture(scope="session")
+def go_portable(request) -> GoPortable:
+    """Build tests/go/kuiperd/goportable once per machine, cached by the module's go.mod, go.sum and its source.
+
+    It needs no engine: it is built in the engine's module only so that its mangos is the engine's.
+    """
+    go = _go()
+    say = _terminal(request)
+    cache = BuildCache(say)
+    key = _digest(
+        kuiperd_key(_go_version(go)).encode(), *_files(MODULE / "goportable", (".go",)), repr(PORTABLE_FLAGS).encode()
+    )
+    folder = cache.root / "plugins" / f"goportable-{key}"
+    binary = folder / "goportable"
+    with cache.locked("the Go portable plugin"):
+        if binary.exists():
+            return GoPortable(binary, None)
+        folder.mkdir(parents=True, exist_ok=True)
+        say(f"building the Go portable plugin into {folder}")
+        partial = folder / "goportable.partial"
+        seconds = cache.run_go(
+            "building the Go portable plugin",
+            [go, "build", "-v", *PORTABLE_FLAGS, "-o", str(partial), "./goportable"],
+            folder / "build.log",
+        )
+        os.replace(partial, binary)
+        say(f"built the Go portable plugin in {seconds:.0f} s")
+        return GoPortable(binary, seconds)
 
 
 # ---------------------------------------------------------------------------- eKuiper's Python SDK

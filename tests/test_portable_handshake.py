@@ -1,8 +1,9 @@
 """A portable plugin is started as eKuiper's runtime starts it and must shake hands (engine/portable.py).
 
 Real parts only: a plugin in eKuiper's documented layout run on eKuiper's own Python SDK from PyPI (a venv
-built once and cached under the pytest cache dir), shell-script plugins, a real binary without its run bit,
-util-linux's unshare, pynng, and Go's own time.ParseDuration for the duration rules.
+built once and cached under the pytest cache dir), a Go executable dialling with mangos as eKuiper's Go SDK
+does (tests/go/kuiperd/goportable, built once per machine), shell-script plugins, a real binary without its
+run bit, util-linux's unshare, pynng, and Go's own time.ParseDuration for the duration rules.
 """
 
 from __future__ import annotations
@@ -627,6 +628,31 @@ def test_the_sdk_plugin_shakes_hands_as_nobody_from_folders_closed_to_others(sdk
     assert processes_with(token) == []
 
 
+def test_a_real_go_plugin_shakes_hands_as_nobody_from_a_folder_closed_to_others(go_portable, closed_folder, token):
+    """A Go executable dialling with mangos (the engine's nanomsg library) as eKuiper's Go SDK does; its
+    folder sits below a 0700 folder outside /tmp. It prints os.Getuid() and os.Getgid() before it dials."""
+    plugin_dir = closed_folder / "plugins" / "portable" / "gomirror"
+    plugin_dir.mkdir(parents=True)
+    shutil.copyfile(go_portable.binary, plugin_dir / "gomirror")
+    (plugin_dir / "gomirror").chmod(0o755)
+    before = tree(closed_folder)
+
+    shook = verify_handshake(plugin_dir, "gomirror", "go", "gomirror", python_bin="no-python-needed",
+                             init_timeout=30.0)
+
+    assert shook.message == b"handshake"  # what eKuiper's Go SDK sends
+    # Started as eKuiper starts a Go plugin: `<executable> {"sendTimeout":1000}` in its folder.
+    assert f'gomirror started in {plugin_dir} with ["{{\\"sendTimeout\\":1000}}"]\n' in shook.output
+    assert "gomirror config parsed: sendTimeout 1000\n" in shook.output
+    assert f"gomirror runs as uid {NOBODY} gid {NOBODY}\n" in shook.output
+    assert "gomirror dialing ipc:///tmp/plugin_gomirror.ipc\n" in shook.output
+    assert 0 < shook.elapsed < 30
+    assert tree(closed_folder) == before
+    assert stat.S_IMODE(closed_folder.stat().st_mode) == 0o700
+    assert not Path("/tmp/plugin_gomirror.ipc").exists()
+    assert processes_with(token) == []  # the plugin was blocked in its receive: it was stopped, not left
+
+
 # ---------------------------------------------------------------------------- portable.initTimeout
 
 GO_DURATION_TEXTS = [
@@ -723,6 +749,37 @@ def test_a_real_python_plugin_installs_through_the_api_after_its_handshake(make_
     assert described["executable"] == str(service.layout.portable_dir("pygreet") / "pygreet.py")
     assert (service.home / "etc/sources/greeting.yaml").exists()
     assert not Path("/tmp/plugin_pygreet.ipc").exists()
+
+
+def test_a_real_go_plugin_installs_through_gunicorn_after_its_handshake(start_gunicorn, file_server, go_portable):
+    server = start_gunicorn(KUIPER__PORTABLE__VERIFYONINSTALL="true", KUIPER__PORTABLE__INITTIMEOUT="20s")
+    descriptor = {"version": "v1.0.0", "language": "go", "executable": "gomirror", "sources": ["goticks"],
+                  "sinks": ["goprint"]}
+    packaged = file_server.root / "gomirror-src"
+    (packaged / "sources").mkdir(parents=True)
+    (packaged / "gomirror.json").write_text(json.dumps(descriptor))
+    (packaged / "sources" / "goticks.yaml").write_text("default:\n  interval: 1000\n")
+    shutil.copyfile(go_portable.binary, packaged / "gomirror")
+    (packaged / "gomirror").chmod(0o755)
+    zip_folder(packaged, file_server.root / "gomirror.zip")
+
+    response = requests.post(f"{server.url}/plugins/portables",
+                             json={"name": "gomirror", "file": file_server.url("gomirror.zip")}, timeout=60)
+
+    assert response.status_code == 201, response.text
+    folder = server.home / "plugins" / "portable" / "gomirror"
+    described = requests.get(f"{server.url}/plugins/portables/gomirror", timeout=10).json()
+    assert described["language"] == "go"
+    assert described["executable"] == str(folder / "gomirror")
+    assert (folder / "gomirror").read_bytes() == go_portable.binary.read_bytes()
+    assert stat.S_IMODE((folder / "gomirror").stat().st_mode) == 0o755
+    assert (server.home / "etc" / "sources" / "goticks.yaml").exists()
+    log = server.log_path.read_text(errors="replace")
+    # The check's own log: the plugin shook hands, having run as nobody.
+    assert "portable plugin gomirror: handshake after" in log
+    assert f"gomirror runs as uid {NOBODY} gid {NOBODY}" in log
+    assert not Path("/tmp/plugin_gomirror.ipc").exists()
+    assert processes_with(str(folder)) == []
 
 
 def test_a_plugin_that_never_shakes_hands_is_refused_through_the_api_and_nothing_is_written(make_service, file_server):
