@@ -8,6 +8,7 @@ output the test receives on a loopback server.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -19,6 +20,8 @@ import psutil
 import pytest
 import requests
 from conftest import REPO, engine_dump, make_zip
+
+from kuiper_plugins.layout import Layout
 
 pytestmark = pytest.mark.slow
 
@@ -287,3 +290,26 @@ def test_describe_says_whether_the_engine_has_the_plugin(kuiperd, make_service, 
         assert attached.client.get("/plugins/functions/multi").get_json()["engine"] == "pending restart"
     finally:
         attached.stop()
+
+
+def test_start_up_puts_back_what_a_crash_left_set_aside_around_the_engines_delete(home, make_service):
+    """A worker killed between shielding files from the engine's delete and putting them back.
+
+    The staging folder holds only the list and the files set aside (no journal yet, the reservation lost
+    to a power cut): start-up must put each file back where it is missing before removing the folder.
+    """
+    service = make_service()
+    service.stop()
+    layout = Layout(home)
+    config = home / "etc" / "sources" / "mine.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    workdir = layout.staging / "0123456789abcdef0123456789abcdef"
+    (workdir / "engine-aside").mkdir(parents=True)
+    (workdir / "engine-aside" / "1").write_text("default: {interval: 1000}\n")
+    (workdir / "engine-aside.json").write_text(json.dumps([{"dest": "etc/sources/mine.yaml", "aside": "1",
+                                                            "linked": False}]))
+    assert not config.exists()
+
+    make_service().stop()  # start-up recovery
+    assert config.read_text() == "default: {interval: 1000}\n"
+    assert list(layout.staging.iterdir()) == []
