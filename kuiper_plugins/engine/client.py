@@ -63,7 +63,8 @@ class EngineClient:
         headers = {"Authorization": self.token} if self.token else {}
         return requests.get(f"{self.url}{path}", headers=headers, timeout=self.timeout, allow_redirects=False)
 
-    def send(self, method: str, path: str, body: dict | None = None) -> requests.Response:
+    def send(self, method: str, path: str, body: dict | None = None,
+             read_timeout: float = CHANGE_TIMEOUT_SECONDS) -> requests.Response:
         """Make one plugin call on the engine; EngineUnavailable when nothing reached it (refused, no route).
 
         Any other failure (no answer in time) leaves it unknown whether the engine acted, and is raised as it is.
@@ -71,7 +72,7 @@ class EngineClient:
         headers = {"Authorization": self.token} if self.token else {}
         try:
             return requests.request(method, f"{self.url}{path}", json=body, headers=headers,
-                                    timeout=(self.timeout, CHANGE_TIMEOUT_SECONDS), allow_redirects=False)
+                                    timeout=(self.timeout, read_timeout), allow_redirects=False)
         except requests.ConnectionError as exc:
             if not _never_connected(exc):
                 raise  # the request may have reached the engine

@@ -176,7 +176,9 @@ class LiveEngine:
         """Whether the running engine offers the plugin now: LOADED, PENDING (at its restart) or UNKNOWN."""
         path = "portables" if plugin_type == PORTABLE else plugin_type
         try:
-            response = self.client.send("GET", f"/plugins/{path}/{quote(name, safe='')}")
+            # a read: a describe must not wait on a hung engine as long as a change may
+            response = self.client.send("GET", f"/plugins/{path}/{quote(name, safe='')}",
+                                        read_timeout=self.client.timeout)
         except (EngineUnavailable, requests.RequestException):
             return UNKNOWN
         if response.status_code == 404:
