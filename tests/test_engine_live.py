@@ -8,16 +8,20 @@ output the test receives on a loopback server.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
-from conftest import REPO, make_zip
+from conftest import REPO, engine_dump, make_zip
+
+from kuiper_plugins.layout import Layout
 
 pytestmark = pytest.mark.slow
 
@@ -159,3 +163,153 @@ def test_a_portable_source_installed_through_kuiperd_feeds_a_rule(kuiperd, sink_
     # the plugin's control socket is in the engine's private /tmp
     assert Path(f"/proc/{kuiperd.process.pid}/root/tmp/plugin_pygreet.ipc").exists()
     say(capsys, f"pygreet: kuiperd's 201 to the rule's acceptance: {seconds:.2f} s")
+
+
+# ---------------------------------------------------------------------------- our service, live in the engine
+# The service and kuiperd share one home (the service is the engine's plugin manager), with engine.url set:
+# each change must be in the running engine when the service answers. Every check of the engine is made
+# once, right after our answer (no retry), and the engine's process must be the one that was running
+# before, so that a restart cannot pass for a live change.
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    """The service's home is the engine's (start_kuiperd's first engine lives in tmp_path/engine)."""
+    return tmp_path / "engine"
+
+
+@pytest.fixture
+def live(kuiperd, make_service, file_server, multi_plugin):
+    """The service attached to the running kuiperd, the multi package served, and the engine's demo stream."""
+    service = make_service(engine_url=kuiperd.url)
+    shutil.copyfile(multi_plugin.zip_path, file_server.root / "multi.zip")
+    create_stream(kuiperd, 'CREATE STREAM demo () WITH (TYPE="httppush", DATASOURCE="/demo", FORMAT="json")')
+    yield service
+    service.stop()
+
+
+def engine_process(engine) -> tuple[int, float]:
+    """The running engine's pid and start time: a restarted engine differs in one of them."""
+    process = psutil.Process(engine.process.pid)
+    assert process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return process.pid, process.create_time()
+
+
+def install_multi(service, file_server, functions=("twice", "shout")):
+    return service.post("functions", {"name": "multi", "file": file_server.url("multi.zip"),
+                                      "functions": list(functions)})
+
+
+def rule_answer(engine, rule_id: str, sql: str) -> requests.Response:
+    """One attempt at creating a rule (no retry); the rule is removed again when it was created."""
+    response = engine.post("/rules", {"id": rule_id, "sql": sql, "actions": [{"log": {}}]})
+    if response.status_code == 201:
+        assert engine.delete(f"/rules/{rule_id}").status_code == 200
+    return response
+
+
+def test_an_install_through_the_service_is_live_in_the_running_engine(live, kuiperd, file_server, multi_plugin):
+    before = engine_process(kuiperd)
+    assert rule_answer(kuiperd, "early", "SELECT twice(a) FROM demo").status_code == 400
+
+    created = install_multi(live, file_server)
+    assert created.status_code == 201, created.get_data(as_text=True)
+    # right after our answer, with no retry: the engine accepts rules using both functions
+    for rule_id, sql in (("t", "SELECT twice(a) FROM demo"), ("s", "SELECT shout(s) FROM demo")):
+        answer = rule_answer(kuiperd, rule_id, sql)
+        assert answer.status_code == 201, answer.text
+    assert sorted(kuiperd.get("/plugins/udfs").json()) == ["shout", "twice"]
+    assert engine_process(kuiperd) == before  # the same engine process: live, not restarted
+
+    # the file at the path is the one we verified and sealed, no hand-over package is left anywhere
+    so_path = kuiperd.home / "plugins" / "functions" / multi_plugin.so_name
+    with zipfile.ZipFile(multi_plugin.zip_path) as package:
+        assert so_path.read_bytes() == package.read(multi_plugin.so_name)
+    assert sorted(p.name for p in kuiperd.uploads.iterdir()) == []
+    assert not (kuiperd.home / "plugins" / "multi.zip").exists()
+    assert list(live.layout.staging.iterdir()) == []
+    # eKuiper's store holds our request (its file URL), not the engine's view of the hand-over
+    store = "\n".join(engine_dump(kuiperd.home))  # blobs shown in hex
+    assert file_server.url("multi.zip").encode().hex().upper() in store
+    assert b".kuiper-plugins-".hex().upper() not in store
+
+    described = live.client.get("/plugins/functions/multi")
+    assert described.status_code == 200
+    assert described.get_json() == {"name": "multi", "version": "1.0.0", "functions": ["twice", "shout"],
+                                    "engine": "loaded"}
+
+
+def test_a_delete_through_the_service_is_live_and_keeps_what_is_not_ours(live, kuiperd, file_server, multi_plugin):
+    assert install_multi(live, file_server).status_code == 201
+    assert rule_answer(kuiperd, "t", "SELECT twice(a) FROM demo").status_code == 201
+    # a file eKuiper's own delete would remove, that no install of ours wrote: a user's
+    users = kuiperd.home / "etc" / "functions" / "multi.json"
+    users.write_text('{"about": "mine"}')
+    before = engine_process(kuiperd)
+
+    deleted = live.client.delete("/plugins/functions/multi")
+    assert deleted.status_code == 200, deleted.get_data(as_text=True)
+    answer = rule_answer(kuiperd, "t2", "SELECT twice(a) FROM demo")
+    assert answer.status_code == 400 and "function twice not found" in answer.text, answer.text
+    assert kuiperd.get("/plugins/udfs").json() == []
+    assert engine_process(kuiperd) == before
+
+    assert not (kuiperd.home / "plugins" / "functions" / multi_plugin.so_name).exists()
+    assert users.read_text() == '{"about": "mine"}'
+    assert live.client.get("/plugins/functions/multi").status_code == 404
+    assert list(live.layout.staging.iterdir()) == []
+
+
+def test_a_function_list_registered_through_the_service_is_live(live, kuiperd, file_server):
+    assert install_multi(live, file_server).status_code == 201
+    before = engine_process(kuiperd)
+
+    registered = live.client.post("/plugins/functions/multi/register", json={"functions": ["twice"]})
+    assert registered.status_code == 200, registered.get_data(as_text=True)
+    assert kuiperd.get("/plugins/udfs").json() == ["twice"]
+    assert rule_answer(kuiperd, "t", "SELECT twice(a) FROM demo").status_code == 201
+    answer = rule_answer(kuiperd, "s", "SELECT shout(s) FROM demo")
+    assert answer.status_code == 400 and "function shout not found" in answer.text, answer.text
+    assert engine_process(kuiperd) == before
+    assert live.client.get("/plugins/functions/multi").get_json()["functions"] == ["twice"]
+
+
+def test_describe_says_whether_the_engine_has_the_plugin(kuiperd, make_service, file_server, multi_plugin):
+    from conftest import free_port
+
+    shutil.copyfile(multi_plugin.zip_path, file_server.root / "multi.zip")
+    # installed while the engine cannot be reached: files and rows for its next start, as without an engine
+    detached = make_service(engine_url=f"http://127.0.0.1:{free_port()}")
+    assert install_multi(detached, file_server).status_code == 201
+    assert detached.client.get("/plugins/functions/multi").get_json()["engine"] == "unknown"
+    detached.stop()
+    assert kuiperd.get("/plugins/udfs").json() == []
+
+    attached = make_service(engine_url=kuiperd.url)
+    try:
+        assert attached.client.get("/plugins/functions/multi").get_json()["engine"] == "pending restart"
+    finally:
+        attached.stop()
+
+
+def test_start_up_puts_back_what_a_crash_left_set_aside_around_the_engines_delete(home, make_service):
+    """A worker killed between shielding files from the engine's delete and putting them back.
+
+    The staging folder holds only the list and the files set aside (no journal yet, the reservation lost
+    to a power cut): start-up must put each file back where it is missing before removing the folder.
+    """
+    service = make_service()
+    service.stop()
+    layout = Layout(home)
+    config = home / "etc" / "sources" / "mine.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    workdir = layout.staging / "0123456789abcdef0123456789abcdef"
+    (workdir / "engine-aside").mkdir(parents=True)
+    (workdir / "engine-aside" / "1").write_text("default: {interval: 1000}\n")
+    (workdir / "engine-aside.json").write_text(json.dumps([{"dest": "etc/sources/mine.yaml", "aside": "1",
+                                                            "linked": False}]))
+    assert not config.exists()
+
+    make_service().stop()  # start-up recovery
+    assert config.read_text() == "default: {interval: 1000}\n"
+    assert list(layout.staging.iterdir()) == []

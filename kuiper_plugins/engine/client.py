@@ -1,10 +1,11 @@
 """The running engine's REST API (`engine.url`): who it is, and its portable plugins' status.
 
-Only two calls are made: `GET <engine.url>/` for the engine's version, OS and
-architecture (the prebuilt catalogue asks for plugins built for exactly that
-engine), and `GET <engine.url>/plugins/portables/<name>/status`, relayed as
-it is. The engine being down never fails an install: the last answer is
-kept, and without one the configured `kuiperVersion` is used, with a warning.
+Reads: `GET <engine.url>/` for the engine's version, OS and architecture (the
+prebuilt catalogue asks for plugins built for exactly that engine), and
+`GET <engine.url>/plugins/portables/<name>/status`, relayed as it is. The
+engine being down never fails an install: the last answer is kept, and
+without one the configured `kuiperVersion` is used, with a warning. The
+plugin calls that make a change live go through `send` (see engine/live.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import requests
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 
 from kuiper_plugins.errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_SECONDS = 5.0
+# A plugin call makes the engine copy the package and open a native .so or start a portable process.
+CHANGE_TIMEOUT_SECONDS = 120.0
 REFRESH_SECONDS = 60.0  # how long an answer of the engine's GET / is taken as current
 
 
@@ -59,6 +63,21 @@ class EngineClient:
         headers = {"Authorization": self.token} if self.token else {}
         return requests.get(f"{self.url}{path}", headers=headers, timeout=self.timeout, allow_redirects=False)
 
+    def send(self, method: str, path: str, body: dict | None = None,
+             read_timeout: float = CHANGE_TIMEOUT_SECONDS) -> requests.Response:
+        """Make one plugin call on the engine; EngineUnavailable when nothing reached it (refused, no route).
+
+        Any other failure (no answer in time) leaves it unknown whether the engine acted, and is raised as it is.
+        """
+        headers = {"Authorization": self.token} if self.token else {}
+        try:
+            return requests.request(method, f"{self.url}{path}", json=body, headers=headers,
+                                    timeout=(self.timeout, read_timeout), allow_redirects=False)
+        except requests.ConnectionError as exc:
+            if not _never_connected(exc):
+                raise  # the request may have reached the engine
+            raise EngineUnavailable(f"the engine at {self.url} did not answer ({exc})") from exc
+
     def info(self) -> EngineInfo | None:
         """The engine's version, OS and arch; the last known answer while it is down; None if never known."""
         with self._lock:
@@ -92,3 +111,11 @@ class EngineClient:
             raise EngineUnavailable(f"portable plugin status comes from the engine: {self.url} did not answer ({exc})")
         return Relayed(response.status_code, response.content,
                        response.headers.get("Content-Type", "application/json"))
+
+
+def _never_connected(exc: requests.ConnectionError) -> bool:
+    """Whether the connection itself failed (refused, unreachable, connect timeout): nothing was sent."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0].reason if exc.args and isinstance(exc.args[0], MaxRetryError) else None
+    return isinstance(reason, (NewConnectionError, ConnectTimeoutError))

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from kuiper_plugins import found_files
-from kuiper_plugins.engine import compat, kv, portable
+from kuiper_plugins.engine import compat, kv, live, portable
 from kuiper_plugins.errors import (
     ArchiveRejected,
     DiskFull,
@@ -114,6 +114,8 @@ class Installer:
         self.settings = settings
         self.engine = engine  # an EngineClient when engine.url is set
         self.layout = Layout.of(settings)
+        # With an engine, native changes are also made through its API, to be live before the answer.
+        self.live = live.LiveEngine(engine, self.layout) if engine is not None else None
         self._connect = connect  # a fresh connection, for start-up recovery
         self._writer = db.KeptWriter(self.layout.registry_file)  # the operations' connection, kept between them
         self.engine_store = kv.EngineStore(kv.store_path(self.layout.data, settings.store_sqlite_name))
@@ -178,6 +180,9 @@ class Installer:
             outcome["version"] = plugin.version
             kept = set(packages.kept_on_delete(plugin_type, name))
             with self._reserved(conn, plugin_type, name, "delete") as op:
+                if self.live is not None and plugin_type in NATIVE_TYPES:
+                    outcome["engine"] = self.live.delete_native(
+                        op.staging, plugin_type, name, _so_file(plugin_type, registry.files_of(conn, plugin.id)))
                 present = [f for f in registry.files_of(conn, plugin.id) if f not in kept and self._exists(f)]
                 self._publish(op, [(None, f) for f in present])
                 with db.transaction(conn):
@@ -198,14 +203,26 @@ class Installer:
                 )
             _refuse_builtin_functions(functions)
             self._refuse_function_clashes(conn, functions, plugin.id)
+            # The engine's refusal comes before our commit, and changes nothing on either side.
+            engine = self.live.register_functions(name, functions) if self.live is not None else None
             try:
                 with db.transaction(conn):
                     registry.set_functions(conn, plugin.id, functions)
-            except sqlite3.IntegrityError:
+            except (sqlite3.IntegrityError, PluginError):
+                if engine == live.LOADED:
+                    self._give_back_functions(name, registry.functions_of(conn, plugin.id))
                 self._refuse_function_clashes(conn, functions, plugin.id)
                 raise
             self._project(conn, "functions", name)
             log.info("functions plugin %s now exports %s", name, ",".join(functions))
+
+    def _give_back_functions(self, name: str, functions: Sequence[str]) -> None:
+        """Put the engine's function list back after our commit failed (best effort, logged)."""
+        try:
+            self.live.register_functions(name, functions)
+        except PluginError as exc:
+            log.error("the running engine keeps the new function list of %s, our registry the old one (%s);"
+                      " they agree again at the engine's next start", name, exc.message)
 
     # ---------------------------------------------------------------- start-up recovery
 
@@ -244,7 +261,9 @@ class Installer:
         op_row = next((op for op in registry.operations(conn) if op.id == folder.name), None)
         owner = (journal["type"], journal["name"]) if journal else (op_row.type, op_row.name) if op_row else None
         if owner is None:
-            _remove_staging(folder)  # no journal, no reservation: it moved nothing
+            # No journal, no reservation: it moved nothing, unless it shielded files from the engine's delete.
+            live.restore_set_aside(self.layout, folder)
+            _remove_staging(folder)
             return
         lock = plugin_lock(self.layout.locks, *owner)
         if not lock.try_acquire():
@@ -257,6 +276,7 @@ class Installer:
     def _settle(self, conn: sqlite3.Connection, folder: Path, op_row: registry.Operation | None) -> None:
         """Finish or undo a dead operation from what its staging folder says; the caller holds its lock."""
         op_id = folder.name
+        live.restore_set_aside(self.layout, folder)  # a crash around the engine's delete: files go back first
         journal = _read_journal(folder)
         if op_id in registry.finished_operations(conn):
             if _clear_staging(folder):
@@ -573,6 +593,10 @@ class Installer:
         self._publish(op, moves)
         if plugin_type == PORTABLE:
             files = self._finish_portable(op, plan, request, files)
+        engine = None
+        if self.live is not None and plugin_type in NATIVE_TYPES and old is None:
+            # Go cannot unload a plugin: only a new one is handed over; an update waits for a restart.
+            engine = self.live.install_native(op.staging, plugin_type, name, plan.units[0].dest, plan.functions)
         descriptor = None
         if plan.descriptor is not None:
             descriptor = dict(plan.descriptor)
@@ -590,7 +614,10 @@ class Installer:
             self._refuse_function_clashes(conn, plan.functions, old.id if old is not None else None)
             raise InstallFailed(f"fail to install plugin: a file of plugin {name} was taken by another plugin")
         op.committed = True
-        return {"version": plan.version, "sha256": fetched.sha256}
+        outcome = {"version": plan.version, "sha256": fetched.sha256}
+        if engine is not None:
+            outcome["engine"] = engine
+        return outcome
 
     def _check_compatibility(self, plan: packages.InstallPlan, unpacked: Path) -> dict[str, Any] | None:
         """Refuse, before install.sh or anything else runs, a binary engine.binary's plugin.Open would refuse."""
@@ -969,9 +996,10 @@ class Installer:
 
 def _log_operation(action, plugin_type, name, request, outcome, result, started, message) -> None:
     log.info(
-        "plugin %s: type=%s name=%s version=%s url=%s sha256=%s outcome=%s duration=%.3fs%s",
+        "plugin %s: type=%s name=%s version=%s url=%s sha256=%s outcome=%s duration=%.3fs%s%s",
         action, type_label(plugin_type), name, outcome.get("version", "-"),
         (request or {}).get("file", "-"), outcome.get("sha256", "-"), result, time.monotonic() - started,
+        f" engine={outcome['engine']!r}" if "engine" in outcome else "",
         f" reason={message!r}" if message else "",
     )
 
@@ -1015,6 +1043,12 @@ def _request_of(script: kv.InstallScript | None, functions: Sequence[str] | None
     if functions:
         request["functions"] = list(functions)
     return request
+
+
+def _so_file(plugin_type: str, recorded: Sequence[str]) -> str | None:
+    """The recorded .so of a native plugin (the file eKuiper's delete looks the plugin up by)."""
+    folder = f"plugins/{plugin_type}/"
+    return next((f for f in recorded if f.startswith(folder) and f.endswith(".so")), None)
 
 
 def _recorded_now(path: Path, recorded: str) -> registry.RecordedFile:

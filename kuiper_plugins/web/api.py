@@ -221,7 +221,14 @@ def describe_plugin(plugin_type: str, name: str) -> Response:
     if name == "prebuild" and plugin_type in NATIVE_TYPES:
         return prebuilt_plugins(plugin_type)
     checked_name(name)
-    return cached_json(f"describe/{plugin_type}/{name}", lambda conn: _description(conn, plugin_type, name))
+    described = cached_json(f"describe/{plugin_type}/{name}", lambda conn: _description(conn, plugin_type, name))
+    live_engine = installer().live
+    if live_engine is None:
+        return described
+    # Asked of the engine at each call, never cached: whether it offers the plugin now or at its restart.
+    body = json.loads(described.get_data())
+    body["engine"] = live_engine.state(plugin_type, name)
+    return json_response(body)
 
 
 def _description(conn: sqlite3.Connection, plugin_type: str, name: str) -> dict[str, Any]:

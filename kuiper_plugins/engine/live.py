@@ -1,0 +1,263 @@
+"""Hand the running engine what we verified, through its own REST API, so a change is live before our answer.
+
+A running eKuiper learns of a plugin only through its REST API or when it boots, so with `engine.url` set
+and the engine answering, each native change is also made through that API, inside our transaction:
+
+* install: after our checks and the durable publish of the files, and before our commit, the engine is
+  asked to install a zip of the verified files that it needs (the .so, and a source's yaml, which it
+  skips because ours is already in place), never install.sh. The zip sits in data/uploads, where the
+  engine's own file:// reads are confined, under a dot-name our listing hides; it is removed at once.
+  The engine removes and rewrites the .so (same bytes, not fsynced): our fsynced file is hard-linked
+  aside before the call and put back after it, so the file at the path is the one we sealed. A refusal
+  is the engine's, in its words, and undoes our moves as any failure before the commit does.
+* delete: the engine's own delete needs the .so present and removes more than ours does (a source's
+  yaml, a config folder nobody recorded). So before the call the .so is hard-linked aside and every
+  other path the engine's delete would remove is moved aside, listed in `engine-aside.json` in the
+  operation's staging folder (fsynced first); after the call each is put back where it was missing,
+  and our own delete goes on as without an engine, removing exactly what it recorded. A crash between
+  the two leaves the list, and recovery puts the files back (`restore_set_aside`) before its undo.
+* register: the engine's function list is changed before our commit; a refusal changes nothing.
+
+When nothing reaches the engine (refused connection, no route), today's path applies: files and rows for
+its next start. `state` tells which of the two a plugin is in, for describe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+import requests
+
+from kuiper_plugins.engine.client import EngineClient
+from kuiper_plugins.errors import EngineUnavailable, InstallFailed, InvalidRequest
+from kuiper_plugins.install import durable
+from kuiper_plugins.layout import PORTABLE, Layout
+
+log = logging.getLogger(__name__)
+
+LOADED = "loaded"
+PENDING = "pending restart"
+UNKNOWN = "unknown"
+DELETED = "DELETED"  # the version eKuiper's native manager reports for a plugin it deleted, until it restarts
+
+ASIDE_LIST = "engine-aside.json"
+ASIDE_FOLDER = "engine-aside"
+HANDED_LINK = "engine-handed.so"
+# eKuiper's answer is "<type> plugins <verb> command error: <reason>"; our views put the same prefix back.
+COMMAND_PREFIX = re.compile(r"^\S+ plugins? \S+ command error: ")
+
+
+class LiveEngine:
+    """The running engine's plugin calls, made inside our operations on one KUIPER_HOME."""
+
+    def __init__(self, client: EngineClient, layout: Layout):
+        self.client = client
+        self.layout = layout
+
+    # ---------------------------------------------------------------- install
+
+    def install_native(self, workdir: Path, plugin_type: str, name: str, so_dest: str,
+                       functions: Sequence[str]) -> str:
+        """Have the engine install and open the native plugin we published; return LOADED or PENDING.
+
+        `workdir` is the operation's staging folder; the caller has not committed yet, and undoes its
+        moves when this raises.
+        """
+        so_path = self.layout.absolute(so_dest)
+        # Where the engine downloads the package to, and its scratch folder: it replaces, then removes both.
+        scratch = [self.layout.plugins / f"{name}.zip", self.layout.plugins / "temp" / plugin_type / name]
+        taken = [path for path in scratch if os.path.lexists(path)]
+        if taken:
+            log.warning("not handing %s plugin %s to the running engine: its install would replace and remove"
+                        " %s, which is not ours; the plugin takes effect at the engine's next start", plugin_type,
+                        name, taken[0])
+            return PENDING
+        handed = workdir / HANDED_LINK
+        os.link(so_path, handed)
+        package = self.layout.uploads / f".kuiper-plugins-{workdir.name}.zip"
+        members = [(so_path, so_path.name)]
+        if plugin_type == "sources":
+            # eKuiper counts the yaml in; it writes it only where none exists, and ours is in place.
+            members.append((self.layout.absolute(f"etc/sources/{name}.yaml"), f"{name}.yaml"))
+        _write_zip(package, members)
+        body: dict = {"name": name, "file": package.as_uri()}
+        if plugin_type == "functions":
+            body["functions"] = list(functions)
+        try:
+            response = self.client.send("POST", f"/plugins/{plugin_type}", body)
+        except EngineUnavailable as exc:
+            log.warning("%s plugin %s takes effect at the engine's next start: %s", plugin_type, name, exc.message)
+            return PENDING
+        except requests.RequestException as exc:
+            raise InstallFailed(f"fail to install plugin: the engine did not answer ({exc})") from exc
+        finally:
+            package.unlink(missing_ok=True)
+            # The engine removed our file and wrote its own copy; the sealed one goes back to its path.
+            os.replace(handed, so_path)
+            handed.unlink(missing_ok=True)  # still there when the engine left our file in place
+            durable.sync_folders([so_path.parent])
+        if response.status_code != 201:
+            raise InstallFailed(_engine_words(response))
+        log.info("the running engine loaded %s plugin %s", plugin_type, name)
+        return LOADED
+
+    # ---------------------------------------------------------------- delete
+
+    def delete_native(self, workdir: Path, plugin_type: str, name: str, so_dest: str | None) -> str:
+        """Have the engine stop offering a native plugin, keeping every file in place for our own delete."""
+        if so_dest is None or not os.path.lexists(self.layout.absolute(so_dest)):
+            return PENDING  # the engine's delete finds the plugin by its .so; without it, restart decides
+        aside = workdir / ASIDE_FOLDER
+        aside.mkdir()
+        entries = []
+        for index, recorded in enumerate([so_dest, *engine_delete_removes(plugin_type, name)]):
+            path = self.layout.absolute(recorded)
+            if not os.path.lexists(path):
+                continue
+            entries.append({"dest": recorded, "aside": str(index), "linked": recorded == so_dest})
+        _write_aside_list(workdir, entries)
+        for entry in entries:
+            path, kept = self.layout.absolute(entry["dest"]), aside / entry["aside"]
+            if entry["linked"]:
+                os.link(path, kept)  # the engine's delete looks for the .so: it stays in place
+            else:
+                os.replace(path, kept)
+        durable.sync_folders([aside, *{self.layout.absolute(e["dest"]).parent for e in entries}])
+        try:
+            response = self.client.send("DELETE", f"/plugins/{plugin_type}/{quote(name, safe='')}")
+        except EngineUnavailable as exc:
+            log.warning("%s plugin %s stays in the running engine until it restarts: %s", plugin_type, name,
+                        exc.message)
+            response = None
+        except requests.RequestException as exc:
+            log.warning("the engine did not answer the delete of %s plugin %s (%s)", plugin_type, name, exc)
+            response = None
+        finally:
+            restore_set_aside(self.layout, workdir)
+        if response is None:
+            return PENDING
+        if response.status_code != 200:
+            log.warning("the running engine did not delete %s plugin %s: %s", plugin_type, name,
+                        _engine_words(response))
+            return PENDING
+        log.info("the running engine no longer offers %s plugin %s", plugin_type, name)
+        return LOADED
+
+    # ---------------------------------------------------------------- register
+
+    def register_functions(self, name: str, functions: Sequence[str]) -> str:
+        """Set the engine's function list of a function plugin; raise its refusal; LOADED or PENDING."""
+        try:
+            response = self.client.send("POST", f"/plugins/functions/{quote(name, safe='')}/register",
+                                        {"functions": list(functions)})
+        except EngineUnavailable as exc:
+            log.warning("the function list of %s takes effect at the engine's next start: %s", name, exc.message)
+            return PENDING
+        except requests.RequestException as exc:
+            raise InvalidRequest(f"function plugins {name} regiser functions error: the engine did not answer"
+                                 f" ({exc})") from exc
+        if response.status_code == 404:
+            return PENDING  # installed while the engine was down: its next start reads our rows
+        if response.status_code != 200:
+            raise InvalidRequest(_engine_words(response))
+        return LOADED
+
+    # ---------------------------------------------------------------- describe
+
+    def state(self, plugin_type: str, name: str) -> str:
+        """Whether the running engine offers the plugin now: LOADED, PENDING (at its restart) or UNKNOWN."""
+        path = "portables" if plugin_type == PORTABLE else plugin_type
+        try:
+            # a read: a describe must not wait on a hung engine as long as a change may
+            response = self.client.send("GET", f"/plugins/{path}/{quote(name, safe='')}",
+                                        read_timeout=self.client.timeout)
+        except (EngineUnavailable, requests.RequestException):
+            return UNKNOWN
+        if response.status_code == 404:
+            return PENDING
+        if response.status_code != 200:
+            return UNKNOWN
+        try:
+            version = response.json().get("version")
+        except (ValueError, AttributeError):
+            return UNKNOWN
+        return PENDING if version == DELETED else LOADED
+
+
+def engine_delete_removes(plugin_type: str, name: str) -> list[str]:
+    """What eKuiper's own native delete removes besides the .so (recorded paths), whoever owns it."""
+    paths = [f"etc/{plugin_type}/{name}"]
+    if plugin_type in ("sources", "sinks"):
+        paths += [f"{top}/{plugin_type}/{name}.{ext}" for top in ("etc", "data") for ext in ("yaml", "json")]
+    else:
+        paths += [f"{top}/functions/{name}.json" for top in ("etc", "data")]
+    return paths
+
+
+def restore_set_aside(layout: Layout, workdir: Path) -> None:
+    """Put back every file the engine's delete was shielded from, where it is missing; then drop the list.
+
+    Safe to repeat: recovery calls it for an operation that crashed around the engine's delete.
+    """
+    listed = workdir / ASIDE_LIST
+    try:
+        entries = json.loads(listed.read_text())
+    except FileNotFoundError:
+        return
+    except ValueError:
+        log.error("%s is unreadable: nothing put back from it", listed)
+        return
+    touched = set()
+    for entry in entries:
+        path, kept = layout.absolute(entry["dest"]), workdir / ASIDE_FOLDER / str(entry["aside"])
+        if not os.path.lexists(kept):
+            continue
+        if os.path.lexists(path):
+            if not entry.get("linked"):
+                log.warning("%s reappeared while it was set aside; the one set aside is dropped", entry["dest"])
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(kept, path)
+        touched.add(path.parent)
+    durable.sync_folders(touched)
+    listed.unlink()
+    durable.sync_folders([workdir])
+
+
+def _write_aside_list(workdir: Path, entries: list[dict]) -> None:
+    partial = workdir / (ASIDE_LIST + ".partial")
+    with open(partial, "w") as out:
+        json.dump(entries, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, workdir / ASIDE_LIST)
+    durable.sync_folders([workdir])
+
+
+def _write_zip(package: Path, members: list[tuple[Path, str]]) -> None:
+    """Zip the verified files for the engine, each with its mode (the engine creates files with it)."""
+    with zipfile.ZipFile(package, "w", zipfile.ZIP_STORED) as archive:
+        for path, arcname in members:
+            info = zipfile.ZipInfo.from_file(path, arcname)
+            info.external_attr = (stat.S_IFREG | stat.S_IMODE(path.stat().st_mode)) << 16
+            with open(path, "rb") as source, archive.open(info, "w") as target:
+                while chunk := source.read(1024 * 1024):
+                    target.write(chunk)
+
+
+def _engine_words(response: requests.Response) -> str:
+    """The engine's message for a refusal, without its command prefix (our view adds the same one)."""
+    try:
+        message = str(response.json()["message"])
+    except (ValueError, KeyError, TypeError):
+        message = response.text.strip() or f"the engine answered {response.status_code}"
+    return COMMAND_PREFIX.sub("", message.strip())
+
