@@ -34,8 +34,11 @@ MiB = 1024 * 1024
 
 def start_flood(mode: str, port: int, count: int, seconds: float) -> subprocess.Popen:
     """tests/flood_client.py as nobody; returns once it says it has opened its connections."""
-    flood = subprocess.Popen([*as_user("nobody", "nogroup"), SYSTEM_PYTHON, str(FLOOD_CLIENT), mode, str(port),
-                              str(count), str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    # The program's text goes on the command line: nobody may not be able to read the checkout (a clone in a
+    # 0700 folder, as `mktemp -d` makes).
+    flood = subprocess.Popen([*as_user("nobody", "nogroup"), SYSTEM_PYTHON, "-c", FLOOD_CLIENT.read_text(), mode,
+                              str(port), str(count), str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd="/")
     ready, _, _ = select.select([flood.stdout], [], [], 60)
     line = flood.stdout.readline() if ready else b""
     if line != b"ready\n":
