@@ -67,6 +67,7 @@ class EngineConfig:
     rest_port: int = EKUIPER_REST_PORT
     rest_tls: bool = False  # basic.restTls: the engine serves HTTPS
     port_origin: str = "eKuiper's default"  # what set rest_port, for messages
+    authentication: bool = False  # the engine's basic.authentication: it asks its callers for a JWT
 
     @property
     def url(self) -> str:
@@ -472,6 +473,8 @@ def _engine_config(engine: dict[str, dict[str, Any]], etc: Path) -> EngineConfig
         from_file = not origin.upper().startswith(ENGINE_ENV_PREFIX)
         values["port_origin"] = f"{origin} in {etc / ENGINE_FILE}" if from_file else origin
     values["rest_tls"] = any(key.startswith("resttls.") and raw for key, (raw, _) in basic.items())
+    if "authentication" in basic:  # only for a warning: a value the engine reads differently must not stop us
+        values["authentication"] = str(basic["authentication"][0]).strip().lower() == "true"
     return EngineConfig(file=etc / ENGINE_FILE, **values)
 
 
@@ -560,6 +563,16 @@ def service_url(environ: Mapping[str, str] | None = None, defaults_file: Path = 
         rest_port = BESIDE_ENGINE_PORT if engine is not None else STANDALONE_PORT
     host = "127.0.0.1" if rest_ip in WILDCARD_ADDRESSES else rest_ip
     return f"http://[{host}]:{rest_port}" if ":" in host else f"http://{host}:{rest_port}"
+
+
+def authentication_mismatch(settings: Settings) -> str | None:
+    """A warning when the engine asks its callers for a JWT and this service does not; None otherwise."""
+    engine = settings.engine_config
+    if engine is None or not engine.authentication or settings.authentication:
+        return None
+    return (f"the engine's config ({engine.file}, KUIPER__*) turns its authentication on, and this service's "
+            f"basic.authentication is off: set it in {SETTINGS_FILE} or {ENV_PREFIX}BASIC__AUTHENTICATION=true "
+            "so that callers of /plugins/ need a token as the engine's do")
 
 
 def describe_listening(settings: Settings) -> str:

@@ -56,6 +56,9 @@ def test_ekuipers_own_variables_do_not_move_the_service(start_gunicorn, tmp_path
             "(derived from the engine's restIp and restPort)") in server.log()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{engine_port}/ping", timeout=5)  # nothing took the engine's port
+    assert ("[WARNING] kuiper_plugins.web.gunicorn_hooks: the engine's config "
+            f"({tmp_path}/home/etc/kuiper.yaml, KUIPER__*) turns its authentication on, and this service's "
+            "basic.authentication is off") in server.log()
 
 
 def test_the_engines_port_stops_start_up_with_a_message(tmp_path):

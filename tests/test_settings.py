@@ -13,6 +13,7 @@ from kuiper_plugins.settings import (
     DEFAULTS_FILE,
     Settings,
     SettingsError,
+    authentication_mismatch,
     describe_listening,
     load_settings,
     parse_env_value,
@@ -191,6 +192,12 @@ def test_ekuipers_own_file_and_variables_are_not_the_services_settings(tmp_path)
     # ... and learns where the engine listens, from its file overlaid with its own variables, as it reads them.
     assert settings.engine_url == "http://127.0.0.1:9500"
     assert (settings.engine_config.rest_ip, settings.engine_config.rest_port) == ("0.0.0.0", 9500)
+    # The engine asks its callers for a token and the service does not: start-up warns, naming the setting.
+    assert settings.engine_config.authentication is True
+    assert "this service's basic.authentication is off: set it in kuiper-plugins.yaml" in authentication_mismatch(
+        settings)
+    environ["KUIPER_PLUGINS__BASIC__AUTHENTICATION"] = "true"
+    assert authentication_mismatch(load_settings(environ)) is None
 
 
 def test_an_engine_config_gives_engine_url_and_the_9091_default(tmp_path):

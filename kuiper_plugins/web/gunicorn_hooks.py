@@ -14,7 +14,7 @@ import sys
 
 from kuiper_plugins.errors import PluginError, RequestInterrupted
 from kuiper_plugins.layout import Layout
-from kuiper_plugins.settings import describe_listening, load_settings
+from kuiper_plugins.settings import authentication_mismatch, describe_listening, load_settings
 from kuiper_plugins.store import db
 from kuiper_plugins.web.auth import UnsafeKeyFiles, check_key_files
 
@@ -46,7 +46,11 @@ def _key_files_problem() -> str | None:
 
 def on_starting(server):
     """In the master, before any worker is forked (the check's connection is closed by then)."""
-    log.info("%s", describe_listening(load_settings()))
+    settings = load_settings()
+    log.info("%s", describe_listening(settings))
+    mismatch = authentication_mismatch(settings)
+    if mismatch:
+        log.warning("%s", mismatch)
     problem = _registry_problem() or _key_files_problem()
     if problem:
         sys.exit(f"kuiper-plugins cannot start: {problem}")
