@@ -533,14 +533,13 @@ def load_settings(environ: Mapping[str, str] | None = None, defaults_file: Path 
         if key in PREBUILD_TYPES:
             prebuild[key] = _parse(_list, raw, origin)
 
+    values["rest_ip"], values["rest_port"] = _listen_address(merged.get("basic", {}), engine)
     engine_config = _engine_config(engine, etc) if engine is not None else None
-    if values.get("rest_port") is None:
-        values["rest_port"] = BESIDE_ENGINE_PORT if engine_config else STANDALONE_PORT
     if engine_config is not None:
         if values.get("engine_url") is None:
             values["engine_url"] = engine_config.url
-        rest_ip = values.get("rest_ip", Settings.rest_ip)
-        if values["rest_port"] == engine_config.rest_port and _same_address(rest_ip, engine_config.rest_ip):
+        same_address = _same_address(values["rest_ip"], engine_config.rest_ip)
+        if values["rest_port"] == engine_config.rest_port and same_address:
             origin = merged["basic"]["restport"][1] if "restport" in merged.get("basic", {}) else "basic.restPort"
             raise SettingsError(
                 f"{origin} {values['rest_port']} is the engine's port: the engine listens on "
@@ -551,16 +550,22 @@ def load_settings(environ: Mapping[str, str] | None = None, defaults_file: Path 
     return Settings(home=home, prebuild=prebuild, engine_config=engine_config, **folders, **values)
 
 
+def _listen_address(basic: Mapping[str, Any], engine: Mapping[str, Any] | None) -> tuple[str, int]:
+    """basic.restIp and restPort as set, else 127.0.0.1 and 9081, or 9091 beside an engine (its config found)."""
+    rest_ip = _parse(_ip, *basic["restip"]) if "restip" in basic else Settings.rest_ip
+    rest_port = _parse(_rest_port, *basic["restport"]) if "restport" in basic else None
+    return rest_ip, rest_port or (BESIDE_ENGINE_PORT if engine is not None else STANDALONE_PORT)
+
+
 def service_url(environ: Mapping[str, str] | None = None, defaults_file: Path = DEFAULTS_FILE) -> str:
-    """Where this service listens, as an http URL a client on this machine can use (the CLI's default)."""
+    """Where this service listens, as an http URL a client on this machine can use (the CLI's default).
+
+    Only the layers and basic.restIp/restPort are read, so that a setting the client has no use for (a user
+    name of allowedUsers, the engine binary) cannot keep it from reaching the service."""
     environ = os.environ if environ is None else environ
     _, _, etc = _locate(environ)
     engine = _engine_layer(environ, etc)
-    basic = _service_layers(environ, etc, defaults_file, engine).get("basic", {})
-    rest_ip = _parse(_ip, *basic["restip"]) if "restip" in basic else Settings.rest_ip
-    rest_port = _parse(_rest_port, *basic["restport"]) if "restport" in basic else None
-    if rest_port is None:
-        rest_port = BESIDE_ENGINE_PORT if engine is not None else STANDALONE_PORT
+    rest_ip, rest_port = _listen_address(_service_layers(environ, etc, defaults_file, engine).get("basic", {}), engine)
     host = "127.0.0.1" if rest_ip in WILDCARD_ADDRESSES else rest_ip
     return f"http://[{host}]:{rest_port}" if ":" in host else f"http://{host}:{rest_port}"
 
