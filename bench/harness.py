@@ -67,6 +67,9 @@ class Server:
         env = {
             **os.environ,
             "KUIPER_HOME": str(self.home),
+            "KUIPER_PLUGINS__BASIC__RESTPORT": str(self.port),
+            # A baseline checkout from before the service had its own prefix reads its port from eKuiper's
+            # variable; this checkout reads that one only from an engine's kuiper.yaml, which no bench home has.
             "KUIPER__BASIC__RESTPORT": str(self.port),
             "WEB_CONCURRENCY": str(self.workers),
             **({"PYTHONPATH": str(self.checkout)} if self.checkout != REPO else {}),

@@ -1,6 +1,7 @@
 """gunicorn settings for kuiper-plugins: `gunicorn -c etc/gunicorn.conf.py wsgi:app`.
 
-The bind address comes from the service settings (basic.restIp, basic.restPort);
+The bind address comes from the service settings (basic.restIp, basic.restPort: 9081 standalone, 9091
+beside an engine whose kuiper.yaml is in the etc folder; never the engine's port, which stops start-up);
 WEB_CONCURRENCY sets the worker count. The worker class is our own
 (kuiper_plugins/web/gunicorn_worker.py): gunicorn's sync worker, fed only requests that have fully
 arrived, so that slow or idle clients cannot hold a worker (docs/deployment.md says why this one).

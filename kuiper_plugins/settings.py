@@ -1,9 +1,20 @@
-"""Settings: the repository's etc/kuiper.yaml < $KUIPER_HOME/etc/kuiper.yaml < KUIPER__SECTION__KEY.
+"""Settings: the repository's etc/kuiper-plugins.yaml < <etc>/kuiper-plugins.yaml < KUIPER_PLUGINS__SECTION__KEY.
 
-Keys keep eKuiper's names (``basic.restPort``); sections and keys are matched
-case-insensitively, as eKuiper's loader does, and keys this service does not
-use are ignored so that an eKuiper installation's own kuiper.yaml can be read.
-A value of the wrong type stops start-up with a message naming the key.
+The service's own settings never share a name with the engine's: the two run
+side by side on one home, often with one environment. Keys keep eKuiper's
+names (``basic.restPort``); sections and keys are matched case-insensitively,
+as eKuiper's loader does, and keys this service does not use are ignored. A
+value of the wrong type stops start-up with a message naming the key.
+
+The engine's own configuration, ``<etc>/kuiper.yaml`` overlaid with eKuiper's
+``KUIPER__SECTION__KEY`` variables (the engine honours them, so they are its
+truth), is read only for facts about the engine, and only when that file is
+there: its ``restIp``/``restPort`` (where to reach it, ``engine.url`` when that
+is not set, and a port this service must not take), and its ``store.*`` and
+``portable.pythonBin``/``initTimeout``, which take the place of the
+repository's defaults (this service's own files and variables still win).
+Beside an engine the service listens on 9091 unless told otherwise, never on
+the engine's port.
 """
 
 from __future__ import annotations
@@ -25,15 +36,45 @@ from kuiper_plugins.engine.portable import parse_duration
 from kuiper_plugins.found_files import read_regular
 from kuiper_plugins.install.fetch import parse_allow_list
 
-DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "etc" / "kuiper.yaml"
-ENV_PREFIX = "KUIPER__"
+SETTINGS_FILE = "kuiper-plugins.yaml"  # this service's own, in the repository's etc (defaults) and in <etc>
+DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "etc" / SETTINGS_FILE
+ENV_PREFIX = "KUIPER_PLUGINS__"  # KUIPER_PLUGINS_LOG_LEVEL and the like (one underscore) are not settings
+ENGINE_FILE = "kuiper.yaml"  # the engine's own, in <etc>
+ENGINE_ENV_PREFIX = "KUIPER__"  # the engine's own variables, which override its file
 SETTINGS_FILE_MAX_BYTES = 4 * 1024 * 1024  # eKuiper's kuiper.yaml is a few KiB; a settings file is never read unbounded
+STANDALONE_PORT = 9081  # eKuiper's port, where clients look for the plugin API when no engine is here
+BESIDE_ENGINE_PORT = 9091  # never the engine's: an nginx front (etc/nginx/ekuiper-front.conf) sends /plugins/ here
+# What eKuiper does when its file leaves restIp or restPort out (or restIp empty): it listens on all addresses.
+EKUIPER_REST_IP = "0.0.0.0"
+EKUIPER_REST_PORT = 9081
+WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
+# The engine's settings this service takes from the engine's configuration (section -> lower-cased keys).
+ENGINE_FACTS = {"store": frozenset({"type", "sqlite.name"}), "portable": frozenset({"pythonbin", "inittimeout"})}
 # Where eKuiper's three folders go when not under KUIPER_HOME, as its -etc, -data and -plugins flags place them.
 FOLDER_VARIABLES = (("etc", "KUIPER_ETC_DIR"), ("data", "KUIPER_DATA_DIR"), ("plugins", "KUIPER_PLUGINS_DIR"))
 
 
 class SettingsError(ValueError):
     """A configuration value is missing its right type or range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where the engine's own configuration says it listens: read from <etc>/kuiper.yaml and KUIPER__*."""
+
+    file: Path
+    rest_ip: str = EKUIPER_REST_IP
+    rest_port: int = EKUIPER_REST_PORT
+    rest_tls: bool = False  # basic.restTls: the engine serves HTTPS
+    port_origin: str = "eKuiper's default"  # what set rest_port, for messages
+    authentication: bool = False  # the engine's basic.authentication: it asks its callers for a JWT
+
+    @property
+    def url(self) -> str:
+        """The engine's REST base as reached from this machine: a wildcard address means loopback."""
+        host = "127.0.0.1" if self.rest_ip in WILDCARD_ADDRESSES else self.rest_ip
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.rest_tls else 'http'}://{host}:{self.rest_port}"
 
 
 @dataclass(frozen=True)
@@ -45,7 +86,7 @@ class Settings:
     data_dir: Path | None = None  # KUIPER_DATA_DIR; default <home>/data
     plugins_dir: Path | None = None  # KUIPER_PLUGINS_DIR; default <home>/plugins
     rest_ip: str = "127.0.0.1"
-    rest_port: int = 9081
+    rest_port: int = STANDALONE_PORT  # load_settings makes it BESIDE_ENGINE_PORT when an engine's config is found
     plugin_hosts: tuple[str, ...] = ("https://packages.emqx.io",)
     enable_private_net: bool = False
     private_net_allow_list: tuple[str, ...] = ()
@@ -62,7 +103,8 @@ class Settings:
     install_scripts: bool = True
     protected_mode: bool = True
     allowed_hosts: tuple[str, ...] = ()
-    engine_url: str | None = None  # engine.url: the running engine's REST base
+    engine_url: str | None = None  # engine.url: the running engine's REST base (else the engine config's)
+    engine_config: EngineConfig | None = None  # the engine's <etc>/kuiper.yaml, when there is one
     engine_token: str | None = None  # engine.token: a JWT the engine accepts
     engine_binary: Path | None = None  # engine.binary: the managed kuiperd, for the native compatibility check
     engine_restart_command: tuple[str, ...] = ()  # engine.restartCommand: run after DELETE ...?stop=1
@@ -209,9 +251,19 @@ def _users(value: Any) -> tuple[str, ...]:
     return entries
 
 
+_port = _int(1, 65535)
+
+
+def _rest_port(value: Any) -> int | None:
+    """basic.restPort: a port, or empty for the default (9081, or 9091 beside an engine)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _port(value)
+
+
 BASIC_KEYS: dict[str, tuple[str, Any]] = {
     "restip": ("rest_ip", _ip),
-    "restport": ("rest_port", _int(1, 65535)),
+    "restport": ("rest_port", _rest_port),
     "pluginhosts": ("plugin_hosts", _hosts),
     "enableprivatenet": ("enable_private_net", _bool),
     "privatenetallowlist": ("private_net_allow_list", _allow_list),
@@ -324,12 +376,13 @@ def parse_env_value(text: str) -> Any:
         return text
 
 
-def _read_yaml(path: Path) -> dict[str, dict[str, Any]]:
+def _read_yaml(path: Path) -> dict[str, dict[str, Any]] | None:
+    """The file's sections, folded; None when there is no such file."""
     try:
         # The engine's file may be a link (a mounted ConfigMap), but never a FIFO that holds start-up.
         data = yaml.safe_load(read_regular(path, SETTINGS_FILE_MAX_BYTES, follow_links=True).decode("utf-8"))
     except FileNotFoundError:
-        return {}
+        return None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise SettingsError(f"cannot read {path}: {exc}") from None
     if data is None:
@@ -365,12 +418,13 @@ def _flat(keys: Mapping[Any, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def _env_layer(environ: Mapping[str, str], prefix: str) -> dict[str, dict[str, Any]]:
+    """The `<PREFIX>SECTION__KEY` variables as a layer; the prefix is matched case-insensitively."""
     layer: dict[str, dict[str, Any]] = {}
     for name, text in environ.items():
-        if not name.upper().startswith(ENV_PREFIX):
+        if not name.upper().startswith(prefix):
             continue
-        parts = name[len(ENV_PREFIX):].split("__")
+        parts = name[len(prefix):].split("__")
         if len(parts) < 2 or not all(parts):
             continue
         section, key = parts[0].lower(), ".".join(parts[1:]).lower()
@@ -378,19 +432,90 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return layer
 
 
-def load_settings(environ: Mapping[str, str] | None = None, defaults_file: Path = DEFAULTS_FILE) -> Settings:
-    """Build the settings from the three layers; raise SettingsError naming the first bad key."""
-    environ = os.environ if environ is None else environ
+def _merge(*layers: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Later layers win, key by key."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, keys in (layer or {}).items():
+            merged.setdefault(section, {}).update(keys)
+    return merged
+
+
+def _locate(environ: Mapping[str, str]) -> tuple[Path, dict[str, Path | None], Path]:
+    """KUIPER_HOME (or eKuiper's KuiperBaseKey), the folders placed apart, and the etc folder in use."""
     home = Path(environ.get("KUIPER_HOME") or environ.get("KuiperBaseKey") or "var").resolve()
     folders = {
         f"{name}_dir": Path(environ[variable]).resolve() if environ.get(variable) else None
         for name, variable in FOLDER_VARIABLES
     }
-    etc = folders["etc_dir"] or home / "etc"
-    merged: dict[str, dict[str, Any]] = {}
-    for layer in (_read_yaml(defaults_file), _read_yaml(etc / "kuiper.yaml"), _env_layer(environ)):
-        for section, keys in layer.items():
-            merged.setdefault(section, {}).update(keys)
+    return home, folders, folders["etc_dir"] or home / "etc"
+
+
+def _engine_layer(environ: Mapping[str, str], etc: Path) -> dict[str, dict[str, Any]] | None:
+    """The engine's configuration as the engine reads it (its file, then KUIPER__*); None without its file."""
+    engine_file = _read_yaml(etc / ENGINE_FILE)
+    if engine_file is None:
+        return None
+    return _merge(engine_file, _env_layer(environ, ENGINE_ENV_PREFIX))
+
+
+def _engine_config(engine: dict[str, dict[str, Any]], etc: Path) -> EngineConfig:
+    """Where the engine listens, as its basic.restIp, restPort and restTls say (eKuiper's defaults else)."""
+    basic = engine.get("basic", {})
+    values: dict[str, Any] = {}
+    if "restip" in basic:
+        raw, _ = basic["restip"]
+        # eKuiper binds whatever host it is given, and takes an empty restIp as 0.0.0.0
+        values["rest_ip"] = ("" if raw is None else str(raw)).strip().strip("[]") or EKUIPER_REST_IP
+    if "restport" in basic:
+        raw, origin = basic["restport"]
+        values["rest_port"] = _parse(_port, raw, origin)
+        from_file = not origin.upper().startswith(ENGINE_ENV_PREFIX)
+        values["port_origin"] = f"{origin} in {etc / ENGINE_FILE}" if from_file else origin
+    values["rest_tls"] = any(key.startswith("resttls.") and raw for key, (raw, _) in basic.items())
+    if "authentication" in basic:  # only for a warning: a value the engine reads differently must not stop us
+        values["authentication"] = str(basic["authentication"][0]).strip().lower() == "true"
+    return EngineConfig(file=etc / ENGINE_FILE, **values)
+
+
+def _engine_facts(engine: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Only the engine's keys this service shares with it (ENGINE_FACTS): its store and portable runtime."""
+    return {
+        section: {key: value for key, value in (engine or {}).get(section, {}).items() if key in keys}
+        for section, keys in ENGINE_FACTS.items()
+    }
+
+
+def _same_address(ours: str, theirs: str) -> bool:
+    """Whether two listeners on one port would collide: the same address, or either on all of them."""
+    def normal(address: str) -> str:
+        address = address.strip("[]").lower()
+        return "127.0.0.1" if address == "localhost" else address
+
+    ours, theirs = normal(ours), normal(theirs)
+    if ours in WILDCARD_ADDRESSES or theirs in WILDCARD_ADDRESSES:
+        return True
+    try:
+        return ipaddress.ip_address(ours) == ipaddress.ip_address(theirs)
+    except ValueError:
+        return ours == theirs  # a host name the engine binds
+
+
+def _service_layers(environ: Mapping[str, str], etc: Path, defaults_file: Path,
+                    engine: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """The service's settings: defaults, then the engine's facts, then its own file and variables."""
+    return _merge(
+        _read_yaml(defaults_file), _engine_facts(engine), _read_yaml(etc / SETTINGS_FILE),
+        _env_layer(environ, ENV_PREFIX),
+    )
+
+
+def load_settings(environ: Mapping[str, str] | None = None, defaults_file: Path = DEFAULTS_FILE) -> Settings:
+    """Build the settings from the layers; raise SettingsError naming the first bad key."""
+    environ = os.environ if environ is None else environ
+    home, folders, etc = _locate(environ)
+    engine = _engine_layer(environ, etc)
+    merged = _service_layers(environ, etc, defaults_file, engine)
 
     values: dict[str, Any] = {}
     for key, (raw, origin) in merged.get("basic", {}).items():
@@ -407,7 +532,64 @@ def load_settings(environ: Mapping[str, str] | None = None, defaults_file: Path 
     for key, (raw, origin) in merged.get("prebuild", {}).items():
         if key in PREBUILD_TYPES:
             prebuild[key] = _parse(_list, raw, origin)
-    return Settings(home=home, prebuild=prebuild, **folders, **values)
+
+    values["rest_ip"], values["rest_port"] = _listen_address(merged.get("basic", {}), engine)
+    engine_config = _engine_config(engine, etc) if engine is not None else None
+    if engine_config is not None:
+        if values.get("engine_url") is None:
+            values["engine_url"] = engine_config.url
+        same_address = _same_address(values["rest_ip"], engine_config.rest_ip)
+        if values["rest_port"] == engine_config.rest_port and same_address:
+            origin = merged["basic"]["restport"][1] if "restport" in merged.get("basic", {}) else "basic.restPort"
+            raise SettingsError(
+                f"{origin} {values['rest_port']} is the engine's port: the engine listens on "
+                f"{engine_config.rest_ip}:{engine_config.rest_port} ({engine_config.port_origin}) (give this "
+                f"service another port in {SETTINGS_FILE} or {ENV_PREFIX}BASIC__RESTPORT; {BESIDE_ENGINE_PORT} "
+                f"is its default beside an engine)"
+            )
+    return Settings(home=home, prebuild=prebuild, engine_config=engine_config, **folders, **values)
+
+
+def _listen_address(basic: Mapping[str, Any], engine: Mapping[str, Any] | None) -> tuple[str, int]:
+    """basic.restIp and restPort as set, else 127.0.0.1 and 9081, or 9091 beside an engine (its config found)."""
+    rest_ip = _parse(_ip, *basic["restip"]) if "restip" in basic else Settings.rest_ip
+    rest_port = _parse(_rest_port, *basic["restport"]) if "restport" in basic else None
+    return rest_ip, rest_port or (BESIDE_ENGINE_PORT if engine is not None else STANDALONE_PORT)
+
+
+def service_url(environ: Mapping[str, str] | None = None, defaults_file: Path = DEFAULTS_FILE) -> str:
+    """Where this service listens, as an http URL a client on this machine can use (the CLI's default).
+
+    Only the layers and basic.restIp/restPort are read, so that a setting the client has no use for (a user
+    name of allowedUsers, the engine binary) cannot keep it from reaching the service."""
+    environ = os.environ if environ is None else environ
+    _, _, etc = _locate(environ)
+    engine = _engine_layer(environ, etc)
+    rest_ip, rest_port = _listen_address(_service_layers(environ, etc, defaults_file, engine).get("basic", {}), engine)
+    host = "127.0.0.1" if rest_ip in WILDCARD_ADDRESSES else rest_ip
+    return f"http://[{host}]:{rest_port}" if ":" in host else f"http://{host}:{rest_port}"
+
+
+def authentication_mismatch(settings: Settings) -> str | None:
+    """A warning when the engine asks its callers for a JWT and this service does not; None otherwise."""
+    engine = settings.engine_config
+    if engine is None or not engine.authentication or settings.authentication:
+        return None
+    return (f"the engine's config ({engine.file}, KUIPER__*) turns its authentication on, and this service's "
+            f"basic.authentication is off: set it in {SETTINGS_FILE} or {ENV_PREFIX}BASIC__AUTHENTICATION=true "
+            "so that callers of /plugins/ need a token as the engine's do")
+
+
+def describe_listening(settings: Settings) -> str:
+    """One line for the start-up log: where the service listens, and what it found of an engine."""
+    where = f"kuiper-plugins listens on {settings.rest_ip}:{settings.rest_port}"
+    engine = settings.engine_config
+    if engine is None:
+        etc = settings.etc_dir or settings.home / "etc"
+        return f"{where}; no engine config at {etc / ENGINE_FILE}, so it runs standalone"
+    how = "derived from the engine's restIp and restPort" if settings.engine_url == engine.url else "as set"
+    return (f"{where}; found the engine's config {engine.file}: the engine listens on "
+            f"{engine.rest_ip}:{engine.rest_port}, engine.url is {settings.engine_url} ({how})")
 
 
 def _parse(parse, raw: Any, origin: str) -> Any:

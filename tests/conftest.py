@@ -331,7 +331,7 @@ class Gunicorn:
         self.env = {
             **os.environ,
             "KUIPER_HOME": str(home),
-            "KUIPER__BASIC__RESTPORT": str(self.port),
+            "KUIPER_PLUGINS__BASIC__RESTPORT": str(self.port),
             "WEB_CONCURRENCY": str(workers),
             **(env or {}),
         }
@@ -426,8 +426,8 @@ def start_gunicorn(tmp_path, file_server):
     home = tmp_path / "home"
 
     def start(workers: int = 2, **env: str) -> Gunicorn:
-        env.setdefault("KUIPER__BASIC__PRIVATENETALLOWLIST", f"127.0.0.1:{file_server.port}")
-        env.setdefault("KUIPER__PORTABLE__VERIFYONINSTALL", "false")  # stub portable packages, as make_service
+        env.setdefault("KUIPER_PLUGINS__BASIC__PRIVATENETALLOWLIST", f"127.0.0.1:{file_server.port}")
+        env.setdefault("KUIPER_PLUGINS__PORTABLE__VERIFYONINSTALL", "false")  # stub portable packages, as make_service
         server = Gunicorn(home, tmp_path / "gunicorn.log", workers, env)
         started.append(server)  # stopped at teardown even when it fails to start
         return server.start()

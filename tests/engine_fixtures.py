@@ -420,7 +420,8 @@ class Kuiperd:
     def start(self) -> Kuiperd:
         """Start kuiperd and wait (bounded) until its REST API answers; fail with its log if it does not."""
         self.prepare()
-        # KUIPER__* variables would override the engine's kuiper.yaml, and KUIPER_HOME is the service's
+        # KUIPER__* variables would override the engine's kuiper.yaml (they are its own), and KUIPER_HOME and
+        # KUIPER_PLUGINS* are the service's
         env = {key: value for key, value in os.environ.items() if not key.startswith("KUIPER")}
         env["KuiperBaseKey"] = str(self.home)
         self._log = open(self.log_path, "ab")

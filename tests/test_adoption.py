@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -206,20 +207,26 @@ def test_a_fifo_journal_in_staging_is_logged_and_start_up_goes_on(home, make_ser
     assert kind(journal) == "fifo"  # left for an operator: not ours to remove unread
 
 
-def test_a_fifo_settings_file_stops_start_up_with_a_message_and_a_linked_one_is_read(tmp_path):
+@pytest.mark.parametrize("file_name", ["kuiper-plugins.yaml", "kuiper.yaml"])  # the service's own, the engine's
+def test_a_fifo_settings_file_stops_start_up_with_a_message_and_a_linked_one_is_read(tmp_path, file_name):
     etc = tmp_path / "home/etc"
     etc.mkdir(parents=True)
-    settings_file = etc / "kuiper.yaml"
+    settings_file = etc / file_name
     os.mkfifo(settings_file)
     environ = {"KUIPER_HOME": str(tmp_path / "home")}
-    with pytest.raises(SettingsError, match=r"cannot read .*kuiper\.yaml: .* is a FIFO, not a regular file"):
+    fifo = rf"cannot read .*/{re.escape(file_name)}: .* is a FIFO, not a regular file"
+    with pytest.raises(SettingsError, match=fifo):
         within_deadline(lambda: load_settings(environ), [settings_file])
     settings_file.unlink()
-    mounted = tmp_path / "configmap/kuiper.yaml"  # a mounted ConfigMap is a link: followed, as the engine does
+    mounted = tmp_path / "configmap" / file_name  # a mounted ConfigMap is a link: followed, as the engine does
     mounted.parent.mkdir()
     mounted.write_text("basic:\n  restPort: 9345\n")
     settings_file.symlink_to(mounted)
-    assert load_settings(environ).rest_port == 9345
+    settings = load_settings(environ)
+    if file_name == "kuiper.yaml":  # the engine's port: where to reach it, never this service's
+        assert (settings.engine_url, settings.rest_port) == ("http://127.0.0.1:9345", 9091)
+    else:
+        assert (settings.engine_url, settings.rest_port) == (None, 9345)
 
 
 # ---------------------------------------------------------------------------- K5: links the API refuses

@@ -556,7 +556,7 @@ def test_authentication_through_real_gunicorn(start_gunicorn, tmp_path, keys):
     mgmt = tmp_path / "home/etc/mgmt"
     mgmt.mkdir(parents=True)
     (mgmt / ISSUER).write_bytes(public_pem(keys["issuer"]))
-    server = start_gunicorn(workers=1, KUIPER__BASIC__AUTHENTICATION="true")
+    server = start_gunicorn(workers=1, KUIPER_PLUGINS__BASIC__AUTHENTICATION="true")
     refused = requests.get(f"{server.url}/plugins/sources", timeout=10)
     assert refused.status_code == 401
     assert refused.json() == {"error": 1000, "message": "missing_token"}
@@ -573,7 +573,8 @@ def test_max_token_lifetime_from_the_environment_through_real_gunicorn(start_gun
     mgmt = tmp_path / "home/etc/mgmt"
     mgmt.mkdir(parents=True)
     (mgmt / ISSUER).write_bytes(public_pem(keys["issuer"]))
-    server = start_gunicorn(workers=1, KUIPER__BASIC__AUTHENTICATION="true", KUIPER__BASIC__MAXTOKENLIFETIME="300")
+    server = start_gunicorn(workers=1, KUIPER_PLUGINS__BASIC__AUTHENTICATION="true",
+                            KUIPER_PLUGINS__BASIC__MAXTOKENLIFETIME="300")
     now = int(time.time())
     short = {"Authorization": sign(keys["issuer"], claims(iat=now, exp=now + 300))}
     assert requests.get(f"{server.url}/plugins/sources", headers=short, timeout=10).status_code == 200
@@ -590,8 +591,8 @@ def test_gunicorn_refuses_to_start_on_a_key_file_others_could_change(tmp_path, k
 
     home, key_file = planted_home(tmp_path, keys, _owned_by_nobody)
     key_file.chmod(0o666)
-    env = {**os.environ, "KUIPER_HOME": str(home), "KUIPER__BASIC__RESTPORT": str(free_port()),
-           "KUIPER__BASIC__AUTHENTICATION": "true", "WEB_CONCURRENCY": "2"}
+    env = {**os.environ, "KUIPER_HOME": str(home), "KUIPER_PLUGINS__BASIC__RESTPORT": str(free_port()),
+           "KUIPER_PLUGINS__BASIC__AUTHENTICATION": "true", "WEB_CONCURRENCY": "2"}
     process = subprocess.Popen([str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -616,7 +617,7 @@ def test_a_worker_started_after_a_key_went_unsafe_stops_the_service(start_gunico
     mgmt = tmp_path / "home/etc/mgmt"
     mgmt.mkdir(parents=True)
     (mgmt / ISSUER).write_bytes(public_pem(keys["issuer"]))
-    server = start_gunicorn(workers=1, KUIPER__BASIC__AUTHENTICATION="true")
+    server = start_gunicorn(workers=1, KUIPER_PLUGINS__BASIC__AUTHENTICATION="true")
     (mgmt / ISSUER).chmod(0o666)
     (worker,) = psutil.Process(server.process.pid).children()
     os.kill(worker.pid, signal.SIGKILL)

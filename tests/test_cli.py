@@ -288,6 +288,25 @@ def test_default_url_is_port_9081(capsys, monkeypatch):
     assert "http://127.0.0.1:9081" in err
 
 
+def test_default_url_is_where_this_machines_service_listens(capsys, monkeypatch, tmp_path, server):
+    monkeypatch.delenv(URL_ENV, raising=False)
+    monkeypatch.setenv("KUIPER_HOME", str(tmp_path))
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/kuiper.yaml").write_text("basic:\n  restIp: 0.0.0.0\n  restPort: 9081\n")  # an engine's
+    status, _, err = run(capsys, None, "list", "sources")
+    assert status == 2
+    assert "cannot reach kuiper-plugins at http://127.0.0.1:9091" in err  # nothing of this test listens there
+    # The service's own settings move it, as they move the service; eKuiper's KUIPER__ variables do not.
+    monkeypatch.setenv("KUIPER__BASIC__RESTPORT", "9082")
+    monkeypatch.setenv("KUIPER_PLUGINS__BASIC__RESTPORT", server.url.rsplit(":", 1)[1])
+    assert run(capsys, None, "list", "sources") == (0, "No plugin is found.\n", "")
+    monkeypatch.setenv("KUIPER_PLUGINS__BASIC__RESTPORT", "http")
+    status, _, err = run(capsys, None, "list", "sources")
+    assert (status, err) == (2, "error: cannot tell where kuiper-plugins listens: invalid value 'http' for "
+                                "KUIPER_PLUGINS__BASIC__RESTPORT: expected a whole number (give --url or "
+                                "$KUIPER_PLUGINS_URL)\n")
+
+
 def test_token_reaches_the_server_raw(server, capsys, monkeypatch):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     run(capsys, server.url, "list", "sources")

@@ -170,7 +170,7 @@ def test_a_caller_without_a_token_is_refused_before_it_is_asked_for_its_body(sta
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (tmp_path / "home/etc/mgmt").mkdir(parents=True)
     (tmp_path / "home/etc/mgmt" / ISSUER).write_bytes(public_pem(key))
-    server = start_gunicorn(workers=1, KUIPER__BASIC__AUTHENTICATION="true")
+    server = start_gunicorn(workers=1, KUIPER_PLUGINS__BASIC__AUTHENTICATION="true")
     from_the_app = requests.get(f"{server.url}/plugins/sources", timeout=10)  # no body: the app answers
     assert from_the_app.status_code == 401
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -314,7 +314,7 @@ def test_an_unauthenticated_client_cannot_keep_the_upload_slot_behind_nginx(star
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (tmp_path / "home/etc/mgmt").mkdir(parents=True)
     (tmp_path / "home/etc/mgmt" / ISSUER).write_bytes(public_pem(key))
-    server = start_gunicorn(workers=2, KUIPER__BASIC__AUTHENTICATION="true")
+    server = start_gunicorn(workers=2, KUIPER_PLUGINS__BASIC__AUTHENTICATION="true")
     url = nginx(server.port)
     attack = UnfinishedUploads(int(url.rsplit(":", 1)[1]))
     attack.start()

@@ -573,8 +573,8 @@ def test_a_clean_restart_keeps_the_registry_and_every_file_byte_for_byte(start_g
 
 def test_the_worker_timeout_outlasts_the_longest_install(monkeypatch, tmp_path):
     monkeypatch.setenv("KUIPER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("KUIPER__BASIC__DOWNLOADTIMEOUT", "1000")
-    monkeypatch.setenv("KUIPER__BASIC__INSTALLSCRIPTTIMEOUT", "2000")
+    monkeypatch.setenv("KUIPER_PLUGINS__BASIC__DOWNLOADTIMEOUT", "1000")
+    monkeypatch.setenv("KUIPER_PLUGINS__BASIC__INSTALLSCRIPTTIMEOUT", "2000")
     config = runpy.run_path(str(REPO / "etc/gunicorn.conf.py"))
     assert config["timeout"] >= 1000 + 2000 + 60
     assert config["graceful_timeout"] >= config["timeout"]

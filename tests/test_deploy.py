@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import configparser
+import hashlib
+import http.server
 import io
+import json
+import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
 from conftest import REPO, free_port, make_zip
+
+from kuiper_plugins.settings import load_settings
 
 NGINX_SITE = REPO / "etc/nginx/kuiper-plugins.conf"
 SYSTEMD_UNIT = REPO / "etc/systemd/kuiper-plugins.service"
@@ -26,14 +34,16 @@ def nginx(tmp_path):
     assert Path(binary).exists(), "nginx is needed (make test installs it)"
     processes: list[subprocess.Popen] = []
 
-    def start(upstream_port: int, user: str = "root") -> str:
-        """nginx on a free port in front of `upstream_port`, its workers running as `user` ("name group")."""
+    def start(upstream_port: int | None, user: str = "root", site: str | None = None) -> str:
+        """nginx on a free port in front of `upstream_port`, its workers running as `user` ("name group").
+
+        `site`: another server block of etc/nginx, its upstreams already pointed (else kuiper-plugins.conf)."""
         port = free_port()
         prefix = tmp_path / f"nginx-{len(processes)}"
         (prefix / "logs").mkdir(parents=True)
-        site = NGINX_SITE.read_text()
-        site = re.sub(r"listen 80;", f"listen 127.0.0.1:{port};", site)
-        site = site.replace("server 127.0.0.1:9081;", f"server 127.0.0.1:{upstream_port};")
+        if site is None:
+            site = NGINX_SITE.read_text().replace("server 127.0.0.1:9081;", f"server 127.0.0.1:{upstream_port};")
+        site = re.sub(r"listen \d+;", f"listen 127.0.0.1:{port};", site)
         (prefix / "site.conf").write_text(site)
         (prefix / "nginx.conf").write_text(
             "pid nginx.pid;\nerror_log logs/error.log;\nevents { worker_connections 64; }\n"
@@ -144,3 +154,183 @@ def test_systemd_analyze_verifies_the_unit(tmp_path):
     # verify exits 0 on unknown keys and bad values, which it only prints: any word from it is a finding.
     findings = [line for line in (checked.stdout + checked.stderr).splitlines() if line.strip()]
     assert checked.returncode == 0 and findings == [], findings
+
+
+# ---------------------------------------------------------------------------- beside eKuiper
+
+FRONT_SITE = REPO / "etc/nginx/ekuiper-front.conf"
+ENGINE_ENV = REPO / "etc/systemd/kuiper-engine.env"
+LAYOUTS = ("deb", "docker")
+
+
+class StandIn:
+    """A loopback HTTP server standing in for the engine or the service: it answers every request with its
+    own name, the method, the path as it arrived and the body's digest."""
+
+    def __init__(self, name: str):
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                stand_in.seen.append((self.command, self.path))
+                reply = json.dumps({"server": name, "method": self.command, "path": self.path,
+                                    "body": hashlib.sha256(body).hexdigest()}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            do_GET = do_POST = do_PUT = do_DELETE = answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.seen: list[tuple[str, str]] = []
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def stand_ins():
+    engine, service = StandIn("engine"), StandIn("service")
+    yield engine, service
+    engine.close()
+    service.close()
+
+
+def front_site(engine_port: int, service_port: int) -> str:
+    """The shipped front, its two upstreams pointed at the stand-ins (the ports it ships with are checked below)."""
+    site = FRONT_SITE.read_text()
+    assert site.count("server 127.0.0.1:9082;") == 1 and site.count("server 127.0.0.1:9091;") == 1
+    return (site.replace("server 127.0.0.1:9082;", f"server 127.0.0.1:{engine_port};")
+            .replace("server 127.0.0.1:9091;", f"server 127.0.0.1:{service_port};"))
+
+
+@pytest.mark.parametrize("method, path, body, reaches", [
+    ("GET", "/plugins/sources", None, "service"),
+    ("POST", "/plugins/portables", b'{"name":"pysam","file":"file:///kuiper/data/uploads/pysam.zip"}', "service"),
+    ("GET", "/plugins/portables/pysam/status", None, "service"),  # the service asks the engine itself
+    ("DELETE", "/plugins/functions/geohash?stop=1", None, "service"),
+    ("GET", "/plugins/udfs/geohashEncode", None, "service"),
+    ("GET", "/plugins/sinks/prebuild", None, "service"),
+    ("POST", "/config/uploads", b"x" * (2 << 20), "service"),  # over nginx's 1 MiB default: streamed
+    ("GET", "/config/uploads", None, "service"),
+    ("DELETE", "/config/uploads/pysam.zip", None, "service"),
+    ("GET", "/", None, "engine"),
+    ("GET", "/ping", None, "engine"),
+    ("POST", "/rules", b'{"id":"r1","sql":"SELECT * FROM demo"}', "engine"),
+    ("GET", "/rules/r1/status", None, "engine"),
+    ("POST", "/streams", b'{"sql":"CREATE STREAM demo () WITH (TYPE=\\"httppush\\")"}', "engine"),
+    ("GET", "/tables", None, "engine"),
+    ("POST", "/data/import?stop=1", b"{}", "engine"),
+    ("GET", "/plugins", None, "engine"),  # not the plugin API: no such path in eKuiper's
+    ("GET", "/config/uploadsx", None, "engine"),
+])
+def test_the_front_sends_the_plugin_and_uploads_api_to_the_service_and_the_rest_to_the_engine(
+        nginx, stand_ins, method, path, body, reaches):
+    engine, service = stand_ins
+    url = nginx(None, site=front_site(engine.port, service.port))
+    response = requests.request(method, f"{url}{path}", data=body, timeout=30)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer == {"server": reaches, "method": method, "path": path,
+                      "body": hashlib.sha256(body or b"").hexdigest()}
+    other = service if reaches == "engine" else engine
+    assert (method, path) not in other.seen
+
+
+def test_the_front_takes_ekuipers_port_and_points_where_the_engine_and_the_service_listen(tmp_path):
+    # nginx listens where eKuiper's clients look for it; the engine moved to loopback by its own variables,
+    # the service on its default beside an engine, as the service's own settings work them out.
+    site = FRONT_SITE.read_text()
+    assert re.findall(r"^\s*listen (\S+);", site, re.M) == ["9081"]
+    upstreams = dict(re.findall(r"upstream (\w+) \{\s*server 127\.0\.0\.1:(\d+);", site))
+    engine_env = dict(line.split("=", 1) for line in ENGINE_ENV.read_text().splitlines()
+                      if line.strip() and not line.startswith("#"))
+    assert engine_env == {"KUIPER__BASIC__RESTIP": "127.0.0.1", "KUIPER__BASIC__RESTPORT": upstreams["ekuiper_engine"]}
+    for layout in LAYOUTS:
+        settings = layout_settings(layout, tmp_path / layout)
+        assert (settings.rest_ip, str(settings.rest_port)) == ("127.0.0.1", upstreams["kuiper_plugins"]), layout
+        assert settings.engine_url == f"http://127.0.0.1:{upstreams['ekuiper_engine']}", layout
+        assert settings.engine_restart_command == ("systemctl", "restart", "kuiper"), layout
+
+
+def unit_environment(text: str) -> dict[str, str]:
+    """The Environment= assignments of a unit or drop-in, in order (later ones win, as in systemd)."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("Environment="):
+            found.update(item.split("=", 1) for item in shlex.split(line.removeprefix("Environment=")))
+    return found
+
+
+def layout_settings(layout: str, root: Path):
+    """The settings the service gets from its unit, the layout's drop-in and the engine's environment file,
+    with the layout's folders moved under `root` and eKuiper's shipped kuiper.yaml (0.0.0.0:9081) in its etc."""
+    drop_in = (REPO / f"etc/systemd/{layout}/kuiper-plugins.service.d/beside-ekuiper.conf").read_text()
+    assert "EnvironmentFile=/etc/default/kuiper" in drop_in.splitlines(), layout  # the file the engine reads
+    environ = {**unit_environment(SYSTEMD_UNIT.read_text()), **unit_environment(drop_in)}
+    environ.update(line.split("=", 1) for line in ENGINE_ENV.read_text().splitlines()
+                   if line.strip() and not line.startswith("#"))
+    environ = {name: f"{root}{value}" if value.startswith("/") else value for name, value in environ.items()}
+    etc = Path(environ.get("KUIPER_ETC_DIR") or f"{environ['KUIPER_HOME']}/etc")
+    etc.mkdir(parents=True)
+    (etc / "kuiper.yaml").write_text("basic:\n  restIp: 0.0.0.0\n  restPort: 9081\n")
+    return load_settings(environ)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_engine_units_read_the_engines_environment_file(layout):
+    unit = (REPO / f"etc/systemd/{layout}/kuiper.service").read_text()
+    if layout == "deb":
+        assert "EnvironmentFile=/etc/default/kuiper" in unit.splitlines()
+        assert "ExecStart=/usr/bin/kuiperd" in unit.splitlines()
+    else:
+        command = shlex.split(re.search(r"^ExecStart=(.*?)(?<!\\)$", unit, re.M | re.S).group(1).replace("\\\n", " "))
+        assert command[:2] == ["/usr/bin/docker", "run"] and "--network" in command
+        assert command[command.index("--env-file") + 1] == "/etc/default/kuiper"
+        for folder in ("etc", "data", "plugins"):  # at the same paths on the host, where the service finds them
+            assert f"/kuiper/{folder}:/kuiper/{folder}" in command
+    assert "Restart=always" in unit.splitlines(), "the engine exits for ?stop=1; its supervisor starts it again"
+
+
+def verify_units(folder: Path, *units: str) -> list[str]:
+    """What `systemd-analyze verify` says of the units in `folder`, with drop-ins from that folder."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is needed (make test installs the systemd package)"
+    checked = subprocess.run([analyze, "verify", *(str(folder / unit) for unit in units)], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{folder}:"})
+    findings = [line for line in (checked.stdout + checked.stderr).splitlines() if line.strip()]
+    return findings if checked.returncode == 0 else [*findings, f"exit status {checked.returncode}"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_systemd_analyze_verifies_the_units_beside_ekuiper(tmp_path, layout):
+    # As installed in /etc/systemd/system: the service's unit with the layout's drop-in, and the engine's unit.
+    # The commands are pointed at programs that exist here (the checkout; the engine and docker are not installed).
+    stand_in = shutil.which("true")
+    (tmp_path / SYSTEMD_UNIT.name).write_text(SYSTEMD_UNIT.read_text().replace("/opt/kuiper-plugins", str(REPO)))
+    shutil.copytree(REPO / f"etc/systemd/{layout}/kuiper-plugins.service.d", tmp_path / "kuiper-plugins.service.d")
+    engine = (REPO / f"etc/systemd/{layout}/kuiper.service").read_text()
+    (tmp_path / "kuiper.service").write_text(engine.replace("/usr/bin/kuiperd", stand_in)
+                                             .replace("/usr/bin/docker", stand_in))
+    if layout == "docker":
+        (tmp_path / "docker.service").write_text(f"[Unit]\nDescription=stand-in\n[Service]\nExecStart={stand_in}\n")
+    assert verify_units(tmp_path, "kuiper-plugins.service", "kuiper.service") == []
+    # verify exits 0 and prints what it finds: a key it cannot know, planted in the drop-in, must be among it,
+    # or the drop-in was never read.
+    drop_in = tmp_path / "kuiper-plugins.service.d/beside-ekuiper.conf"
+    drop_in.write_text(drop_in.read_text() + "NotAKey=1\n")
+    assert any("beside-ekuiper.conf" in line and "NotAKey" in line
+               for line in verify_units(tmp_path, "kuiper-plugins.service"))

@@ -141,7 +141,7 @@ def test_engine_client_strips_a_v_from_the_version(engine):
 def test_stop_with_a_restart_command_runs_it_once_and_keeps_serving(start_gunicorn, file_server, tmp_path):
     marker = tmp_path / "restarted"
     command = json.dumps([sys.executable, "-c", f"open({str(marker)!r}, 'a').write('restart\\n')"])
-    server = start_gunicorn(workers=2, KUIPER__ENGINE__RESTARTCOMMAND=command)
+    server = start_gunicorn(workers=2, KUIPER_PLUGINS__ENGINE__RESTARTCOMMAND=command)
     make_zip(file_server.root / "random.zip", {"Random.so": b"so", "random.yaml": "a: 1\n"})
     body = {"name": "random", "file": file_server.url("random.zip")}
     assert requests.post(f"{server.url}/plugins/sources", json=body, timeout=30).status_code == 201
@@ -159,14 +159,16 @@ def test_stop_with_a_restart_command_runs_it_once_and_keeps_serving(start_gunico
 
 def test_the_restart_command_runs_without_this_services_settings_in_its_environment(
         start_gunicorn, file_server, tmp_path):
-    # The engine a restart script starts must not read this service's KUIPER__BASIC__RESTPORT (it would bind
-    # our port and stay down), nor anything else meant for this service or its gunicorn.
+    # The engine a restart script starts must not read this service's KUIPER_PLUGINS__BASIC__RESTPORT, nor
+    # anything else meant for this service or its gunicorn, nor eKuiper's KUIPER__* as this service's
+    # environment holds them: the engine takes its own from its own unit.
     dump = tmp_path / "restart-environ.json"
     dump_it = f"import json, os; json.dump(dict(os.environ), open({str(dump)!r}, 'w'))"
     command = json.dumps([sys.executable, "-c", dump_it])
     server = start_gunicorn(
-        workers=2, KUIPER__ENGINE__RESTARTCOMMAND=command, KUIPER__BASIC__DOWNLOADTIMEOUT="60",
+        workers=2, KUIPER_PLUGINS__ENGINE__RESTARTCOMMAND=command, KUIPER_PLUGINS__BASIC__DOWNLOADTIMEOUT="60",
         KUIPER_PLUGINS_LOG_LEVEL="info", KUIPER_PLUGINS_HEAD_TIMEOUT="10", GUNICORN_CMD_ARGS="--graceful-timeout 30",
+        KUIPER__BASIC__RESTPORT="9082",  # an engine's own variable, in this service's environment
         LANG="C.UTF-8", HOME=str(tmp_path), KuiperBaseKey=str(tmp_path / "home"),
     )
     make_zip(file_server.root / "random.zip", {"Random.so": b"so", "random.yaml": "a: 1\n"})
@@ -178,7 +180,7 @@ def test_the_restart_command_runs_without_this_services_settings_in_its_environm
         time.sleep(0.02)  # polling for the command's outcome in the log, bounded by the deadline
     assert "engine.restartCommand finished (exit status 0)" in server.log()
     seen = json.loads(dump.read_text())
-    assert server.env["KUIPER__BASIC__RESTPORT"] == str(server.port)  # the service had its settings ...
+    assert server.env["KUIPER_PLUGINS__BASIC__RESTPORT"] == str(server.port)  # the service had its settings ...
     leaked = sorted(name for name in seen if name.upper().startswith(("KUIPER__", "KUIPER_PLUGINS", "GUNICORN_")))
     assert leaked == []  # ... and the command got none of them
     for name in ("KUIPER_HOME", "WEB_CONCURRENCY", "SERVER_SOFTWARE"):
@@ -194,7 +196,8 @@ def test_restart_environment_keeps_what_commands_need_and_drops_the_services_own
         "HTTPS_PROXY": "http://127.0.0.1:3128", "KuiperBaseKey": "/kuiper", "DOCKER_HOST": "unix:///run/docker.sock",
         "KUIPER__BASIC__RESTPORT": "9082", "kuiper__basic__restport": "9083", "KUIPER__STORE__SQLITE__NAME": "x.db",
         "KUIPER_PLUGINS_SERVER": "gunicorn", "KUIPER_PLUGINS_LOG_LEVEL": "debug", "KUIPER_PLUGINS_DIR": "/p",
-        "KUIPER_PLUGINS_TOKEN": "a.b.c", "KUIPER_HOME": "/var/lib/kuiper", "KUIPER_ETC_DIR": "/etc/kuiper",
+        "KUIPER_PLUGINS_TOKEN": "a.b.c", "KUIPER_PLUGINS__BASIC__RESTPORT": "9091", "kuiper_plugins__engine__url": "x",
+        "KUIPER_HOME": "/var/lib/kuiper", "KUIPER_ETC_DIR": "/etc/kuiper",
         "KUIPER_DATA_DIR": "/var/lib/kuiper/data", "WEB_CONCURRENCY": "4", "SERVER_SOFTWARE": "gunicorn/23.0.0",
         "GUNICORN_CMD_ARGS": "--workers 4", "GUNICORN_FD": "3", "GUNICORN_PID": "1", "LISTEN_FDS": "1",
         "LISTEN_PID": "1", "LISTEN_FDNAMES": "http", "NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "1",
@@ -238,4 +241,5 @@ def test_restart_command_must_be_an_argument_list(tmp_path):
     from kuiper_plugins.settings import SettingsError, load_settings
 
     with pytest.raises(SettingsError, match="RESTARTCOMMAND: expected an argument list"):
-        load_settings({"KUIPER_HOME": str(tmp_path), "KUIPER__ENGINE__RESTARTCOMMAND": "systemctl restart kuiper"})
+        load_settings({"KUIPER_HOME": str(tmp_path),
+                       "KUIPER_PLUGINS__ENGINE__RESTARTCOMMAND": "systemctl restart kuiper"})

@@ -223,11 +223,15 @@ def client_of(settings, peer):
 def test_the_deb_layout_puts_each_folder_where_that_engine_reads_it(tmp_path, file_server, go_gob, loopback_peer):
     etc, data, plugins = tmp_path / "etc/kuiper", tmp_path / "var/lib/kuiper/data", tmp_path / "var/lib/kuiper/plugins"
     etc.mkdir(parents=True)
-    (etc / "kuiper.yaml").write_text("basic:\n  restPort: 9123\n")
+    (etc / "kuiper-plugins.yaml").write_text("basic:\n  restPort: 9123\n")
+    (etc / "kuiper.yaml").write_text("basic:\n  restPort: 9082\nstore:\n  sqlite:\n    name: engine.db\n")
     settings = load_settings({"KUIPER_HOME": str(tmp_path / "var/lib/kuiper"), "KUIPER_ETC_DIR": str(etc),
                               "KUIPER_DATA_DIR": str(data), "KUIPER_PLUGINS_DIR": str(plugins)})
-    assert settings.rest_port == 9123  # the settings file is <etc>/kuiper.yaml
-    settings = settings.with_overrides(private_net_allow_list=(f"127.0.0.1:{file_server.port}",))
+    assert settings.rest_port == 9123  # the settings file is <etc>/kuiper-plugins.yaml
+    # ... and the engine's file, <etc>/kuiper.yaml, says where the engine listens and keeps its store
+    assert (settings.engine_url, settings.store_sqlite_name) == ("http://127.0.0.1:9082", "engine.db")
+    settings = settings.with_overrides(private_net_allow_list=(f"127.0.0.1:{file_server.port}",),
+                                       engine_url=None)  # no engine runs here to be asked
     client = client_of(settings, loopback_peer())
     make_zip(file_server.root / "random.zip", {"Random@v1.0.0.so": SO, "random.yaml": YAML, "etc/a.conf": "a"})
     created = client.post("/plugins/sources", json={"name": "random", "file": file_server.url("random.zip")})
@@ -236,7 +240,7 @@ def test_the_deb_layout_puts_each_folder_where_that_engine_reads_it(tmp_path, fi
     assert (etc / "sources/random.yaml").read_text() == YAML and (data / "sources/random.yaml").read_text() == YAML
     assert (etc / "sources/random/a.conf").exists() and (data / "sources/random/a.conf").exists()
     assert (data / "kuiper-plugins.db").exists() and (data / ".kuiper-plugins/staging").is_dir()
-    assert engine_rows(data / "sqliteKV.db", go_gob)["nativePlugin"] == {
+    assert engine_rows(data / "engine.db", go_gob)["nativePlugin"] == {
         "sources_random": script(go_gob, "random", file_server.url("random.zip"))}
     assert not (tmp_path / "var/lib/kuiper/etc").exists()  # nothing where that engine never reads
     assert client.delete("/plugins/sources/random").status_code == 200
@@ -250,6 +254,14 @@ def test_kuiper_base_key_is_an_alias_of_kuiper_home(tmp_path):
 
 @pytest.mark.parametrize("value", ["redis", "fdb", "pebble"])
 def test_another_engine_store_stops_start_up_naming_the_key(tmp_path, value):
+    with pytest.raises(SettingsError, match=r"store\.type.*supported: sqlite"):
+        load_settings({"KUIPER_HOME": str(tmp_path), "KUIPER_PLUGINS__STORE__TYPE": value})
+    # The engine's own config says so too, in its file or in its KUIPER__ variables (its truth).
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/kuiper.yaml").write_text(f"store:\n  type: {value}\n")
+    with pytest.raises(SettingsError, match=r"store\.type.*supported: sqlite"):
+        load_settings({"KUIPER_HOME": str(tmp_path)})
+    (tmp_path / "etc/kuiper.yaml").write_text("store:\n  type: sqlite\n")
     with pytest.raises(SettingsError, match=r"store\.type.*supported: sqlite"):
         load_settings({"KUIPER_HOME": str(tmp_path), "KUIPER__STORE__TYPE": value})
 

@@ -59,10 +59,10 @@ def test_delete_with_stop_ends_the_service(start_gunicorn, file_server):
 
 
 def test_bad_setting_stops_start_up_naming_the_key(tmp_path):
-    env = {**os.environ, "KUIPER_HOME": str(tmp_path / "home"), "KUIPER__BASIC__RESTPORT": "not-a-port"}
+    env = {**os.environ, "KUIPER_HOME": str(tmp_path / "home"), "KUIPER_PLUGINS__BASIC__RESTPORT": "not-a-port"}
     result = subprocess.run(
         [str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"], cwd=REPO, env=env, capture_output=True,
         text=True, timeout=60,
     )
     assert result.returncode != 0
-    assert "KUIPER__BASIC__RESTPORT" in result.stderr
+    assert "KUIPER_PLUGINS__BASIC__RESTPORT" in result.stderr

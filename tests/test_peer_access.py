@@ -250,13 +250,13 @@ def test_allowed_users_default_to_root_and_the_services_own_user(tmp_path):
 
 
 def test_allowed_users_take_names_and_uids(tmp_path):
-    assert load_settings({"KUIPER_HOME": str(tmp_path), "KUIPER__BASIC__ALLOWEDUSERS": "65534"}).allowed_users == (
-        "65534",)
-    settings = load_settings({"KUIPER_HOME": str(tmp_path), "KUIPER__BASIC__ALLOWEDUSERS": "[nobody, 33]"})
+    environ = {"KUIPER_HOME": str(tmp_path), "KUIPER_PLUGINS__BASIC__ALLOWEDUSERS": "65534"}
+    assert load_settings(environ).allowed_users == ("65534",)
+    settings = load_settings({"KUIPER_HOME": str(tmp_path), "KUIPER_PLUGINS__BASIC__ALLOWEDUSERS": "[nobody, 33]"})
     assert settings.allowed_users == ("nobody", "33")
     assert settings.allowed_uids == {0, os.geteuid(), NOBODY, 33}
     (tmp_path / "etc").mkdir()
-    (tmp_path / "etc/kuiper.yaml").write_text("basic:\n  allowedUsers: [www-data, 65534]\n")
+    (tmp_path / "etc/kuiper-plugins.yaml").write_text("basic:\n  allowedUsers: [www-data, 65534]\n")
     assert load_settings({"KUIPER_HOME": str(tmp_path)}).allowed_uids == {0, os.geteuid(), WWW_DATA, NOBODY}
 
 
@@ -264,7 +264,7 @@ def test_allowed_users_take_names_and_uids(tmp_path):
                                              ("4294967295", "out of range"), ("[true]", "unexpected item")])
 def test_a_bad_allowed_user_stops_start_up_naming_the_key(tmp_path, value, expected):
     (tmp_path / "etc").mkdir()
-    (tmp_path / "etc/kuiper.yaml").write_text(f"basic:\n  allowedUsers: {value}\n")
+    (tmp_path / "etc/kuiper-plugins.yaml").write_text(f"basic:\n  allowedUsers: {value}\n")
     with pytest.raises(SettingsError, match="basic.allowedUsers") as raised:
         load_settings({"KUIPER_HOME": str(tmp_path)})
     assert expected in str(raised.value)
@@ -390,7 +390,7 @@ def test_nobody_is_refused_on_every_guarded_route_and_root_installs(start_gunico
 @pytest.mark.slow
 @pytest.mark.parametrize("allowed", ["nobody", str(NOBODY)])
 def test_allowed_users_lets_nobody_in_by_name_or_uid(start_gunicorn, file_server, allowed):
-    server = start_gunicorn(KUIPER__BASIC__ALLOWEDUSERS=allowed)
+    server = start_gunicorn(KUIPER_PLUGINS__BASIC__ALLOWEDUSERS=allowed)
     assert curl_one(f"{server.url}/plugins/sources") == (200, "[]")
     status, body = curl_one(f"{server.url}/plugins/sources", "POST", json_body=plugin_body(file_server))
     assert status == 201, body
@@ -438,7 +438,7 @@ def test_with_authentication_on_a_jwt_lets_nobody_in(start_gunicorn, file_server
     mgmt = tmp_path / "home/etc/mgmt"
     mgmt.mkdir(parents=True)
     (mgmt / ISSUER).write_bytes(public_pem(issuer_key))
-    server = start_gunicorn(KUIPER__BASIC__AUTHENTICATION="true")
+    server = start_gunicorn(KUIPER_PLUGINS__BASIC__AUTHENTICATION="true")
     token = f"Authorization: Bearer {sign(issuer_key)}"
     status, body = curl_one(f"{server.url}/plugins/sources", "POST", json_body=plugin_body(file_server),
                             headers=(token,))
@@ -505,7 +505,7 @@ def test_behind_nginx_the_peer_is_nginx_so_proxied_deployments_turn_authenticati
     assert requests.get(f"{url}/ping", timeout=10).status_code == 200
     server.stop()
 
-    server = start_gunicorn(workers=1, KUIPER__BASIC__ALLOWEDUSERS="www-data")
+    server = start_gunicorn(workers=1, KUIPER_PLUGINS__BASIC__ALLOWEDUSERS="www-data")
     url = nginx_as_www_data(server.port)
     assert requests.get(f"{url}/plugins/sources", timeout=10).status_code == 200
     assert curl_one(f"{url}/plugins/sources") == (200, "[]")  # anyone nginx relays: hence authentication
@@ -513,7 +513,7 @@ def test_behind_nginx_the_peer_is_nginx_so_proxied_deployments_turn_authenticati
 
     (tmp_path / "home/etc/mgmt").mkdir(parents=True, exist_ok=True)
     (tmp_path / "home/etc/mgmt" / ISSUER).write_bytes(public_pem(issuer_key))
-    server = start_gunicorn(workers=1, KUIPER__BASIC__AUTHENTICATION="true")
+    server = start_gunicorn(workers=1, KUIPER_PLUGINS__BASIC__AUTHENTICATION="true")
     url = nginx_as_www_data(server.port)
     assert requests.get(f"{url}/plugins/sources", timeout=10).status_code == 401
     token = {"Authorization": f"Bearer {sign(issuer_key)}"}

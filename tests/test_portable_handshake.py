@@ -857,8 +857,9 @@ def test_without_install_scripts_a_hostile_portable_runs_as_nobody_and_cannot_ca
         start_gunicorn, file_server, tmp_path, token):
     """Round 3's P2: installScripts off, the check on. The package's executable records `id` and calls the
     service's own API on its port; it must have run as nobody, and no request of its reached gunicorn."""
-    server = start_gunicorn(KUIPER__BASIC__INSTALLSCRIPTS="false", KUIPER__PORTABLE__VERIFYONINSTALL="true",
-                            KUIPER__PORTABLE__INITTIMEOUT="20s")
+    server = start_gunicorn(KUIPER_PLUGINS__BASIC__INSTALLSCRIPTS="false",
+                            KUIPER_PLUGINS__PORTABLE__VERIFYONINSTALL="true",
+                            KUIPER_PLUGINS__PORTABLE__INITTIMEOUT="20s")
     curl, python = shutil.which("curl"), shutil.which("python3", path="/usr/bin:/bin")
     api = f"http://127.0.0.1:{server.port}/plugins/portables?from={token}"
     script = (

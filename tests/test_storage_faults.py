@@ -235,7 +235,8 @@ def test_gunicorn_refuses_to_start_on_a_corrupt_registry_and_keeps_it(tmp_path):
     registry_file = Layout(home).registry_file
     garbage = random.Random(9).randbytes(16 << 10)
     registry_file.write_bytes(garbage)
-    env = {**os.environ, "KUIPER_HOME": str(home), "KUIPER__BASIC__RESTPORT": str(free_port()), "WEB_CONCURRENCY": "4"}
+    env = {**os.environ, "KUIPER_HOME": str(home), "KUIPER_PLUGINS__BASIC__RESTPORT": str(free_port()),
+           "WEB_CONCURRENCY": "4"}
     result = subprocess.run([str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=WAIT * 2)
     assert result.returncode != 0

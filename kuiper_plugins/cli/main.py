@@ -28,8 +28,11 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from kuiper_plugins import __version__
+from kuiper_plugins.settings import SettingsError, service_url
 
-DEFAULT_URL = "http://127.0.0.1:9081"
+# Without --url or KUIPER_PLUGINS_URL, the service on this machine, where its settings say it listens:
+# http://127.0.0.1:9081 standalone, 9091 beside an engine (basic.restIp and restPort, KUIPER_PLUGINS__BASIC__*).
+URL_DEFAULT_HELP = "this machine's service, by its settings: http://127.0.0.1:9081, or :9091 beside an engine"
 URL_ENV = "KUIPER_PLUGINS_URL"
 TOKEN_ENV = "KUIPER_PLUGINS_TOKEN"
 CONNECT_TIMEOUT = 10
@@ -61,7 +64,8 @@ examples:
   kuiper-plugins drop sink influx --stop
 
 environment:
-  KUIPER_PLUGINS_URL    server URL when --url is not given (default http://127.0.0.1:9081)
+  KUIPER_PLUGINS_URL    server URL when --url is not given (default: this machine's service, where its
+                        settings say it listens: http://127.0.0.1:9081, or :9091 beside an engine)
   KUIPER_PLUGINS_TOKEN  token sent in the Authorization header when --token is not given
 
 exit status: 0 done, 1 refused by the server, 2 usage error or server unreachable
@@ -473,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The global options are accepted after the command too; SUPPRESS keeps a sub-command from
     # overwriting a value given before it with its own default.
     shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--url", default=argparse.SUPPRESS, help=f"server URL (${URL_ENV}, default {DEFAULT_URL})")
+    shared.add_argument("--url", default=argparse.SUPPRESS, help=f"server URL (${URL_ENV}, default {URL_DEFAULT_HELP})")
     shared.add_argument("--token", default=argparse.SUPPRESS,
                         help=f"token sent in the Authorization header (${TOKEN_ENV})")
     shared.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -483,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kuiper-plugins", description="Manage the plugins of an eKuiper installation through kuiper-plugins.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--url", default=None, help=f"server URL (${URL_ENV}, default {DEFAULT_URL})")
+    parser.add_argument("--url", default=None, help=f"server URL (${URL_ENV}, default {URL_DEFAULT_HELP})")
     parser.add_argument("--token", default=None, help=f"token sent in the Authorization header (${TOKEN_ENV})")
     parser.add_argument("--json", action="store_true", default=False, help="print the server's JSON, for scripts")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -542,11 +546,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _server_url(args: argparse.Namespace) -> str:
-    url = args.url or os.environ.get(URL_ENV) or DEFAULT_URL
+    url = args.url or os.environ.get(URL_ENV) or _local_service_url()
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise Failure(f"the server URL must be http:// or https:// with a host, got '{url}'", EXIT_USAGE)
     return url
+
+
+def _local_service_url() -> str:
+    """Where the service on this machine listens, read from its settings as the service reads them."""
+    try:
+        return service_url()
+    except SettingsError as exc:
+        raise Failure(f"cannot tell where kuiper-plugins listens: {exc} (give --url or ${URL_ENV})",
+                      EXIT_USAGE) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

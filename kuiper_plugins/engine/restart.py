@@ -7,12 +7,16 @@ of its output are logged; at `engine.restartTimeout` it and everything in
 its process group are killed.
 
 The command gets the environment a clean start of the service would have:
-this process's, minus what configures this service (its ``KUIPER__*``
-settings, its ``KUIPER_PLUGINS*`` and folder variables) and what gunicorn or
-systemd handed to this service alone. A script that starts kuiperd directly
-would otherwise give the engine this service's ``basic.restPort``, and the
-engine would fail to bind a port that is taken. ``KuiperBaseKey`` stays: it
-is eKuiper's own, and names the installation both of them work on.
+this process's, minus what configures this service (its ``KUIPER_PLUGINS*``
+settings and variables, its folder variables), what gunicorn or systemd
+handed to this service alone, and eKuiper's ``KUIPER__*`` variables. Those
+are the engine's own, and this service reads them only to learn where the
+engine listens; the engine the command starts takes them from its own unit or
+environment file, never from this service's (until the service read them as
+its own settings, a script that started kuiperd directly gave the engine the
+service's ``basic.restPort``, and the engine failed to bind a port that was
+taken). ``KuiperBaseKey`` stays: it is eKuiper's own, and names the
+installation both of them work on.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ log = logging.getLogger(__name__)
 
 OUTPUT_TAIL = 2048  # characters of the command's output kept for the log
 
-# Variables that configure this service: its settings (KUIPER__SECTION__KEY, which eKuiper would read as
-# its own), its KUIPER_PLUGINS_* variables (log level, timeouts, the CLI's URL and token, the plugins
-# folder) and gunicorn's (GUNICORN_CMD_ARGS, and the GUNICORN_FD and GUNICORN_PID of a re-exec).
+# Variables that configure this service: its settings (KUIPER_PLUGINS__SECTION__KEY) and other KUIPER_PLUGINS_*
+# variables (log level, timeouts, the CLI's URL and token, the plugins folder), and gunicorn's
+# (GUNICORN_CMD_ARGS, and the GUNICORN_FD and GUNICORN_PID of a re-exec). And eKuiper's KUIPER__*: the engine's
+# own, which an engine the command starts must get from its own unit, not from this service's environment.
 SERVICE_PREFIXES = ("KUIPER__", "KUIPER_PLUGINS", "GUNICORN_")
 SERVICE_VARIABLES = frozenset({
     "KUIPER_HOME", "KUIPER_ETC_DIR", "KUIPER_DATA_DIR",  # this service's folders (eKuiper reads KuiperBaseKey)

@@ -1,11 +1,12 @@
-"""gunicorn server hooks: refuse to start on an unusable registry or on JWT keys that others could change,
-and roll back an interrupted request.
+"""gunicorn server hooks: say where the service listens and what it found of an engine, refuse to start on
+an unusable registry or on JWT keys that others could change, and roll back an interrupted request.
 
 `etc/gunicorn.conf.py` imports these by name; gunicorn calls them in the master or the workers.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -13,9 +14,11 @@ import sys
 
 from kuiper_plugins.errors import PluginError, RequestInterrupted
 from kuiper_plugins.layout import Layout
-from kuiper_plugins.settings import load_settings
+from kuiper_plugins.settings import authentication_mismatch, describe_listening, load_settings
 from kuiper_plugins.store import db
 from kuiper_plugins.web.auth import UnsafeKeyFiles, check_key_files
+
+log = logging.getLogger(__name__)
 
 WORKER_BOOT_ERROR = 3  # gunicorn's exit status for "worker failed to boot": the master stops, no respawn loop
 
@@ -43,6 +46,11 @@ def _key_files_problem() -> str | None:
 
 def on_starting(server):
     """In the master, before any worker is forked (the check's connection is closed by then)."""
+    settings = load_settings()
+    log.info("%s", describe_listening(settings))
+    mismatch = authentication_mismatch(settings)
+    if mismatch:
+        log.warning("%s", mismatch)
     problem = _registry_problem() or _key_files_problem()
     if problem:
         sys.exit(f"kuiper-plugins cannot start: {problem}")
