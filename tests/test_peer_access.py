@@ -403,7 +403,7 @@ def test_allowed_users_lets_nobody_in_by_name_or_uid(start_gunicorn, file_server
 def test_an_allowed_user_who_is_not_root_cannot_have_an_install_sh_run_as_root(start_gunicorn, file_server):
     """install.sh runs as the service's user (root): only root, the service's user or a token's holder may
     install a package that carries one. Another allowed user gets a 403, and the script never runs."""
-    server = start_gunicorn(KUIPER__BASIC__ALLOWEDUSERS="nobody")
+    server = start_gunicorn(KUIPER_PLUGINS__BASIC__ALLOWEDUSERS="nobody")
     marker = server.home / "ran-as"
     make_zip(file_server.root / "scripted.zip", {
         "Scripted@v1.0.0.so": b"so", "scripted.yaml": "a: 1\n",

@@ -752,7 +752,8 @@ def test_a_real_python_plugin_installs_through_the_api_after_its_handshake(make_
 
 
 def test_a_real_go_plugin_installs_through_gunicorn_after_its_handshake(start_gunicorn, file_server, go_portable):
-    server = start_gunicorn(KUIPER__PORTABLE__VERIFYONINSTALL="true", KUIPER__PORTABLE__INITTIMEOUT="20s")
+    server = start_gunicorn(KUIPER_PLUGINS__PORTABLE__VERIFYONINSTALL="true",
+                            KUIPER_PLUGINS__PORTABLE__INITTIMEOUT="20s")
     descriptor = {"version": "v1.0.0", "language": "go", "executable": "gomirror", "sources": ["goticks"],
                   "sinks": ["goprint"]}
     packaged = file_server.root / "gomirror-src"
