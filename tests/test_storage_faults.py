@@ -310,7 +310,9 @@ def test_requests_a_worker_holds_when_it_starts_a_long_write_are_served_by_anoth
     the lock (or the busy timeout passes). Without the hand-over, the reads held by the write's worker
     are answered only after the write, and the last check fails.
     """
-    server = start_gunicorn(workers=2)
+    # The readers' heads stay half-sent while the test sets up (on a loaded machine, tens of seconds of
+    # kernel look-ups): a head timeout longer than that keeps them from a 408 the property is not about.
+    server = start_gunicorn(workers=2, KUIPER_PLUGINS_HEAD_TIMEOUT="120")
     home = server.home
     workers = server.workers_booted()
     make_zip(file_server.root / "echo.zip", {"Echo@v1.so": "echo"})
