@@ -287,6 +287,9 @@ class BufferingWorker(SyncWorker):
                 self.notify()
                 self._serve(self._next_ready())
         finally:
+            unanswered = len(self._ready) + len(self._heads) + len(self._bodies)
+            if unanswered:
+                log.info("the worker is stopping: closing %d connection(s) whose request was not served", unanswered)
             for table in (self._ready, self._heads, self._bodies, self._lingering):
                 for conn in table.values():
                     util.close(conn.sock)
@@ -459,7 +462,8 @@ class BufferingWorker(SyncWorker):
             if chunk is None:
                 return
             if not chunk:
-                self._close(conn)  # closed (or reset) before a whole request
+                log.debug("%s closed (or reset) its connection before a whole request", _peer(conn.addr))
+                self._close(conn)
                 return
             seen = len(conn.data)
             conn.data += chunk
@@ -619,9 +623,9 @@ class BufferingWorker(SyncWorker):
             finally:
                 peers.serving(None)
         except http.errors.NoMoreData as exc:
-            self.log.debug("Ignored premature client disconnection. %s", exc)
-        except StopIteration as exc:
-            self.log.debug("Closing connection. %s", exc)
+            log.debug("%s closed its connection inside its request: %s", _peer(conn.addr), exc)
+        except StopIteration:
+            log.debug("%s sent no request before it closed its connection", _peer(conn.addr))
         except TimeoutError:
             log.info("closing %s: it stopped reading the answer for %g s", _peer(conn.addr), BODY_SECONDS)
             util.close(sock)
@@ -631,6 +635,8 @@ class BufferingWorker(SyncWorker):
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 self.log.exception("Socket error processing request.")
+            else:
+                log.debug("%s went away while it was served: %s", _peer(conn.addr), exc)
             util.close(sock)
             return
         except BaseException as exc:
