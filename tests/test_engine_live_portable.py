@@ -311,3 +311,32 @@ def test_describe_says_pending_restart_while_the_engine_runs_another_version(
     described = requests.get(f"{attached.url}/plugins/portables/pygreet", timeout=30).json()
     assert engine.get("/plugins/portables/pygreet").json()["version"] == "v1.0.0"
     assert (described["version"], described["engine"]) == ("v1.0.1", "pending restart"), described
+
+
+def test_start_up_puts_our_files_back_over_what_a_crashed_hand_over_left(tmp_path, make_service):
+    """A worker killed while the engine's install had rewritten our files (no journal, reservation lost).
+
+    The staging folder holds the list and the hard links of our files: start-up must put each back over
+    the engine's copy, and remove what the engine wrote where nothing was, before removing the folder.
+    """
+    from kuiper_plugins.layout import Layout
+
+    home = tmp_path / "home"
+    make_service().stop()
+    layout = Layout(home)
+    ours = home / "etc" / "sources" / "greeting.yaml"
+    made = home / "data" / "sources" / "greeting.yaml"
+    ours.parent.mkdir(parents=True, exist_ok=True)
+    made.parent.mkdir(parents=True, exist_ok=True)
+    workdir = layout.staging / "0123456789abcdef0123456789abcdef"
+    (workdir / "engine-handed").mkdir(parents=True)
+    (workdir / "engine-handed" / "0").write_text("default: {text: mine}\n")  # our sealed file, linked aside
+    ours.write_text("default: {text: hello}\n")  # the engine's rewrite
+    made.write_text("default: {text: hello}\n")  # written by the engine where none was
+    (workdir / "engine-handed.json").write_text(
+        '[{"dest": "etc/sources/greeting.yaml", "kept": "0"}, {"dest": "data/sources/greeting.yaml", "kept": null}]')
+
+    make_service().stop()  # start-up recovery
+    assert ours.read_text() == "default: {text: mine}\n"
+    assert not made.exists()
+    assert list(layout.staging.iterdir()) == []
