@@ -17,6 +17,19 @@ and the engine answering, each native change is also made through that API, insi
   and our own delete goes on as without an engine, removing exactly what it recorded. A crash between
   the two leaves the list, and recovery puts the files back (`restore_set_aside`) before its undo.
 * register: the engine's function list is changed before our commit; a refusal changes nothing.
+* portable install: after our checks (install.sh confined, handshake) and the durable publish, the
+  engine is asked to install a zip of what it needs to register the plugin (its `<name>.json`, its
+  executable, each source's yaml), never install.sh, from data/uploads as for a native plugin; it
+  registers the plugin and starts its process. Its install rewrites every member, and a source's yaml in
+  both etc/ and data/, unconditionally: each of those paths is hard-linked aside first (the list
+  `engine-handed.json` fsynced before the call) and our file put back over the engine's after it, so
+  every file is the one we sealed (a user's kept yaml included). Recovery puts them back too.
+* portable update: the engine's own update is its delete then its install, and its delete removes the
+  whole plugin folder: so it is made of our two steps, the delete (stopping the old process) with our
+  new files set aside around it, then the install (starting the new process).
+* portable delete: the engine's delete stops the process and forgets the plugin; it removes the
+  plugin's folder and the config files of the symbols it knows (a source's yaml too): all are moved
+  aside around the call, as for a native delete, and our own delete removes what it recorded.
 
 When nothing reaches the engine (refused connection, no route), today's path applies: files and rows for
 its next start. `state` tells which of the two a plugin is in, for describe.
@@ -28,6 +41,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import zipfile
 from collections.abc import Sequence
@@ -51,6 +65,8 @@ DELETED = "DELETED"  # the version eKuiper's native manager reports for a plugin
 ASIDE_LIST = "engine-aside.json"
 ASIDE_FOLDER = "engine-aside"
 HANDED_LINK = "engine-handed.so"
+HANDED_LIST = "engine-handed.json"  # a portable hand-over: the files the engine's install rewrites, kept aside
+HANDED_FOLDER = "engine-handed"
 # eKuiper's answer is "<type> plugins <verb> command error: <reason>"; our views put the same prefix back.
 COMMAND_PREFIX = re.compile(r"^\S+ plugins? \S+ command error: ")
 
@@ -170,10 +186,133 @@ class LiveEngine:
             raise InvalidRequest(_engine_words(response))
         return LOADED
 
+    # ---------------------------------------------------------------- portable
+
+    def portable_blocked(self, name: str) -> bool:
+        """Whether the engine's install would replace and remove a file that is not ours (its download)."""
+        scratch = self.layout.plugins / "portable" / f"{name}.zip"
+        if os.path.lexists(scratch):
+            log.warning("not handing portable plugin %s to the running engine: its install would replace and"
+                        " remove %s, which is not ours; the change takes effect at the engine's next start", name,
+                        scratch)
+            return True
+        return False
+
+    def install_portable(self, workdir: Path, name: str, descriptor: dict) -> str:
+        """Have the engine register the portable plugin we published and start its process; LOADED or PENDING.
+
+        `descriptor` is the plugin's `<name>.json` as checked, its executable relative to the plugin's folder.
+        `workdir` is the operation's staging folder; the caller has not committed yet, and undoes its moves
+        when this raises.
+        """
+        if self.portable_blocked(name):
+            return PENDING
+        folder = f"plugins/portable/{name}"
+        members = [(f"{folder}/{name}.json", f"{name}.json"),
+                   (f"{folder}/{descriptor['executable']}", descriptor["executable"])]
+        written = [recorded for recorded, _member in members]
+        for source in descriptor.get("sources") or ():
+            copies = [f"{top}/sources/{source}.yaml" for top in ("etc", "data")]
+            written += copies
+            # eKuiper requires the yaml in the package; what it writes is put back at once, so any copy will do.
+            present = next((c for c in copies if stat.S_ISREG(_lstat_mode(self.layout.absolute(c)))), None)
+            if present is None:
+                log.warning("not handing portable plugin %s to the running engine: no regular file %s",
+                            name, copies[0])
+                return PENDING
+            members.append((present, f"sources/{source}.yaml"))
+        for recorded in written:
+            mode = _lstat_mode(self.layout.absolute(recorded))
+            if mode and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                log.warning("not handing portable plugin %s to the running engine: its install would replace %s,"
+                            " which is not a file", name, recorded)
+                return PENDING
+        self._keep_handed(workdir, written)
+        package = self.layout.uploads / f".kuiper-plugins-{workdir.name}.zip"
+        try:
+            _write_zip(package, [(self.layout.absolute(recorded), member) for recorded, member in members])
+            response = self.client.send("POST", "/plugins/portables", {"name": name, "file": package.as_uri()})
+        except EngineUnavailable as exc:
+            log.warning("portable plugin %s takes effect at the engine's next start: %s", name, exc.message)
+            return PENDING
+        except requests.RequestException as exc:
+            raise InstallFailed(f"fail to install plugin: the engine did not answer ({exc})") from exc
+        finally:
+            package.unlink(missing_ok=True)
+            # The engine removed and rewrote each member (not fsynced): ours go back over its copies.
+            restore_handed(self.layout, workdir)
+        if response.status_code != 201:
+            raise InstallFailed(_engine_words(response))
+        log.info("the running engine registered portable plugin %s and started its process", name)
+        return LOADED
+
+    def _keep_handed(self, workdir: Path, written: list[str]) -> None:
+        """Hard-link aside each file the engine's install will rewrite; the list is durable before any link."""
+        kept = workdir / HANDED_FOLDER
+        shutil.rmtree(kept, ignore_errors=True)  # what an earlier hand-over of this operation left, if anything
+        kept.mkdir()
+        entries = [{"dest": recorded, "kept": str(index) if os.path.lexists(self.layout.absolute(recorded)) else None}
+                   for index, recorded in enumerate(written)]
+        _write_list(workdir, HANDED_LIST, entries)
+        for entry in entries:
+            if entry["kept"] is not None:
+                os.link(self.layout.absolute(entry["dest"]), kept / entry["kept"], follow_symlinks=False)
+        durable.sync_folders([kept])
+
+    def delete_portable(self, workdir: Path, name: str) -> str:
+        """Have the engine stop a portable plugin's process and forget it, keeping every file in place.
+
+        LOADED when the engine no longer offers the plugin (stopped now, or it never had it), PENDING when
+        it could not be asked or did not delete it: then its next start decides.
+        """
+        path = f"/plugins/portables/{quote(name, safe='')}"
+        try:
+            response = self.client.send("GET", path, read_timeout=self.client.timeout)
+        except (EngineUnavailable, requests.RequestException) as exc:
+            log.warning("portable plugin %s stays in the running engine until it restarts: %s", name, exc)
+            return PENDING
+        if response.status_code == 404:
+            return LOADED  # not in the engine: no process to stop
+        symbols = _portable_symbols(response) if response.status_code == 200 else None
+        if symbols is None:
+            log.warning("the running engine did not describe portable plugin %s: %s", name, _engine_words(response))
+            return PENDING
+        # What the engine's delete removes is what it knows of the plugin, which may be an older version.
+        self._set_aside(workdir, [f"plugins/portable/{name}", *portable_delete_removes(symbols)])
+        try:
+            response = self.client.send("DELETE", path)
+        except (EngineUnavailable, requests.RequestException) as exc:
+            log.warning("the engine did not answer the delete of portable plugin %s (%s)", name, exc)
+            response = None
+        finally:
+            restore_set_aside(self.layout, workdir)
+        if response is None:
+            return PENDING
+        if response.status_code != 200:
+            log.warning("the running engine did not delete portable plugin %s: %s", name, _engine_words(response))
+            return PENDING
+        log.info("the running engine stopped portable plugin %s and no longer offers it", name)
+        return LOADED
+
+    def _set_aside(self, workdir: Path, removed: list[str]) -> None:
+        """Move every existing path of `removed` into the operation's aside folder, listed durably first."""
+        aside = workdir / ASIDE_FOLDER
+        shutil.rmtree(aside, ignore_errors=True)  # what an earlier delete of this operation dropped, if anything
+        aside.mkdir()
+        entries = [{"dest": recorded, "aside": str(index), "linked": False}
+                   for index, recorded in enumerate(removed) if os.path.lexists(self.layout.absolute(recorded))]
+        _write_aside_list(workdir, entries)
+        for entry in entries:
+            os.replace(self.layout.absolute(entry["dest"]), aside / entry["aside"])
+        durable.sync_folders([aside, *{self.layout.absolute(e["dest"]).parent for e in entries}])
+
     # ---------------------------------------------------------------- describe
 
-    def state(self, plugin_type: str, name: str) -> str:
-        """Whether the running engine offers the plugin now: LOADED, PENDING (at its restart) or UNKNOWN."""
+    def state(self, plugin_type: str, name: str, version: str | None = None) -> str:
+        """Whether the running engine offers the plugin now: LOADED, PENDING (at its restart) or UNKNOWN.
+
+        With `version` (a portable plugin's), an engine offering another version has the change pending.
+        """
         path = "portables" if plugin_type == PORTABLE else plugin_type
         try:
             # a read: a describe must not wait on a hung engine as long as a change may
@@ -186,10 +325,10 @@ class LiveEngine:
         if response.status_code != 200:
             return UNKNOWN
         try:
-            version = response.json().get("version")
+            offered = response.json().get("version")
         except (ValueError, AttributeError):
             return UNKNOWN
-        return PENDING if version == DELETED else LOADED
+        return PENDING if offered == DELETED or (version is not None and offered != version) else LOADED
 
 
 def engine_delete_removes(plugin_type: str, name: str) -> list[str]:
@@ -202,18 +341,54 @@ def engine_delete_removes(plugin_type: str, name: str) -> list[str]:
     return paths
 
 
+def portable_delete_removes(symbols: dict[str, list[str]]) -> list[str]:
+    """What eKuiper's own portable delete removes besides the plugin's folder: its symbols' config files."""
+    paths = []
+    for kind in ("sources", "sinks", "functions"):
+        suffixes = ("json",) if kind == "functions" else ("yaml", "json")
+        # A name that is not one file name is not shielded: we never move a path outside the symbol folders.
+        named = [symbol for symbol in symbols.get(kind, ()) if "/" not in symbol and symbol not in ("", ".", "..")]
+        paths += [f"{top}/{kind}/{symbol}.{ext}" for symbol in named for top in ("etc", "data") for ext in suffixes]
+    return paths
+
+
+def restore_handed(layout: Layout, workdir: Path) -> None:
+    """Put our files back over what the engine's portable install wrote; remove what it made where none was.
+
+    Safe to repeat: recovery calls it for an operation that crashed around a hand-over.
+    """
+    listed = workdir / HANDED_LIST
+    entries = _read_list(listed)
+    if entries is None:
+        return
+    touched = set()
+    for entry in entries:
+        path = layout.absolute(entry["dest"])
+        if entry["kept"] is None:
+            if os.path.lexists(path) and not os.path.isdir(path):
+                os.unlink(path)  # written from our hand-over where nothing was: the engine's, not ours
+                touched.add(path.parent)
+            continue
+        kept = workdir / HANDED_FOLDER / str(entry["kept"])
+        if not os.path.lexists(kept):
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(kept, path)
+        kept.unlink(missing_ok=True)  # still there when the engine left our file in place (same inode)
+        touched.add(path.parent)
+    durable.sync_folders(touched)
+    listed.unlink()
+    durable.sync_folders([workdir])
+
+
 def restore_set_aside(layout: Layout, workdir: Path) -> None:
     """Put back every file the engine's delete was shielded from, where it is missing; then drop the list.
 
     Safe to repeat: recovery calls it for an operation that crashed around the engine's delete.
     """
     listed = workdir / ASIDE_LIST
-    try:
-        entries = json.loads(listed.read_text())
-    except FileNotFoundError:
-        return
-    except ValueError:
-        log.error("%s is unreadable: nothing put back from it", listed)
+    entries = _read_list(listed)
+    if entries is None:
         return
     touched = set()
     for entry in entries:
@@ -232,14 +407,47 @@ def restore_set_aside(layout: Layout, workdir: Path) -> None:
     durable.sync_folders([workdir])
 
 
+def _read_list(listed: Path) -> list[dict] | None:
+    """The entries of a set-aside list; None when there is none (or it is unreadable, logged)."""
+    try:
+        return json.loads(listed.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log.error("%s is unreadable: nothing put back from it", listed)
+        return None
+
+
 def _write_aside_list(workdir: Path, entries: list[dict]) -> None:
-    partial = workdir / (ASIDE_LIST + ".partial")
+    _write_list(workdir, ASIDE_LIST, entries)
+
+
+def _write_list(workdir: Path, name: str, entries: list[dict]) -> None:
+    """Write a list of files set aside, whole and fsynced, before the first of them moves."""
+    partial = workdir / (name + ".partial")
     with open(partial, "w") as out:
         json.dump(entries, out)
         out.flush()
         os.fsync(out.fileno())
-    os.replace(partial, workdir / ASIDE_LIST)
+    os.replace(partial, workdir / name)
     durable.sync_folders([workdir])
+
+
+def _portable_symbols(response: requests.Response) -> dict[str, list[str]] | None:
+    """The sources, sinks and functions of the engine's description of a portable plugin; None if unreadable."""
+    try:
+        offered = response.json()
+        return {kind: [str(symbol) for symbol in offered.get(kind) or ()] for kind in ("sources", "sinks", "functions")}
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def _lstat_mode(path: Path) -> int:
+    """The file type and mode of `path` itself (0 when it does not exist)."""
+    try:
+        return path.lstat().st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def _write_zip(package: Path, members: list[tuple[Path, str]]) -> None:

@@ -100,6 +100,7 @@ class _Operation:
     kind: str
     journal: list[dict[str, Any]] = field(default_factory=list)
     committed: bool = False
+    engine_changed: bool = False  # a portable plugin was stopped or started in the running engine
 
 
 def type_label(plugin_type: str) -> str:
@@ -183,6 +184,9 @@ class Installer:
                 if self.live is not None and plugin_type in NATIVE_TYPES:
                     outcome["engine"] = self.live.delete_native(
                         op.staging, plugin_type, name, _so_file(plugin_type, registry.files_of(conn, plugin.id)))
+                elif self.live is not None:
+                    op.engine_changed = True
+                    outcome["engine"] = self.live.delete_portable(op.staging, name)
                 present = [f for f in registry.files_of(conn, plugin.id) if f not in kept and self._exists(f)]
                 self._publish(op, [(None, f) for f in present])
                 with db.transaction(conn):
@@ -261,8 +265,9 @@ class Installer:
         op_row = next((op for op in registry.operations(conn) if op.id == folder.name), None)
         owner = (journal["type"], journal["name"]) if journal else (op_row.type, op_row.name) if op_row else None
         if owner is None:
-            # No journal, no reservation: it moved nothing, unless it shielded files from the engine's delete.
+            # No journal, no reservation: it moved nothing, unless it shielded files from the engine.
             live.restore_set_aside(self.layout, folder)
+            live.restore_handed(self.layout, folder)
             _remove_staging(folder)
             return
         lock = plugin_lock(self.layout.locks, *owner)
@@ -277,6 +282,7 @@ class Installer:
         """Finish or undo a dead operation from what its staging folder says; the caller holds its lock."""
         op_id = folder.name
         live.restore_set_aside(self.layout, folder)  # a crash around the engine's delete: files go back first
+        live.restore_handed(self.layout, folder)  # and around a portable hand-over
         journal = _read_journal(folder)
         if op_id in registry.finished_operations(conn):
             if _clear_staging(folder):
@@ -597,6 +603,8 @@ class Installer:
         if self.live is not None and plugin_type in NATIVE_TYPES and old is None:
             # Go cannot unload a plugin: only a new one is handed over; an update waits for a restart.
             engine = self.live.install_native(op.staging, plugin_type, name, plan.units[0].dest, plan.functions)
+        elif self.live is not None and plugin_type == PORTABLE:
+            engine = self._hand_portable(op, plan, old)
         descriptor = None
         if plan.descriptor is not None:
             descriptor = dict(plan.descriptor)
@@ -618,6 +626,38 @@ class Installer:
         if engine is not None:
             outcome["engine"] = engine
         return outcome
+
+    def _hand_portable(self, op: _Operation, plan: packages.InstallPlan, old: registry.Plugin | None) -> str:
+        """Make a published portable plugin live: the engine stops the old process, then starts the new one.
+
+        eKuiper's own update is its delete then its install; the two are made apart, so that our new files
+        are kept from the delete (it removes the plugin's folder) and handed to the install.
+        """
+        if self.live.portable_blocked(plan.name):
+            return live.PENDING
+        op.engine_changed = True
+        if old is not None and self.live.delete_portable(op.staging, plan.name) == live.PENDING:
+            return live.PENDING  # the engine keeps the old one until it restarts
+        return self.live.install_portable(op.staging, plan.name, plan.descriptor or {})
+
+    def _engine_back(self, conn: sqlite3.Connection, op: _Operation) -> None:
+        """After an undone portable operation, make the engine run what the registry holds again (best effort).
+
+        The engine may have stopped the old process or started the new one before the operation failed; its
+        own delete also dropped its store row, which is written again from the registry.
+        """
+        try:
+            plugin = registry.find(conn, PORTABLE, op.name)
+            self.live.delete_portable(op.staging, op.name)
+            if plugin is not None and plugin.descriptor is not None:
+                folder = self.layout.portable_dir(op.name)
+                descriptor = dict(plugin.descriptor,
+                                  executable=Path(plugin.descriptor["executable"]).relative_to(folder).as_posix())
+                self.live.install_portable(op.staging, op.name, descriptor)
+        except (PluginError, OSError, ValueError) as exc:
+            log.error("the running engine and the registry differ on portable plugin %s until the engine's next"
+                      " start: %s", op.name, getattr(exc, "message", exc))
+        self._project(conn, PORTABLE, op.name)
 
     def _check_compatibility(self, plan: packages.InstallPlan, unpacked: Path) -> dict[str, Any] | None:
         """Refuse, before install.sh or anything else runs, a binary engine.binary's plugin.Open would refuse."""
@@ -904,6 +944,8 @@ class Installer:
         except BaseException:
             if not op.committed:
                 self._abandon(conn, op)
+                if op.engine_changed and not op.journal:  # undone: the engine follows the registry again
+                    self._engine_back(conn, op)
             raise
         finally:
             if op.committed:

@@ -227,7 +227,8 @@ def describe_plugin(plugin_type: str, name: str) -> Response:
         return described
     # Asked of the engine at each call, never cached: whether it offers the plugin now or at its restart.
     body = json.loads(described.get_data())
-    body["engine"] = live_engine.state(plugin_type, name)
+    # A portable plugin's version tells whether the engine runs the one installed (an update is pending).
+    body["engine"] = live_engine.state(plugin_type, name, body.get("version") if plugin_type == PORTABLE else None)
     return json_response(body)
 
 
