@@ -178,6 +178,13 @@ def creation_prefix(plugin_type: str, action: str = "create") -> str:
     return f"{plugin_type} plugins {action} command error"
 
 
+def settle_with_engine(plugin_type: str, name: str) -> None:
+    """Before a write: take in a plugin the engine installed or deleted itself (see engine/sync.py)."""
+    engine_sync = services().engine_sync
+    if engine_sync is not None:
+        engine_sync.settle(plugin_type, name)
+
+
 def prefixed(exc: PluginError, prefix: str) -> PluginError:
     """Put eKuiper's command prefix before a 400 message; other statuses keep their own words."""
     return exc.with_prefix(prefix) if exc.status == 400 else exc
@@ -197,6 +204,7 @@ def list_plugins(plugin_type: str) -> Response:
 def create_plugin(plugin_type: str) -> Response:
     body = load_body(create_schema, f"{type_label(plugin_type)} plugin")
     checked_name(body["name"])  # as eKuiper: after decoding, in its own words, before the create command
+    settle_with_engine(plugin_type, body["name"])
     try:
         installer().install(plugin_type, _request_record(plugin_type, body),
                             unprivileged_caller=unprivileged_caller(request.environ))
@@ -252,6 +260,7 @@ def _description(conn: sqlite3.Connection, plugin_type: str, name: str) -> dict[
 def delete_plugin(plugin_type: str, name: str) -> Response:
     checked_name(name)
     stop = request.args.get("stop") == "1" and plugin_type != PORTABLE
+    settle_with_engine(plugin_type, name)
     installer().delete(plugin_type, name)
     if plugin_type == PORTABLE:
         return text(f"portable plugin {name} is deleted")
@@ -275,6 +284,7 @@ def update_plugin(plugin_type: str, name: str) -> Response:
     if body.get("name") not in (None, name):
         raise InvalidRequest(f"the name '{body['name']}' in the body does not match '{name}' in the path")
     body["name"] = name
+    settle_with_engine(plugin_type, name)
     try:
         installer().update(plugin_type, name, _request_record(plugin_type, body),
                            unprivileged_caller=unprivileged_caller(request.environ))
@@ -305,6 +315,7 @@ def _request_record(plugin_type: str, body: dict[str, Any]) -> dict[str, Any]:
 def register_functions(name: str) -> Response:
     checked_name(name)
     body = load_body(function_list_schema, "function list")
+    settle_with_engine("functions", name)
     installer().register_functions(name, body["functions"])
     return text(f"function plugin {name} function list is registered")
 
