@@ -172,8 +172,12 @@ class LiveEngine:
 
     # ---------------------------------------------------------------- describe
 
-    def state(self, plugin_type: str, name: str) -> str:
-        """Whether the running engine offers the plugin now: LOADED, PENDING (at its restart) or UNKNOWN."""
+    def state(self, plugin_type: str, name: str, version: str | None = None) -> str:
+        """Whether the running engine offers the plugin now: LOADED, PENDING (at its restart) or UNKNOWN.
+
+        With our `version` of a native plugin, an engine running another one is PENDING: an update waits for
+        the engine's restart, as Go cannot unload the old code.
+        """
         path = "portables" if plugin_type == PORTABLE else plugin_type
         try:
             # a read: a describe must not wait on a hung engine as long as a change may
@@ -186,10 +190,12 @@ class LiveEngine:
         if response.status_code != 200:
             return UNKNOWN
         try:
-            version = response.json().get("version")
+            engine_version = response.json().get("version")
         except (ValueError, AttributeError):
             return UNKNOWN
-        return PENDING if version == DELETED else LOADED
+        if plugin_type != PORTABLE and version is not None and engine_version != version:
+            return PENDING
+        return PENDING if engine_version in (DELETED, "$deleted") else LOADED
 
 
 def engine_delete_removes(plugin_type: str, name: str) -> list[str]:

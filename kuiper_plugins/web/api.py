@@ -235,7 +235,7 @@ def describe_plugin(plugin_type: str, name: str) -> Response:
         return described
     # Asked of the engine at each call, never cached: whether it offers the plugin now or at its restart.
     body = json.loads(described.get_data())
-    body["engine"] = live_engine.state(plugin_type, name)
+    body["engine"] = live_engine.state(plugin_type, name, version=body.get("version"))
     return json_response(body)
 
 
@@ -293,6 +293,12 @@ def update_plugin(plugin_type: str, name: str) -> Response:
         raise prefixed(exc, creation_prefix(plugin_type, action))
     if plugin_type == PORTABLE:
         return text(f"portable plugin {name} is updated")
+    restart_engine = services().restart_engine
+    if request.args.get("stop") == "1" and restart_engine is not None:
+        # Go cannot unload the old code: engine.restartCommand restarts the engine, which loads the new one.
+        response = text(f"plugin {name} is updated and eKuiper will be stopped")
+        response.call_on_close(restart_engine)
+        return response
     return text(f"plugin {name} is updated and eKuiper must restart for the change to take effect.")
 
 
