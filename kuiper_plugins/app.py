@@ -14,6 +14,7 @@ from flask import Flask
 from kuiper_plugins import __version__
 from kuiper_plugins.engine import restart
 from kuiper_plugins.engine.client import EngineClient
+from kuiper_plugins.engine.sync import EngineSync
 from kuiper_plugins.errors import register_error_handlers
 from kuiper_plugins.install import scripts
 from kuiper_plugins.install.installer import Installer
@@ -41,6 +42,7 @@ class Services:
     stop_service: Callable[[], None]
     restart_engine: Callable[[], object] | None = None
     engine: EngineClient | None = None
+    engine_sync: EngineSync | None = None  # started in each gunicorn worker (gunicorn_hooks.post_worker_init)
 
 
 class _Flask(Flask):
@@ -93,6 +95,7 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         stop_service=stop_service or stop_gunicorn,
         restart_engine=_engine_restarter(settings),
         engine=engine,
+        engine_sync=EngineSync(installer, engine, settings.engine_sync_interval) if engine is not None else None,
     )
     from kuiper_plugins.web.api import bp
     from kuiper_plugins.web.openapi import docs_bp

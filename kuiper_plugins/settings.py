@@ -109,6 +109,7 @@ class Settings:
     engine_binary: Path | None = None  # engine.binary: the managed kuiperd, for the native compatibility check
     engine_restart_command: tuple[str, ...] = ()  # engine.restartCommand: run after DELETE ...?stop=1
     engine_restart_timeout: float = 60  # engine.restartTimeout: seconds restartCommand may take
+    engine_sync_interval: float = 2  # engine.syncInterval: seconds between looks at the engine's plugins; 0: never
     store_type: str = "sqlite"  # eKuiper's store.type
     store_sqlite_name: str | None = None  # eKuiper's store.sqlite.name
     portable_python_bin: str = "python"  # eKuiper's portable.pythonBin
@@ -186,6 +187,15 @@ def _seconds(value: Any) -> float:
         raise ValueError("expected a number of seconds")
     if not 0 < value <= 86400:
         raise ValueError("expected more than 0 and at most 86400 seconds")
+    return float(value)
+
+
+def _sync_interval(value: Any) -> float:
+    """engine.syncInterval: 0 (no periodic look), or from 0.1 to 3600 seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number of seconds")
+    if value != 0 and not 0.1 <= value <= 3600:
+        raise ValueError("expected 0 (never) or from 0.1 to 3600 seconds")
     return float(value)
 
 
@@ -349,6 +359,7 @@ SECTION_KEYS: dict[str, dict[str, tuple[str, Any]]] = {
         "binary": ("engine_binary", _engine_binary),
         "restartcommand": ("engine_restart_command", _command),
         "restarttimeout": ("engine_restart_timeout", _seconds),
+        "syncinterval": ("engine_sync_interval", _sync_interval),
     },
     "store": {
         "type": ("store_type", _store_type),

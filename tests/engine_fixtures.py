@@ -40,6 +40,7 @@ __all__ = [
     "kuiperd",
     "kuiperd_build",
     "multi_plugin",
+    "multi_plugin_v2",
     "sdk_python",
     "sink_server",
     "start_kuiperd",
@@ -252,34 +253,43 @@ class NativePlugin:
     built_in: float | None
 
 
-@pytest.fixture(scope="session")
-def multi_plugin(request, kuiperd_build) -> NativePlugin:
-    """Build tests/go/kuiperd/multi (functions twice and shout) as Multi@v1.0.0.so in multi.zip, cached."""
+def _build_multi(request, tags: tuple[str, ...], so_name: str) -> NativePlugin:
+    """Build tests/go/kuiperd/multi with the build tags given, as `so_name` in multi.zip, cached by its inputs."""
     go = _go()
     say = _terminal(request)
     cache = BuildCache(say)
-    key = _digest(
-        kuiperd_key(_go_version(go)).encode(), *_files(MODULE / "multi", (".go",)), repr(PLUGIN_FLAGS).encode()
-    )
+    flags = (*PLUGIN_FLAGS, *(("-tags", ",".join(tags)) if tags else ()))
+    key = _digest(kuiperd_key(_go_version(go)).encode(), *_files(MODULE / "multi", (".go",)), repr(flags).encode())
     folder = cache.root / "plugins" / f"multi-{key}"
-    so_name = "Multi@v1.0.0.so"  # eKuiper's naming: the plugin name, first letter upper-cased, @v<version>
     packaged = folder / "multi.zip"
-    with cache.locked("the multi plugin"):
+    what = f"the multi plugin{' (' + ','.join(tags) + ')' if tags else ''}"
+    with cache.locked(what):
         if packaged.exists():
             return NativePlugin(packaged, so_name, ("twice", "shout"), None)
         folder.mkdir(parents=True, exist_ok=True)
-        say(f"building the multi plugin into {folder}")
+        say(f"building {what} into {folder}")
         partial = folder / "multi.so.partial"
-        seconds = cache.run_go(
-            "building the multi plugin", [go, "build", "-v", *PLUGIN_FLAGS, "-o", str(partial), "./multi"],
-            folder / "build.log",
-        )
+        seconds = cache.run_go(f"building {what}", [go, "build", "-v", *flags, "-o", str(partial), "./multi"],
+                               folder / "build.log")
         with zipfile.ZipFile(folder / "multi.zip.partial", "w", zipfile.ZIP_DEFLATED) as archive:
             archive.write(partial, so_name)
         os.replace(folder / "multi.zip.partial", packaged)
         partial.unlink()
-        say(f"built the multi plugin in {seconds:.0f} s")
+        say(f"built {what} in {seconds:.0f} s")
         return NativePlugin(packaged, so_name, ("twice", "shout"), seconds)
+
+
+@pytest.fixture(scope="session")
+def multi_plugin(request, kuiperd_build) -> NativePlugin:
+    """Build tests/go/kuiperd/multi (functions twice and shout) as Multi@v1.0.0.so in multi.zip, cached."""
+    # eKuiper's naming: the plugin name, first letter upper-cased, @v<version>
+    return _build_multi(request, (), "Multi@v1.0.0.so")
+
+
+@pytest.fixture(scope="session")
+def multi_plugin_v2(request, kuiperd_build) -> NativePlugin:
+    """The same plugin's next version, Multi@v2.0.0.so: built with the tag `loud`, its shout ends with "!"."""
+    return _build_multi(request, ("loud",), "Multi@v2.0.0.so")
 
 
 @dataclass(frozen=True)

@@ -329,3 +329,14 @@ def test_an_empty_rest_port_means_the_default(tmp_path):
     assert load_settings(environ).rest_port == 9081
     write_engine_config(tmp_path, EKUIPER_BASIC)
     assert load_settings(environ).rest_port == 9091
+
+
+def test_engine_sync_interval_is_seconds_or_zero(tmp_path):
+    assert load_settings({"KUIPER_HOME": str(tmp_path)}).engine_sync_interval == 2
+    for given, read in (("0", 0.0), ("0.5", 0.5), ("3600", 3600.0)):
+        environ = {"KUIPER_HOME": str(tmp_path), "KUIPER_PLUGINS__ENGINE__SYNCINTERVAL": given}
+        assert load_settings(environ).engine_sync_interval == read
+    for given in ("-1", "0.01", "3601", "often"):
+        environ = {"KUIPER_HOME": str(tmp_path), "KUIPER_PLUGINS__ENGINE__SYNCINTERVAL": given}
+        with pytest.raises(SettingsError, match="SYNCINTERVAL"):
+            load_settings(environ)

@@ -311,7 +311,9 @@ class LiveEngine:
     def state(self, plugin_type: str, name: str, version: str | None = None) -> str:
         """Whether the running engine offers the plugin now: LOADED, PENDING (at its restart) or UNKNOWN.
 
-        With `version` (a portable plugin's), an engine offering another version has the change pending.
+        With our `version`, an engine offering another one has the change pending: a portable update made
+        while the engine could not be reached, or a native update, which waits for the engine's restart (Go
+        cannot unload the old code).
         """
         path = "portables" if plugin_type == PORTABLE else plugin_type
         try:
@@ -328,7 +330,8 @@ class LiveEngine:
             offered = response.json().get("version")
         except (ValueError, AttributeError):
             return UNKNOWN
-        return PENDING if offered == DELETED or (version is not None and offered != version) else LOADED
+        deleted = offered in (DELETED, "$deleted")
+        return PENDING if deleted or (version is not None and offered != version) else LOADED
 
 
 def engine_delete_removes(plugin_type: str, name: str) -> list[str]:

@@ -332,42 +332,97 @@ class Installer:
         journaled = self._journaled_files()
         engine = self._engine_rows_for_adoption()
         for plugin_type in NATIVE_TYPES:
-            folder = self.layout.native_dir(plugin_type)
-            for so_path in sorted(folder.glob("*.so")):
-                relative = self.layout.relative(so_path)
-                if relative in recorded or relative in journaled:
-                    continue
-                try:
-                    mode = so_path.lstat().st_mode
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISREG(mode):
-                    # A link, FIFO, socket or device: an install never writes one, and reading it could block.
-                    log.warning("not adopting %s: it is a %s, not a regular file", relative, found_files.kind_of(mode))
-                    continue
-                match = SO_FILE_NAME.fullmatch(so_path.name)
-                if match is None:
-                    log.warning("ignoring %s: its name does not make a plugin name", relative)
-                    continue
-                name = match.group(1)[0].lower() + match.group(1)[1:]
-                try:
-                    packages.check_plugin_name(plugin_type, name)
-                except InvalidRequest as exc:
-                    log.warning("not adopting %s: %s (the API refuses such an install)", relative, exc.message)
-                    continue
-                self._adopt_under_lock(plugin_type, name, relative, self._adopt_native,
-                                       conn, plugin_type, name, relative, match.group(2), engine)
+            for so_path in sorted(self.layout.native_dir(plugin_type).glob("*.so")):
+                self._adopt_so(conn, plugin_type, so_path, recorded, journaled, engine)
         portable_root = self.layout.plugins / "portable"
         for folder in sorted(p for p in portable_root.iterdir() if p.is_dir() and not p.is_symlink()):
-            relative = self.layout.relative(folder)
-            if relative in recorded or relative in journaled:
-                continue
-            try:
-                packages.check_plugin_name(PORTABLE, folder.name)
-            except InvalidRequest as exc:
-                log.warning("not adopting portable plugin folder %s: %s", folder, exc.message)
-                continue
-            self._adopt_under_lock(PORTABLE, folder.name, relative, self._adopt_portable, conn, folder, engine)
+            self._adopt_folder(conn, folder, recorded, journaled, engine)
+
+    def adopt_offered(self, plugin_type: str, name: str) -> bool:
+        """Adopt one plugin the running engine offers, from its files on disk, by start-up's rules.
+
+        Return whether the registry has the plugin now. A plugin whose lock is held (an operation of
+        ours in flight) is left alone: that operation commits or undoes its own files.
+        """
+        key = registry.name_key(name)
+        with self._writer.session() as conn:
+            recorded = registry.all_recorded_files(conn)
+            journaled = self._journaled_files()
+            engine = self._engine_rows_for_adoption()
+            if plugin_type == PORTABLE:
+                folder = self.layout.portable_dir(name)
+                if folder.is_dir() and not folder.is_symlink():
+                    self._adopt_folder(conn, folder, recorded, journaled, engine)
+            else:
+                for so_path in native_binaries(self.layout, plugin_type, name):
+                    self._adopt_so(conn, plugin_type, so_path, recorded, journaled, engine)
+            found = registry.find_by_key(conn, plugin_type, name)
+        return found is not None and registry.name_key(found.name) == key
+
+    def forget_removed(self, plugin_type: str, name: str) -> bool:
+        """Forget a plugin whose binary (or portable folder) is gone: the engine's own delete removed it.
+
+        No file and no row of eKuiper's store is touched: the engine's delete took what it removes, and
+        what it left is logged, never removed. Return whether the plugin was forgotten; a plugin with an
+        operation in flight, or whose binary is back, is not.
+        """
+        with plugin_lock(self.layout.locks, plugin_type, name) as lock:
+            if not lock.try_acquire():
+                return False
+            with self._writer.session() as conn:
+                plugin = registry.find_by_key(conn, plugin_type, name)
+                if plugin is None or registry.operation_for(conn, plugin_type, name) is not None:
+                    return False
+                files = registry.files_of(conn, plugin.id)
+                main = main_file(plugin_type, plugin.name, files)
+                if main is None or self._exists(main):
+                    return False
+                with db.transaction(conn):
+                    registry.remove(conn, plugin.id)
+            left = [f for f in files if self._exists(f)]
+        log.warning("forgot %s plugin %s: the engine no longer has it and %s is gone%s", type_label(plugin_type),
+                    plugin.name, main, f"; left in place, no longer recorded: {', '.join(left)}" if left else "")
+        return True
+
+    def _adopt_so(self, conn: sqlite3.Connection, plugin_type: str, so_path: Path, recorded: set[str],
+                  journaled: set[str], engine: dict[str, Any]) -> None:
+        """Adopt one native binary found on disk, unless it is recorded, journaled or not a plugin the API takes."""
+        relative = self.layout.relative(so_path)
+        if relative in recorded or relative in journaled:
+            return
+        try:
+            mode = so_path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(mode):
+            # A link, FIFO, socket or device: an install never writes one, and reading it could block.
+            log.warning("not adopting %s: it is a %s, not a regular file", relative, found_files.kind_of(mode))
+            return
+        match = SO_FILE_NAME.fullmatch(so_path.name)
+        if match is None:
+            log.warning("ignoring %s: its name does not make a plugin name", relative)
+            return
+        name = match.group(1)[0].lower() + match.group(1)[1:]
+        try:
+            packages.check_plugin_name(plugin_type, name)
+        except InvalidRequest as exc:
+            log.warning("not adopting %s: %s (the API refuses such an install)", relative, exc.message)
+            return
+        self._adopt_under_lock(plugin_type, name, relative, self._adopt_native,
+                               conn, plugin_type, name, relative, match.group(2), engine)
+
+    def _adopt_folder(self, conn: sqlite3.Connection, folder: Path, recorded: set[str], journaled: set[str],
+                      engine: dict[str, Any]) -> None:
+        """Adopt one portable plugin folder found on disk, unless it is recorded, journaled or badly named."""
+        relative = self.layout.relative(folder)
+        if relative in recorded or relative in journaled:
+            return
+        try:
+            packages.check_plugin_name(PORTABLE, folder.name)
+        except InvalidRequest as exc:
+            log.warning("not adopting portable plugin folder %s: %s", folder, exc.message)
+            return
+        self._adopt_under_lock(PORTABLE, folder.name, relative, self._adopt_portable, conn, folder, engine)
 
     def _adopt_under_lock(self, plugin_type: str, name: str, relative: str, adopt: Callable[..., None], *args) -> None:
         # A file an operation in flight has just moved in is not hand-copied: that operation holds the
@@ -1085,6 +1140,25 @@ def _request_of(script: kv.InstallScript | None, functions: Sequence[str] | None
     if functions:
         request["functions"] = list(functions)
     return request
+
+
+def main_file(plugin_type: str, name: str, recorded: Sequence[str]) -> str | None:
+    """The recorded file a plugin stands on: a native plugin's .so, a portable plugin's folder."""
+    if plugin_type == PORTABLE:
+        folder = f"plugins/portable/{name}"
+        return folder if folder in recorded else None
+    return _so_file(plugin_type, recorded)
+
+
+def native_binaries(layout: Layout, plugin_type: str, name: str) -> list[Path]:
+    """The .so files on disk that make a native plugin of this name (any case of its first letter, any version)."""
+    key = registry.name_key(name)
+    found = []
+    for so_path in sorted(layout.native_dir(plugin_type).glob("*.so")):
+        match = SO_FILE_NAME.fullmatch(so_path.name)
+        if match is not None and registry.name_key(match.group(1)) == key:
+            found.append(so_path)
+    return found
 
 
 def _so_file(plugin_type: str, recorded: Sequence[str]) -> str | None:

@@ -127,6 +127,15 @@ def files_of(conn: sqlite3.Connection, plugin_id: int) -> list[str]:
 
 
 @mapped_errors
+def files_by_plugin(conn: sqlite3.Connection) -> dict[int, list[str]]:
+    """Every plugin's recorded paths, by plugin id (one query, for a look over the whole registry)."""
+    files: dict[int, list[str]] = {}
+    for plugin_id, path in conn.execute("SELECT plugin_id, path FROM plugin_files ORDER BY plugin_id, path"):
+        files.setdefault(plugin_id, []).append(path)
+    return files
+
+
+@mapped_errors
 def all_plugins(conn: sqlite3.Connection) -> list[tuple[Plugin, list[str]]]:
     """Every plugin with its function list, in (type, name) order."""
     plugins = [_plugin(row) for row in conn.execute("SELECT * FROM plugins ORDER BY type, name")]

@@ -178,6 +178,13 @@ def creation_prefix(plugin_type: str, action: str = "create") -> str:
     return f"{plugin_type} plugins {action} command error"
 
 
+def settle_with_engine(plugin_type: str, name: str) -> None:
+    """Before a write: take in a plugin the engine installed or deleted itself (see engine/sync.py)."""
+    engine_sync = services().engine_sync
+    if engine_sync is not None:
+        engine_sync.settle(plugin_type, name)
+
+
 def prefixed(exc: PluginError, prefix: str) -> PluginError:
     """Put eKuiper's command prefix before a 400 message; other statuses keep their own words."""
     return exc.with_prefix(prefix) if exc.status == 400 else exc
@@ -197,6 +204,7 @@ def list_plugins(plugin_type: str) -> Response:
 def create_plugin(plugin_type: str) -> Response:
     body = load_body(create_schema, f"{type_label(plugin_type)} plugin")
     checked_name(body["name"])  # as eKuiper: after decoding, in its own words, before the create command
+    settle_with_engine(plugin_type, body["name"])
     try:
         installer().install(plugin_type, _request_record(plugin_type, body),
                             unprivileged_caller=unprivileged_caller(request.environ))
@@ -227,8 +235,8 @@ def describe_plugin(plugin_type: str, name: str) -> Response:
         return described
     # Asked of the engine at each call, never cached: whether it offers the plugin now or at its restart.
     body = json.loads(described.get_data())
-    # A portable plugin's version tells whether the engine runs the one installed (an update is pending).
-    body["engine"] = live_engine.state(plugin_type, name, body.get("version") if plugin_type == PORTABLE else None)
+    # Our version tells whether the engine runs the one installed (an update may be pending).
+    body["engine"] = live_engine.state(plugin_type, name, version=body.get("version"))
     return json_response(body)
 
 
@@ -253,6 +261,7 @@ def _description(conn: sqlite3.Connection, plugin_type: str, name: str) -> dict[
 def delete_plugin(plugin_type: str, name: str) -> Response:
     checked_name(name)
     stop = request.args.get("stop") == "1" and plugin_type != PORTABLE
+    settle_with_engine(plugin_type, name)
     installer().delete(plugin_type, name)
     if plugin_type == PORTABLE:
         return text(f"portable plugin {name} is deleted")
@@ -276,6 +285,7 @@ def update_plugin(plugin_type: str, name: str) -> Response:
     if body.get("name") not in (None, name):
         raise InvalidRequest(f"the name '{body['name']}' in the body does not match '{name}' in the path")
     body["name"] = name
+    settle_with_engine(plugin_type, name)
     try:
         installer().update(plugin_type, name, _request_record(plugin_type, body),
                            unprivileged_caller=unprivileged_caller(request.environ))
@@ -284,6 +294,12 @@ def update_plugin(plugin_type: str, name: str) -> Response:
         raise prefixed(exc, creation_prefix(plugin_type, action))
     if plugin_type == PORTABLE:
         return text(f"portable plugin {name} is updated")
+    restart_engine = services().restart_engine
+    if request.args.get("stop") == "1" and restart_engine is not None:
+        # Go cannot unload the old code: engine.restartCommand restarts the engine, which loads the new one.
+        response = text(f"plugin {name} is updated and eKuiper will be stopped")
+        response.call_on_close(restart_engine)
+        return response
     return text(f"plugin {name} is updated and eKuiper must restart for the change to take effect.")
 
 
@@ -306,6 +322,7 @@ def _request_record(plugin_type: str, body: dict[str, Any]) -> dict[str, Any]:
 def register_functions(name: str) -> Response:
     checked_name(name)
     body = load_body(function_list_schema, "function list")
+    settle_with_engine("functions", name)
     installer().register_functions(name, body["functions"])
     return text(f"function plugin {name} function list is registered")
 

@@ -93,8 +93,12 @@ def _take_queued(signals) -> list[int]:
 
 
 def post_worker_init(worker):
-    """In each new worker, once its signal handlers are set and the app is loaded: take the signals held back."""
+    """In each new worker, once its signal handlers are set and the app is loaded: take the signals held back,
+    and start the periodic look at the engine's plugins (engine/sync.py)."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+    services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("kuiper_plugins")
+    if services is not None and services.engine_sync is not None:
+        services.engine_sync.start()  # a thread of this worker: it is started after the fork, never before
     for sig in dict.fromkeys(getattr(worker, "kuiper_early_signals", ())):
         os.kill(os.getpid(), sig)
 

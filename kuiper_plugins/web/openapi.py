@@ -106,7 +106,11 @@ def build_spec(version: str) -> APISpec:
         operations={
             "get": {"summary": "Describe a plugin", "tags": ["plugins"],
                     "responses": {"200": _json("The plugin", description), **_errors()}},
-            "put": {"summary": "Replace a plugin by a new package", "tags": ["plugins"],
+            "put": {"summary": "Replace a plugin by a new package; for a native one, stop=1 then runs"
+                               " engine.restartCommand when it is set",
+                    "tags": ["plugins"],
+                    "parameters": [{"name": "stop", "in": "query", "required": False,
+                                    "schema": {"type": "string", "enum": ["0", "1"]}}],
                     "requestBody": _body("PluginUpdate"),
                     "responses": {"200": _text("Updated", "plugin random is updated and eKuiper must restart for the"
                                                           " change to take effect."), **_errors()}},

@@ -3,7 +3,8 @@
 // eKuiper looks a function up in the plugin that registered it under the function's name with its first
 // letter upper-cased, and accepts a value implementing api.Function. So `twice` is the symbol Twice and
 // `shout` is Shout; installing the plugin with "functions": ["twice", "shout"] tells the engine both
-// names belong to Multi@v1.0.0.so.
+// names belong to Multi@v1.0.0.so. Built with the tag `loud` (loud.go), shout ends its answer with "!":
+// a second version of the same plugin whose output differs, for the update tests.
 package main
 
 import (
@@ -61,8 +62,11 @@ func (*shout) Exec(_ api.FunctionContext, args []any) (any, bool) {
 	if !ok {
 		return fmt.Errorf("shout needs a string, got %T", args[0]), false
 	}
-	return strings.ToUpper(text), true
+	return strings.ToUpper(text) + shoutEnding, true
 }
+
+// shoutEnding is what shout puts after its answer: nothing, or "!" in the build tagged loud.
+var shoutEnding = ""
 
 func (*shout) IsAggregate() bool {
 	return false
