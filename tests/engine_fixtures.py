@@ -39,6 +39,7 @@ __all__ = [
     "go_portable",
     "kuiperd",
     "kuiperd_build",
+    "mixed_plugin",
     "multi_plugin",
     "sdk_python",
     "sink_server",
@@ -252,34 +253,54 @@ class NativePlugin:
     built_in: float | None
 
 
-@pytest.fixture(scope="session")
-def multi_plugin(request, kuiperd_build) -> NativePlugin:
-    """Build tests/go/kuiperd/multi (functions twice and shout) as Multi@v1.0.0.so in multi.zip, cached."""
+def build_native_plugin(request, package: str, functions: tuple[str, ...]) -> NativePlugin:
+    """Build tests/go/kuiperd/<package> as <Package>@v1.0.0.so in <package>.zip, cached like kuiperd.
+
+    The key is the engine's, the package's Go files and the plugin flags: a plugin is rebuilt whenever the
+    engine it must load into is.
+    """
     go = _go()
     say = _terminal(request)
     cache = BuildCache(say)
     key = _digest(
-        kuiperd_key(_go_version(go)).encode(), *_files(MODULE / "multi", (".go",)), repr(PLUGIN_FLAGS).encode()
+        kuiperd_key(_go_version(go)).encode(), *_files(MODULE / package, (".go",)), repr(PLUGIN_FLAGS).encode()
     )
-    folder = cache.root / "plugins" / f"multi-{key}"
-    so_name = "Multi@v1.0.0.so"  # eKuiper's naming: the plugin name, first letter upper-cased, @v<version>
-    packaged = folder / "multi.zip"
-    with cache.locked("the multi plugin"):
+    folder = cache.root / "plugins" / f"{package}-{key}"
+    # eKuiper's naming: the plugin name, first letter upper-cased, @v<version>
+    so_name = f"{package[0].upper()}{package[1:]}@v1.0.0.so"
+    packaged = folder / f"{package}.zip"
+    with cache.locked(f"the {package} plugin"):
         if packaged.exists():
-            return NativePlugin(packaged, so_name, ("twice", "shout"), None)
+            return NativePlugin(packaged, so_name, functions, None)
         folder.mkdir(parents=True, exist_ok=True)
-        say(f"building the multi plugin into {folder}")
-        partial = folder / "multi.so.partial"
+        say(f"building the {package} plugin into {folder}")
+        partial = folder / f"{package}.so.partial"
         seconds = cache.run_go(
-            "building the multi plugin", [go, "build", "-v", *PLUGIN_FLAGS, "-o", str(partial), "./multi"],
+            f"building the {package} plugin",
+            [go, "build", "-v", *PLUGIN_FLAGS, "-o", str(partial), f"./{package}"],
             folder / "build.log",
         )
-        with zipfile.ZipFile(folder / "multi.zip.partial", "w", zipfile.ZIP_DEFLATED) as archive:
+        with zipfile.ZipFile(folder / f"{package}.zip.partial", "w", zipfile.ZIP_DEFLATED) as archive:
             archive.write(partial, so_name)
-        os.replace(folder / "multi.zip.partial", packaged)
+        os.replace(folder / f"{package}.zip.partial", packaged)
         partial.unlink()
-        say(f"built the multi plugin in {seconds:.0f} s")
-        return NativePlugin(packaged, so_name, ("twice", "shout"), seconds)
+        say(f"built the {package} plugin in {seconds:.0f} s")
+        return NativePlugin(packaged, so_name, functions, seconds)
+
+
+@pytest.fixture(scope="session")
+def multi_plugin(request, kuiperd_build) -> NativePlugin:
+    """Build tests/go/kuiperd/multi (functions twice and shout) as Multi@v1.0.0.so in multi.zip, cached."""
+    return build_native_plugin(request, "multi", ("twice", "shout"))
+
+
+@pytest.fixture(scope="session")
+def mixed_plugin(request, kuiperd_build) -> NativePlugin:
+    """Build tests/go/kuiperd/mixed as Mixed@v1.0.0.so in mixed.zip, cached: `good` is callable, `stale` is not.
+
+    Stale's Exec has the argument order of the contract before v2, so the symbol is not an api.Function.
+    """
+    return build_native_plugin(request, "mixed", ("good", "stale"))
 
 
 @dataclass(frozen=True)
