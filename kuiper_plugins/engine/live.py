@@ -17,6 +17,13 @@ and the engine answering, each native change is also made through that API, insi
   and our own delete goes on as without an engine, removing exactly what it recorded. A crash between
   the two leaves the list, and recovery puts the files back (`restore_set_aside`) before its undo.
 * register: the engine's function list is changed before our commit; a refusal changes nothing.
+* callable: opening a .so proves only that it links. After the engine installed a function plugin, or
+  took a new function list, each function is resolved as the engine resolves it when a rule is
+  validated: `POST /rules/validate` parses a rule calling it (its SQL is parsed, and every function
+  looked up and type-checked, before its stream is; nothing is stored). A function the engine cannot
+  call refuses the change in the engine's words: an install is withdrawn from the engine with its own
+  delete (files shielded as for a delete) before our moves are undone, a register gives the engine
+  the old list back.
 
 When nothing reaches the engine (refused connection, no route), today's path applies: files and rows for
 its next start. `state` tells which of the two a plugin is in, for describe.
@@ -46,13 +53,20 @@ log = logging.getLogger(__name__)
 LOADED = "loaded"
 PENDING = "pending restart"
 UNKNOWN = "unknown"
-DELETED = "DELETED"  # the version eKuiper's native manager reports for a plugin it deleted, until it restarts
+DELETED = "$deleted"  # the version eKuiper's native manager reports for a plugin it deleted, until it restarts
 
 ASIDE_LIST = "engine-aside.json"
 ASIDE_FOLDER = "engine-aside"
 HANDED_LINK = "engine-handed.so"
 # eKuiper's answer is "<type> plugins <verb> command error: <reason>"; our views put the same prefix back.
 COMMAND_PREFIX = re.compile(r"^\S+ plugins? \S+ command error: ")
+# A rule only parsed, never created: its SQL names a function and a stream nobody is expected to have.
+PROBE_RULE = "kuiper_plugins_probe"
+PROBE_STREAM = "kuiper_plugins_probe"
+# When the engine finds no function of a name it says why in one line per function factory, "<factory>:<why>";
+# a function it found and asked to validate our probe's arguments answers in its own words instead.
+FACTORY_LINE = re.compile(r"^(built-in|native plugin|portable plugin|javascript function|external service"
+                          r"|wasm plugin):")
 
 
 class LiveEngine:
@@ -170,6 +184,39 @@ class LiveEngine:
             raise InvalidRequest(_engine_words(response))
         return LOADED
 
+    def withdraw_native(self, workdir: Path, plugin_type: str, name: str, so_dest: str) -> None:
+        """Have the engine drop a plugin it installed in this operation, which is being undone (logged if not)."""
+        if self.delete_native(workdir, plugin_type, name, so_dest) != LOADED:
+            log.error("the running engine keeps %s plugin %s, which was not installed, until it restarts",
+                      plugin_type, name)
+
+    # ---------------------------------------------------------------- callable
+
+    def uncallable(self, functions: Sequence[str]) -> tuple[str, str] | None:
+        """The first function the engine cannot call, with the engine's words for it; None when it can call all.
+
+        Each is resolved as a rule's validation resolves it (POST /rules/validate, which stores nothing).
+        An engine that does not answer that call is not a refusal: logged, and taken as callable.
+        """
+        for function in functions:
+            rule = {"id": PROBE_RULE, "sql": f"SELECT `{function}`() FROM {PROBE_STREAM}",
+                    "actions": [{"log": {}}]}
+            try:
+                response = self.client.send("POST", "/rules/validate", rule, read_timeout=self.client.timeout)
+            except (EngineUnavailable, requests.RequestException) as exc:
+                log.warning("could not ask the running engine whether it can call function %s: %s", function, exc)
+                continue
+            if response.status_code == 200:
+                continue  # parsed whole: a stream of that name exists, and the function resolved
+            if response.status_code != 422:
+                log.warning("could not ask the running engine whether it can call function %s: it answered %s %s",
+                            function, response.status_code, response.text[:200])
+                continue
+            words = _resolution_failure(function, response.text)
+            if words is not None:
+                return function, words
+        return None
+
     # ---------------------------------------------------------------- describe
 
     def state(self, plugin_type: str, name: str) -> str:
@@ -251,6 +298,28 @@ def _write_zip(package: Path, members: list[tuple[Path, str]]) -> None:
             with open(path, "rb") as source, archive.open(info, "w") as target:
                 while chunk := source.read(1024 * 1024):
                     target.write(chunk)
+
+
+def _resolution_failure(function: str, answer: str) -> str | None:
+    """The engine's words when its answer to the probe says it could not resolve `function`, else None.
+
+    Any other refusal (the function's own check of the probe's missing arguments, the probe's unknown
+    stream) means the function was found and is an api.Function.
+    """
+    unknown = f"function {function} not found"
+    marker = f"validate function {function} error: "
+    at = answer.find(marker)
+    if at < 0:
+        return unknown if f"error: {unknown}" in answer else None
+    reason = answer[at + len(marker):].strip().removesuffix(".")
+    lines = reason.splitlines()
+    if reason == unknown:
+        return marker + reason
+    if lines and all(FACTORY_LINE.match(line) for line in lines):
+        # the native manager's line says why; the other factories only that they have no such function
+        native = [line for line in lines if line.startswith("native plugin:")]
+        return marker + (native[0] if native else lines[0])
+    return None
 
 
 def _engine_words(response: requests.Response) -> str:

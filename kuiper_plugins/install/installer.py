@@ -206,11 +206,15 @@ class Installer:
             # The engine's refusal comes before our commit, and changes nothing on either side.
             engine = self.live.register_functions(name, functions) if self.live is not None else None
             try:
+                if engine == live.LOADED:
+                    _refuse_uncallable(self.live, functions, f"function plugins {name} regiser functions error",
+                                       "the function list is unchanged")
                 with db.transaction(conn):
                     registry.set_functions(conn, plugin.id, functions)
             except (sqlite3.IntegrityError, PluginError):
                 if engine == live.LOADED:
                     self._give_back_functions(name, registry.functions_of(conn, plugin.id))
+                    self._project(conn, "functions", name)  # the engine rewrote its pluginFuncs row both times
                 self._refuse_function_clashes(conn, functions, plugin.id)
                 raise
             self._project(conn, "functions", name)
@@ -602,6 +606,8 @@ class Installer:
             descriptor = dict(plan.descriptor)
             descriptor["executable"] = str(self.layout.portable_dir(name) / plan.descriptor["executable"])
         try:
+            if engine == live.LOADED and plugin_type == "functions":
+                _refuse_uncallable(self.live, plan.functions, "fail to install plugin", "nothing was installed")
             with db.transaction(conn):
                 registry.save(
                     conn, plugin_type=plugin_type, name=name, version=plan.version, descriptor=descriptor,
@@ -611,13 +617,25 @@ class Installer:
                 registry.end_operation(conn, op.id, committed=True)
         except sqlite3.IntegrityError:
             # Another plugin took a function or file between our checks and the commit.
+            self._withdraw_from_engine(conn, op, engine, plan.units[0].dest)
             self._refuse_function_clashes(conn, plan.functions, old.id if old is not None else None)
             raise InstallFailed(f"fail to install plugin: a file of plugin {name} was taken by another plugin")
+        except BaseException:
+            self._withdraw_from_engine(conn, op, engine, plan.units[0].dest)
+            raise
         op.committed = True
         outcome = {"version": plan.version, "sha256": fetched.sha256}
         if engine is not None:
             outcome["engine"] = engine
         return outcome
+
+    def _withdraw_from_engine(self, conn: sqlite3.Connection, op: _Operation, engine: str | None,
+                              so_dest: str) -> None:
+        """Before an install handed to the engine is undone: the engine drops it, its rows go as ours say."""
+        if engine != live.LOADED:
+            return
+        self.live.withdraw_native(op.staging, op.plugin_type, op.name, so_dest)
+        self._project(conn, op.plugin_type, op.name)
 
     def _check_compatibility(self, plan: packages.InstallPlan, unpacked: Path) -> dict[str, Any] | None:
         """Refuse, before install.sh or anything else runs, a binary engine.binary's plugin.Open would refuse."""
@@ -1043,6 +1061,17 @@ def _request_of(script: kv.InstallScript | None, functions: Sequence[str] | None
     if functions:
         request["functions"] = list(functions)
     return request
+
+
+def _refuse_uncallable(engine: live.LiveEngine, functions: Sequence[str], prefix: str, outcome: str) -> None:
+    """Refuse a change that leaves the running engine a function it cannot call, in the engine's words."""
+    found = engine.uncallable(functions)
+    if found is not None:
+        function, words = found
+        raise InvalidRequest(
+            f"{prefix}: {words} (the running engine cannot call function {function}: every rule using it would be"
+            f" refused so; a plugin built against another version of eKuiper's API looks like this; {outcome})"
+        )
 
 
 def _so_file(plugin_type: str, recorded: Sequence[str]) -> str | None:
