@@ -58,6 +58,7 @@ DELETED = "$deleted"  # the version eKuiper's native manager reports for a plugi
 ASIDE_LIST = "engine-aside.json"
 ASIDE_FOLDER = "engine-aside"
 HANDED_LINK = "engine-handed.so"
+HANDED_PACKAGE = "engine-handed.zip"
 # eKuiper's answer is "<type> plugins <verb> command error: <reason>"; our views put the same prefix back.
 COMMAND_PREFIX = re.compile(r"^\S+ plugins? \S+ command error: ")
 # A rule only parsed, never created: its SQL names a function and a stream nobody is expected to have.
@@ -96,12 +97,14 @@ class LiveEngine:
             return PENDING
         handed = workdir / HANDED_LINK
         os.link(so_path, handed)
-        package = self.layout.uploads / f".kuiper-plugins-{workdir.name}.zip"
+        package = handover_package(self.layout, workdir)
         members = [(so_path, so_path.name)]
         if plugin_type == "sources":
             # eKuiper counts the yaml in; it writes it only where none exists, and ours is in place.
             members.append((self.layout.absolute(f"etc/sources/{name}.yaml"), f"{name}.yaml"))
         _write_zip(package, members)
+        # Kept beside the operation: should it crash, recovery knows the engine's download of it by its bytes.
+        os.link(package, workdir / HANDED_PACKAGE)
         body: dict = {"name": name, "file": package.as_uri()}
         if plugin_type == "functions":
             body["functions"] = list(functions)
@@ -247,6 +250,28 @@ def engine_delete_removes(plugin_type: str, name: str) -> list[str]:
     else:
         paths += [f"{top}/functions/{name}.json" for top in ("etc", "data")]
     return paths
+
+
+def handover_package(layout: Layout, workdir: Path) -> Path:
+    """Where the operation of this staging folder puts the zip the engine installs from."""
+    return layout.uploads / f".kuiper-plugins-{workdir.name}.zip"
+
+
+def remove_handover(layout: Layout, workdir: Path, plugin_name: str | None) -> None:
+    """Remove what a hand-over cut short by a crash left: our zip in data/uploads, the engine's copy of it.
+
+    The engine downloads the zip to plugins/<name>.zip and removes it when its install ends; a copy there
+    with exactly our zip's bytes is that download (anything else is not ours, and stays).
+    """
+    handover_package(layout, workdir).unlink(missing_ok=True)
+    kept = workdir / HANDED_PACKAGE
+    download = layout.plugins / f"{plugin_name}.zip"
+    if plugin_name is None or not kept.is_file() or not download.is_file() or download.is_symlink():
+        return
+    if durable.fingerprint(download) == durable.fingerprint(kept):
+        download.unlink()
+        durable.sync_folders([download.parent])
+        log.warning("removed %s: the engine's download of an install that a crash cut short", download)
 
 
 def restore_set_aside(layout: Layout, workdir: Path) -> None:

@@ -86,6 +86,7 @@ JOURNAL_MAX_BYTES = 64 * 1024 * 1024
 JOURNAL_SUFFIX = ".journal.json"
 PARTIAL_SUFFIX = JOURNAL_SUFFIX + ".partial"  # a journal being written: never read, removed with its folder
 LEGACY_JOURNAL_FILE = "journal.json"
+ENGINE_ROWS_FILE = "engine-rows.json"  # the engine's rows for a plugin before its hand-over, in staging
 BACKUP_NAME = re.compile(r"backup/[0-9]+")
 UNIT_PREFIX = "unit-"  # a staged unit's name in its operation's folder: unit-0, unit-1, ...
 SO_FILE_NAME = re.compile(r"([A-Za-z0-9_-]+?)(?:@([A-Za-z0-9._+-]+))?\.so")
@@ -267,6 +268,7 @@ class Installer:
         if owner is None:
             # No journal, no reservation: it moved nothing, unless it shielded files from the engine's delete.
             live.restore_set_aside(self.layout, folder)
+            live.remove_handover(self.layout, folder, None)
             _remove_staging(folder)
             return
         lock = plugin_lock(self.layout.locks, *owner)
@@ -289,6 +291,9 @@ class Installer:
             log.info("finished clearing the committed operation %s", op_id)
             return
         killed = scripts.kill_marked(op_id)
+        # A hand-over to the engine cut short: its package goes, and the rows its install wrote are undone.
+        live.remove_handover(self.layout, folder, journal["name"] if journal else op_row.name if op_row else None)
+        self._restore_engine_rows(folder)
         self._undo(journal["moves"] if journal else [], folder)
         _drop_journal(folder)
         with db.transaction(conn):
@@ -600,6 +605,7 @@ class Installer:
         engine = None
         if self.live is not None and plugin_type in NATIVE_TYPES and old is None:
             # Go cannot unload a plugin: only a new one is handed over; an update waits for a restart.
+            self._keep_engine_rows(op)
             engine = self.live.install_native(op.staging, plugin_type, name, plan.units[0].dest, plan.functions)
         descriptor = None
         if plan.descriptor is not None:
@@ -635,7 +641,28 @@ class Installer:
         if engine != live.LOADED:
             return
         self.live.withdraw_native(op.staging, op.plugin_type, op.name, so_dest)
-        self._project(conn, op.plugin_type, op.name)
+        self._restore_engine_rows(op.staging)
+
+    def _keep_engine_rows(self, op: _Operation) -> None:
+        """Write down, durably, the engine's rows for the plugin before its install writes its own."""
+        values = self.engine_store.values(engine_keys(op.plugin_type, op.name))
+        listed = [{"table": t, "key": k, "value": v.hex() if v is not None else None} for (t, k), v in values.items()]
+        with open(op.staging / ENGINE_ROWS_FILE, "w") as out:
+            json.dump(listed, out)
+            out.flush()
+            os.fsync(out.fileno())
+        durable.sync_folders([op.staging])  # before the engine can write a row: recovery must find it
+
+    def _restore_engine_rows(self, staging: Path) -> None:
+        """Put the engine's rows back as they were before a hand-over that is being undone (logged if not)."""
+        try:
+            listed = json.loads(found_files.read_regular(staging / ENGINE_ROWS_FILE, JOURNAL_MAX_BYTES))
+            self.engine_store.restore({(row["table"], row["key"]): bytes.fromhex(row["value"])
+                                       if row["value"] is not None else None for row in listed})
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, PluginError) as exc:
+            log.error("the engine's rows of the undone operation in %s were not put back: %s", staging, exc)
 
     def _check_compatibility(self, plan: packages.InstallPlan, unpacked: Path) -> dict[str, Any] | None:
         """Refuse, before install.sh or anything else runs, a binary engine.binary's plugin.Open would refuse."""
