@@ -39,6 +39,7 @@ __all__ = [
     "go_portable",
     "kuiperd",
     "kuiperd_build",
+    "mixed_plugin",
     "multi_plugin",
     "multi_plugin_v2",
     "sdk_python",
@@ -253,43 +254,58 @@ class NativePlugin:
     built_in: float | None
 
 
-def _build_multi(request, tags: tuple[str, ...], so_name: str) -> NativePlugin:
-    """Build tests/go/kuiperd/multi with the build tags given, as `so_name` in multi.zip, cached by its inputs."""
+def build_native_plugin(request, package: str, functions: tuple[str, ...], version: str = "1.0.0",
+                        tags: tuple[str, ...] = ()) -> NativePlugin:
+    """Build tests/go/kuiperd/<package> (with the build tags given) as <Package>@v<version>.so in <package>.zip.
+
+    Cached like kuiperd; the key is the engine's, the package's Go files and the plugin flags: a plugin is
+    rebuilt whenever the engine it must load into is.
+    """
     go = _go()
     say = _terminal(request)
     cache = BuildCache(say)
     flags = (*PLUGIN_FLAGS, *(("-tags", ",".join(tags)) if tags else ()))
-    key = _digest(kuiperd_key(_go_version(go)).encode(), *_files(MODULE / "multi", (".go",)), repr(flags).encode())
-    folder = cache.root / "plugins" / f"multi-{key}"
-    packaged = folder / "multi.zip"
-    what = f"the multi plugin{' (' + ','.join(tags) + ')' if tags else ''}"
+    key = _digest(kuiperd_key(_go_version(go)).encode(), *_files(MODULE / package, (".go",)), repr(flags).encode())
+    folder = cache.root / "plugins" / f"{package}-{key}"
+    # eKuiper's naming: the plugin name, first letter upper-cased, @v<version>
+    so_name = f"{package[0].upper()}{package[1:]}@v{version}.so"
+    packaged = folder / f"{package}.zip"
+    what = f"the {package} plugin{' (' + ','.join(tags) + ')' if tags else ''}"
     with cache.locked(what):
         if packaged.exists():
-            return NativePlugin(packaged, so_name, ("twice", "shout"), None)
+            return NativePlugin(packaged, so_name, functions, None)
         folder.mkdir(parents=True, exist_ok=True)
         say(f"building {what} into {folder}")
-        partial = folder / "multi.so.partial"
-        seconds = cache.run_go(f"building {what}", [go, "build", "-v", *flags, "-o", str(partial), "./multi"],
+        partial = folder / f"{package}.so.partial"
+        seconds = cache.run_go(f"building {what}", [go, "build", "-v", *flags, "-o", str(partial), f"./{package}"],
                                folder / "build.log")
-        with zipfile.ZipFile(folder / "multi.zip.partial", "w", zipfile.ZIP_DEFLATED) as archive:
+        with zipfile.ZipFile(folder / f"{package}.zip.partial", "w", zipfile.ZIP_DEFLATED) as archive:
             archive.write(partial, so_name)
-        os.replace(folder / "multi.zip.partial", packaged)
+        os.replace(folder / f"{package}.zip.partial", packaged)
         partial.unlink()
         say(f"built {what} in {seconds:.0f} s")
-        return NativePlugin(packaged, so_name, ("twice", "shout"), seconds)
+        return NativePlugin(packaged, so_name, functions, seconds)
 
 
 @pytest.fixture(scope="session")
 def multi_plugin(request, kuiperd_build) -> NativePlugin:
     """Build tests/go/kuiperd/multi (functions twice and shout) as Multi@v1.0.0.so in multi.zip, cached."""
-    # eKuiper's naming: the plugin name, first letter upper-cased, @v<version>
-    return _build_multi(request, (), "Multi@v1.0.0.so")
+    return build_native_plugin(request, "multi", ("twice", "shout"))
 
 
 @pytest.fixture(scope="session")
 def multi_plugin_v2(request, kuiperd_build) -> NativePlugin:
     """The same plugin's next version, Multi@v2.0.0.so: built with the tag `loud`, its shout ends with "!"."""
-    return _build_multi(request, ("loud",), "Multi@v2.0.0.so")
+    return build_native_plugin(request, "multi", ("twice", "shout"), version="2.0.0", tags=("loud",))
+
+
+@pytest.fixture(scope="session")
+def mixed_plugin(request, kuiperd_build) -> NativePlugin:
+    """Build tests/go/kuiperd/mixed as Mixed@v1.0.0.so in mixed.zip, cached: `good` is callable, `stale` is not.
+
+    Stale's Exec has the argument order of the contract before v2, so the symbol is not an api.Function.
+    """
+    return build_native_plugin(request, "mixed", ("good", "stale"))
 
 
 @dataclass(frozen=True)

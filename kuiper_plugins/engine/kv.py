@@ -460,6 +460,38 @@ class EngineStore:
             (time.monotonic() - started) * 1000,
         )
 
+    def values(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes | None]:
+        """The stored value of each (table, key), None where there is none: to put back with `restore`."""
+        keys = list(keys)
+
+        def read(conn: sqlite3.Connection | None) -> dict[tuple[str, str], bytes | None]:
+            tables = self._tables(conn) if conn is not None else set()
+            found = {}
+            for table, key in keys:
+                row = conn.execute(f"SELECT val FROM '{table}' WHERE key = ?", (key,)).fetchone() \
+                    if table in tables else None
+                found[(table, key)] = row[0] if row else None
+            return found
+
+        for table, _key in keys:
+            _check_table(table)
+        return self._read(read)
+
+    def restore(self, values: dict[tuple[str, str], bytes | None]) -> None:
+        """Put rows back exactly as `values` has them (a value, or no row); whose they are is not changed."""
+        for table, _key in values:
+            _check_table(table)
+
+        def step(conn: sqlite3.Connection) -> None:
+            for (table, key), value in values.items():
+                if value is None:
+                    conn.execute(f"DELETE FROM '{table}' WHERE key = ?", (key,))
+                else:
+                    conn.execute(f"REPLACE INTO '{table}'(key, val) VALUES (?, ?)", (key, value))
+
+        if self.path.exists():
+            self._write(step)
+
     def put(self, *rows: Row) -> None:
         """Write rows as eKuiper would (REPLACE INTO) and record them as ours."""
         self.apply(put=rows)

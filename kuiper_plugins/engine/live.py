@@ -30,6 +30,13 @@ and the engine answering, each native change is also made through that API, insi
 * portable delete: the engine's delete stops the process and forgets the plugin; it removes the
   plugin's folder and the config files of the symbols it knows (a source's yaml too): all are moved
   aside around the call, as for a native delete, and our own delete removes what it recorded.
+* callable: opening a .so proves only that it links. After the engine installed a function plugin, or
+  took a new function list, each function is resolved as the engine resolves it when a rule is
+  validated: `POST /rules/validate` parses a rule calling it (its SQL is parsed, and every function
+  looked up and type-checked, before its stream is; nothing is stored). A function the engine cannot
+  call refuses the change in the engine's words: an install is withdrawn from the engine with its own
+  delete (files shielded as for a delete) before our moves are undone, a register gives the engine
+  the old list back.
 
 When nothing reaches the engine (refused connection, no route), today's path applies: files and rows for
 its next start. `state` tells which of the two a plugin is in, for describe.
@@ -60,15 +67,23 @@ log = logging.getLogger(__name__)
 LOADED = "loaded"
 PENDING = "pending restart"
 UNKNOWN = "unknown"
-DELETED = "DELETED"  # the version eKuiper's native manager reports for a plugin it deleted, until it restarts
+DELETED = "$deleted"  # the version eKuiper's native manager reports for a plugin it deleted, until it restarts
 
 ASIDE_LIST = "engine-aside.json"
 ASIDE_FOLDER = "engine-aside"
 HANDED_LINK = "engine-handed.so"
 HANDED_LIST = "engine-handed.json"  # a portable hand-over: the files the engine's install rewrites, kept aside
 HANDED_FOLDER = "engine-handed"
+HANDED_PACKAGE = "engine-handed.zip"
 # eKuiper's answer is "<type> plugins <verb> command error: <reason>"; our views put the same prefix back.
 COMMAND_PREFIX = re.compile(r"^\S+ plugins? \S+ command error: ")
+# A rule only parsed, never created: its SQL names a function and a stream nobody is expected to have.
+PROBE_RULE = "kuiper_plugins_probe"
+PROBE_STREAM = "kuiper_plugins_probe"
+# When the engine finds no function of a name it says why in one line per function factory, "<factory>:<why>";
+# a function it found and asked to validate our probe's arguments answers in its own words instead.
+FACTORY_LINE = re.compile(r"^(built-in|native plugin|portable plugin|javascript function|external service"
+                          r"|wasm plugin):")
 
 
 class LiveEngine:
@@ -98,12 +113,14 @@ class LiveEngine:
             return PENDING
         handed = workdir / HANDED_LINK
         os.link(so_path, handed)
-        package = self.layout.uploads / f".kuiper-plugins-{workdir.name}.zip"
+        package = handover_package(self.layout, workdir)
         members = [(so_path, so_path.name)]
         if plugin_type == "sources":
             # eKuiper counts the yaml in; it writes it only where none exists, and ours is in place.
             members.append((self.layout.absolute(f"etc/sources/{name}.yaml"), f"{name}.yaml"))
         _write_zip(package, members)
+        # Kept beside the operation: should it crash, recovery knows the engine's download of it by its bytes.
+        os.link(package, workdir / HANDED_PACKAGE)
         body: dict = {"name": name, "file": package.as_uri()}
         if plugin_type == "functions":
             body["functions"] = list(functions)
@@ -306,6 +323,39 @@ class LiveEngine:
             os.replace(self.layout.absolute(entry["dest"]), aside / entry["aside"])
         durable.sync_folders([aside, *{self.layout.absolute(e["dest"]).parent for e in entries}])
 
+    def withdraw_native(self, workdir: Path, plugin_type: str, name: str, so_dest: str) -> None:
+        """Have the engine drop a plugin it installed in this operation, which is being undone (logged if not)."""
+        if self.delete_native(workdir, plugin_type, name, so_dest) != LOADED:
+            log.error("the running engine keeps %s plugin %s, which was not installed, until it restarts",
+                      plugin_type, name)
+
+    # ---------------------------------------------------------------- callable
+
+    def uncallable(self, functions: Sequence[str]) -> tuple[str, str] | None:
+        """The first function the engine cannot call, with the engine's words for it; None when it can call all.
+
+        Each is resolved as a rule's validation resolves it (POST /rules/validate, which stores nothing).
+        An engine that does not answer that call is not a refusal: logged, and taken as callable.
+        """
+        for function in functions:
+            rule = {"id": PROBE_RULE, "sql": f"SELECT `{function}`() FROM {PROBE_STREAM}",
+                    "actions": [{"log": {}}]}
+            try:
+                response = self.client.send("POST", "/rules/validate", rule, read_timeout=self.client.timeout)
+            except (EngineUnavailable, requests.RequestException) as exc:
+                log.warning("could not ask the running engine whether it can call function %s: %s", function, exc)
+                continue
+            if response.status_code == 200:
+                continue  # parsed whole: a stream of that name exists, and the function resolved
+            if response.status_code != 422:
+                log.warning("could not ask the running engine whether it can call function %s: it answered %s %s",
+                            function, response.status_code, response.text[:200])
+                continue
+            words = _resolution_failure(function, response.text)
+            if words is not None:
+                return function, words
+        return None
+
     # ---------------------------------------------------------------- describe
 
     def state(self, plugin_type: str, name: str, version: str | None = None) -> str:
@@ -330,7 +380,7 @@ class LiveEngine:
             offered = response.json().get("version")
         except (ValueError, AttributeError):
             return UNKNOWN
-        deleted = offered in (DELETED, "$deleted")
+        deleted = offered == DELETED
         return PENDING if deleted or (version is not None and offered != version) else LOADED
 
 
@@ -382,6 +432,27 @@ def restore_handed(layout: Layout, workdir: Path) -> None:
     durable.sync_folders(touched)
     listed.unlink()
     durable.sync_folders([workdir])
+
+def handover_package(layout: Layout, workdir: Path) -> Path:
+    """Where the operation of this staging folder puts the zip the engine installs from."""
+    return layout.uploads / f".kuiper-plugins-{workdir.name}.zip"
+
+
+def remove_handover(layout: Layout, workdir: Path, plugin_name: str | None) -> None:
+    """Remove what a hand-over cut short by a crash left: our zip in data/uploads, the engine's copy of it.
+
+    The engine downloads the zip to plugins/<name>.zip and removes it when its install ends; a copy there
+    with exactly our zip's bytes is that download (anything else is not ours, and stays).
+    """
+    handover_package(layout, workdir).unlink(missing_ok=True)
+    kept = workdir / HANDED_PACKAGE
+    download = layout.plugins / f"{plugin_name}.zip"
+    if plugin_name is None or not kept.is_file() or not download.is_file() or download.is_symlink():
+        return
+    if durable.fingerprint(download) == durable.fingerprint(kept):
+        download.unlink()
+        durable.sync_folders([download.parent])
+        log.warning("removed %s: the engine's download of an install that a crash cut short", download)
 
 
 def restore_set_aside(layout: Layout, workdir: Path) -> None:
@@ -462,6 +533,28 @@ def _write_zip(package: Path, members: list[tuple[Path, str]]) -> None:
             with open(path, "rb") as source, archive.open(info, "w") as target:
                 while chunk := source.read(1024 * 1024):
                     target.write(chunk)
+
+
+def _resolution_failure(function: str, answer: str) -> str | None:
+    """The engine's words when its answer to the probe says it could not resolve `function`, else None.
+
+    Any other refusal (the function's own check of the probe's missing arguments, the probe's unknown
+    stream) means the function was found and is an api.Function.
+    """
+    unknown = f"function {function} not found"
+    marker = f"validate function {function} error: "
+    at = answer.find(marker)
+    if at < 0:
+        return unknown if f"error: {unknown}" in answer else None
+    reason = answer[at + len(marker):].strip().removesuffix(".")
+    lines = reason.splitlines()
+    if reason == unknown:
+        return marker + reason
+    if lines and all(FACTORY_LINE.match(line) for line in lines):
+        # the native manager's line says why; the other factories only that they have no such function
+        native = [line for line in lines if line.startswith("native plugin:")]
+        return marker + (native[0] if native else lines[0])
+    return None
 
 
 def _engine_words(response: requests.Response) -> str:

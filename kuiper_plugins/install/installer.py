@@ -86,6 +86,7 @@ JOURNAL_MAX_BYTES = 64 * 1024 * 1024
 JOURNAL_SUFFIX = ".journal.json"
 PARTIAL_SUFFIX = JOURNAL_SUFFIX + ".partial"  # a journal being written: never read, removed with its folder
 LEGACY_JOURNAL_FILE = "journal.json"
+ENGINE_ROWS_FILE = "engine-rows.json"  # the engine's rows for a plugin before its hand-over, in staging
 BACKUP_NAME = re.compile(r"backup/[0-9]+")
 UNIT_PREFIX = "unit-"  # a staged unit's name in its operation's folder: unit-0, unit-1, ...
 SO_FILE_NAME = re.compile(r"([A-Za-z0-9_-]+?)(?:@([A-Za-z0-9._+-]+))?\.so")
@@ -210,11 +211,15 @@ class Installer:
             # The engine's refusal comes before our commit, and changes nothing on either side.
             engine = self.live.register_functions(name, functions) if self.live is not None else None
             try:
+                if engine == live.LOADED:
+                    _refuse_uncallable(self.live, functions, f"function plugins {name} regiser functions error",
+                                       "the function list is unchanged")
                 with db.transaction(conn):
                     registry.set_functions(conn, plugin.id, functions)
             except (sqlite3.IntegrityError, PluginError):
                 if engine == live.LOADED:
                     self._give_back_functions(name, registry.functions_of(conn, plugin.id))
+                    self._project(conn, "functions", name)  # the engine rewrote its pluginFuncs row both times
                 self._refuse_function_clashes(conn, functions, plugin.id)
                 raise
             self._project(conn, "functions", name)
@@ -268,6 +273,7 @@ class Installer:
             # No journal, no reservation: it moved nothing, unless it shielded files from the engine.
             live.restore_set_aside(self.layout, folder)
             live.restore_handed(self.layout, folder)
+            live.remove_handover(self.layout, folder, None)
             _remove_staging(folder)
             return
         lock = plugin_lock(self.layout.locks, *owner)
@@ -291,6 +297,9 @@ class Installer:
             log.info("finished clearing the committed operation %s", op_id)
             return
         killed = scripts.kill_marked(op_id)
+        # A hand-over to the engine cut short: its package goes, and the rows its install wrote are undone.
+        live.remove_handover(self.layout, folder, journal["name"] if journal else op_row.name if op_row else None)
+        self._restore_engine_rows(folder)
         self._undo(journal["moves"] if journal else [], folder)
         _drop_journal(folder)
         with db.transaction(conn):
@@ -657,6 +666,7 @@ class Installer:
         engine = None
         if self.live is not None and plugin_type in NATIVE_TYPES and old is None:
             # Go cannot unload a plugin: only a new one is handed over; an update waits for a restart.
+            self._keep_engine_rows(op)
             engine = self.live.install_native(op.staging, plugin_type, name, plan.units[0].dest, plan.functions)
         elif self.live is not None and plugin_type == PORTABLE:
             engine = self._hand_portable(op, plan, old)
@@ -665,6 +675,8 @@ class Installer:
             descriptor = dict(plan.descriptor)
             descriptor["executable"] = str(self.layout.portable_dir(name) / plan.descriptor["executable"])
         try:
+            if engine == live.LOADED and plugin_type == "functions":
+                _refuse_uncallable(self.live, plan.functions, "fail to install plugin", "nothing was installed")
             with db.transaction(conn):
                 registry.save(
                     conn, plugin_type=plugin_type, name=name, version=plan.version, descriptor=descriptor,
@@ -674,8 +686,12 @@ class Installer:
                 registry.end_operation(conn, op.id, committed=True)
         except sqlite3.IntegrityError:
             # Another plugin took a function or file between our checks and the commit.
+            self._withdraw_from_engine(conn, op, engine, plan.units[0].dest)
             self._refuse_function_clashes(conn, plan.functions, old.id if old is not None else None)
             raise InstallFailed(f"fail to install plugin: a file of plugin {name} was taken by another plugin")
+        except BaseException:
+            self._withdraw_from_engine(conn, op, engine, plan.units[0].dest)
+            raise
         op.committed = True
         outcome = {"version": plan.version, "sha256": fetched.sha256}
         if engine is not None:
@@ -713,6 +729,35 @@ class Installer:
             log.error("the running engine and the registry differ on portable plugin %s until the engine's next"
                       " start: %s", op.name, getattr(exc, "message", exc))
         self._project(conn, PORTABLE, op.name)
+
+    def _withdraw_from_engine(self, conn: sqlite3.Connection, op: _Operation, engine: str | None,
+                              so_dest: str) -> None:
+        """Before an install handed to the engine is undone: the engine drops it, its rows go as ours say."""
+        if engine != live.LOADED:
+            return
+        self.live.withdraw_native(op.staging, op.plugin_type, op.name, so_dest)
+        self._restore_engine_rows(op.staging)
+
+    def _keep_engine_rows(self, op: _Operation) -> None:
+        """Write down, durably, the engine's rows for the plugin before its install writes its own."""
+        values = self.engine_store.values(engine_keys(op.plugin_type, op.name))
+        listed = [{"table": t, "key": k, "value": v.hex() if v is not None else None} for (t, k), v in values.items()]
+        with open(op.staging / ENGINE_ROWS_FILE, "w") as out:
+            json.dump(listed, out)
+            out.flush()
+            os.fsync(out.fileno())
+        durable.sync_folders([op.staging])  # before the engine can write a row: recovery must find it
+
+    def _restore_engine_rows(self, staging: Path) -> None:
+        """Put the engine's rows back as they were before a hand-over that is being undone (logged if not)."""
+        try:
+            listed = json.loads(found_files.read_regular(staging / ENGINE_ROWS_FILE, JOURNAL_MAX_BYTES))
+            self.engine_store.restore({(row["table"], row["key"]): bytes.fromhex(row["value"])
+                                       if row["value"] is not None else None for row in listed})
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, PluginError) as exc:
+            log.error("the engine's rows of the undone operation in %s were not put back: %s", staging, exc)
 
     def _check_compatibility(self, plan: packages.InstallPlan, unpacked: Path) -> dict[str, Any] | None:
         """Refuse, before install.sh or anything else runs, a binary engine.binary's plugin.Open would refuse."""
@@ -1159,6 +1204,15 @@ def native_binaries(layout: Layout, plugin_type: str, name: str) -> list[Path]:
         if match is not None and registry.name_key(match.group(1)) == key:
             found.append(so_path)
     return found
+def _refuse_uncallable(engine: live.LiveEngine, functions: Sequence[str], prefix: str, outcome: str) -> None:
+    """Refuse a change that leaves the running engine a function it cannot call, in the engine's words."""
+    found = engine.uncallable(functions)
+    if found is not None:
+        function, words = found
+        raise InvalidRequest(
+            f"{prefix}: {words} (the running engine cannot call function {function}: every rule using it would be"
+            f" refused so; a plugin built against another version of eKuiper's API looks like this; {outcome})"
+        )
 
 
 def _so_file(plugin_type: str, recorded: Sequence[str]) -> str | None:
