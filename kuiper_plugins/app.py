@@ -17,10 +17,9 @@ from kuiper_plugins.engine.client import EngineClient
 from kuiper_plugins.engine.sync import EngineSync
 from kuiper_plugins.errors import register_error_handlers
 from kuiper_plugins.install import scripts
-from kuiper_plugins.install.installer import Installer
+from kuiper_plugins.install.installer import Installer, recover_home
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings, load_settings
-from kuiper_plugins.store import db
 from kuiper_plugins.web.access import register_access_checks
 from kuiper_plugins.web.auth import check_key_files
 from kuiper_plugins.web.uploads import Uploads
@@ -74,11 +73,8 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     layout = Layout.of(settings)
     if settings.authentication:
         check_key_files(layout.mgmt_keys)  # before anything is written; raises UnsafeKeyFiles
-    layout.create()
-    db.initialise(layout.registry_file)
     engine = EngineClient(settings.engine_url, settings.engine_token) if settings.engine_url else None
-    installer = Installer(settings, connect=lambda: db.connect(layout.registry_file), engine=engine)
-    installer.recover()
+    installer = recover_home(settings, engine)
     uploads = Uploads(layout.uploads, layout.incoming, settings.max_plugin_size)
     uploads.sweep()
     if settings.install_scripts:

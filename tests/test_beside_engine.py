@@ -7,12 +7,15 @@ and KUIPER__* tell it where the engine listens (its engine.url) and which port i
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 
 import psutil
 import pytest
 import requests
 from conftest import GUNICORN, REPO, free_port
+
+from kuiper_plugins.layout import Layout
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +95,35 @@ def test_beside_a_real_engine_on_its_home_the_service_finds_it(start_kuiperd, st
     service_root = requests.get(f"{server.url}/", timeout=30).json()
     assert (service_root["version"], service_root["os"], service_root["arch"]) == (
         engine_root["version"], engine_root["os"], engine_root["arch"])
+
+
+def test_the_master_settles_a_cut_short_operation_before_it_tells_systemd_it_is_ready(start_gunicorn, tmp_path):
+    """After a power cut, systemd starts the engine once this service is ready (Type=notify, Before=kuiper.service
+    in the shipped units): gunicorn's master must have settled the home by then, not its workers later.
+
+    The operation left is a worker's that shielded a source's yaml from the engine's delete (the list and the
+    file set aside, no journal, no reservation). The master notifies systemd (NOTIFY_SOCKET) after its
+    on_starting hook, in the same thread, before it forks any worker: the recovery's log line must carry the
+    master's pid, and the yaml be back when READY=1 arrives.
+    """
+    home = tmp_path / "home"
+    config = home / "etc" / "sources" / "mine.yaml"
+    workdir = Layout(home).staging / "0123456789abcdef0123456789abcdef"
+    (workdir / "engine-aside").mkdir(parents=True)
+    (workdir / "engine-aside" / "1").write_text("default: {interval: 1000}\n")
+    (workdir / "engine-aside.json").write_text(
+        '[{"dest": "etc/sources/mine.yaml", "aside": "1", "linked": false}]')
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    try:
+        server = start_gunicorn(workers=2, NOTIFY_SOCKET=str(tmp_path / "notify"))
+        ready = notify.recv(4096)
+        restored = config.read_text() if config.exists() else None
+    finally:
+        notify.close()
+    assert b"READY=1" in ready
+    assert restored == "default: {interval: 1000}\n"
+    settled = [line for line in server.log_path.read_text().splitlines() if "made no move of its own" in line]
+    assert settled and all(f"[{server.process.pid}]" in line for line in settled), settled
+    assert not workdir.exists()

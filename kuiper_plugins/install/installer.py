@@ -271,6 +271,7 @@ class Installer:
         owner = (journal["type"], journal["name"]) if journal else (op_row.type, op_row.name) if op_row else None
         if owner is None:
             # No journal, no reservation: it moved nothing, unless it shielded files from the engine.
+            log.info("settling %s, left by an operation that made no move of its own", folder)
             live.restore_set_aside(self.layout, folder)
             live.restore_handed(self.layout, folder)
             live.remove_handover(self.layout, folder, None)
@@ -1435,3 +1436,18 @@ def _os_error(exc: OSError) -> PluginError:
         return DiskFull(f"disk full while installing the plugin: {exc}")
     log.warning("plugin operation failed on the file system: %s", exc)
     return InstallFailed(f"fail to install plugin: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+
+
+def recover_home(settings: Settings, engine=None) -> Installer:
+    """Make the home's folders and registry, and settle what a crash or power cut left; the installer.
+
+    gunicorn's master runs it before it tells systemd it is ready, so that an engine ordered after this
+    service boots on settled folders; each worker runs it again as it loads the app (nothing is left then,
+    unless a worker died since).
+    """
+    layout = Layout.of(settings)
+    layout.create()
+    db.initialise(layout.registry_file)
+    installer = Installer(settings, connect=lambda: db.connect(layout.registry_file), engine=engine)
+    installer.recover()
+    return installer

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from kuiper_plugins.errors import PluginError, RequestInterrupted
+from kuiper_plugins.install.installer import recover_home
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import authentication_mismatch, describe_listening, load_settings
 from kuiper_plugins.store import db
@@ -54,6 +55,9 @@ def on_starting(server):
     problem = _registry_problem() or _key_files_problem()
     if problem:
         sys.exit(f"kuiper-plugins cannot start: {problem}")
+    # Before gunicorn tells systemd it is ready (Type=notify): an engine ordered after this service then
+    # boots on folders where no install is half done (docs/engine-live.md, "Crashes").
+    recover_home(settings)
 
 
 # What the master sends its workers. Until a new worker has set its own handlers, it still runs the
