@@ -320,6 +320,18 @@ def free_port() -> int:
 _SERVING = re.compile(r"\[(\d+)\] \[INFO\] kuiper_plugins\.app: .* serving KUIPER_HOME")
 
 
+# What the worker logs (at debug level) when it closes a connection without an answer, and why.
+UNANSWERED = ("closed (or reset) its connection", "closed its connection inside", "sent no request",
+              "went away while it was served", "closing connection(s) whose request was not served",
+              "malformed connection hand-over", "Socket error processing request", "WORKER TIMEOUT", "Booting worker")
+
+
+def unanswered_closes(log_path: Path, limit: int = 40) -> list[str]:
+    """The lines of a gunicorn log that say a connection was closed without an answer (or a worker changed)."""
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    return [line for line in lines if any(what in line for what in UNANSWERED)][-limit:]
+
+
 class Gunicorn:
     """A real `gunicorn -c etc/gunicorn.conf.py wsgi:app` on a free loopback port."""
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import requests
-from conftest import disk_state, make_zip
+from conftest import disk_state, make_zip, unanswered_closes
 from test_crash import WAIT, WORKERS, InFlight, ScriptGate, installed_paths, source_members
 
 from kuiper_plugins.layout import Layout
@@ -237,7 +237,7 @@ def read_once(session: requests.Session, url: str, tally: Tally, round_: int) ->
             whole = response.status_code == 404 or response.json() == {"name": "c2b", "plugin": "churn"}
             what = "udfs"
     except (requests.RequestException, ValueError) as exc:
-        tally.fail(f"{type(exc).__name__}: {exc}")
+        tally.fail(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}")
         return
     seen = f"{response.request.path_url} -> {response.status_code} {response.text[:200]}"
     if whole:
@@ -251,7 +251,8 @@ def read_once(session: requests.Session, url: str, tally: Tally, round_: int) ->
 
 def test_readers_see_only_whole_plugins_while_installs_and_deletes_churn(start_gunicorn, file_server, tmp_path,
                                                                          capsys):
-    server = start_gunicorn(workers=WORKERS)
+    # Debug: a failed read then comes with the worker's own account of every connection it closed unanswered.
+    server = start_gunicorn(workers=WORKERS, KUIPER_PLUGINS_LOG_LEVEL="debug")
     for version in CHURN_VERSIONS:
         make_zip(file_server.root / f"churn-{version}.zip", {f"Churn@v{version}.so": f"binary {version}",
                                                              "churn.json": "{}"})
@@ -326,7 +327,7 @@ def test_readers_see_only_whole_plugins_while_installs_and_deletes_churn(start_g
         print(f"\nchurn for {elapsed:.1f}s: {reads} reads served ({dict(tally.served)}), "
               f"{len(tally.failures) + len(tally.torn)} failed ({len(tally.torn)} torn describes);"
               f" writes {dict(writes)}")
-    assert tally.failures == []
+    assert tally.failures == [], (tally.failures, unanswered_closes(server.log_path))
     assert reads > 100 and writes["churn True"] > 10 and writes["flux True"] > 10
     assert list(Layout(server.home).staging.iterdir()) == []
     log = (tmp_path / "gunicorn.log").read_text()

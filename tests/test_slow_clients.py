@@ -16,10 +16,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
-from conftest import make_zip
+from conftest import make_zip, unanswered_closes
 from test_deploy import nginx  # noqa: F401  (the fixture: real nginx with the shipped server block)
 
 from kuiper_plugins.web.gunicorn_worker import HEAD_SECONDS, MAX_HEAD, _announced_body
@@ -101,14 +102,15 @@ class Prober(threading.Thread):
             try:
                 problem = self.ask(number)
             except requests.RequestException as exc:
-                problem = repr(exc)
+                problem = f"{time.strftime('%H:%M:%S')} {exc!r}"
             if problem:
                 self.failures.append(problem)
             else:
                 self.answered += 1
 
 
-def probe_under_attack(url: str, attack_port: int, file_server) -> tuple[HalfSentRequests, dict[str, Prober]]:
+def probe_under_attack(url: str, attack_port: int, file_server,
+                       log_path: Path | None = None) -> tuple[HalfSentRequests, dict[str, Prober]]:
     installed: list[str] = []
 
     def ping(_n: int) -> str | None:
@@ -148,15 +150,17 @@ def probe_under_attack(url: str, attack_port: int, file_server) -> tuple[HalfSen
     finally:
         attack.stop()
     for what, prober in probers.items():
-        assert prober.failures == [], f"{what}: {len(prober.failures)} failures, first: {prober.failures[:3]}"
+        assert prober.failures == [], (f"{what}: {len(prober.failures)} failures, first: {prober.failures[:3]}",
+                                       unanswered_closes(log_path) if log_path else None)
         assert prober.answered >= 3, f"{what}: only {prober.answered} answers in {PROBE_SECONDS:g} s"
     assert sorted(requests.get(f"{url}/plugins/sources", timeout=10).json()) == sorted(installed)
     return attack, probers
 
 
 def test_half_sent_requests_do_not_starve_gunicorn(start_gunicorn, file_server):
-    server = start_gunicorn(workers=3)
-    attack, _probers = probe_under_attack(server.url, server.port, file_server)
+    # Debug: a failed probe then comes with the worker's own account of every connection it closed unanswered.
+    server = start_gunicorn(workers=3, KUIPER_PLUGINS_LOG_LEVEL="debug")
+    attack, _probers = probe_under_attack(server.url, server.port, file_server, server.log_path)
     # The head deadline closed the first connections, with a 408, when it passed (not before, not much after).
     assert len(attack.closed_after) >= HELD, f"the server closed only {len(attack.closed_after)} half-sent requests"
     assert all(HEAD_SECONDS - 0.5 <= seconds <= HEAD_SECONDS + 5 for seconds in attack.closed_after), \
