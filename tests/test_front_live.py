@@ -143,6 +143,16 @@ def test_a_native_function_plugin_through_the_front_is_live(front, file_server, 
     assert answer.status_code == 400 and "function shout not found" in answer.text, answer.text
     assert engine_process(front.engine) == before
 
+    # a list naming a function the plugin does not export: a 2xx would promise rules the engine refuses
+    refused = front.post("/plugins/functions/multi/register", {"functions": ["twice", "shout", "thrice"]})
+    assert refused.status_code == 400, refused.text
+    words = refused.json()["message"]
+    assert words.startswith("function plugins multi regiser functions error: validate function thrice error: "), words
+    assert words.endswith("the function list is unchanged)"), words
+    assert front.get("/plugins/functions/multi").json()["functions"] == ["twice"]
+    answer = rule_answer(front, "s", "SELECT shout(s) FROM demo")
+    assert answer.status_code == 400 and "function shout not found" in answer.text, answer.text
+
     registered = front.post("/plugins/functions/multi/register", {"functions": ["twice", "shout"]})
     assert registered.status_code == 200, registered.text
     answer = rule_answer(front, "s", "SELECT shout(s) FROM demo")
