@@ -164,24 +164,27 @@ class LiveEngine:
             else:
                 os.replace(path, kept)
         durable.sync_folders([aside, *{self.layout.absolute(e["dest"]).parent for e in entries}])
-        try:
-            response = self.client.send("DELETE", f"/plugins/{plugin_type}/{quote(name, safe='')}")
-        except EngineUnavailable as exc:
-            log.warning("%s plugin %s stays in the running engine until it restarts: %s", plugin_type, name,
-                        exc.message)
-            response = None
-        except requests.RequestException as exc:
-            log.warning("the engine did not answer the delete of %s plugin %s (%s)", plugin_type, name, exc)
-            response = None
-        finally:
-            restore_set_aside(self.layout, workdir)
-        if response is None:
-            return PENDING
-        if response.status_code != 200:
-            log.warning("the running engine did not delete %s plugin %s: %s", plugin_type, name,
-                        _engine_words(response))
+        if self._engine_delete(workdir, f"/plugins/{plugin_type}/{quote(name, safe='')}",
+                               f"{plugin_type} plugin {name}") == PENDING:
             return PENDING
         log.info("the running engine no longer offers %s plugin %s", plugin_type, name)
+        return LOADED
+
+    def _engine_delete(self, workdir: Path, path: str, what: str) -> str:
+        """Call the engine's delete, then put back every file set aside from it; LOADED when it deleted."""
+        try:
+            response = self.client.send("DELETE", path)
+        except EngineUnavailable as exc:
+            log.warning("%s stays in the running engine until it restarts: %s", what, exc.message)
+            return PENDING
+        except requests.RequestException as exc:
+            log.warning("the engine did not answer the delete of %s (%s)", what, exc)
+            return PENDING
+        finally:
+            restore_set_aside(self.layout, workdir)
+        if response.status_code != 200:
+            log.warning("the running engine did not delete %s: %s", what, _engine_words(response))
+            return PENDING
         return LOADED
 
     # ---------------------------------------------------------------- register
@@ -296,17 +299,7 @@ class LiveEngine:
             return PENDING
         # What the engine's delete removes is what it knows of the plugin, which may be an older version.
         self._set_aside(workdir, [f"plugins/portable/{name}", *portable_delete_removes(symbols)])
-        try:
-            response = self.client.send("DELETE", path)
-        except (EngineUnavailable, requests.RequestException) as exc:
-            log.warning("the engine did not answer the delete of portable plugin %s (%s)", name, exc)
-            response = None
-        finally:
-            restore_set_aside(self.layout, workdir)
-        if response is None:
-            return PENDING
-        if response.status_code != 200:
-            log.warning("the running engine did not delete portable plugin %s: %s", name, _engine_words(response))
+        if self._engine_delete(workdir, path, f"portable plugin {name}") == PENDING:
             return PENDING
         log.info("the running engine stopped portable plugin %s and no longer offers it", name)
         return LOADED
