@@ -116,6 +116,10 @@ class Settings:
     portable_init_timeout: float = 60  # eKuiper's portable.initTimeout, in seconds
     portable_verify_on_install: bool = True  # portable.verifyOnInstall (ours): start it, await its handshake
     allowed_users: tuple[str, ...] = ()
+    audit_retention: int = 10000  # basic.auditRetention: audit rows kept, the oldest deleted first; 0 keeps none
+    # basic.proxyUsers: the local users whose loopback connections are a reverse proxy in front (nginx's
+    # worker user on Debian): their X-Real-IP is taken as the client's address in the audit trail.
+    proxy_users: tuple[str, ...] = ("www-data",)
     prebuild: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: {
             "sources": ("random", "zmq", "sql", "video", "kafka"),
@@ -143,6 +147,17 @@ class Settings:
             return frozenset({0, os.geteuid(), *(user_id(entry) for entry in self.allowed_users)})
         except ValueError as exc:
             raise SettingsError(f"invalid value for basic.allowedUsers: {exc}") from None
+
+    @property
+    def proxy_uids(self) -> frozenset[int]:
+        """The uids of basic.proxyUsers; a name this machine does not know (the default www-data) names no one."""
+        uids = set()
+        for entry in self.proxy_users:
+            try:
+                uids.add(user_id(entry))
+            except ValueError:
+                continue  # load_settings refuses unknown names given explicitly; only the default gets here
+        return frozenset(uids)
 
 
 MAX_UID = 0xFFFFFFFE  # (uid_t)-1 means "no user" to the kernel
@@ -291,6 +306,8 @@ BASIC_KEYS: dict[str, tuple[str, Any]] = {
     "protectedmode": ("protected_mode", _bool),
     "allowedhosts": ("allowed_hosts", _list),
     "allowedusers": ("allowed_users", _users),
+    "auditretention": ("audit_retention", _int(0)),
+    "proxyusers": ("proxy_users", _users),
 }
 PREBUILD_TYPES = ("sources", "sinks", "functions")
 

@@ -237,6 +237,7 @@ class Service:
     def stop(self) -> None:
         """Close the registry connections this thread keeps, as the end of a worker process does."""
         self.app.extensions["kuiper_plugins"].installer.close()
+        self.app.extensions["kuiper_plugins"].audit_writer.close()
         db.close_reader(self.layout.registry_file)
 
     def snapshot(self) -> tuple[dict, list[str], list[str]]:
