@@ -272,3 +272,21 @@ def test_behind_nginx_the_address_it_passes_is_believed_from_its_worker_user_onl
     assert rows["untrusted"] == {"user": "www-data", "address": "127.0.0.1"}
     server.stop()
     assert "Traceback" not in server.log()
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def test_audit_settings_are_read_and_checked(tmp_path):
+    from kuiper_plugins.settings import SettingsError, load_settings
+
+    home = {"KUIPER_HOME": str(tmp_path)}
+    shipped = load_settings(home)
+    assert (shipped.audit_retention, shipped.proxy_users) == (10000, ("www-data",))
+    chosen = load_settings({**home, "KUIPER_PLUGINS__BASIC__AUDITRETENTION": "5",
+                            "KUIPER_PLUGINS__BASIC__PROXYUSERS": ""})
+    assert (chosen.audit_retention, chosen.proxy_uids) == (5, frozenset())
+    with pytest.raises(SettingsError, match="AUDITRETENTION: expected at least 0"):
+        load_settings({**home, "KUIPER_PLUGINS__BASIC__AUDITRETENTION": "-1"})
+    with pytest.raises(SettingsError, match="no user named 'no-such-front'"):
+        load_settings({**home, "KUIPER_PLUGINS__BASIC__PROXYUSERS": "no-such-front"})
