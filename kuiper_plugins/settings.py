@@ -150,13 +150,13 @@ class Settings:
 
     @property
     def proxy_uids(self) -> frozenset[int]:
-        """The uids of basic.proxyUsers; a name this machine does not know (the default www-data) names no one."""
+        """The uids of basic.proxyUsers; a name this machine does not know names no one."""
         uids = set()
         for entry in self.proxy_users:
             try:
                 uids.add(user_id(entry))
             except ValueError:
-                continue  # load_settings refuses unknown names given explicitly; only the default gets here
+                continue  # a name this machine does not have names no one (create_app warns of it)
         return frozenset(uids)
 
 
@@ -276,6 +276,18 @@ def _users(value: Any) -> tuple[str, ...]:
     return entries
 
 
+def _proxy_users(value: Any) -> tuple[str, ...]:
+    """basic.proxyUsers: as allowedUsers, but a name this machine lacks is kept, to name no one (the shipped
+    default www-data, where nginx runs as another user): the service warns of it at start (web/auditing.py)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    entries = _list(value)
+    for entry in entries:
+        if entry.isdigit():
+            user_id(entry)  # a uid out of range is refused
+    return entries
+
+
 _port = _int(1, 65535)
 
 
@@ -307,7 +319,7 @@ BASIC_KEYS: dict[str, tuple[str, Any]] = {
     "allowedhosts": ("allowed_hosts", _list),
     "allowedusers": ("allowed_users", _users),
     "auditretention": ("audit_retention", _int(0)),
-    "proxyusers": ("proxy_users", _users),
+    "proxyusers": ("proxy_users", _proxy_users),
 }
 PREBUILD_TYPES = ("sources", "sinks", "functions")
 

@@ -288,5 +288,11 @@ def test_audit_settings_are_read_and_checked(tmp_path):
     assert (chosen.audit_retention, chosen.proxy_uids) == (5, frozenset())
     with pytest.raises(SettingsError, match="AUDITRETENTION: expected at least 0"):
         load_settings({**home, "KUIPER_PLUGINS__BASIC__AUDITRETENTION": "-1"})
-    with pytest.raises(SettingsError, match="no user named 'no-such-front'"):
-        load_settings({**home, "KUIPER_PLUGINS__BASIC__PROXYUSERS": "no-such-front"})
+    with pytest.raises(SettingsError, match="PROXYUSERS: uid 4294967295 is out of range"):
+        load_settings({**home, "KUIPER_PLUGINS__BASIC__PROXYUSERS": "4294967295"})
+
+
+def test_a_proxy_user_this_machine_lacks_names_no_one_and_is_warned_of(make_service, caplog):
+    service = make_service(proxy_users=("no-such-front", "root"))
+    assert "basic.proxyUsers names no-such-front, unknown on this machine" in caplog.text
+    assert service.app.extensions["kuiper_plugins"].settings.proxy_uids == frozenset({0})

@@ -70,6 +70,11 @@ def register_request_ids(app: Flask) -> None:
 
     The id must be set before the caller is checked, so that a refusal's log line carries it too.
     """
+    settings = app.extensions["kuiper_plugins"].settings
+    unknown = [entry for entry in settings.proxy_users if not _names_a_user(entry)]
+    if unknown:
+        log.warning("basic.proxyUsers names %s, unknown on this machine: X-Real-IP is not believed from them"
+                    " (set it to the user nginx's workers run as)", ", ".join(unknown))
 
     @app.before_request
     def start_request() -> None:
@@ -95,6 +100,16 @@ def register_request_ids(app: Flask) -> None:
         token = g.pop("request_id_token", None)
         if token is not None:
             audit.current_request_id.reset(token)
+
+
+def _names_a_user(entry: str) -> bool:
+    if entry.isdigit():
+        return True
+    try:
+        pwd.getpwnam(entry)
+    except KeyError:
+        return False
+    return True
 
 
 def note(**fields: Any) -> None:
