@@ -54,6 +54,8 @@ _handshake = _settings.portable_init_timeout + 15 if _settings.portable_verify_o
 timeout = int(_settings.download_timeout + _settings.install_script_timeout + _handshake + OVERHEAD_SECONDS)
 graceful_timeout = timeout
 accesslog = "-"
+# gunicorn's own line, with the request id the service answered in X-Request-Id (kuiper_plugins/web/auditing.py).
+access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" request_id=%({x-request-id}o)s'
 errorlog = "-"
 loglevel = os.environ.get("KUIPER_PLUGINS_LOG_LEVEL", "info")
 raw_env = ["KUIPER_PLUGINS_SERVER=gunicorn"]
@@ -62,8 +64,12 @@ control_socket_disable = True
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+    # Each line logged while a request is served ends with its id (lifecycle/audit.py: RequestIdFilter).
+    "filters": {"request_id": {"()": "kuiper_plugins.lifecycle.audit.RequestIdFilter"}},
+    "formatters": {"plain": {
+        "format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s%(request_id)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr",
+                            "filters": ["request_id"]}},
     "root": {"level": loglevel.upper(), "handlers": ["stderr"]},
     "loggers": {
         "gunicorn.error": {"level": loglevel.upper(), "handlers": ["stderr"], "propagate": False},

@@ -20,6 +20,7 @@ from kuiper_plugins.install import scripts
 from kuiper_plugins.install.installer import Installer, recover_home
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings, load_settings
+from kuiper_plugins.store import db
 from kuiper_plugins.web.access import register_access_checks
 from kuiper_plugins.web.auth import check_key_files
 from kuiper_plugins.web.uploads import Uploads
@@ -42,6 +43,7 @@ class Services:
     restart_engine: Callable[[], object] | None = None
     engine: EngineClient | None = None
     engine_sync: EngineSync | None = None  # started in each gunicorn worker (gunicorn_hooks.post_worker_init)
+    audit_writer: db.KeptWriter | None = None  # the audit trail's connection (web/auditing.py)
 
 
 class _Flask(Flask):
@@ -92,12 +94,16 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         restart_engine=_engine_restarter(settings),
         engine=engine,
         engine_sync=EngineSync(installer, engine, settings.engine_sync_interval) if engine is not None else None,
+        audit_writer=db.KeptWriter(layout.registry_file),
     )
     from kuiper_plugins.web.api import bp
+    from kuiper_plugins.web.auditing import audit_bp, register_request_ids
     from kuiper_plugins.web.openapi import docs_bp
 
+    register_request_ids(app)  # first: a request refused by the access checks has its id and row too
     register_access_checks(app, settings)
     app.register_blueprint(bp)
+    app.register_blueprint(audit_bp)
     app.register_blueprint(docs_bp)
     register_error_handlers(app)
     log.info("kuiper-plugins %s serving KUIPER_HOME %s", __version__, settings.home)

@@ -116,6 +116,10 @@ class Settings:
     portable_init_timeout: float = 60  # eKuiper's portable.initTimeout, in seconds
     portable_verify_on_install: bool = True  # portable.verifyOnInstall (ours): start it, await its handshake
     allowed_users: tuple[str, ...] = ()
+    audit_retention: int = 10000  # basic.auditRetention: audit rows kept, the oldest deleted first; 0 keeps none
+    # basic.proxyUsers: the local users whose loopback connections are a reverse proxy in front (nginx's
+    # worker user on Debian): their X-Real-IP is taken as the client's address in the audit trail.
+    proxy_users: tuple[str, ...] = ("www-data",)
     prebuild: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: {
             "sources": ("random", "zmq", "sql", "video", "kafka"),
@@ -143,6 +147,17 @@ class Settings:
             return frozenset({0, os.geteuid(), *(user_id(entry) for entry in self.allowed_users)})
         except ValueError as exc:
             raise SettingsError(f"invalid value for basic.allowedUsers: {exc}") from None
+
+    @property
+    def proxy_uids(self) -> frozenset[int]:
+        """The uids of basic.proxyUsers; a name this machine does not know names no one."""
+        uids = set()
+        for entry in self.proxy_users:
+            try:
+                uids.add(user_id(entry))
+            except ValueError:
+                continue  # a name this machine does not have names no one (create_app warns of it)
+        return frozenset(uids)
 
 
 MAX_UID = 0xFFFFFFFE  # (uid_t)-1 means "no user" to the kernel
@@ -261,6 +276,18 @@ def _users(value: Any) -> tuple[str, ...]:
     return entries
 
 
+def _proxy_users(value: Any) -> tuple[str, ...]:
+    """basic.proxyUsers: as allowedUsers, but a name this machine lacks is kept, to name no one (the shipped
+    default www-data, where nginx runs as another user): the service warns of it at start (web/auditing.py)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    entries = _list(value)
+    for entry in entries:
+        if entry.isdigit():
+            user_id(entry)  # a uid out of range is refused
+    return entries
+
+
 _port = _int(1, 65535)
 
 
@@ -291,6 +318,8 @@ BASIC_KEYS: dict[str, tuple[str, Any]] = {
     "protectedmode": ("protected_mode", _bool),
     "allowedhosts": ("allowed_hosts", _list),
     "allowedusers": ("allowed_users", _users),
+    "auditretention": ("audit_retention", _int(0)),
+    "proxyusers": ("proxy_users", _proxy_users),
 }
 PREBUILD_TYPES = ("sources", "sinks", "functions")
 

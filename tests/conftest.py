@@ -166,10 +166,28 @@ def disk_state(home: Path) -> dict[str, tuple]:
 
 
 def registry_dump(home: Path) -> list[str]:
-    """A logical dump of the registry through a fresh connection."""
+    """A logical dump of the registry through a fresh connection, the audit trail's rows aside.
+
+    Every write request, a refused one too, adds an audit row (lifecycle/audit.py): `audit_rows` shows them.
+    """
     conn = sqlite3.connect(Layout(home).registry_file)
     try:
-        return list(conn.iterdump())
+        return [line for line in conn.iterdump() if not line.startswith(_AUDIT_ROWS)]
+    finally:
+        conn.close()
+
+
+# The audit table is the only one with AUTOINCREMENT, so sqlite_sequence holds its counter alone.
+_AUDIT_ROWS = ('INSERT INTO "audit" ', 'DELETE FROM "sqlite_sequence";',
+               "INSERT INTO \"sqlite_sequence\" VALUES('audit',")
+
+
+def audit_rows(home: Path) -> list[dict]:
+    """The audit table's rows, oldest first, through a fresh connection."""
+    conn = sqlite3.connect(Layout(home).registry_file)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in conn.execute("SELECT * FROM audit ORDER BY id")]
     finally:
         conn.close()
 
@@ -237,6 +255,7 @@ class Service:
     def stop(self) -> None:
         """Close the registry connections this thread keeps, as the end of a worker process does."""
         self.app.extensions["kuiper_plugins"].installer.close()
+        self.app.extensions["kuiper_plugins"].audit_writer.close()
         db.close_reader(self.layout.registry_file)
 
     def snapshot(self) -> tuple[dict, list[str], list[str]]:

@@ -525,3 +525,35 @@ def test_console_script_draws_the_bar_on_a_real_terminal(server, tmp_path):
     assert out == b"sources plugin random is created\n"
     assert b"uploading random.zip [" in shown
     assert b"] 100%" in shown
+
+
+# ---------------------------------------------------------------------------- audit
+
+
+def test_audit_shows_who_changed_what_newest_first(server, file_server, capsys):
+    run(capsys, server.url, "create", "source", "random", "--file", served_source(file_server))
+    url = served_source(file_server, version="v2.0.0", zip_name="random2.zip")
+    run(capsys, server.url, "update", "source", "random", "--file", url)
+    assert run(capsys, server.url, "drop", "sink", "nothere")[0] == 1  # refused: audited too
+
+    status, out, err = run(capsys, server.url, "audit")
+    assert (status, err) == (0, "")
+    header, *lines = out.splitlines()
+    assert header.split() == ["TIME", "OPERATION", "PLUGIN", "VERSIONS", "OUTCOME", "ACTOR", "REQUEST", "ID"]
+    assert [line.split()[1:7] for line in lines] == [
+        ["delete", "sinks/nothere", "-", "->", "-", "refused"],
+        ["update", "sources/random", "1.0.0", "->", "2.0.0", "ok"],
+        ["create", "sources/random", "-", "->", "1.0.0", "ok"],
+    ]
+    assert all("root 127.0.0.1" in line for line in lines)
+
+    status, out, _ = run(capsys, server.url, "--json", "audit", "--limit", "1")
+    rows = json.loads(out)
+    assert status == 0 and [(r["operation"], r["status"]) for r in rows] == [("delete", 404)]
+    since = rows[0]["time"]
+    status, out, _ = run(capsys, server.url, "audit", "--since", since)
+    assert status == 0 and len(out.splitlines()) == 2  # the header and the newest row
+
+    status, out, err = run(capsys, server.url, "audit", "--limit", "0")
+    assert (status, out) == (1, "")
+    assert err.startswith("error: invalid audit query: limit:"), err

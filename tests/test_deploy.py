@@ -236,6 +236,8 @@ def front_site(engine_port: int, service_port: int) -> str:
     ("POST", "/data/import?stop=1", b"{}", "engine"),
     ("GET", "/plugins", None, "engine"),  # not the plugin API: no such path in eKuiper's
     ("GET", "/config/uploadsx", None, "engine"),
+    ("GET", "/audit?limit=5", None, "service"),  # the service's audit trail
+    ("GET", "/auditx", None, "engine"),
 ])
 def test_the_front_sends_the_plugin_and_uploads_api_to_the_service_and_the_rest_to_the_engine(
         nginx, stand_ins, method, path, body, reaches):

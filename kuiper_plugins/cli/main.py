@@ -62,6 +62,7 @@ examples:
   kuiper-plugins list sources
   kuiper-plugins --json describe portable mirror
   kuiper-plugins drop sink influx --stop
+  kuiper-plugins audit --limit 5
 
 environment:
   KUIPER_PLUGINS_URL    server URL when --url is not given (default: this machine's service, where its
@@ -356,6 +357,36 @@ def prebuild_table(answer: Any) -> str:
     return table([(name, _cell(url)) for name, url in answer.items()], header=("NAME", "URL"))
 
 
+def actor_text(actor: Any) -> str:
+    """An audit row's actor in a few words: the token's issuer/subject, the local user, the address."""
+    if not isinstance(actor, dict):
+        return _cell(actor)
+    parts = []
+    if actor.get("iss") is not None:
+        parts.append(f"{actor['iss']}/{actor.get('sub') or '-'}")
+    if actor.get("user") is not None:
+        parts.append(str(actor["user"]))
+    if actor.get("address") is not None:
+        parts.append(str(actor["address"]) + (f" via {actor['proxy']}" if actor.get("proxy") else ""))
+    return " ".join(parts) or "-"
+
+
+def audit_table(answer: Any) -> str:
+    """The audit rows, newest first, one per line."""
+    if not isinstance(answer, list) or not all(isinstance(row, dict) for row in answer):
+        return _as_json(answer)
+    if not answer:
+        return "No audit row is found."
+    rows = []
+    for row in answer:
+        target = f"{row.get('type') or '-'}/{row.get('name') or '-'}" if row.get("name") else _cell(row.get("path"))
+        versions = f"{row.get('versionBefore') or '-'} -> {row.get('versionAfter') or '-'}"
+        rows.append((_cell(row.get("time")), _cell(row.get("operation")), target, versions,
+                     f"{_cell(row.get('outcome'))} {_cell(row.get('status'))}", actor_text(row.get("actor")),
+                     _cell(row.get("requestId"))))
+    return table(rows, header=("TIME", "OPERATION", "PLUGIN", "VERSIONS", "OUTCOME", "ACTOR", "REQUEST ID"))
+
+
 def message(answer: Any) -> str:
     return answer if isinstance(answer, str) else _as_json(answer)
 
@@ -452,6 +483,13 @@ def cmd_upload(client: Client, args: argparse.Namespace) -> None:
     show(args, saved, message)
 
 
+def cmd_audit(client: Client, args: argparse.Namespace) -> None:
+    params = {"limit": str(args.limit)}
+    if args.since:
+        params["since"] = args.since
+    show(args, client.call("GET", "/audit", params=params), audit_table)
+
+
 # ------------------------------------------------------------------ arguments
 
 
@@ -542,6 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("upload", cmd_upload, "upload a local file to the server's uploads folder; print where it went")
     sub.add_argument("local_file", metavar="LOCAL_FILE")
+
+    sub = command("audit", cmd_audit, "show the audit trail: who changed which plugin, newest first")
+    sub.add_argument("--limit", type=int, default=20, metavar="N", help="most rows shown (1 to 1000; default 20)")
+    sub.add_argument("--since", metavar="TIME",
+                     help="only rows at or after this RFC 3339 time, e.g. 2024-05-01T00:00:00Z")
     return parser
 
 

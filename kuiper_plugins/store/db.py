@@ -104,6 +104,38 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE plugins ADD COLUMN compatibility TEXT;
     """,
+    # The audit trail (lifecycle/audit.py): one row per write request, refused ones included. Rows are only
+    # ever added, and the oldest deleted past basic.auditRetention: the trigger refuses any change to a row.
+    """
+    CREATE TABLE audit (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        at              REAL    NOT NULL,
+        request_id      TEXT    NOT NULL,
+        method          TEXT    NOT NULL,
+        path            TEXT    NOT NULL,
+        operation       TEXT    NOT NULL,
+        type            TEXT,
+        name            TEXT,
+        version_before  TEXT,
+        version_after   TEXT,
+        sha256          TEXT,
+        url             TEXT,
+        status          INTEGER NOT NULL,
+        outcome         TEXT    NOT NULL,
+        message         TEXT,
+        duration        REAL    NOT NULL,
+        issuer          TEXT,
+        subject         TEXT,
+        user            TEXT,
+        address         TEXT,
+        proxy           TEXT
+    );
+    CREATE INDEX audit_by_time ON audit(at);
+    CREATE TRIGGER audit_rows_are_kept_as_written BEFORE UPDATE ON audit
+    BEGIN
+        SELECT RAISE(ABORT, 'audit rows cannot be changed');
+    END;
+    """,
 ]
 
 
@@ -485,7 +517,14 @@ def _code(exc: sqlite3.Error) -> int | None:
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
-    """Run each statement of a migration inside the open transaction (executescript would COMMIT)."""
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+    """Run each statement of a migration inside the open transaction (executescript would COMMIT).
+
+    A statement ends at a semicolon that SQLite says completes it: a trigger's body holds semicolons of its own.
+    """
+    statement = ""
+    for piece in script.split(";"):
+        statement += piece + ";"
+        if sqlite3.complete_statement(statement):
+            if statement.strip(" \t\r\n;"):
+                conn.execute(statement)
+            statement = ""

@@ -48,6 +48,9 @@ EXTENSION = "kuiper_plugins.access"  # where the app keeps its AccessCheck, for 
 # Where WSGI servers put the accepted connection: gunicorn, and werkzeug's development server.
 SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
 UNPRIVILEGED_CALLER = "kuiper_plugins.unprivileged_caller"  # environ key set by AccessCheck.check
+# Also set by AccessCheck.check, for the audit trail (web/auditing.py): who the caller was found to be.
+TOKEN_CLAIMS = "kuiper_plugins.token_claims"  # a JWT's verified claims
+CALLER_UIDS = "kuiper_plugins.caller_uids"  # the uids the kernel names for a local caller
 ANOTHER_WAY = "or turn on basic.authentication and send a JWT"
 
 # A Host header or an Origin's authority: a name or IPv4 address, or a bracketed IPv6 address; an optional port.
@@ -200,12 +203,12 @@ class AccessCheck:
         if req.path in OPEN_PATHS or req.path.startswith(OPEN_PREFIXES):
             return False
         if self.authenticate is not None:
-            self.authenticate(req)
+            req.environ[TOKEN_CLAIMS] = self.authenticate(req)
             # A token's holder acts with the authority of whoever may place keys in etc/mgmt: root or the
             # service's user (start-up refuses keys anyone else could change).
             req.environ[UNPRIVILEGED_CALLER] = None
         elif is_loopback(req.remote_addr) or _on_unix_socket(req.environ):
-            uids = self.local_callers.check(req.environ)
+            uids = req.environ[CALLER_UIDS] = self.local_callers.check(req.environ)
             others = sorted(uids - {0, os.geteuid()})
             req.environ[UNPRIVILEGED_CALLER] = ", ".join(f"local user {_user_shown(uid)}" for uid in others) or None
         elif self.settings.protected_mode:

@@ -22,6 +22,7 @@ from kuiper_plugins.install import catalog, fetch, packages
 from kuiper_plugins.install.installer import Installer, type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
 from kuiper_plugins.store import db, registry
+from kuiper_plugins.web import auditing
 from kuiper_plugins.web.access import unprivileged_caller
 from kuiper_plugins.web.schemas import (
     FunctionListSchema,
@@ -203,6 +204,7 @@ def list_plugins(plugin_type: str) -> Response:
 @bp.post(f"/plugins/<{ALL_TYPES}:plugin_type>")
 def create_plugin(plugin_type: str) -> Response:
     body = load_body(create_schema, f"{type_label(plugin_type)} plugin")
+    auditing.note(name=body["name"], url=body["file"], sha256=body.get("sha256"))
     checked_name(body["name"])  # as eKuiper: after decoding, in its own words, before the create command
     settle_with_engine(plugin_type, body["name"])
     try:
@@ -282,6 +284,7 @@ def delete_plugin(plugin_type: str, name: str) -> Response:
 def update_plugin(plugin_type: str, name: str) -> Response:
     checked_name(name)
     body = load_body(update_schema, f"{type_label(plugin_type)} plugin")
+    auditing.note(url=body["file"], sha256=body.get("sha256"))
     if body.get("name") not in (None, name):
         raise InvalidRequest(f"the name '{body['name']}' in the body does not match '{name}' in the path")
     body["name"] = name

@@ -56,6 +56,15 @@ TYPE_PARAM = _param("type", {"type": "string", "enum": list(PLUGIN_TYPES)}, "plu
 NATIVE_PARAM = _param("type", {"type": "string", "enum": list(NATIVE_TYPES)}, "native plugin type")
 NAME_PARAM = _param("name", NAME, "plugin name")
 NAMES = {"type": "array", "items": {"type": "string"}}
+AUDIT_EXAMPLE = {
+    "id": 7, "time": "2024-05-01T12:00:00.123Z", "requestId": "deploy-42",
+    "actor": {"iss": "sample_key.pub", "sub": "ci", "address": "192.0.2.10", "proxy": "www-data"},
+    "operation": "update", "method": "PUT", "path": "/plugins/sources/random", "type": "sources", "name": "random",
+    "versionBefore": "1.0.0", "versionAfter": "1.1.0",
+    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "url": "https://packages.example.com/random_amd64.zip", "status": 200, "outcome": "ok", "message": None,
+    "durationSeconds": 1.234,
+}
 
 
 def build_spec(version: str) -> APISpec:
@@ -76,6 +85,7 @@ def build_spec(version: str) -> APISpec:
         ("PortableDescription", schemas.PortableDescriptionSchema),
         ("FunctionOwner", schemas.FunctionOwnerSchema),
         ("Error", schemas.ErrorSchema),
+        ("AuditEntry", schemas.AuditEntrySchema),
     ):
         spec.components.schema(name, schema=schema)
     for status, description in ERROR_STATUSES.items():
@@ -182,6 +192,20 @@ def build_spec(version: str) -> APISpec:
         operations={"delete": {"summary": "Remove an uploaded file", "tags": ["uploads"],
                                "responses": {"200": _text("Removed", "ok"), **_errors()}}},
     )
+    spec.path(path="/audit", operations={"get": {
+        "summary": "The audit trail: every write request, refused ones included, newest first", "tags": ["audit"],
+        "parameters": [
+            {"name": "limit", "in": "query", "required": False, "example": 20,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+             "description": "most rows answered"},
+            {"name": "since", "in": "query", "required": False, "example": "2024-01-01T00:00:00Z",
+             "schema": {"type": "string", "format": "date-time"},
+             "description": "only rows at or after this time (RFC 3339 with a zone, as rows give theirs)"},
+        ],
+        "responses": {"200": _json("Rows, newest first; at most basic.auditRetention are kept",
+                                   {"type": "array", "items": "AuditEntry", "example": [AUDIT_EXAMPLE]}),
+                      **_errors("400", "401", "403", "503")},
+    }})
     spec.path(path="/ping", operations={"get": {
         "summary": "Liveness (no authentication)", "tags": ["health"],
         "responses": {"200": {"description": "Alive"}, **_errors("403")},

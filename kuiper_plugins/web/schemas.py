@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate, validates_schema
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
 
 from kuiper_plugins.errors import InvalidRequest
 from kuiper_plugins.install import fetch, packages, scripts
@@ -188,3 +188,52 @@ def flatten_errors(messages: Any, prefix: str = "") -> str:
         head = f"{label}: {text}" if label and text else text
         return "; ".join(p for p in (head, nested) if p)
     return f"{prefix.rstrip('.')}: {messages}" if prefix else str(messages)
+
+
+class AuditQuerySchema(Schema):
+    """The query of GET /audit: how many rows, and from when on."""
+
+    class Meta:
+        unknown = RAISE
+
+    limit = fields.Integer(
+        load_default=100, validate=validate.Range(1, 1000),
+        metadata={"description": "most rows answered, newest first (1 to 1000)", "example": 20},
+    )
+    since = fields.AwareDateTime(
+        load_default=None, format="iso",
+        metadata={"description": "only rows at or after this time (RFC 3339 with a zone, as rows give theirs)",
+                  "example": "2024-01-01T00:00:00Z"},
+    )
+
+
+class AuditActorSchema(OutputSchema):
+    """Who made a request: the fields that could be told."""
+
+    iss = fields.String(metadata={"description": "the JWT's issuer (authentication on)"})
+    sub = fields.String(metadata={"description": "the JWT's subject"})
+    user = fields.String(metadata={"description": "the local user the kernel names for the connection"})
+    address = fields.String(metadata={"description": "the client's address; behind the shipped nginx, its X-Real-IP"})
+    proxy = fields.String(metadata={"description": "the front's local user, when `address` was passed by it"})
+
+
+class AuditEntrySchema(OutputSchema):
+    """One row of GET /audit."""
+
+    id = fields.Integer(required=True)
+    time = fields.String(required=True, metadata={"example": "2024-05-01T12:00:00.123Z"})
+    requestId = fields.String(required=True)
+    actor = fields.Nested(AuditActorSchema, required=True)
+    operation = fields.String(required=True, metadata={"example": "create"})
+    method = fields.String(required=True)
+    path = fields.String(required=True)
+    type = fields.String(allow_none=True)
+    name = fields.String(allow_none=True)
+    versionBefore = fields.String(allow_none=True)
+    versionAfter = fields.String(allow_none=True)
+    sha256 = fields.String(allow_none=True)
+    url = fields.String(allow_none=True)
+    status = fields.Integer(required=True)
+    outcome = fields.String(required=True, validate=validate.OneOf(["ok", "refused", "failed"]))
+    message = fields.String(allow_none=True)
+    durationSeconds = fields.Float(required=True)
