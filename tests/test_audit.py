@@ -296,3 +296,23 @@ def test_a_proxy_user_this_machine_lacks_names_no_one_and_is_warned_of(make_serv
     service = make_service(proxy_users=("no-such-front", "root"))
     assert "basic.proxyUsers names no-such-front, unknown on this machine" in caplog.text
     assert service.app.extensions["kuiper_plugins"].settings.proxy_uids == frozenset({0})
+
+
+@pytest.mark.slow
+def test_a_caller_refused_on_the_head_of_a_post_is_audited_with_its_request_id(start_gunicorn):
+    """Our worker refuses a caller on a head that announces a body, before reading it: that refusal must get
+    its request id and its audit row like any other (nobody is not among basic.allowedUsers)."""
+    from test_peer_access import curl
+
+    server = start_gunicorn(workers=2, KUIPER_PLUGINS__BASIC__ALLOWEDUSERS="www-data")
+    body = '{"name": "refused", "file": "http://127.0.0.1:1/refused.zip"}' + " " * 4096
+    ((status, answer, _),) = curl(f"{server.url}/plugins/sources", "POST", user="nobody", json_body=body,
+                                  headers=("X-Request-Id: head-refused",))
+    assert status == 403, answer
+    log = server.log_path.read_text()
+    assert "before reading the body it announced" in log  # answered by the worker, on the head
+    rows = {r["requestId"]: r for r in requests.get(f"{server.url}/audit", timeout=10).json()}
+    row = rows["head-refused"]
+    assert (row["status"], row["outcome"], row["operation"]) == (403, "refused", "create"), row
+    assert row["actor"] == {"user": "nobody", "address": "127.0.0.1"}, row
+    assert re.search(r"audit: create .*status=403 .*request_id=head-refused", log), log[-2000:]

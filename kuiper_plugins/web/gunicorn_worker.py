@@ -48,6 +48,7 @@ Every connection is closed after its answer (Connection: close), as the sync wor
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -534,7 +535,7 @@ class BufferingWorker(SyncWorker):
         try:
             return self._access.check(Request(environ))
         except (Forbidden, Unauthorized) as exc:
-            self._answer_refusal(conn, exc)
+            self._answer_refusal(conn, exc, environ)
             return False
         except Exception:  # (the app runs the same check when it serves the request, and answers)
             log.debug("the caller check on %s's head failed; the app will run it", _peer(conn.addr), exc_info=True)
@@ -554,20 +555,48 @@ class BufferingWorker(SyncWorker):
         server = self._local_ends.get(conn.listener) or conn.listener.getsockname()
         return wsgi.create(req, conn.sock, conn.addr, server, self.cfg)[1]
 
-    def _answer_refusal(self, conn: _Connection, exc: Forbidden | Unauthorized) -> None:
-        """Answer a refused caller as the app would, drop what arrived of its body, and linger for its close."""
-        response = refusal(exc)
-        lines = [f"HTTP/1.1 {response.status}", *(f"{name}: {value}" for name, value in response.headers.items()),
-                 "Connection: close", "", ""]
-        log.info("answered %s to %s before reading the body it announced", response.status_code, _peer(conn.addr))
+    def _answer_refusal(self, conn: _Connection, exc: Forbidden | Unauthorized, environ: dict) -> None:
+        """Answer a refused caller as the app would, drop what arrived of its body, and linger for its close.
+
+        The app itself answers the head, its body left out, so that the refusal gets its request id and its
+        audit row as any other; should the app not refuse it (it runs the same check), the refusal is ours.
+        """
+        status, headers, body = self._app_refusal(environ) or self._own_refusal(exc)
+        lines = [f"HTTP/1.1 {status}", *(f"{name}: {value}" for name, value in headers), "Connection: close", "", ""]
+        log.info("answered %s to %s before reading the body it announced", status.split()[0], _peer(conn.addr))
         self._leave(conn)
         self._unwatch(conn)
         conn.data = bytearray()
         try:
-            conn.sock.send("\r\n".join(lines).encode("latin-1") + response.get_data())  # small: never blocks
+            conn.sock.send("\r\n".join(lines).encode("latin-1") + body)  # small: never blocks
         except OSError:
             pass
         self._linger(conn)
+
+    def _app_refusal(self, environ: dict) -> tuple[str, list[tuple[str, str]], bytes] | None:
+        """The app's own answer to a refused head, served with an empty body; None unless it refuses it."""
+        environ = {**environ, "CONTENT_LENGTH": "0", "wsgi.input": io.BytesIO()}
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
+        started: list = []
+        try:
+            answer = self.wsgi(environ, lambda status, headers, exc_info=None: started.append((status, headers)))
+            try:
+                body = b"".join(answer)
+            finally:
+                if hasattr(answer, "close"):
+                    answer.close()
+        except Exception:  # (our own refusal is answered instead)
+            log.debug("the app did not answer a refused head", exc_info=True)
+            return None
+        if not started or started[0][0].split()[0] not in ("401", "403"):
+            return None
+        status, headers = started[0]
+        return status, [(name, value) for name, value in headers if name.lower() != "connection"], body
+
+    @staticmethod
+    def _own_refusal(exc: Forbidden | Unauthorized) -> tuple[str, list[tuple[str, str]], bytes]:
+        response = refusal(exc)
+        return response.status, list(response.headers.items()), response.get_data()
 
     # ------------------------------------------------------------ deadlines and refusals
 
