@@ -310,9 +310,12 @@ def test_requests_a_worker_holds_when_it_starts_a_long_write_are_served_by_anoth
     the lock (or the busy timeout passes). Without the hand-over, the reads held by the write's worker
     are answered only after the write, and the last check fails.
     """
-    # The readers' heads stay half-sent while the test sets up (on a loaded machine, tens of seconds of
-    # kernel look-ups): a head timeout longer than that keeps them from a 408 the property is not about.
-    server = start_gunicorn(workers=2, KUIPER_PLUGINS_HEAD_TIMEOUT="120")
+    # The readers' heads stay half-sent while the test sets up, and each look at the kernel's tables reads
+    # every TCP socket of the machine: with a benchmark beside it, the setup took past 120 s once, and the
+    # first readers got their 408 and left the tables, so the count below could never be met. The head
+    # timeout is not what this test is about: it is set past the longest the setup may take (64 readers,
+    # each waited for at most WAIT seconds).
+    server = start_gunicorn(workers=2, KUIPER_PLUGINS_HEAD_TIMEOUT=str(64 * WAIT + 600))
     home = server.home
     workers = server.workers_booted()
     make_zip(file_server.root / "echo.zip", {"Echo@v1.so": "echo"})
