@@ -1,0 +1,1 @@
+"""Day-two work on an installed home: verify and repair, backup and restore."""
