@@ -191,7 +191,13 @@ def _copy_home(conn: sqlite3.Connection, installer: Installer, folder: Path) -> 
     layout = installer.layout
     registry_copy = folder / REGISTRY_MEMBER
     registry_copy.parent.mkdir()
-    _sqlite_copy(conn, registry_copy)
+    # From a second connection: a backup read through the one holding the write lock never ends (SQLITE_BUSY),
+    # and in WAL mode a reader sees the last commit, which no writer can move while that lock is held.
+    reader = db.connect(layout.registry_file)
+    try:
+        _sqlite_copy(reader, registry_copy)
+    finally:
+        reader.close()
     engine_name = None
     engine_file = installer.engine_store.path
     if engine_file.exists():
