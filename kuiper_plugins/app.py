@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,10 +17,11 @@ from kuiper_plugins import __version__
 from kuiper_plugins.engine import restart
 from kuiper_plugins.engine.client import EngineClient
 from kuiper_plugins.engine.sync import EngineSync
-from kuiper_plugins.errors import register_error_handlers
+from kuiper_plugins.errors import PluginError, register_error_handlers
 from kuiper_plugins.install import scripts
 from kuiper_plugins.install.installer import Installer, recover_home
 from kuiper_plugins.layout import Layout
+from kuiper_plugins.lifecycle import backup, verify
 from kuiper_plugins.settings import Settings, load_settings
 from kuiper_plugins.store import db
 from kuiper_plugins.web.access import register_access_checks
@@ -44,6 +47,7 @@ class Services:
     engine: EngineClient | None = None
     engine_sync: EngineSync | None = None  # started in each gunicorn worker (gunicorn_hooks.post_worker_init)
     audit_writer: db.KeptWriter | None = None  # the audit trail's connection (web/auditing.py)
+    service_lock: int | None = None  # a descriptor held shared while this app lives: an offline restore refuses
 
 
 class _Flask(Flask):
@@ -77,6 +81,13 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         check_key_files(layout.mgmt_keys)  # before anything is written; raises UnsafeKeyFiles
     engine = EngineClient(settings.engine_url, settings.engine_token) if settings.engine_url else None
     installer = recover_home(settings, engine)
+    service_lock = backup.hold_service_lock(layout)
+    backup.sweep_snapshots(layout)
+    try:
+        with contextlib.closing(db.connect(layout.registry_file)) as conn:
+            verify.warn_damaged(conn, layout)  # sizes only: one warning per damaged plugin
+    except PluginError as exc:  # an unreadable registry was logged by recovery; reads report it
+        log.error("the start-up check of the recorded files could not run: %s", exc.message)
     uploads = Uploads(layout.uploads, layout.incoming, settings.max_plugin_size)
     uploads.sweep()
     if settings.install_scripts:
@@ -93,18 +104,22 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         stop_service=stop_service or stop_gunicorn,
         restart_engine=_engine_restarter(settings),
         engine=engine,
+        service_lock=service_lock,
         engine_sync=EngineSync(installer, engine, settings.engine_sync_interval) if engine is not None else None,
         audit_writer=db.KeptWriter(layout.registry_file),
     )
     from kuiper_plugins.web.api import bp
     from kuiper_plugins.web.auditing import audit_bp, register_request_ids
+    from kuiper_plugins.web.lifecycle import lifecycle_bp
     from kuiper_plugins.web.openapi import docs_bp
 
     register_request_ids(app)  # first: a request refused by the access checks has its id and row too
     register_access_checks(app, settings)
     app.register_blueprint(bp)
     app.register_blueprint(audit_bp)
+    app.register_blueprint(lifecycle_bp)
     app.register_blueprint(docs_bp)
     register_error_handlers(app)
+    weakref.finalize(app, os.close, service_lock)  # an app dropped in-process (tests) lets go of the lock
     log.info("kuiper-plugins %s serving KUIPER_HOME %s", __version__, settings.home)
     return app

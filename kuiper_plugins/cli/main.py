@@ -63,6 +63,8 @@ examples:
   kuiper-plugins --json describe portable mirror
   kuiper-plugins drop sink influx --stop
   kuiper-plugins audit --limit 5
+  kuiper-plugins backup /var/backups/kuiper-plugins.tar.gz
+  kuiper-plugins restore /var/backups/kuiper-plugins.tar.gz   (offline: the service stopped)
 
 environment:
   KUIPER_PLUGINS_URL    server URL when --url is not given (default: this machine's service, where its
@@ -488,6 +490,84 @@ def cmd_audit(client: Client, args: argparse.Namespace) -> None:
     if args.since:
         params["since"] = args.since
     show(args, client.call("GET", "/audit", params=params), audit_table)
+def problems_table(answer: Any) -> str:
+    """Verify's and repair's problems as a table, one row per plugin and path."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("problems"), list):
+        return _as_json(answer)
+    lines = []
+    for key, label in (("repaired", "repaired"), ("notRepaired", "not repaired")):
+        for item in answer.get(key) or []:
+            lines.append(f"{label}: {_cell(item.get('type'))} {_cell(item.get('name'))}"
+                         f" ({_cell(item.get('reason') or item.get('file'))})")
+    if answer["problems"]:
+        rows = [(_cell(p.get("type")), _cell(p.get("name")), _cell(p.get("path")), _cell(p.get("problem")),
+                 _cell(p.get("detail"))) for p in answer["problems"]]
+        lines.append(table(rows, header=("TYPE", "NAME", "PATH", "PROBLEM", "DETAIL")))
+    else:
+        lines.append("ok: every recorded file and eKuiper's store agree with the registry")
+    return "\n".join(lines)
+
+
+def _fail_unless_ok(answer: Any) -> None:
+    if isinstance(answer, dict) and answer.get("ok") is False:
+        raise Failure(f"{len(answer.get('problems') or [])} problem(s) remain", EXIT_REFUSED)
+
+
+def cmd_verify(client: Client, args: argparse.Namespace) -> None:
+    answer = client.call("GET", "/registry/verify")
+    show(args, answer, problems_table)
+    _fail_unless_ok(answer)
+
+
+def cmd_repair(client: Client, args: argparse.Namespace) -> None:
+    answer = client.call("POST", "/registry/repair")
+    show(args, answer, problems_table)
+    _fail_unless_ok(answer)
+
+
+def cmd_backup(client: Client, args: argparse.Namespace) -> None:
+    """Save GET /registry/backup to a file, written aside and renamed once complete."""
+    target = Path(args.output)
+    partial = target.with_name(target.name + ".partial")
+    url = client.base_url + "/registry/backup"
+    try:
+        with client.session.get(url, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as response:
+            if response.status_code >= 400:
+                raise Failure(_refusal_message(response), EXIT_REFUSED)
+            with open(partial, "wb") as out:
+                for chunk in response.iter_content(CHUNK_SIZE):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+    except requests.RequestException as exc:
+        partial.unlink(missing_ok=True)
+        raise Failure(f"cannot reach kuiper-plugins at {client.base_url}: {_network_reason(exc)}", EXIT_USAGE)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise Failure(f"cannot write {target}: {exc.strerror or exc}", EXIT_USAGE)
+    os.replace(partial, target)
+    show(args, str(target), message)
+
+
+def cmd_restore(client: Client, args: argparse.Namespace) -> None:
+    """Restore a backup into this machine's home, offline; then verify it."""
+    from kuiper_plugins.lifecycle import backup  # the server's code: only this command needs it
+    from kuiper_plugins.settings import load_settings
+
+    archive = _readable_file(args.archive)
+    try:
+        answered = client.session.get(client.base_url + "/ping", timeout=CONNECT_TIMEOUT).status_code == 200
+    except requests.RequestException:
+        answered = False
+    if answered:
+        raise Failure(f"kuiper-plugins answers at {client.base_url}: stop it before a restore", EXIT_REFUSED)
+    try:
+        problems = backup.restore(archive, load_settings())
+    except (backup.RestoreRefused, SettingsError) as exc:
+        raise Failure(str(exc), EXIT_REFUSED) from None
+    answer = {"ok": not problems, "problems": [p.as_dict() for p in problems]}
+    show(args, answer, problems_table)
+    _fail_unless_ok(answer)
 
 
 # ------------------------------------------------------------------ arguments
@@ -577,6 +657,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("prebuild", cmd_prebuild, "list the prebuilt plugins offered for the server's machine")
     sub.add_argument("type", type=native_type, metavar="TYPE", help="source, sink or function")
+
+    command("verify", cmd_verify, "compare every recorded file and eKuiper's store with the registry")
+    command("repair", cmd_repair, "reinstall each damaged plugin from its recorded URL and sha256")
+    sub = command("backup", cmd_backup, "save one consistent tar.gz of the registry, eKuiper's store and the files")
+    sub.add_argument("output", metavar="FILE", help="where to save the tar.gz")
+    sub = command("restore", cmd_restore, "offline: restore a backup into this machine's KUIPER_HOME, then verify")
+    sub.add_argument("archive", metavar="FILE", help="a tar.gz saved by backup")
 
     sub = command("upload", cmd_upload, "upload a local file to the server's uploads folder; print where it went")
     sub.add_argument("local_file", metavar="LOCAL_FILE")

@@ -584,7 +584,9 @@ class Installer:
 
     def reconcile_engine_store(self, conn: sqlite3.Connection) -> None:
         """Make eKuiper's plugin rows equal the projection of the whole registry (start-up)."""
-        rows = [row for plugin, functions in registry.all_plugins(conn)
+        from kuiper_plugins.lifecycle.verify import plugins_missing_files  # lifecycle builds on install: imported late
+        damaged = plugins_missing_files(conn, self.layout)  # a plugin whose files are missing is not offered to eKuiper
+        rows = [row for plugin, functions in registry.all_plugins(conn) if (plugin.type, plugin.name) not in damaged
                 for row in engine_rows(plugin.type, plugin.name, plugin.request, functions)]
         try:
             self.engine_store.reconcile(rows)

@@ -1,1 +1,1 @@
-"""What happens to plugins over time, on top of install/: the audit trail (and, in time, history and verify)."""
+"""Day-two work on an installed home, on top of install/: the audit trail, verify and repair, backup and restore."""

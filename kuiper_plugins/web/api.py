@@ -21,6 +21,7 @@ from kuiper_plugins.errors import InvalidRequest, MalformedBody, PluginError, Pl
 from kuiper_plugins.install import catalog, fetch, packages
 from kuiper_plugins.install.installer import Installer, type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
+from kuiper_plugins.lifecycle import verify
 from kuiper_plugins.store import db, registry
 from kuiper_plugins.web import auditing
 from kuiper_plugins.web.access import unprivileged_caller
@@ -382,6 +383,8 @@ def readiness() -> Response:
             "plugins": {t: counts["plugins"].get(t, 0) for t in (*NATIVE_TYPES, PORTABLE)},
             "functions": counts["functions"],
             "operationsInFlight": counts["operationsInFlight"],
+            # sizes only, asked at each call: a file removed under a running service shows at once
+            "damaged": len(verify.damaged_plugins(connection(), state.layout)),
         },
     })
 

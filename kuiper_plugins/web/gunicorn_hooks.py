@@ -15,6 +15,7 @@ import sys
 from kuiper_plugins.errors import PluginError, RequestInterrupted
 from kuiper_plugins.install.installer import recover_home
 from kuiper_plugins.layout import Layout
+from kuiper_plugins.lifecycle.backup import hold_service_lock
 from kuiper_plugins.settings import authentication_mismatch, describe_listening, load_settings
 from kuiper_plugins.store import db
 from kuiper_plugins.web.auth import UnsafeKeyFiles, check_key_files
@@ -58,6 +59,7 @@ def on_starting(server):
     # Before gunicorn tells systemd it is ready (Type=notify): an engine ordered after this service then
     # boots on folders where no install is half done (docs/engine-live.md, "Crashes").
     recover_home(settings)
+    server.kuiper_service_lock = hold_service_lock(Layout.of(settings))  # an offline restore refuses until exit
 
 
 # What the master sends its workers. Until a new worker has set its own handlers, it still runs the

@@ -206,6 +206,46 @@ def build_spec(version: str) -> APISpec:
                                    {"type": "array", "items": "AuditEntry", "example": [AUDIT_EXAMPLE]}),
                       **_errors("400", "401", "403", "503")},
     }})
+    problem = {"type": "object", "properties": {
+        "type": {"type": "string"}, "name": {"type": "string"},
+        "path": {"type": "string", "description": "a recorded path, or kv:<table>/<key> for a row of eKuiper's store"},
+        "problem": {"type": "string", "enum": ["missing", "empty", "modified", "kv row missing", "kv row differs",
+                                               "kv row not in the registry"]},
+        "detail": {"type": "string"}}}
+    verify_example = {"ok": False, "problems": [{"type": "sinks", "name": "influx", "path": "plugins/sinks/Influx.so",
+                                                 "problem": "missing", "detail": "nothing at this path"}]}
+    spec.path(path="/registry/verify", operations={"get": {
+        "summary": "Compare every recorded file (size and sha256) and eKuiper's store with the registry",
+        "tags": ["registry"],
+        "responses": {"200": {"description": "ok, and one problem per plugin and path", "content": {
+            "application/json": {"schema": {"type": "object", "properties": {
+                "ok": {"type": "boolean"}, "problems": {"type": "array", "items": problem}}},
+                "example": verify_example}}},
+            **_errors("401", "403", "503")},
+    }})
+    spec.path(path="/registry/repair", operations={"post": {
+        "summary": "Reinstall each damaged plugin from its recorded URL when it still gives the recorded sha256",
+        "tags": ["registry"],
+        "responses": {"200": {"description": "what was repaired, what was not and why, and what remains",
+                              "content": {"application/json": {"schema": {"type": "object", "properties": {
+                                  "ok": {"type": "boolean"},
+                                  "repaired": {"type": "array", "items": {"type": "object"}},
+                                  "notRepaired": {"type": "array", "items": {"type": "object"}},
+                                  "problems": {"type": "array", "items": problem}}},
+                                  "example": {"ok": True, "repaired": [
+                                      {"type": "sinks", "name": "influx", "version": "1.0.0",
+                                       "file": "https://example.com/influx_amd64.zip"}],
+                                      "notRepaired": [], "problems": []}}}},
+                      **_errors("401", "403", "503")},
+    }})
+    spec.path(path="/registry/backup", operations={"get": {
+        "summary": "One consistent tar.gz: the registry, eKuiper's store and every recorded file"
+                   " (restore it offline with `kuiper-plugins restore FILE`)",
+        "tags": ["registry"],
+        "responses": {"200": {"description": "manifest.json, registry/, engine/ and files/<recorded path>",
+                              "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
+                      **_errors("401", "403", "503", "507")},
+    }})
     spec.path(path="/ping", operations={"get": {
         "summary": "Liveness (no authentication)", "tags": ["health"],
         "responses": {"200": {"description": "Alive"}, **_errors("403")},
@@ -218,7 +258,11 @@ def build_spec(version: str) -> APISpec:
                                                             "arch": {"type": "string"},
                                                             "upTimeSeconds": {"type": "integer"},
                                                             "serviceVersion": {"type": "string"},
-                                                            "registry": {"type": "object"}}}),
+                                                            "registry": {"type": "object", "description":
+                                                                         "plugins per type, functions,"
+                                                                         " operationsInFlight, and damaged:"
+                                                                         " plugins whose files are missing or"
+                                                                         " of another size"}}}),
                       **_errors("403", "503")},
     }})
     return spec
