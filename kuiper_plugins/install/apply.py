@@ -61,7 +61,7 @@ from kuiper_plugins.errors import (
 from kuiper_plugins.install import durable, packages, scripts
 from kuiper_plugins.install.locks import PluginLock, plugin_lock
 from kuiper_plugins.install.packages import type_label
-from kuiper_plugins.install.plan import refuse_function_clashes
+from kuiper_plugins.install.plan import OperationPlan, refuse_function_clashes
 from kuiper_plugins.install.project import EngineProjection
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE, Layout
 from kuiper_plugins.settings import Settings
@@ -106,10 +106,10 @@ class Applier:
     # ---------------------------------------------------------------- the operations' steps
 
     def install(
-        self, conn: sqlite3.Connection, op: Operation, plan: packages.InstallPlan, request: dict[str, Any],
-        unpacked: Path, old: registry.Plugin | None, sha256: str, compatibility: dict[str, Any] | None,
+        self, conn: sqlite3.Connection, op: Operation, operation: OperationPlan, unpacked: Path
     ) -> dict[str, Any]:
         """Stage, publish and commit an unpacked package as the plan says; the outcome for the log line."""
+        plan, request, old = operation.package, operation.request, operation.old
         name = plan.name
         plugin_type = plan.plugin_type
         if plan.script and plugin_type != PORTABLE:
@@ -142,8 +142,8 @@ class Applier:
             with db.transaction(conn):
                 registry.save(
                     conn, plugin_type=plugin_type, name=name, version=plan.version, descriptor=descriptor,
-                    request=request, sha256=sha256, files=files, functions=plan.functions,
-                    replaces=old.id if old is not None else None, compatibility=compatibility,
+                    request=request, sha256=operation.package_sha256, files=files, functions=plan.functions,
+                    replaces=old.id if old is not None else None, compatibility=operation.compatibility,
                 )
                 registry.end_operation(conn, op.id, committed=True)
         except sqlite3.IntegrityError:
@@ -155,17 +155,17 @@ class Applier:
             self.projection.withdraw(op.staging, op.plugin_type, op.name, engine, plan.units[0].dest)
             raise
         op.committed = True
-        outcome = {"version": plan.version, "sha256": sha256}
+        outcome = {"version": plan.version, "sha256": operation.package_sha256}
         if engine is not None:
             outcome["engine"] = engine
         return outcome
 
-    def remove(self, conn: sqlite3.Connection, op: Operation, plugin: registry.Plugin, kept: set[str]) -> None:
-        """Move a plugin's recorded files (but `kept`) aside, then forget it, in one durable commit."""
-        present = [f for f in registry.files_of(conn, plugin.id) if f not in kept and self._exists(f)]
+    def remove(self, conn: sqlite3.Connection, op: Operation, plan: OperationPlan) -> None:
+        """Move aside the files the plan removes that are still on disk, then forget the plugin, in one commit."""
+        present = [f for f in plan.removes if self._exists(f)]
         self._publish(op, [(None, f) for f in present])
         with db.transaction(conn):
-            registry.remove(conn, plugin.id)
+            registry.remove(conn, plan.old.id)
             registry.end_operation(conn, op.id, committed=True)
         op.committed = True
 

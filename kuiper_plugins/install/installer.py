@@ -31,14 +31,14 @@ from kuiper_plugins.errors import (
     PluginNotFound,
     ScriptFailed,
 )
-from kuiper_plugins.install import archive, fetch, packages
+from kuiper_plugins.install import archive, fetch
 from kuiper_plugins.install.adopt import Adopter, native_binaries
 from kuiper_plugins.install.apply import Applier, Operation
 from kuiper_plugins.install.locks import blocking_lock
 from kuiper_plugins.install.packages import main_file, so_file, type_label
 from kuiper_plugins.install.plan import Planner, refuse_builtin_functions, refuse_function_clashes
 from kuiper_plugins.install.project import EngineProjection
-from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE, Layout
+from kuiper_plugins.layout import PORTABLE, Layout
 from kuiper_plugins.settings import Settings
 from kuiper_plugins.store import db, registry
 
@@ -122,16 +122,15 @@ class Installer:
         """
         with self._logged("delete", plugin_type, name, None) as outcome, \
                 self.applier.locked(plugin_type, name) as conn:
-            plugin = self._require(conn, plugin_type, name, "delete")
-            outcome["version"] = plugin.version
-            kept = set(packages.kept_on_delete(plugin_type, name))
+            plan = self.planner.plan_delete(conn, plugin_type, name)
+            outcome["version"] = plan.version
             with self.applier.reserved(conn, plugin_type, name, "delete") as op:
                 if self.live is not None:
                     if plugin_type == PORTABLE:
                         op.engine_changed = True
                     outcome["engine"] = self.projection.hand_delete(
-                        op.staging, plugin_type, name, so_file(plugin_type, registry.files_of(conn, plugin.id)))
-                self.applier.remove(conn, op, plugin, kept)
+                        op.staging, plugin_type, name, so_file(plugin_type, registry.files_of(conn, plan.old.id)))
+                self.applier.remove(conn, op, plan)
             self.projection.project(conn, plugin_type, name)
 
     def register_functions(self, name: str, functions: Sequence[str]) -> None:
@@ -215,27 +214,18 @@ class Installer:
             timeout=settings.download_timeout, tls_verify=settings.tls_verify, sha256=request.get("sha256"),
         )
         try:
-            entries, plan = self.planner.read_package(conn, plugin_type, request, fetched.path, old,
-                                                      unprivileged_caller)
+            plan = self.planner.plan_package(conn, op.kind, plugin_type, request, fetched, old, unprivileged_caller)
             unpacked = op.staging / "unpacked"
             unpacked.mkdir()
             try:
-                archive.extract(fetched.path, entries, unpacked)
+                archive.extract(fetched.path, plan.entries, unpacked)
             except (ArchiveRejected, PackageInvalid, ScriptFailed, Forbidden) as exc:
                 raise exc.with_prefix("fail to install plugin")
         finally:
             fetched.path.unlink(missing_ok=True)
 
-        compatibility = self.planner.check_compatibility(plan, unpacked) if plugin_type in NATIVE_TYPES else None
-        return self.applier.install(conn, op, plan, request, unpacked, old, fetched.sha256, compatibility)
-
-    def _require(self, conn: sqlite3.Connection, plugin_type: str, name: str, verb: str) -> registry.Plugin:
-        plugin = registry.find(conn, plugin_type, name)
-        if plugin is None:
-            if plugin_type == PORTABLE:
-                raise PluginNotFound(f"{verb} portable plugin {name} error: portable plugin {name} is not found")
-            raise PluginNotFound(f"{verb} {plugin_type} plugin {name} error: invalid name {name}: not exist")
-        return plugin
+        self.planner.plan_unpacked(plan, unpacked)
+        return self.applier.install(conn, op, plan, unpacked)
 
     @contextmanager
     def _logged(self, action: str, plugin_type: str, name: str, request: dict[str, Any] | None):
