@@ -22,11 +22,14 @@ from typing import Any
 from kuiper_plugins.engine import builtins
 from kuiper_plugins.errors import InvalidRequest, PackageInvalid
 from kuiper_plugins.install.archive import Entry
+from kuiper_plugins.layout import PORTABLE
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")  # eKuiper's ValidateID rule
 # The longest file name a plugin's name becomes is `<name>.yaml`/`<name>.json` (and `<Name>@<version>.so`):
 # the file system allows 255 bytes, so a name may have 250.
 MAX_NAME_BYTES = 250
+# A portable plugin's `<name>.json`, read from a package or from a folder found on disk, is read up to this size.
+DESCRIPTOR_MAX_BYTES = 1024 * 1024
 VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 INSTALL_SCRIPT = "install.sh"
 PORTABLE_LANGUAGES = ("go", "python")
@@ -226,6 +229,25 @@ def plan_native(
         script=INSTALL_SCRIPT if has_script else None,
         functions=list(functions) if plugin_type == "functions" else [],
     )
+
+
+def type_label(plugin_type: str) -> str:
+    """How eKuiper names a type in messages: `sources`, `sinks`, `functions`, `portable`."""
+    return "portable" if plugin_type == PORTABLE else plugin_type
+
+
+def main_file(plugin_type: str, name: str, recorded: Sequence[str]) -> str | None:
+    """The recorded file a plugin stands on: a native plugin's .so, a portable plugin's folder."""
+    if plugin_type == PORTABLE:
+        folder = f"plugins/portable/{name}"
+        return folder if folder in recorded else None
+    return so_file(plugin_type, recorded)
+
+
+def so_file(plugin_type: str, recorded: Sequence[str]) -> str | None:
+    """The recorded .so of a native plugin (the file eKuiper's delete looks the plugin up by)."""
+    folder = f"plugins/{plugin_type}/"
+    return next((f for f in recorded if f.startswith(folder) and f.endswith(".so")), None)
 
 
 def kept_on_delete(plugin_type: str, name: str) -> list[str]:

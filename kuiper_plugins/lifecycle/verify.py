@@ -33,7 +33,9 @@ from typing import Any
 from kuiper_plugins.engine import kv
 from kuiper_plugins.errors import PluginError
 from kuiper_plugins.install import durable, packages
-from kuiper_plugins.install.installer import Installer, engine_keys, engine_rows, type_label
+from kuiper_plugins.install.installer import Installer
+from kuiper_plugins.install.packages import type_label
+from kuiper_plugins.install.project import engine_keys, engine_rows
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.store import db, registry
 

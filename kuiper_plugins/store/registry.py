@@ -10,7 +10,7 @@ Invariants:
 - an operations row marks an install, update or delete in flight, reserving
   its (type, name); the journal of the file moves it makes is written beside
   its staging folder before the first move, so that a crash at any point can
-  be rolled back at start-up (see installer.py);
+  be rolled back at start-up (see install/apply.py);
 - the commit of an operation ends its row and records its id in
   finished_operations in the same transaction: a staging folder whose
   operation is listed there committed, and is finished, never undone;
