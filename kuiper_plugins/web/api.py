@@ -185,6 +185,16 @@ def settle_with_engine(plugin_type: str, name: str) -> None:
         engine_sync.settle(plugin_type, name)
 
 
+def dry_run_requested() -> bool:
+    """Whether the write asks for its plan only (`?dryRun=1`); a value we do not know is refused, never run."""
+    value = request.args.get("dryRun")
+    if value is None or value.lower() in ("0", "false"):
+        return False
+    if value.lower() in ("1", "true"):
+        return True
+    raise InvalidRequest(f"invalid dryRun value {value!r} (dryRun=1 answers the plan and writes nothing)")
+
+
 def prefixed(exc: PluginError, prefix: str) -> PluginError:
     """Put eKuiper's command prefix before a 400 message; other statuses keep their own words."""
     return exc.with_prefix(prefix) if exc.status == 400 else exc
@@ -204,8 +214,14 @@ def list_plugins(plugin_type: str) -> Response:
 def create_plugin(plugin_type: str) -> Response:
     body = load_body(create_schema, f"{type_label(plugin_type)} plugin")
     checked_name(body["name"])  # as eKuiper: after decoding, in its own words, before the create command
-    settle_with_engine(plugin_type, body["name"])
+    dry_run = dry_run_requested()
+    if not dry_run:  # taking in the engine's own changes writes: a dry run plans from the registry as it is
+        settle_with_engine(plugin_type, body["name"])
     try:
+        if dry_run:
+            plan = installer().dry_run.install(plugin_type, _request_record(plugin_type, body),
+                                               unprivileged_caller=unprivileged_caller(request.environ))
+            return json_response(plan.to_json())
         installer().install(plugin_type, _request_record(plugin_type, body),
                             unprivileged_caller=unprivileged_caller(request.environ))
     except PluginError as exc:
@@ -261,6 +277,8 @@ def _description(conn: sqlite3.Connection, plugin_type: str, name: str) -> dict[
 def delete_plugin(plugin_type: str, name: str) -> Response:
     checked_name(name)
     stop = request.args.get("stop") == "1" and plugin_type != PORTABLE
+    if dry_run_requested():
+        return json_response(installer().dry_run.delete(plugin_type, name).to_json())
     settle_with_engine(plugin_type, name)
     installer().delete(plugin_type, name)
     if plugin_type == PORTABLE:
@@ -285,8 +303,14 @@ def update_plugin(plugin_type: str, name: str) -> Response:
     if body.get("name") not in (None, name):
         raise InvalidRequest(f"the name '{body['name']}' in the body does not match '{name}' in the path")
     body["name"] = name
-    settle_with_engine(plugin_type, name)
+    dry_run = dry_run_requested()
+    if not dry_run:
+        settle_with_engine(plugin_type, name)
     try:
+        if dry_run:
+            plan = installer().dry_run.update(plugin_type, name, _request_record(plugin_type, body),
+                                              unprivileged_caller=unprivileged_caller(request.environ))
+            return json_response(plan.to_json())
         installer().update(plugin_type, name, _request_record(plugin_type, body),
                            unprivileged_caller=unprivileged_caller(request.environ))
     except PluginError as exc:
