@@ -17,7 +17,8 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from kuiper_plugins import __version__
-from kuiper_plugins.errors import InvalidRequest, MalformedBody, PluginError, PluginNotFound
+from kuiper_plugins.engine import pending
+from kuiper_plugins.errors import EngineUnavailable, InvalidRequest, MalformedBody, PluginError, PluginNotFound
 from kuiper_plugins.install import catalog, fetch, packages
 from kuiper_plugins.install.installer import Installer, type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
@@ -383,6 +384,28 @@ def portable_status(name: str) -> Response:
     return Response(relayed.body, status=relayed.status, content_type=relayed.content_type)
 
 
+@bp.get("/engine/pending")
+def engine_pending() -> Response:
+    """The changes the running engine cannot take until it restarts, with when it started."""
+    live_engine = installer().live
+    if live_engine is None:
+        raise InvalidRequest("the changes pending a restart are the engine's: set engine.url")
+    started_at = pending.engine_started_at(live_engine.client)
+    changes = pending.pending_changes(connection(), live_engine, started_at)
+    return json_response({"engineStartedAt": pending.iso(started_at), "count": len(changes),
+                          "pending": [change.to_json() for change in changes]})
+
+
+def _pending_count() -> int | None:
+    """How many changes wait for the engine's restart (GET /); None when the engine cannot say."""
+    live_engine = installer().live
+    try:
+        started_at = pending.engine_started_at(live_engine.client)
+        return len(pending.pending_changes(connection(), live_engine, started_at))
+    except EngineUnavailable:
+        return None
+
+
 @bp.get("/ping")
 def ping() -> Response:
     return Response(status=200)
@@ -404,6 +427,7 @@ def readiness() -> Response:
             "functions": counts["functions"],
             "operationsInFlight": counts["operationsInFlight"],
         },
+        **({"engine": {"pendingRestart": _pending_count()}} if installer().live is not None else {}),
     })
 
 
