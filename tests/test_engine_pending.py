@@ -39,7 +39,8 @@ def pending_of(service) -> list[tuple[str, str, str, str | None]]:
     assert answer.status_code == 200, answer.get_data(as_text=True)
     body = answer.get_json()
     assert body["count"] == len(body["pending"])
-    assert service.client.get("/").get_json()["engine"] == {"pendingRestart": body["count"]}
+    updates = sum(1 for c in body["pending"] if c["change"] == "update" and c["type"] != "portables")
+    assert service.client.get("/").get_json()["engine"] == {"pendingRestart": updates}
     return [(c["type"], c["name"], c["change"], c["version"]) for c in body["pending"]]
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -58,16 +57,12 @@ class PendingChange:
 
 
 def engine_started_at(client: EngineClient) -> float:
-    """When the running engine started (now minus its upTimeSeconds), asked afresh; EngineUnavailable if down."""
-    try:
-        response = client.send("GET", "/", read_timeout=client.timeout)
-        response.raise_for_status()
-        up = response.json()["upTimeSeconds"]
-        if isinstance(up, bool) or not isinstance(up, (int, float)) or up < 0:
-            raise ValueError(f"upTimeSeconds is {up!r}")
-    except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
-        raise EngineUnavailable(f"the engine at {client.url} did not say when it started ({exc})") from None
-    return time.time() - float(up)
+    """When the running engine started, from its GET / asked afresh (the cache too); EngineUnavailable if not up."""
+    info = client.fresh_info()
+    if info is None or info.started_at is None:
+        raise EngineUnavailable(f"the engine at {client.url} did not say when it started (its GET / answered no"
+                                " upTimeSeconds)")
+    return info.started_at
 
 
 def pending_changes(conn: sqlite3.Connection, engine: live.LiveEngine, started_at: float) -> list[PendingChange]:
@@ -89,6 +84,14 @@ def pending_changes(conn: sqlite3.Connection, engine: live.LiveEngine, started_a
                                        reason))
     found += _pending_deletes(conn, engine)
     return sorted(found, key=lambda c: (c.plugin_type, c.name))
+
+
+def native_updates_since(conn: sqlite3.Connection, started_at: float) -> int:
+    """How many native plugins were updated after `started_at`: the count GET / gives, from the registry alone."""
+    row = conn.execute(
+        f"SELECT COUNT(*) FROM plugins WHERE updated_at > ? AND created_at != updated_at"
+        f" AND type IN ({', '.join('?' for _ in NATIVE_TYPES)})", (started_at, *NATIVE_TYPES)).fetchone()
+    return row[0]
 
 
 def _pending_deletes(conn: sqlite3.Connection, engine: live.LiveEngine) -> list[PendingChange]:

@@ -18,7 +18,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from kuiper_plugins import __version__
 from kuiper_plugins.engine import pending
-from kuiper_plugins.errors import EngineUnavailable, InvalidRequest, MalformedBody, PluginError, PluginNotFound
+from kuiper_plugins.errors import InvalidRequest, MalformedBody, PluginError, PluginNotFound
 from kuiper_plugins.install import catalog, fetch, packages
 from kuiper_plugins.install.installer import Installer, type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
@@ -396,14 +396,15 @@ def engine_pending() -> Response:
                           "pending": [change.to_json() for change in changes]})
 
 
-def _pending_count() -> int | None:
-    """How many changes wait for the engine's restart (GET /); None when the engine cannot say."""
-    live_engine = installer().live
-    try:
-        started_at = pending.engine_started_at(live_engine.client)
-        return len(pending.pending_changes(connection(), live_engine, started_at))
-    except EngineUnavailable:
+def _pending_count(info) -> int | None:
+    """The native updates waiting for the engine's restart (GET /), from its last known start; None without one.
+
+    The readiness probe asks the engine nothing more than its GET / (cached): deletes and changes made while
+    it could not be reached are listed by GET /engine/pending, which asks the engine about them.
+    """
+    if info is None or info.started_at is None:
         return None
+    return pending.native_updates_since(connection(), info.started_at)
 
 
 @bp.get("/ping")
@@ -427,7 +428,7 @@ def readiness() -> Response:
             "functions": counts["functions"],
             "operationsInFlight": counts["operationsInFlight"],
         },
-        **({"engine": {"pendingRestart": _pending_count()}} if installer().live is not None else {}),
+        **({"engine": {"pendingRestart": _pending_count(info)}} if installer().live is not None else {}),
     })
 
 
