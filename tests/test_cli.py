@@ -557,3 +557,35 @@ def test_audit_shows_who_changed_what_newest_first(server, file_server, capsys):
     status, out, err = run(capsys, server.url, "audit", "--limit", "0")
     assert (status, out) == (1, "")
     assert err.startswith("error: invalid audit query: limit:"), err
+
+
+# ---------------------------------------------------------------------------- dry runs
+
+
+def test_dry_run_create_update_drop_print_the_plan_as_a_table_and_change_nothing(server, file_server, capsys):
+    url = served_source(file_server)
+    status, out, err = run(capsys, server.url, "create", "source", "random", "--file", url, "--dry-run")
+    assert (status, err) == (0, "")
+    assert "plan            install sources plugin random (dry run: nothing written)" in out
+    assert "version         1.0.0" in out
+    assert "ACTION  PATH" in out and "write   plugins/sources/Random@v1.0.0.so" in out
+    assert run(capsys, server.url, "--json", "list", "sources") == (0, "[]\n", "")
+
+    run(capsys, server.url, "create", "source", "random", "--file", url)
+    url2 = served_source(file_server, version="v2.0.0", zip_name="random2.zip")
+    status, out, _err = run(capsys, server.url, "update", "source", "random", "--file", url2, "--dry-run")
+    assert status == 0 and "remove  plugins/sources/Random@v1.0.0.so" in out and "restart needed  yes" in out
+    status, out, _err = run(capsys, server.url, "drop", "source", "random", "--dry-run")
+    assert status == 0 and "plan            delete sources plugin random" in out
+    assert run(capsys, server.url, "describe", "source", "random") == (0, "name     random\nversion  1.0.0\n", "")
+
+    status, out, _err = run(capsys, server.url, "--json", "drop", "source", "random", "--dry-run")
+    assert status == 0 and json.loads(out)["removes"] == ["plugins/sources/Random@v1.0.0.so"]
+
+
+def test_a_refused_dry_run_exits_as_the_refused_request(server, file_server, capsys):
+    url = served_source(file_server)
+    run(capsys, server.url, "create", "source", "random", "--file", url)
+    dry = run(capsys, server.url, "create", "source", "random", "--file", url, "--dry-run")
+    real = run(capsys, server.url, "create", "source", "random", "--file", url)
+    assert dry == real and dry[0] != 0 and "duplicate" in dry[2]

@@ -73,3 +73,28 @@ def test_docs_page_renders_the_plugin_endpoints_in_a_browser(live_server, tmp_pa
     for path in ("/plugins/{type}", "/plugins/{type}/{name}", "/plugins/udfs", "/config/uploads"):
         assert f'data-path="{path}"' in dom, path
     assert "Install a plugin from a zip URL" in dom
+
+
+def test_the_dry_run_plan_example_has_the_shape_of_a_real_plan(service, file_server):
+    """The documented plan is what a dry run answers: the same keys, and valid against the Plan schema."""
+    from conftest import make_zip
+    from openapi_schema_validator import OAS30Validator
+
+    document = service.client.get("/openapi.json").get_json()
+    post = document["paths"]["/plugins/{type}"]["post"]
+    assert "dryRun" in [p["name"] for p in post["parameters"]]
+    example = post["responses"]["200"]["content"]["application/json"]["example"]
+    make_zip(file_server.root / "random.zip", {"Random@v1.0.0.so": b"\x7fELF", "random.yaml": "a: 1\n",
+                                               "install.sh": "#!/bin/sh\necho preparing\n"})
+
+    real = service.post("sources?dryRun=1", {"name": "random", "file": file_server.url("random.zip")}).get_json()
+
+    assert set(real) == set(example) and set(real["source"]) == set(example["source"])
+    assert set(real["writes"][0]) == set(example["writes"][0])
+    assert set(real["installScript"]) == set(example["installScript"])
+    schema = {"$ref": "#/components/schemas/Plan", "components": document["components"]}
+    for plan in (example, real):
+        OAS30Validator(schema).validate(plan)
+    for operation in (document["paths"]["/plugins/{type}/{name}"][m] for m in ("put", "delete")):
+        assert "dryRun" in [p["name"] for p in operation["parameters"]]
+    assert document["paths"]["/engine/pending"]["get"]["responses"]["200"]["content"]["application/json"]["example"]

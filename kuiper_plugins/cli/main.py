@@ -389,6 +389,34 @@ def audit_table(answer: Any) -> str:
     return table(rows, header=("TIME", "OPERATION", "PLUGIN", "VERSIONS", "OUTCOME", "ACTOR", "REQUEST ID"))
 
 
+def plan_table(answer: Any) -> str:
+    """A dry run's plan: what it is, then each file written or removed, then the head of install.sh."""
+    if not isinstance(answer, dict) or "writes" not in answer:
+        return _as_json(answer)
+    source = answer.get("source") or {}
+    script = answer.get("installScript")
+    summary = [
+        ("plan", f"{answer.get('kind')} {answer.get('type')} plugin {answer.get('name')} (dry run: nothing written)"),
+        ("version", _cell(answer.get("version"))),
+        ("source", _cell(source.get("url"))),
+        ("size", _cell(source.get("size"))),
+        ("sha256", _cell(source.get("sha256"))),
+        ("functions", _cell(answer.get("functions"))),
+        ("clashes", _cell([f"{c['function']} ({c['plugin']})" for c in answer.get("functionClashes") or []])),
+        ("install.sh", "runs, sha256 " + _cell(script.get("sha256")) if script else "none"),
+        ("restart needed", "yes" if answer.get("restartNeeded") else "no"),
+    ]
+    if answer.get("compatibility") is not None:
+        summary.append(("compatibility", _cell(answer["compatibility"])))
+    files = [("write", f["path"], _cell(f.get("size")), _cell(f.get("sha256"))) for f in answer["writes"]]
+    files += [("remove", path, "-", "-") for path in answer.get("removes") or []]
+    parts = [table(summary), ""]
+    parts.append(table(files, header=("ACTION", "PATH", "SIZE", "SHA256")) if files else "no file written or removed")
+    if script and script.get("head"):
+        parts += ["", "install.sh, first lines:"] + [f"  {line}" for line in script["head"]]
+    return "\n".join(parts)
+
+
 def message(answer: Any) -> str:
     return answer if isinstance(answer, str) else _as_json(answer)
 
@@ -439,17 +467,27 @@ def _install_body(client: Client, args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def _dry_run(args: argparse.Namespace) -> dict[str, str] | None:
+    return {"dryRun": "1"} if args.dry_run else None
+
+
 def cmd_create(client: Client, args: argparse.Namespace) -> None:
     body = _install_body(client, args)
-    show(args, client.call("POST", f"/plugins/{args.type}", json=body), message)
+    answer = client.call("POST", f"/plugins/{args.type}", json=body, params=_dry_run(args))
+    show(args, answer, plan_table if args.dry_run else message)
 
 
 def cmd_update(client: Client, args: argparse.Namespace) -> None:
     body = _install_body(client, args)
-    show(args, client.call("PUT", f"/plugins/{args.type}/{_segment(args.name)}", json=body), message)
+    answer = client.call("PUT", f"/plugins/{args.type}/{_segment(args.name)}", json=body, params=_dry_run(args))
+    show(args, answer, plan_table if args.dry_run else message)
 
 
 def cmd_drop(client: Client, args: argparse.Namespace) -> None:
+    if args.dry_run:
+        answer = client.call("DELETE", f"/plugins/{args.type}/{_segment(args.name)}", params=_dry_run(args))
+        show(args, answer, plan_table)
+        return
     params = {"stop": "1"} if args.stop else None
     show(args, client.call("DELETE", f"/plugins/{args.type}/{_segment(args.name)}", params=params), message)
 
@@ -633,11 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--function", action="append", default=[], metavar="F",
                          help="function the plugin exports (function plugins); repeat for several")
         sub.add_argument("--sha256", metavar="HEX", help="digest the package must have")
+        sub.add_argument("--dry-run", action="store_true",
+                         help="show what it would write, remove and run, and do nothing (with --zip, the zip is"
+                              " still uploaded)")
 
     sub = command("drop", cmd_drop, "delete an installed plugin")
     sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)
     sub.add_argument("name", metavar="NAME")
     sub.add_argument("--stop", action="store_true", help="stop the service once the plugin is deleted")
+    sub.add_argument("--dry-run", action="store_true", help="show what it would remove, and do nothing")
 
     sub = command("describe", cmd_describe, "show an installed plugin")
     sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)

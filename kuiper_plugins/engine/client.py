@@ -37,6 +37,7 @@ class EngineInfo:
     os: str
     arch: str
     up_time_seconds: int | None = None
+    started_at: float | None = None  # when the engine started (epoch seconds): now minus upTimeSeconds, at the answer
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class EngineClient:
             info = EngineInfo(
                 version=str(body["version"]).removeprefix("v"), os=str(body["os"]), arch=str(body["arch"]),
                 up_time_seconds=body.get("upTimeSeconds"),
+                started_at=_started_at(body.get("upTimeSeconds")),
             )
         except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
             with self._lock:
@@ -103,6 +105,17 @@ class EngineClient:
             self._info, self._fetched_at = info, time.monotonic()
         return info
 
+    def fresh_info(self) -> EngineInfo | None:
+        """Ask the engine's GET / now, whatever the cache holds; its answer, or None when it did not give one."""
+        with self._lock:
+            known, self._info, self._fetched_at = self._info, None, 0.0
+        info = self.info()
+        if info is None:
+            with self._lock:
+                self._info = self._info or known  # keep the last answer for the version, as info() does
+            return None
+        return info
+
     def portable_status(self, name: str) -> Relayed:
         """The engine's answer to `GET /plugins/portables/<name>/status`, status and body as they are."""
         try:
@@ -111,6 +124,12 @@ class EngineClient:
             raise EngineUnavailable(f"portable plugin status comes from the engine: {self.url} did not answer ({exc})")
         return Relayed(response.status_code, response.content,
                        response.headers.get("Content-Type", "application/json"))
+
+
+def _started_at(up_time_seconds: object) -> float | None:
+    if isinstance(up_time_seconds, bool) or not isinstance(up_time_seconds, (int, float)) or up_time_seconds < 0:
+        return None
+    return time.time() - float(up_time_seconds)
 
 
 def _never_connected(exc: requests.ConnectionError) -> bool:

@@ -305,30 +305,7 @@ class Applier:
         A destination that exists must be recorded as this plugin's, or the install is refused: nothing
         that is not ours is replaced. The source yaml is the one exception (see `_kept_groups`).
         """
-        old_records = {f.path: f for f in registry.recorded_files(conn, old.id)} if old is not None else {}
-        kept_groups = self._kept_groups(plan, unpacked, old_records)
-        placing = [u for u in plan.units if u.group not in kept_groups or u.group is None]
-        owners = registry.file_owners(conn, [u.dest for u in placing], old.id if old is not None else None)
-        if owners:
-            path, owner_type, owner_name = owners[0]
-            raise PackageInvalid(
-                f"fail to install plugin: {path} belongs to {type_label(owner_type)} plugin {owner_name}"
-            )
-        main = plan.units[-1] if plan.plugin_type == PORTABLE else plan.units[0]  # the folder or the binary
-        for unit in placing:
-            if unit.group is None and unit.dest not in old_records and self._exists(unit.dest):
-                if unit is main and old is None:
-                    # A plugin of that name is there that we do not know: eKuiper would call it a duplicate.
-                    raise InvalidRequest(
-                        f"invalid name {plan.name}: duplicate ({unit.dest} already exists and was not installed by"
-                        " kuiper-plugins, nor adopted at start-up: move it away first)"
-                    )
-                raise PackageInvalid(
-                    f"fail to install plugin: {unit.dest} already exists and was not installed as part of"
-                    f" {type_label(plan.plugin_type)} plugin {plan.name} (kuiper-plugins never replaces what it"
-                    " did not install: move it away first)"
-                )
-
+        old_records, kept_groups, placing = self.refuse_foreign_destinations(conn, plan, unpacked, old)
         first_copy: dict[str, Path] = {}
         moves: list[tuple[Path | None, str]] = []
         for index, unit in enumerate(placing):
@@ -359,6 +336,39 @@ class Applier:
             if self._exists(stale):
                 moves.append((None, stale))
         return moves, sorted(files, key=lambda f: f.path)
+
+    def refuse_foreign_destinations(
+        self, conn: sqlite3.Connection, plan: packages.InstallPlan, unpacked: Path, old: registry.Plugin | None,
+    ) -> tuple[dict[str, registry.RecordedFile], set[str], list[packages.Unit]]:
+        """Refuse a destination that exists and is not this plugin's; the old records, kept groups and units to place.
+
+        Reads only, so that a dry run refuses what staging would.
+        """
+        old_records = {f.path: f for f in registry.recorded_files(conn, old.id)} if old is not None else {}
+        kept_groups = self._kept_groups(plan, unpacked, old_records)
+        placing = [u for u in plan.units if u.group not in kept_groups or u.group is None]
+        owners = registry.file_owners(conn, [u.dest for u in placing], old.id if old is not None else None)
+        if owners:
+            path, owner_type, owner_name = owners[0]
+            raise PackageInvalid(
+                f"fail to install plugin: {path} belongs to {type_label(owner_type)} plugin {owner_name}"
+            )
+        main = plan.units[-1] if plan.plugin_type == PORTABLE else plan.units[0]  # the folder or the binary
+        for unit in placing:
+            if unit.group is None and unit.dest not in old_records and self._exists(unit.dest):
+                if unit is main and old is None:
+                    # A plugin of that name is there that we do not know: eKuiper would call it a duplicate.
+                    raise InvalidRequest(
+                        f"invalid name {plan.name}: duplicate ({unit.dest} already exists and was not installed by"
+                        " kuiper-plugins, nor adopted at start-up: move it away first)"
+                    )
+                raise PackageInvalid(
+                    f"fail to install plugin: {unit.dest} already exists and was not installed as part of"
+                    f" {type_label(plan.plugin_type)} plugin {plan.name} (kuiper-plugins never replaces what it"
+                    " did not install: move it away first)"
+                )
+
+        return old_records, kept_groups, placing
 
     def _kept_groups(
         self, plan: packages.InstallPlan, unpacked: Path, old_records: dict[str, registry.RecordedFile]

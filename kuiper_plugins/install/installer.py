@@ -34,6 +34,7 @@ from kuiper_plugins.errors import (
 from kuiper_plugins.install import archive, fetch
 from kuiper_plugins.install.adopt import Adopter, native_binaries
 from kuiper_plugins.install.apply import Applier, Operation
+from kuiper_plugins.install.dry_run import DryRun
 from kuiper_plugins.install.locks import blocking_lock
 from kuiper_plugins.install.packages import main_file, so_file, type_label
 from kuiper_plugins.install.plan import Planner, refuse_builtin_functions, refuse_function_clashes
@@ -64,6 +65,7 @@ class Installer:
         self.planner = Planner(settings, self.layout, engine)
         self.applier = Applier(settings, self.layout, self._writer, self.projection)
         self.adopter = Adopter(self.layout, self._writer, self.engine_store)
+        self.dry_run = DryRun(self)  # ?dryRun=1: the same refusals, and a plan instead of the operation
 
     def close(self) -> None:
         """Close this thread's kept connections (a test restarting a service in-process)."""

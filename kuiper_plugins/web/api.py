@@ -17,6 +17,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from kuiper_plugins import __version__
+from kuiper_plugins.engine import pending
 from kuiper_plugins.errors import InvalidRequest, MalformedBody, PluginError, PluginNotFound
 from kuiper_plugins.install import catalog, fetch, packages
 from kuiper_plugins.install.installer import Installer, type_label
@@ -187,6 +188,16 @@ def settle_with_engine(plugin_type: str, name: str) -> None:
         engine_sync.settle(plugin_type, name)
 
 
+def dry_run_requested() -> bool:
+    """Whether the write asks for its plan only (`?dryRun=1`); a value we do not know is refused, never run."""
+    value = request.args.get("dryRun")
+    if value is None or value.lower() in ("0", "false"):
+        return False
+    if value.lower() in ("1", "true"):
+        return True
+    raise InvalidRequest(f"invalid dryRun value {value!r} (dryRun=1 answers the plan and writes nothing)")
+
+
 def prefixed(exc: PluginError, prefix: str) -> PluginError:
     """Put eKuiper's command prefix before a 400 message; other statuses keep their own words."""
     return exc.with_prefix(prefix) if exc.status == 400 else exc
@@ -207,8 +218,14 @@ def create_plugin(plugin_type: str) -> Response:
     body = load_body(create_schema, f"{type_label(plugin_type)} plugin")
     auditing.note(name=body["name"], url=body["file"], sha256=body.get("sha256"))
     checked_name(body["name"])  # as eKuiper: after decoding, in its own words, before the create command
-    settle_with_engine(plugin_type, body["name"])
+    dry_run = dry_run_requested()
+    if not dry_run:  # taking in the engine's own changes writes: a dry run plans from the registry as it is
+        settle_with_engine(plugin_type, body["name"])
     try:
+        if dry_run:
+            plan = installer().dry_run.install(plugin_type, _request_record(plugin_type, body),
+                                               unprivileged_caller=unprivileged_caller(request.environ))
+            return json_response(plan.to_json())
         installer().install(plugin_type, _request_record(plugin_type, body),
                             unprivileged_caller=unprivileged_caller(request.environ))
     except PluginError as exc:
@@ -264,6 +281,8 @@ def _description(conn: sqlite3.Connection, plugin_type: str, name: str) -> dict[
 def delete_plugin(plugin_type: str, name: str) -> Response:
     checked_name(name)
     stop = request.args.get("stop") == "1" and plugin_type != PORTABLE
+    if dry_run_requested():
+        return json_response(installer().dry_run.delete(plugin_type, name).to_json())
     settle_with_engine(plugin_type, name)
     installer().delete(plugin_type, name)
     if plugin_type == PORTABLE:
@@ -289,8 +308,14 @@ def update_plugin(plugin_type: str, name: str) -> Response:
     if body.get("name") not in (None, name):
         raise InvalidRequest(f"the name '{body['name']}' in the body does not match '{name}' in the path")
     body["name"] = name
-    settle_with_engine(plugin_type, name)
+    dry_run = dry_run_requested()
+    if not dry_run:
+        settle_with_engine(plugin_type, name)
     try:
+        if dry_run:
+            plan = installer().dry_run.update(plugin_type, name, _request_record(plugin_type, body),
+                                              unprivileged_caller=unprivileged_caller(request.environ))
+            return json_response(plan.to_json())
         installer().update(plugin_type, name, _request_record(plugin_type, body),
                            unprivileged_caller=unprivileged_caller(request.environ))
     except PluginError as exc:
@@ -363,6 +388,29 @@ def portable_status(name: str) -> Response:
     return Response(relayed.body, status=relayed.status, content_type=relayed.content_type)
 
 
+@bp.get("/engine/pending")
+def engine_pending() -> Response:
+    """The changes the running engine cannot take until it restarts, with when it started."""
+    live_engine = installer().live
+    if live_engine is None:
+        raise InvalidRequest("the changes pending a restart are the engine's: set engine.url")
+    started_at = pending.engine_started_at(live_engine.client)
+    changes = pending.pending_changes(connection(), live_engine, started_at)
+    return json_response({"engineStartedAt": pending.iso(started_at), "count": len(changes),
+                          "pending": [change.to_json() for change in changes]})
+
+
+def _pending_count(info) -> int | None:
+    """The native updates waiting for the engine's restart (GET /), from its last known start; None without one.
+
+    The readiness probe asks the engine nothing more than its GET / (cached): deletes and changes made while
+    it could not be reached are listed by GET /engine/pending, which asks the engine about them.
+    """
+    if info is None or info.started_at is None:
+        return None
+    return pending.native_updates_since(connection(), info.started_at)
+
+
 @bp.get("/ping")
 def ping() -> Response:
     return Response(status=200)
@@ -386,6 +434,7 @@ def readiness() -> Response:
             # sizes only, asked at each call: a file removed under a running service shows at once
             "damaged": len(verify.damaged_plugins(connection(), state.layout)),
         },
+        **({"engine": {"pendingRestart": _pending_count(info)}} if installer().live is not None else {}),
     })
 
 

@@ -38,6 +38,13 @@ def _json(description: str, schema: Any) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _updated_or_plan(description: str, example: str) -> dict[str, Any]:
+    return {"description": description, "content": {
+        "text/plain": {"schema": {"type": "string", "example": example}},
+        "application/json": {"schema": "Plan", "example": PLAN_EXAMPLE},
+    }}
+
+
 def _errors(*statuses: str) -> dict[str, Any]:
     chosen = statuses or tuple(ERROR_STATUSES)
     return {status: {"$ref": f"#/components/responses/Error{status}"} for status in chosen}
@@ -66,6 +73,31 @@ AUDIT_EXAMPLE = {
     "durationSeconds": 1.234,
 }
 
+# ?dryRun=1 (issue 19): the plan of a create, update or delete, as install/plan.py's to_json() gives it.
+DRY_RUN_PARAM = {"name": "dryRun", "in": "query", "required": False, "schema": {"type": "string", "enum": ["0", "1"]},
+                 "description": "1: answer the plan (200, JSON) and write nothing; a failing plan answers the"
+                                " request's own 4xx"}
+PLAN_EXAMPLE = {
+    "kind": "install", "type": "sources", "name": "random", "version": "1.0.0",
+    "source": {"url": "http://127.0.0.1:8000/random.zip", "size": 1024, "sha256": "9f86d08188" + "0" * 54},
+    "writes": [{"path": "plugins/sources/Random@v1.0.0.so", "size": 980, "sha256": "2c26b46b68" + "0" * 54},
+               {"path": "etc/sources/random.yaml", "size": 28, "sha256": "fcde2b2edb" + "0" * 54}],
+    "removes": [], "functions": [], "functionClashes": [],
+    "installScript": {"sha256": "b5bb9d8014" + "0" * 54, "head": ["#!/bin/sh", "echo preparing"]},
+    "compatibility": None, "restartNeeded": False,
+}
+PENDING_EXAMPLE = {
+    "engineStartedAt": "2026-12-07T01:00:00Z", "count": 1,
+    "pending": [{"type": "functions", "name": "multi", "change": "update", "version": "2.0.0",
+                 "changedAt": "2026-12-07T01:20:00Z",
+                 "reason": "a native plugin's new code is loaded only when the engine starts"
+                           " (Go cannot unload the old one)"}],
+}
+
+
+def _plan(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": "Plan", "example": PLAN_EXAMPLE}}}
+
 
 def build_spec(version: str) -> APISpec:
     """Describe every endpoint, its body, its answers and the error envelope."""
@@ -88,6 +120,27 @@ def build_spec(version: str) -> APISpec:
         ("AuditEntry", schemas.AuditEntrySchema),
     ):
         spec.components.schema(name, schema=schema)
+    spec.components.schema("Plan", {
+        "type": "object",
+        "required": ["kind", "type", "name", "source", "writes", "removes", "functions", "restartNeeded"],
+        "properties": {
+            "kind": {"type": "string", "enum": ["install", "update", "delete"]},
+            "type": {"type": "string"}, "name": {"type": "string"}, "version": {"type": "string", "nullable": True},
+            "source": {"type": "object", "properties": {"url": {"type": "string", "nullable": True},
+                                                        "size": {"type": "integer", "nullable": True},
+                                                        "sha256": {"type": "string", "nullable": True}}},
+            "writes": {"type": "array", "items": {"type": "object", "properties": {
+                "path": {"type": "string"}, "size": {"type": "integer", "nullable": True},
+                "sha256": {"type": "string", "nullable": True}}}},
+            "removes": NAMES, "functions": NAMES,
+            "functionClashes": {"type": "array", "items": {"type": "object", "properties": {
+                "function": {"type": "string"}, "plugin": {"type": "string"}}}},
+            "installScript": {"type": "object", "nullable": True, "properties": {
+                "sha256": {"type": "string", "nullable": True}, "head": NAMES}},
+            "compatibility": {"type": "object", "nullable": True},
+            "restartNeeded": {"type": "boolean"},
+        },
+    })
     for status, description in ERROR_STATUSES.items():
         response = _json(description, "Error")
         if status == "503":
@@ -104,9 +157,13 @@ def build_spec(version: str) -> APISpec:
         operations={
             "get": {"summary": "List the installed plugins of a type", "tags": ["plugins"],
                     "responses": {"200": _json("Installed plugins", plugin_list), **_errors()}},
-            "post": {"summary": "Install a plugin from a zip URL", "tags": ["plugins"],
+            "post": {"summary": "Install a plugin from a zip URL; dryRun=1 answers the plan instead",
+                     "tags": ["plugins"],
+                     "parameters": [DRY_RUN_PARAM],
                      "requestBody": _body("PluginRequest"),
-                     "responses": {"201": _text("Created", "sources plugin random is created"), **_errors()}},
+                     "responses": {"201": _text("Created", "sources plugin random is created"),
+                                   "200": _plan("dryRun=1: what the install would write and run; nothing written"),
+                                   **_errors()}},
         },
     )
     description = {"anyOf": ["NativeDescription", "PortableDescription"]}
@@ -120,17 +177,21 @@ def build_spec(version: str) -> APISpec:
                                " engine.restartCommand when it is set",
                     "tags": ["plugins"],
                     "parameters": [{"name": "stop", "in": "query", "required": False,
-                                    "schema": {"type": "string", "enum": ["0", "1"]}}],
+                                    "schema": {"type": "string", "enum": ["0", "1"]}}, DRY_RUN_PARAM],
                     "requestBody": _body("PluginUpdate"),
-                    "responses": {"200": _text("Updated", "plugin random is updated and eKuiper must restart for the"
-                                                          " change to take effect."), **_errors()}},
+                    "responses": {"200": _updated_or_plan(
+                        "Updated (text), or with dryRun=1 the plan (JSON)",
+                        "plugin random is updated and eKuiper must restart for the change to take effect."),
+                        **_errors()}},
             "delete": {
                 "summary": "Remove a plugin; stop=1 then runs engine.restartCommand, or stops this service",
                 "tags": ["plugins"],
                 "parameters": [{"name": "stop", "in": "query", "required": False,
-                                "schema": {"type": "string", "enum": ["0", "1"]}}],
-                "responses": {"200": _text("Deleted", "sources plugin random is deleted and eKuiper must restart"
-                                                      " for the change to take effect."), **_errors()},
+                                "schema": {"type": "string", "enum": ["0", "1"]}}, DRY_RUN_PARAM],
+                "responses": {"200": _updated_or_plan(
+                    "Deleted (text), or with dryRun=1 the plan (JSON)",
+                    "sources plugin random is deleted and eKuiper must restart for the change to take effect."),
+                    **_errors()},
             },
         },
     )
@@ -246,6 +307,13 @@ def build_spec(version: str) -> APISpec:
                               "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
                       **_errors("401", "403", "503", "507")},
     }})
+    spec.path(path="/engine/pending", operations={"get": {
+        "summary": "Changes the running engine takes only at its restart (native updates and deletes, and"
+                   " changes made while it could not be reached)", "tags": ["health"],
+        "responses": {"200": {"description": "The engine's start and the pending changes", "content": {
+            "application/json": {"schema": {"type": "object"}, "example": PENDING_EXAMPLE}}},
+            **_errors("400", "503")},
+    }})
     spec.path(path="/ping", operations={"get": {
         "summary": "Liveness (no authentication)", "tags": ["health"],
         "responses": {"200": {"description": "Alive"}, **_errors("403")},
@@ -262,7 +330,10 @@ def build_spec(version: str) -> APISpec:
                                                                          "plugins per type, functions,"
                                                                          " operationsInFlight, and damaged:"
                                                                          " plugins whose files are missing or"
-                                                                         " of another size"}}}),
+                                                                         " of another size"},
+                                                            "engine": {"type": "object", "description":
+                                                                       "with the engine attached: pendingRestart,"
+                                                                       " the count of GET /engine/pending"}}}),
                       **_errors("403", "503")},
     }})
     return spec

@@ -1,0 +1,146 @@
+"""Restart pending: the changes the running engine cannot take until it restarts.
+
+Go cannot unload a plugin, so a native update (or a rollback, which is one) made while the engine runs
+is on disk and in eKuiper's store, but the engine still runs the old code; a native delete leaves the
+plugin in the engine, described as `$deleted`, until it restarts. A change made while the engine could
+not be reached (installed, updated or deleted here, not handed over) is likewise taken only at its
+next start.
+
+The engine's start time is its `upTimeSeconds` (GET /) taken from now. A change recorded before that
+start was loaded at it; a change recorded since is pending when it is a native update, and otherwise
+when the engine itself says it does not offer what the registry holds (its describe). `upTimeSeconds`
+is whole seconds, so the start it gives may be up to a second late: a change recorded in that second is
+listed only when the engine's describe confirms it (a native update that kept its version name, made in
+that second, is then missed).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from kuiper_plugins.engine import live
+from kuiper_plugins.engine.client import EngineClient
+from kuiper_plugins.errors import EngineUnavailable
+from kuiper_plugins.install.packages import type_label
+from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
+
+log = logging.getLogger(__name__)
+
+START_SLACK_SECONDS = 1.0  # upTimeSeconds is truncated to whole seconds
+NATIVE_UPDATE = "a native plugin's new code is loaded only when the engine starts (Go cannot unload the old one)"
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    """One change the running engine has not taken."""
+
+    plugin_type: str
+    name: str
+    change: str  # install, update or delete
+    version: str | None  # what the registry holds (None for a delete)
+    changed_at: float | None  # when the change was recorded here (None for a delete, which leaves no row)
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The change as JSON-ready values, in eKuiper's type names."""
+        return {
+            "type": type_label(self.plugin_type), "name": self.name, "change": self.change, "version": self.version,
+            "changedAt": iso(self.changed_at) if self.changed_at is not None else None, "reason": self.reason,
+        }
+
+
+def engine_started_at(client: EngineClient) -> float:
+    """When the running engine started, from its GET / asked afresh (the cache too); EngineUnavailable if not up."""
+    info = client.fresh_info()
+    if info is None or info.started_at is None:
+        raise EngineUnavailable(f"the engine at {client.url} did not say when it started (its GET / answered no"
+                                " upTimeSeconds)")
+    return info.started_at
+
+
+def pending_changes(conn: sqlite3.Connection, engine: live.LiveEngine, started_at: float) -> list[PendingChange]:
+    """The changes made since `started_at` that the running engine has not taken, by type and name."""
+    found: list[PendingChange] = []
+    rows = conn.execute(
+        "SELECT type, name, version, created_at, updated_at FROM plugins WHERE updated_at > ? ORDER BY type, name",
+        (started_at - START_SLACK_SECONDS,)).fetchall()
+    for plugin_type, name, version, created_at, updated_at in rows:
+        updated = created_at != updated_at  # an update keeps the first install's created_at
+        native_update = plugin_type in NATIVE_TYPES and updated
+        # A native update made after the start is not loaded, whatever version the engine names (it may be
+        # the same); one made in the second the start is known to is confirmed by the engine's describe.
+        if (native_update and updated_at > started_at) or \
+                engine.state(plugin_type, name, version=version) == live.PENDING:
+            reason = (NATIVE_UPDATE if native_update else
+                      "the engine does not offer this version: it could not be reached when the change was made")
+            found.append(PendingChange(plugin_type, name, "update" if updated else "install", version, updated_at,
+                                       reason))
+    found += _pending_deletes(conn, engine)
+    return sorted(found, key=lambda c: (c.plugin_type, c.name))
+
+
+def native_updates_since(conn: sqlite3.Connection, started_at: float) -> int:
+    """How many native plugins were updated after `started_at`: the count GET / gives, from the registry alone."""
+    row = conn.execute(
+        f"SELECT COUNT(*) FROM plugins WHERE updated_at > ? AND created_at != updated_at"
+        f" AND type IN ({', '.join('?' for _ in NATIVE_TYPES)})", (started_at, *NATIVE_TYPES)).fetchone()
+    return row[0]
+
+
+def _pending_deletes(conn: sqlite3.Connection, engine: live.LiveEngine) -> list[PendingChange]:
+    """Plugins the engine still offers, or offers as deleted, that the registry no longer has."""
+    found = []
+    for plugin_type in (*NATIVE_TYPES, PORTABLE):
+        listed = _engine_list(engine.client, plugin_type)
+        known = {row[0] for row in conn.execute("SELECT name FROM plugins WHERE type = ?", (plugin_type,))}
+        for name in sorted(set(listed) - known):
+            if plugin_type == PORTABLE or listed[name] is None:
+                version = _engine_version(engine.client, plugin_type, name)
+            else:
+                version = listed[name]
+            if plugin_type in NATIVE_TYPES and version == live.DELETED:
+                found.append(PendingChange(plugin_type, name, "delete", None, None,
+                                           "the engine keeps a deleted native plugin until it restarts"))
+            # Anything else the engine offers and we do not know is its own install: engine/sync takes it in.
+    return found
+
+
+def _engine_list(client: EngineClient, plugin_type: str) -> dict[str, str | None]:
+    """The names the engine lists for a type (with the version when the list gives it)."""
+    answer = _engine_get(client, f"/plugins/{plugin_type}")
+    if not isinstance(answer, list):
+        return {}
+    listed: dict[str, str | None] = {}
+    for item in answer:
+        if isinstance(item, str):
+            listed[item] = None
+        elif isinstance(item, dict) and isinstance(item.get("name"), str):
+            listed[item["name"]] = item.get("version")
+    return listed
+
+
+def _engine_version(client: EngineClient, plugin_type: str, name: str) -> str | None:
+    answer = _engine_get(client, f"/plugins/{plugin_type}/{quote(name, safe='')}")
+    return answer.get("version") if isinstance(answer, dict) else None
+
+
+def _engine_get(client: EngineClient, path: str) -> Any:
+    try:
+        response = client.send("GET", path, read_timeout=client.timeout)
+        if response.status_code != 200:
+            return None
+        return response.json()
+    except (requests.RequestException, ValueError) as exc:
+        raise EngineUnavailable(f"the engine at {client.url} did not answer GET {path} ({exc})") from None
+
+
+def iso(at: float) -> str:
+    """A time as ISO 8601 in UTC, to the second."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -1,0 +1,107 @@
+"""GET /engine/pending against a real kuiperd: the changes the running engine takes only at its restart.
+
+A native update made while the engine runs is listed until the engine restarts; a native delete is listed
+while the engine still keeps the plugin as deleted; an install made while the engine could not be reached
+is listed once an engine that started before it is attached. GET / says how many. Through the test client
+and through real gunicorn.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import requests
+from conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def home(tmp_path):
+    """The service's home is the engine's (start_kuiperd's first engine lives in tmp_path/engine)."""
+    return tmp_path / "engine"
+
+
+@pytest.fixture
+def served(file_server, multi_plugin, multi_plugin_v2):
+    shutil.copyfile(multi_plugin.zip_path, file_server.root / "multi.zip")
+    shutil.copyfile(multi_plugin_v2.zip_path, file_server.root / "multi2.zip")
+    return file_server
+
+
+def multi(file_server, zip_name: str = "multi.zip") -> dict:
+    return {"name": "multi", "file": file_server.url(zip_name), "functions": ["twice", "shout"]}
+
+
+def pending_of(service) -> list[tuple[str, str, str, str | None]]:
+    answer = service.client.get("/engine/pending")
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    body = answer.get_json()
+    assert body["count"] == len(body["pending"])
+    updates = sum(1 for c in body["pending"] if c["change"] == "update" and c["type"] != "portables")
+    assert service.client.get("/").get_json()["engine"] == {"pendingRestart": updates}
+    return [(c["type"], c["name"], c["change"], c["version"]) for c in body["pending"]]
+
+
+def test_a_native_update_is_pending_until_the_engine_restarts(kuiperd, make_service, served):
+    service = make_service(engine_url=kuiperd.url)
+    assert service.post("functions", multi(served)).status_code == 201
+    assert pending_of(service) == []  # a new native plugin is handed to the engine: live at once
+
+    updated = service.client.put("/plugins/functions/multi", json=multi(served, "multi2.zip"))
+    assert updated.status_code == 200, updated.get_data(as_text=True)
+    assert pending_of(service) == [("functions", "multi", "update", "2.0.0")]
+    reason = service.client.get("/engine/pending").get_json()["pending"][0]["reason"]
+    assert "Go cannot unload" in reason
+
+    # The restarted engine's start is after the update (the update's answer came before kuiperd.stop()).
+    kuiperd.stop()
+    kuiperd.start()
+    assert pending_of(service) == []
+    service.stop()
+
+
+def test_a_native_delete_is_pending_while_the_engine_keeps_the_plugin(kuiperd, make_service, served):
+    service = make_service(engine_url=kuiperd.url)
+    assert service.post("functions", multi(served)).status_code == 201
+    assert service.client.delete("/plugins/functions/multi").status_code == 200
+
+    assert pending_of(service) == [("functions", "multi", "delete", None)]
+    kuiperd.stop()
+    kuiperd.start()
+    assert pending_of(service) == []
+    service.stop()
+
+
+def test_an_install_made_while_the_engine_was_unreachable_is_pending(kuiperd, make_service, served):
+    detached = make_service(engine_url=f"http://127.0.0.1:{free_port()}")
+    assert detached.post("functions", multi(served)).status_code == 201
+    detached.stop()
+
+    attached = make_service(engine_url=kuiperd.url)
+    changes = attached.client.get("/engine/pending").get_json()["pending"]
+    assert [(c["type"], c["name"], c["change"], c["version"]) for c in changes] == [
+        ("functions", "multi", "install", "1.0.0")]
+    assert "could not be reached" in changes[0]["reason"]
+    attached.stop()
+
+
+def test_without_an_engine_pending_is_refused_and_readiness_says_nothing_of_it(service):
+    answer = service.client.get("/engine/pending")
+    assert answer.status_code == 400 and "set engine.url" in answer.get_json()["message"]
+    assert "engine" not in service.client.get("/").get_json()
+
+
+def test_pending_through_gunicorn(tmp_path, start_kuiperd, start_gunicorn, served):
+    start_kuiperd(home=tmp_path / "home")  # the service's home is the engine's: it finds it from kuiper.yaml
+    server = start_gunicorn(workers=2)
+    assert requests.post(f"{server.url}/plugins/functions", json=multi(served), timeout=60).status_code == 201
+    assert requests.get(f"{server.url}/engine/pending", timeout=30).json()["pending"] == []
+    updated = requests.put(f"{server.url}/plugins/functions/multi", json=multi(served, "multi2.zip"), timeout=60)
+    assert updated.status_code == 200, updated.text
+
+    for _ in range(4):  # both workers answer alike
+        body = requests.get(f"{server.url}/engine/pending", timeout=30).json()
+        assert [(c["name"], c["change"], c["version"]) for c in body["pending"]] == [("multi", "update", "2.0.0")]
+        assert requests.get(f"{server.url}/", timeout=30).json()["engine"] == {"pendingRestart": 1}
