@@ -341,8 +341,9 @@ _SERVING = re.compile(r"\[(\d+)\] \[INFO\] kuiper_plugins\.app: .* serving KUIPE
 
 # What the worker logs (at debug level) when it closes a connection without an answer, and why.
 UNANSWERED = ("closed (or reset) its connection", "closed its connection inside", "sent no request",
-              "went away while it was served", "closing connection(s) whose request was not served",
-              "malformed connection hand-over", "Socket error processing request", "WORKER TIMEOUT", "Booting worker")
+              "went away while it was served", "whose request was not served", "malformed connection hand-over",
+              "Socket error processing request", "WORKER TIMEOUT", "Booting worker", "Worker exiting",
+              "exited with code", "was sent", "Handling signal")
 
 
 def unanswered_closes(log_path: Path, limit: int = 40) -> list[str]:
