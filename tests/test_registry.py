@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -331,5 +332,41 @@ def test_changes_without_a_wal_asks_every_time(tmp_path):
     assert changes.version() == start and len(asked) == 2
     writer.execute("INSERT INTO t VALUES (1)")
     assert changes.version() != start and len(asked) == 3
+    writer.close()
+    reader.close()
+
+
+# SQLite's unix VFS: the byte of the -shm file on which each process with the database open holds a shared
+# lock (UNIX_SHM_BASE + SQLITE_SHM_NLOCK = (22 + 8) * 4 + 8): a process that can lock it exclusively takes
+# itself for the first to open the database, and cuts the -shm file to 3 bytes to begin the index anew.
+SHM_DMS_BYTE = 128
+
+
+def _dms_lock_is_free(shm: Path) -> bool:
+    """Whether another process could take the -shm file's DMS byte exclusively (asked from a new process)."""
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+             f"try: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, {SHM_DMS_BYTE}); print('free')\n"
+             "except OSError: print('held')")
+    done = subprocess.run([sys.executable, "-c", probe, str(shm)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() == "free"
+
+
+def test_the_change_check_keeps_sqlites_own_locks_on_the_wal_index(tmp_path):
+    """A worker's look at the WAL index must not drop SQLite's locks: closing a descriptor of the -shm file
+    drops all of the process's locks on it, and the next process to open the registry then cut the index
+    to 3 bytes under the workers, which died of SIGBUS mid-request."""
+    path = tmp_path / "r.db"
+    writer = _wal_database(path)
+    writer.execute("INSERT INTO t VALUES (1)")
+    reader = sqlite3.connect(path, isolation_level=None)
+    assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    assert not _dms_lock_is_free(Path(f"{path}-shm"))  # this process has the database open: SQLite says so
+    changes = db.Changes(reader, path)
+    for _ in range(3):
+        changes.version()
+        writer.execute("INSERT INTO t VALUES (2)")
+    assert not _dms_lock_is_free(Path(f"{path}-shm"))
+    assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 4
     writer.close()
     reader.close()

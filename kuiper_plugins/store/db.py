@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import mmap
 import os
 import sqlite3
 import threading
@@ -267,38 +266,53 @@ WAL_INDEX_HEADER = 48  # bytes in one copy of the WAL index's header; SQLite kee
 
 
 class WalHeader:
-    """The header of a WAL database's index, read from its `-shm` file without a system call.
+    """The header of a WAL database's index, read from its `-shm` file with one pread, not a SQLite call.
 
     SQLite keeps that header at the start of the `-shm` file, twice (its documented file format). A
     commit rewrites the first copy, then the second, and each copy changes with every commit: it holds
-    a commit counter, the WAL's last frame and its salts. `look()` reads both copies from a read-only
-    shared mapping. It returns the header only when the two copies agree, and None otherwise, or when
-    there is no mapping.
+    a commit counter, the WAL's last frame and its salts. `look()` reads both copies and returns the
+    header only when the two agree, and None otherwise, or when there is no `-shm` file.
 
-    Map it only while this thread's reader holds the database open. SQLite truncates a `-shm` file only
-    when no connection has it open, and a mapping past the end of a truncated file would fault.
+    The descriptor it reads through is never closed. Closing any descriptor of a file drops every POSIX
+    lock the process holds on that file, SQLite's own included: its lock that tells a newcomer others
+    have the `-shm` open, and its WAL read marks. A worker that had closed one was, to SQLite, no longer
+    there: the next process to open the registry (a worker booting, a command-line client) took itself
+    for the first, cut the `-shm` file to 3 bytes and began it anew, and a worker reading the index just
+    then died of SIGBUS with the requests it held. So one descriptor per `-shm` file is opened per
+    process and kept; a `-shm` file SQLite has since replaced (it removes it when the last connection
+    closes) gets a new one, the old left open. Made only while this thread's reader holds the database
+    open, so the file cannot be replaced under it. A read, unlike a mapping, cannot fault past the end.
     """
 
+    _descriptors: dict[str, int] = {}  # the -shm path: the descriptor kept open for it in this process
+    _lock = threading.Lock()
+
     def __init__(self, database: Path):
-        self._map: mmap.mmap | None = None
-        try:
-            fd = os.open(f"{database}-shm", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return  # not in WAL mode, or not opened yet: every look says "ask SQLite"
-        try:
-            if os.fstat(fd).st_size >= 2 * WAL_INDEX_HEADER:
-                self._map = mmap.mmap(fd, 2 * WAL_INDEX_HEADER, mmap.MAP_SHARED, mmap.PROT_READ)
-        except (OSError, ValueError):
-            self._map = None
-        finally:
-            os.close(fd)
+        self._fd = self._descriptor(f"{database}-shm")
+
+    @classmethod
+    def _descriptor(cls, shm: str) -> int | None:
+        with cls._lock:
+            kept = cls._descriptors.get(shm)
+            try:
+                current = os.stat(shm).st_ino
+                if kept is not None and os.fstat(kept).st_ino == current:
+                    return kept
+                fd = os.open(shm, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None  # not in WAL mode, or not opened yet: every look says "ask SQLite"
+            cls._descriptors[shm] = fd  # never closed (see the class docstring), nor the one it replaces
+            return fd
 
     def look(self) -> bytes | None:
-        if self._map is None:
+        if self._fd is None:
             return None
-        both = self._map[: 2 * WAL_INDEX_HEADER]
+        try:
+            both = os.pread(self._fd, 2 * WAL_INDEX_HEADER, 0)
+        except OSError:
+            return None
         first = both[:WAL_INDEX_HEADER]
-        return first if first == both[WAL_INDEX_HEADER:] else None
+        return first if len(both) == 2 * WAL_INDEX_HEADER and first == both[WAL_INDEX_HEADER:] else None
 
 
 class Changes:
