@@ -39,6 +39,7 @@ from kuiper_plugins.install.packages import main_file, so_file, type_label
 from kuiper_plugins.install.plan import Planner, refuse_builtin_functions, refuse_function_clashes
 from kuiper_plugins.install.project import EngineProjection
 from kuiper_plugins.layout import PORTABLE, Layout
+from kuiper_plugins.lifecycle.history import Versions
 from kuiper_plugins.settings import Settings
 from kuiper_plugins.store import db, registry
 
@@ -64,6 +65,8 @@ class Installer:
         self.planner = Planner(settings, self.layout, engine)
         self.applier = Applier(settings, self.layout, self._writer, self.projection)
         self.adopter = Adopter(self.layout, self._writer, self.engine_store)
+        self.versions = Versions(settings, self.layout, self.applier)
+        self.applier.keeper = self.versions
 
     def close(self) -> None:
         """Close this thread's kept connections (a test restarting a service in-process)."""
@@ -113,6 +116,7 @@ class Installer:
                     outcome.update(self._install_package(conn, op, plugin_type, request, old=old,
                                                          unprivileged_caller=unprivileged_caller))
                 self.projection.project(conn, plugin_type, name)
+                self.versions.tidy(conn)  # the oldest kept version may have been dropped
 
     def delete(self, plugin_type: str, name: str) -> None:
         """Remove exactly the files the install wrote, the plugin's functions and its registry entry.
@@ -132,6 +136,19 @@ class Installer:
                         op.staging, plugin_type, name, so_file(plugin_type, registry.files_of(conn, plan.old.id)))
                 self.applier.remove(conn, op, plan)
             self.projection.project(conn, plugin_type, name)
+            self.versions.tidy(conn)  # its kept versions went with it
+
+    def rollback(self, plugin_type: str, name: str) -> str:
+        """Swap the newest kept version of a plugin back in, through the same crash-safe path; its version."""
+        with self._logged("rollback", plugin_type, name, None) as outcome:
+            with self.applier.locked(plugin_type, name) as conn:
+                outcome.update(self.versions.rollback(conn, plugin_type, name))
+                self.projection.project(conn, plugin_type, name)
+        return outcome["version"]
+
+    def history(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> list[dict[str, Any]]:
+        """The plugin's installs, updates and rollbacks, newest first; 404 when it has none and is not installed."""
+        return self.versions.history(conn, plugin_type, name)
 
     def register_functions(self, name: str, functions: Sequence[str]) -> None:
         """Replace the function list of a native function plugin."""
@@ -177,6 +194,7 @@ class Installer:
             conn = self._connect()
             try:
                 self.applier.recover(conn)
+                self.versions.sweep(conn)
                 self.adopter.adopt_all(conn)
                 self.reconcile_engine_store(conn)
             finally:
