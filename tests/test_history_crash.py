@@ -1,4 +1,6 @@
-"""A rollback killed midway, on the real gunicorn: after recovery the plugin is whole, as it was before.
+"""Rollbacks on the real gunicorn: one killed midway, and one that restarts the engine (?stop=1).
+
+A rollback killed midway, on the real gunicorn: after recovery the plugin is whole, as it was before.
 
 The rollback is held at a known stage by design:
 - mid-moves: strace, attached to every worker, stops the one doing the rollback (SIGSTOP) just after its
@@ -13,9 +15,11 @@ forth, so the kept version survived the crash.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -137,3 +141,26 @@ def _only_kept_folder_differs(home: Path, before: dict) -> bool:
     now = disk_state(home)
     return ({k: v for k, v in now.items() if not k.startswith(kept)}
             == {k: v for k, v in before.items() if not k.startswith(kept)})
+
+
+def test_a_native_rollback_with_stop_runs_the_restart_command_once(start_gunicorn, file_server, tmp_path):
+    marker = tmp_path / "restarted"
+    command = json.dumps([sys.executable, "-c", f"open({str(marker)!r}, 'a').write('restart\\n')"])
+    server = start_gunicorn(workers=2, KUIPER_PLUGINS__ENGINE__RESTARTCOMMAND=command)
+    for version in ("v1.0.0", "v2.0.0"):
+        make_zip(file_server.root / f"{version}.zip", source_members("random", version))
+    assert requests.post(f"{server.url}/plugins/sources", json={"name": "random", "file": file_server.url(
+        "v1.0.0.zip")}, timeout=WAIT).status_code == 201
+    assert requests.put(f"{server.url}/plugins/sources/random", json={"file": file_server.url("v2.0.0.zip")},
+                        timeout=WAIT).status_code == 200
+    assert not marker.exists()
+
+    answer = requests.post(f"{server.url}/plugins/sources/random/rollback?stop=1", timeout=WAIT)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"type": "sources", "name": "random", "version": "1.0.0"}
+    # The command runs once the answer is sent: its line in the log is what the test waits for.
+    wait_for(lambda: "engine.restartCommand finished" in server.log(), "the restart command to finish")
+    assert "engine.restartCommand finished (exit status 0)" in server.log()
+    assert marker.read_text() == "restart\n"  # once
+    assert describe(server) == {"name": "random", "version": "1.0.0"}
