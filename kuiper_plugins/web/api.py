@@ -314,7 +314,7 @@ def rollback_plugin(plugin_type: str, name: str) -> Response:
     checked_name(name)
     settle_with_engine(plugin_type, name)
     version = installer().rollback(plugin_type, name)
-    body = {"type": type_label(plugin_type), "name": name, "version": version}
+    body = {"type": plugin_type, "name": name, "version": version}  # the path's type, as the request named it
     response = json_response(body)
     restart_engine = services().restart_engine
     if plugin_type != PORTABLE and request.args.get("stop") == "1" and restart_engine is not None:
