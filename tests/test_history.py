@@ -140,3 +140,39 @@ def test_a_portable_rollback_restores_the_whole_folder(service, file_server):
     assert (folder / "only_in_one.txt").exists() and not (folder / "only_in_two.txt").exists()
     assert (folder / "mirror").read_text() == "#!/bin/sh\necho v1.0.0\n"
     assert service.client.get("/plugins/portables/mirror").get_json()["version"] == "v1.0.0"
+
+
+def test_a_refused_rollback_writes_nothing(service, file_server):
+    # v1 has a file v2 does not: a file a user then puts at that path is not ours, so the rollback is refused.
+    url1, _ = serve(file_server, "echo1.zip", {"Echo@v1.0.0.so": SO_V1})
+    url2, _ = serve(file_server, "echo2.zip", {"Echo@v2.0.0.so": SO_V2})
+    assert service.post("sinks", {"name": "echo", "file": url1}).status_code == 201
+    assert service.client.put("/plugins/sinks/echo", json={"file": url2}).status_code == 200
+    (service.home / "plugins/sinks/Echo@v1.0.0.so").write_bytes(b"the user's own")
+    before = service.snapshot()
+
+    answer = service.client.post("/plugins/sinks/echo/rollback")
+
+    assert answer.status_code == 400
+    assert "plugins/sinks/Echo@v1.0.0.so already exists and was not installed" in answer.get_json()["message"]
+    service.assert_unchanged(before)
+
+
+def test_an_update_undone_after_keeping_the_old_version_leaves_no_copy(service, file_server):
+    # A portable package's install.sh runs in the plugin's folder after the moves, so after the old version
+    # was copied aside: its failure undoes the update, and the copy must go with it.
+    def package(version: str, script: str | None = None) -> dict:
+        descriptor = {"version": version, "language": "go", "executable": "mirror", "sources": ["pull"]}
+        members = {"mirror.json": json.dumps(descriptor), "mirror": "#!/bin/sh\n", "sources/pull.yaml": "a: 1\n"}
+        if script is not None:
+            members["install.sh"] = script
+        return members
+    url1, _ = serve(file_server, "m1.zip", package("v1.0.0"))
+    url2, _ = serve(file_server, "m2.zip", package("v2.0.0", "#!/bin/sh\nexit 3\n"))
+    assert service.post("portables", {"name": "mirror", "file": url1}).status_code == 201
+    before = service.snapshot()
+
+    answer = service.client.put("/plugins/portables/mirror", json={"file": url2})
+
+    assert answer.status_code == 400, answer.get_data(as_text=True)
+    service.assert_unchanged(before)

@@ -89,6 +89,7 @@ def test_a_rollback_killed_midway_leaves_the_version_it_started_from_whole(stage
     v1_binary = home / "plugins/sources/Random@v1.0.0.so"
     v2_binary = home / "plugins/sources/Random@v2.0.0.so"
     before = disk_state(home), registry_dump(home), engine_dump(home)
+    kept_before = sorted(os.listdir(Layout(home).versions))
     stops: list[RenameStop] = []
     hold = None
     try:
@@ -112,8 +113,10 @@ def test_a_rollback_killed_midway_leaves_the_version_it_started_from_whole(stage
         if hold is not None:
             hold.release()
         wait_for(lambda: recovered(home), "the replacement worker to undo the rollback")
-        # Its recovery removes the copy of v2 the rollback had begun to keep, just after the staging folder.
-        wait_for(lambda: disk_state(home) == before[0], "the kept copy of the dead rollback to be swept")
+        # Its recovery removes the copy of v2 the rollback had kept, just after the staging folder; the copy's
+        # name goes last (shutil.rmtree removes the folder's contents first), so once it is gone, all of it is.
+        versions = Layout(home).versions
+        wait_for(lambda: sorted(os.listdir(versions)) == kept_before, "the kept copy of the dead rollback to go")
         assert disk_state(home) == before[0], diff(before[0], disk_state(home))
         assert registry_dump(home) == before[1]
         assert engine_dump(home) == before[2]

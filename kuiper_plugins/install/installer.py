@@ -112,11 +112,14 @@ class Installer:
                     if registry.find_by_key(conn, plugin_type, name) is not None:
                         raise InvalidRequest(f"invalid name {name}: duplicate")
                 self.planner.refuse_before_fetching(conn, plugin_type, request, old)
-                with self.applier.reserved(conn, plugin_type, name, "update") as op:
-                    outcome.update(self._install_package(conn, op, plugin_type, request, old=old,
-                                                         unprivileged_caller=unprivileged_caller))
+                try:
+                    with self.applier.reserved(conn, plugin_type, name, "update") as op:
+                        outcome.update(self._install_package(conn, op, plugin_type, request, old=old,
+                                                             unprivileged_caller=unprivileged_caller))
+                finally:
+                    # Committed: the oldest kept version may have been dropped; undone: its copy goes.
+                    self.versions.tidy(conn)
                 self.projection.project(conn, plugin_type, name)
-                self.versions.tidy(conn)  # the oldest kept version may have been dropped
 
     def delete(self, plugin_type: str, name: str) -> None:
         """Remove exactly the files the install wrote, the plugin's functions and its registry entry.
@@ -142,7 +145,10 @@ class Installer:
         """Swap the newest kept version of a plugin back in, through the same crash-safe path; its version."""
         with self._logged("rollback", plugin_type, name, None) as outcome:
             with self.applier.locked(plugin_type, name) as conn:
-                outcome.update(self.versions.rollback(conn, plugin_type, name))
+                try:
+                    outcome.update(self.versions.rollback(conn, plugin_type, name))
+                finally:
+                    self.versions.tidy(conn)  # the version consumed, or the copy of an undone rollback
                 self.projection.project(conn, plugin_type, name)
         return outcome["version"]
 

@@ -154,8 +154,8 @@ class Versions:
                                  " (an update keeps the one it replaces; basic.keepVersions sets how many)")
         target = kept[0]
         with self.applier.reserved(conn, plugin_type, name, "rollback") as op:
+            moves, files = self._stage(conn, op, current, target)  # refuses before anything is kept
             keeping = self.keep(conn, op, current)
-            moves, files = self._stage(conn, op, current, target)
             self.applier.publish(op, moves)
             manifest = target.manifest
             engine = None
@@ -178,7 +178,6 @@ class Versions:
                             url=(request or {}).get("file"), used=target.folder)
                 registry.end_operation(conn, op.id, committed=True)
             op.committed = True
-        self.tidy(conn)
         outcome = {"version": manifest["version"], "sha256": manifest["sha256"], "from": current.version}
         if engine is not None:
             outcome["engine"] = engine
@@ -235,7 +234,7 @@ class Versions:
         return relative
 
     def tidy(self, conn: sqlite3.Connection) -> None:
-        """After a commit: remove the folders of versions no longer kept (best effort; start-up sweeps too)."""
+        """After an operation: remove the folders no row names (best effort; start-up sweeps too)."""
         try:
             self.sweep(conn)
         except (OSError, PluginError) as exc:
