@@ -74,6 +74,11 @@ class Layout:
         return self.work / "locks"
 
     @property
+    def versions(self) -> Path:
+        """Previous versions' files, kept for a rollback (never where the engine scans)."""
+        return self.work / "versions"
+
+    @property
     def incoming(self) -> Path:
         """Uploads being written; a file is moved into data/uploads once complete."""
         return self.work / "incoming"
@@ -98,7 +103,7 @@ class Layout:
         out = [self.plugins / t for t in NATIVE_TYPES] + [self.plugins / "portable"]
         for t in NATIVE_TYPES:
             out.extend(self.config_dirs(t))
-        out += [self.uploads, self.mgmt_keys, self.staging, self.locks, self.incoming]
+        out += [self.uploads, self.mgmt_keys, self.staging, self.locks, self.incoming, self.versions]
         return out
 
     def create(self) -> None:

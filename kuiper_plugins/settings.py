@@ -101,6 +101,7 @@ class Settings:
     tls_verify: bool = True
     kuiper_version: str = "2.4.0"
     install_scripts: bool = True
+    keep_versions: int = 1  # basic.keepVersions: previous versions kept per plugin for a rollback; 0: none
     protected_mode: bool = True
     allowed_hosts: tuple[str, ...] = ()
     engine_url: str | None = None  # engine.url: the running engine's REST base (else the engine config's)
@@ -315,6 +316,7 @@ BASIC_KEYS: dict[str, tuple[str, Any]] = {
     "tlsverify": ("tls_verify", _bool),
     "kuiperversion": ("kuiper_version", _text),
     "installscripts": ("install_scripts", _bool),
+    "keepversions": ("keep_versions", _int(0, 100)),
     "protectedmode": ("protected_mode", _bool),
     "allowedhosts": ("allowed_hosts", _list),
     "allowedusers": ("allowed_users", _users),

@@ -589,3 +589,26 @@ def test_a_refused_dry_run_exits_as_the_refused_request(server, file_server, cap
     dry = run(capsys, server.url, "create", "source", "random", "--file", url, "--dry-run")
     real = run(capsys, server.url, "create", "source", "random", "--file", url)
     assert dry == real and dry[0] != 0 and "duplicate" in dry[2]
+
+
+def test_history_and_rollback(server, file_server, capsys):
+    run(capsys, server.url, "create", "source", "random", "--file", served_source(file_server))
+    url2 = served_source(file_server, version="v2.0.0", zip_name="random2.zip")
+    run(capsys, server.url, "update", "source", "random", "--file", url2)
+
+    status, out, err = run(capsys, server.url, "history", "source", "random")
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == ["WHEN", "(UTC)", "OPERATION", "VERSION", "OUTCOME", "SHA256", "URL"]
+    assert [line.split()[2:5] for line in lines[1:]] == [["update", "2.0.0", "ok"], ["install", "1.0.0", "ok"]]
+    assert lines[1].endswith(url2)
+
+    assert run(capsys, server.url, "rollback", "source", "random") == (
+        0, "sources plugin random is rolled back to version 1.0.0\n", "")
+    assert run(capsys, server.url, "describe", "source", "random") == (0, "name     random\nversion  1.0.0\n", "")
+    status, out, _ = run(capsys, server.url, "--json", "rollback", "source", "random")
+    assert (status, json.loads(out)) == (0, {"type": "sources", "name": "random", "version": "2.0.0"})
+
+    run(capsys, server.url, "drop", "source", "random")
+    status, out, err = run(capsys, server.url, "rollback", "source", "random")
+    assert status != 0 and out == "" and "rollback sources plugin random error: not found" in err

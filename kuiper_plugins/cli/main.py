@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -492,6 +493,23 @@ def cmd_drop(client: Client, args: argparse.Namespace) -> None:
     show(args, client.call("DELETE", f"/plugins/{args.type}/{_segment(args.name)}", params=params), message)
 
 
+def history_table(answer: Any) -> str:
+    """A plugin's history, newest first: when (UTC), operation, version, outcome, sha256 and URL."""
+    rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry["at"])), entry["operation"], entry["version"],
+             entry["outcome"], _cell(entry["sha256"]), _cell(entry["url"])] for entry in answer]
+    return table(rows, ["WHEN (UTC)", "OPERATION", "VERSION", "OUTCOME", "SHA256", "URL"])
+
+
+def cmd_history(client: Client, args: argparse.Namespace) -> None:
+    show(args, client.call("GET", f"/plugins/{args.type}/{_segment(args.name)}/history"), history_table)
+
+
+def cmd_rollback(client: Client, args: argparse.Namespace) -> None:
+    params = {"stop": "1"} if args.stop else None
+    answer = client.call("POST", f"/plugins/{args.type}/{_segment(args.name)}/rollback", params=params)
+    show(args, answer, lambda a: f"{a['type']} plugin {a['name']} is rolled back to version {a['version']}")
+
+
 def cmd_describe(client: Client, args: argparse.Namespace) -> None:
     show(args, client.call("GET", f"/plugins/{args.type}/{_segment(args.name)}"), key_values)
 
@@ -684,6 +702,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("describe", cmd_describe, "show an installed plugin")
     sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)
     sub.add_argument("name", metavar="NAME")
+
+    sub = command("history", cmd_history, "show every install, update and rollback of a plugin, newest first")
+    sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)
+    sub.add_argument("name", metavar="NAME")
+
+    sub = command("rollback", cmd_rollback, "swap the previous version of a plugin back in")
+    sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("--stop", action="store_true",
+                     help="native plugins: restart the engine (engine.restartCommand) once rolled back")
 
     sub = command("list", cmd_list, "list the installed plugins of a type")
     sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)

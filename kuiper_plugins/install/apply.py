@@ -102,6 +102,9 @@ class Applier:
         self.layout = layout
         self._writer = writer  # the operations' connection, kept between them
         self.projection = projection
+        # lifecycle.history.Versions, set by the installer: keeps the version an update replaces, and
+        # records the operation's history in its commit.
+        self.keeper: Any = None
 
     # ---------------------------------------------------------------- the operations' steps
 
@@ -117,6 +120,7 @@ class Applier:
             self._run_script(op, plan, request, unpacked)
 
         moves, files = self._stage_units(conn, op, plan, unpacked, old)
+        kept = self.keeper.keep(conn, op, old) if self.keeper is not None and old is not None else None
         self._publish(op, moves)
         if plugin_type == PORTABLE:
             files = self._finish_portable(op, plan, request, files)
@@ -145,6 +149,9 @@ class Applier:
                     request=request, sha256=operation.package_sha256, files=files, functions=plan.functions,
                     replaces=old.id if old is not None else None, compatibility=operation.compatibility,
                 )
+                if self.keeper is not None:
+                    self.keeper.record(conn, op, kept, version=plan.version, sha256=operation.package_sha256,
+                                       url=request.get("file"))
                 registry.end_operation(conn, op.id, committed=True)
         except sqlite3.IntegrityError:
             # Another plugin took a function or file between our checks and the commit.
@@ -166,6 +173,8 @@ class Applier:
         self._publish(op, [(None, f) for f in present])
         with db.transaction(conn):
             registry.remove(conn, plan.old.id)
+            if self.keeper is not None:
+                self.keeper.forget(conn, op.plugin_type, op.name)
             registry.end_operation(conn, op.id, committed=True)
         op.committed = True
 
@@ -386,6 +395,10 @@ class Applier:
             if not _is_our_copy(self.layout.absolute(unit.dest), unpacked / unit.src, old_records.get(unit.dest)):
                 kept.add(unit.group)
         return kept
+
+    def publish(self, op: Operation, moves: list[tuple[Path | None, str]]) -> None:
+        """Journal and make an operation's moves (staged path or None to remove, destination), durably."""
+        self._publish(op, moves)
 
     def _publish(self, op: Operation, moves: list[tuple[Path | None, str]]) -> None:
         """Journal the moves in the staging folder, make them, then fsync every folder they touched.

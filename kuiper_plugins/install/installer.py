@@ -40,6 +40,7 @@ from kuiper_plugins.install.packages import main_file, so_file, type_label
 from kuiper_plugins.install.plan import Planner, refuse_builtin_functions, refuse_function_clashes
 from kuiper_plugins.install.project import EngineProjection
 from kuiper_plugins.layout import PORTABLE, Layout
+from kuiper_plugins.lifecycle.history import Versions
 from kuiper_plugins.settings import Settings
 from kuiper_plugins.store import db, registry
 
@@ -66,6 +67,8 @@ class Installer:
         self.applier = Applier(settings, self.layout, self._writer, self.projection)
         self.adopter = Adopter(self.layout, self._writer, self.engine_store)
         self.dry_run = DryRun(self)  # ?dryRun=1: the same refusals, and a plan instead of the operation
+        self.versions = Versions(settings, self.layout, self.applier)
+        self.applier.keeper = self.versions
 
     def close(self) -> None:
         """Close this thread's kept connections (a test restarting a service in-process)."""
@@ -111,9 +114,13 @@ class Installer:
                     if registry.find_by_key(conn, plugin_type, name) is not None:
                         raise InvalidRequest(f"invalid name {name}: duplicate")
                 self.planner.refuse_before_fetching(conn, plugin_type, request, old)
-                with self.applier.reserved(conn, plugin_type, name, "update") as op:
-                    outcome.update(self._install_package(conn, op, plugin_type, request, old=old,
-                                                         unprivileged_caller=unprivileged_caller))
+                try:
+                    with self.applier.reserved(conn, plugin_type, name, "update") as op:
+                        outcome.update(self._install_package(conn, op, plugin_type, request, old=old,
+                                                             unprivileged_caller=unprivileged_caller))
+                finally:
+                    # Committed: the oldest kept version may have been dropped; undone: its copy goes.
+                    self.versions.tidy(conn)
                 self.projection.project(conn, plugin_type, name)
 
     def delete(self, plugin_type: str, name: str) -> None:
@@ -134,6 +141,22 @@ class Installer:
                         op.staging, plugin_type, name, so_file(plugin_type, registry.files_of(conn, plan.old.id)))
                 self.applier.remove(conn, op, plan)
             self.projection.project(conn, plugin_type, name)
+            self.versions.tidy(conn)  # its kept versions went with it
+
+    def rollback(self, plugin_type: str, name: str) -> str:
+        """Swap the newest kept version of a plugin back in, through the same crash-safe path; its version."""
+        with self._logged("rollback", plugin_type, name, None) as outcome:
+            with self.applier.locked(plugin_type, name) as conn:
+                try:
+                    outcome.update(self.versions.rollback(conn, plugin_type, name))
+                finally:
+                    self.versions.tidy(conn)  # the version consumed, or the copy of an undone rollback
+                self.projection.project(conn, plugin_type, name)
+        return outcome["version"]
+
+    def history(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> list[dict[str, Any]]:
+        """The plugin's installs, updates and rollbacks, newest first; 404 when it has none and is not installed."""
+        return self.versions.history(conn, plugin_type, name)
 
     def register_functions(self, name: str, functions: Sequence[str]) -> None:
         """Replace the function list of a native function plugin."""
@@ -179,6 +202,7 @@ class Installer:
             conn = self._connect()
             try:
                 self.applier.recover(conn)
+                self.versions.sweep(conn)
                 self.adopter.adopt_all(conn)
                 self.reconcile_engine_store(conn)
             finally:

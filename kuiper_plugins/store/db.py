@@ -135,6 +135,31 @@ MIGRATIONS: list[str] = [
         SELECT RAISE(ABORT, 'audit rows cannot be changed');
     END;
     """,
+    # History and rollback: every committed install, update and rollback of a plugin (kept when it is
+    # deleted), and the previous versions whose files are kept in the work folder for a rollback.
+    """
+    CREATE TABLE history (
+        id          INTEGER PRIMARY KEY,
+        type        TEXT    NOT NULL,
+        name_key    TEXT    NOT NULL,
+        name        TEXT    NOT NULL,
+        operation   TEXT    NOT NULL,
+        version     TEXT    NOT NULL,
+        sha256      TEXT,
+        url         TEXT,
+        at          REAL    NOT NULL,
+        outcome     TEXT    NOT NULL
+    );
+    CREATE INDEX history_by_plugin ON history(type, name_key, id);
+    CREATE TABLE kept_versions (
+        folder      TEXT    PRIMARY KEY,
+        type        TEXT    NOT NULL,
+        name_key    TEXT    NOT NULL,
+        kept_at     REAL    NOT NULL,
+        manifest    TEXT    NOT NULL
+    );
+    CREATE INDEX kept_versions_by_plugin ON kept_versions(type, name_key, kept_at);
+    """,
 ]
 
 

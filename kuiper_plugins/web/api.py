@@ -332,6 +332,26 @@ def update_plugin(plugin_type: str, name: str) -> Response:
     return text(f"plugin {name} is updated and eKuiper must restart for the change to take effect.")
 
 
+@bp.get(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>/history")
+def plugin_history(plugin_type: str, name: str) -> Response:
+    checked_name(name)
+    return json_response(installer().history(connection(), plugin_type, name))
+
+
+@bp.post(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>/rollback")
+def rollback_plugin(plugin_type: str, name: str) -> Response:
+    checked_name(name)
+    settle_with_engine(plugin_type, name)
+    version = installer().rollback(plugin_type, name)
+    body = {"type": plugin_type, "name": name, "version": version}  # the path's type, as the request named it
+    response = json_response(body)
+    restart_engine = services().restart_engine
+    if plugin_type != PORTABLE and request.args.get("stop") == "1" and restart_engine is not None:
+        # As for an update: the engine runs the rolled-back code only once restarted.
+        response.call_on_close(restart_engine)
+    return response
+
+
 def _request_record(plugin_type: str, body: dict[str, Any]) -> dict[str, Any]:
     """The request as kept in the registry: only the keys that apply to the type, empty ones left out."""
     record = {"name": body["name"], "file": body["file"]}

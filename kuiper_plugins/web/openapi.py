@@ -195,6 +195,44 @@ def build_spec(version: str) -> APISpec:
             },
         },
     )
+    history_entry = {"type": "object", "required": ["operation", "version", "sha256", "url", "at", "outcome"],
+                     "properties": {"operation": {"type": "string", "enum": ["install", "update", "rollback"]},
+                                    "version": {"type": "string"}, "sha256": {"type": "string", "nullable": True},
+                                    "url": {"type": "string", "nullable": True}, "at": {"type": "number"},
+                                    "outcome": {"type": "string"}}}
+    spec.path(
+        path="/plugins/{type}/{name}/history",
+        parameters=[TYPE_PARAM, NAME_PARAM],
+        operations={"get": {
+            "summary": "Every committed install, update and rollback of a plugin, newest first", "tags": ["history"],
+            "responses": {"200": {"description": "The history", "content": {"application/json": {
+                "schema": {"type": "array", "items": history_entry},
+                "example": [
+                    {"operation": "update", "version": "2.0.0", "url": "http://127.0.0.1:8000/random2.zip",
+                     "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                     "at": 1796610000.5, "outcome": "ok"},
+                    {"operation": "install", "version": "1.0.0", "url": "http://127.0.0.1:8000/random.zip",
+                     "sha256": "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752",
+                     "at": 1796600000.25, "outcome": "ok"},
+                ]}}}, **_errors()},
+        }},
+    )
+    spec.path(
+        path="/plugins/{type}/{name}/rollback",
+        parameters=[TYPE_PARAM, NAME_PARAM],
+        operations={"post": {
+            "summary": "Swap the newest kept previous version back in (404 when none is kept); for a native"
+                       " plugin, stop=1 then runs engine.restartCommand when it is set",
+            "tags": ["history"],
+            "parameters": [{"name": "stop", "in": "query", "required": False,
+                            "schema": {"type": "string", "enum": ["0", "1"]}}],
+            "responses": {"200": {"description": "The version now installed", "content": {"application/json": {
+                "schema": {"type": "object", "required": ["type", "name", "version"],
+                           "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                          "version": {"type": "string"}}},
+                "example": {"type": "sources", "name": "random", "version": "1.0.0"}}}}, **_errors()},
+        }},
+    )
     spec.path(
         path="/plugins/{type}/prebuild",
         parameters=[NATIVE_PARAM],
