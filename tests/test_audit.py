@@ -82,6 +82,19 @@ def test_install_update_delete_are_audited_newest_first_with_versions_and_packag
     assert len(ids) == 4 and all(GENERATED_ID.fullmatch(i) for i in ids)
 
 
+def test_dry_runs_rollbacks_and_repairs_are_audited_by_their_names(service, file_server):
+    url1, _ = _zip(file_server, "random", "1.0.0")
+    url2, _ = _zip(file_server, "random", "2.0.0")
+    assert service.client.post("/plugins/sources?dryRun=1", json={"name": "random", "file": url1}).status_code == 200
+    assert service.post("sources", {"name": "random", "file": url1}).status_code == 201
+    assert service.client.put("/plugins/sources/random", json={"file": url2}).status_code == 200
+    assert service.client.post("/plugins/sources/random/rollback").status_code == 200
+    assert service.client.post("/registry/repair").status_code == 200
+    summary = [(r["operation"], r["versionBefore"], r["versionAfter"]) for r in _audit(service.client)]
+    assert summary == [("repair", None, None), ("rollback", "2.0.0", "1.0.0"), ("update", "1.0.0", "2.0.0"),
+                       ("create", None, "1.0.0"), ("create (dry run)", None, None)]
+
+
 @pytest.mark.parametrize("given", ["a b", "x" * 129, "caf\u00e9", "", "id;drop", "quo\"te", "tab\tbed"])
 def test_an_insane_request_id_is_replaced_by_a_generated_one(service, given):
     answer = service.client.delete("/plugins/sources/nothere", headers={"X-Request-Id": given})

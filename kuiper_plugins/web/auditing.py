@@ -57,6 +57,8 @@ OPERATIONS = {
     "plugins.register_functions": "register",
     "plugins.upload_file": "upload",
     "plugins.delete_upload": "delete upload",
+    "plugins.rollback_plugin": "rollback",
+    "lifecycle.repair_home": "repair",
 }
 UNAVAILABLE = (503, 507)  # the registry could not be used: no row (the log line remains)
 MAX_CLAIM = 200
@@ -163,7 +165,7 @@ def _audit(response: Response, request_id: str) -> None:
         request_id=request_id,
         method=request.method,
         path=_printable(request.path),
-        operation=OPERATIONS.get(request.endpoint or "", (request.endpoint or request.method.lower()).split(".")[-1]),
+        operation=_operation(),
         status=response.status_code,
         duration=time.monotonic() - g.get("audit_started", time.monotonic()),
         actor=_actor(),
@@ -185,6 +187,12 @@ def _audit(response: Response, request_id: str) -> None:
     except PluginError as exc:
         log.warning("audit: the row of request %s could not be written (%s); its log line above stands",
                     request_id, exc.message)
+
+
+def _operation() -> str:
+    """What the request did, in a word or two; a dry run says so (it changed nothing)."""
+    operation = OPERATIONS.get(request.endpoint or "", (request.endpoint or request.method.lower()).split(".")[-1])
+    return f"{operation} (dry run)" if request.args.get("dryRun", "").lower() in ("1", "true") else operation
 
 
 def _error_message(response: Response) -> str | None:
