@@ -26,13 +26,11 @@ from kuiper_plugins.errors import (
     Forbidden,
     InvalidRequest,
     PackageInvalid,
-    PluginNotFound,
     ScriptFailed,
 )
 from kuiper_plugins.install import archive, durable, fetch
 from kuiper_plugins.install.packages import type_label
 from kuiper_plugins.install.plan import OperationPlan, PlannedFile
-from kuiper_plugins.layout import PORTABLE
 from kuiper_plugins.store import db, registry
 
 log = logging.getLogger(__name__)
@@ -66,15 +64,7 @@ class DryRun:
         started = time.monotonic()
         fetch.check_url(request["file"])
         conn = self._reader()
-        old = registry.find(conn, plugin_type, name)
-        if old is None:
-            if plugin_type != PORTABLE:
-                raise PluginNotFound(
-                    f"update {plugin_type} plugin {name} error, cannot delete old version:"
-                    f" invalid name {name}: not exist"
-                )
-            if registry.find_by_key(conn, plugin_type, name) is not None:
-                raise InvalidRequest(f"invalid name {name}: duplicate")
+        old = self.installer.planner.update_target(conn, plugin_type, name)
         self.installer.planner.refuse_before_fetching(conn, plugin_type, request, old)
         plan = self._plan_package(conn, "update", plugin_type, request, old, unprivileged_caller)
         _log_plan(plan, started)

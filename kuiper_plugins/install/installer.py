@@ -104,15 +104,7 @@ class Installer:
         with self._logged("update", plugin_type, name, request) as outcome:
             fetch.check_url(request["file"])
             with self.applier.locked(plugin_type, name) as conn:
-                old = registry.find(conn, plugin_type, name)
-                if old is None:
-                    if plugin_type != PORTABLE:
-                        raise PluginNotFound(
-                            f"update {plugin_type} plugin {name} error, cannot delete old version:"
-                            f" invalid name {name}: not exist"
-                        )
-                    if registry.find_by_key(conn, plugin_type, name) is not None:
-                        raise InvalidRequest(f"invalid name {name}: duplicate")
+                old = self.planner.update_target(conn, plugin_type, name)
                 self.planner.refuse_before_fetching(conn, plugin_type, request, old)
                 try:
                     with self.applier.reserved(conn, plugin_type, name, "update") as op:

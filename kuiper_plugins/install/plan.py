@@ -120,6 +120,19 @@ class Planner:
         info = self.engine.info() if self.engine is not None else None
         return info.version if info is not None else self.settings.kuiper_version
 
+    def update_target(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> registry.Plugin | None:
+        """The plugin an update replaces, refused in eKuiper's words when there is none (a portable may be new)."""
+        old = registry.find(conn, plugin_type, name)
+        if old is None:
+            if plugin_type != PORTABLE:
+                raise PluginNotFound(
+                    f"update {plugin_type} plugin {name} error, cannot delete old version:"
+                    f" invalid name {name}: not exist"
+                )
+            if registry.find_by_key(conn, plugin_type, name) is not None:
+                raise InvalidRequest(f"invalid name {name}: duplicate")
+        return old
+
     def refuse_before_fetching(
         self, conn: sqlite3.Connection, plugin_type: str, request: dict[str, Any], old: registry.Plugin | None
     ) -> None:
