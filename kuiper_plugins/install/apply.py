@@ -240,6 +240,9 @@ class Applier:
         live.remove_handover(self.layout, folder, journal["name"] if journal else op_row.name if op_row else None)
         self.projection.restore_rows(folder)
         self._undo(journal["moves"] if journal else [], folder)
+        owner = (journal["type"], journal["name"]) if journal else (op_row.type, op_row.name) if op_row else None
+        if self.keeper is not None and owner is not None:
+            self.keeper.discard(conn, *owner)  # the copy of the version it replaced, before it is let go
         _drop_journal(folder)
         with db.transaction(conn):
             registry.end_operation(conn, op_id)

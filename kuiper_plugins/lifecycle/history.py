@@ -116,6 +116,21 @@ class Versions:
         """In a delete's commit: the plugin's kept versions go with it (their folders are swept)."""
         history.forget_kept(conn, [k.folder for k in history.kept(conn, plugin_type, name)])
 
+    def discard(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> None:
+        """While an unfinished operation on the plugin is undone (its lock held): remove the copy it kept.
+
+        Done before the operation is let go, so that once recovery has cleared it, nothing of it is left.
+        """
+        try:
+            names = os.listdir(self.layout.versions)
+        except FileNotFoundError:
+            return
+        recorded = history.kept_folders(conn)
+        for folder in names:
+            if folder.startswith(_prefix(plugin_type, name)) and folder not in recorded:
+                log.info("removing the kept version %s of an operation that did not finish", folder)
+                shutil.rmtree(self.layout.versions / folder, ignore_errors=True)
+
     def sweep(self, conn: sqlite3.Connection) -> None:
         """Remove kept folders no row names, except those of operations in flight (theirs to record)."""
         try:
