@@ -9,14 +9,15 @@ next start.
 The engine's start time is its `upTimeSeconds` (GET /) taken from now. A change recorded before that
 start was loaded at it; a change recorded since is pending when it is a native update, and otherwise
 when the engine itself says it does not offer what the registry holds (its describe). `upTimeSeconds`
-is whole seconds, so the start it gives may be up to a second late: a change recorded in that second is
-listed only when the engine's describe confirms it (a native update that kept its version name, made in
-that second, is then missed).
+counts whole seconds of the engine's clock, so the start it gives may be up to a second off, either way: a
+change recorded within that second is listed only when the engine's describe confirms it (a native update
+that kept its version name, made in that second, is then missed).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
 
 log = logging.getLogger(__name__)
 
-START_SLACK_SECONDS = 1.0  # upTimeSeconds is truncated to whole seconds
+START_SLACK_SECONDS = 1  # upTimeSeconds counts whole seconds of the engine's clock
 NATIVE_UPDATE = "a native plugin's new code is loaded only when the engine starts (Go cannot unload the old one)"
 
 
@@ -69,14 +70,14 @@ def pending_changes(conn: sqlite3.Connection, engine: live.LiveEngine, started_a
     """The changes made since `started_at` that the running engine has not taken, by type and name."""
     found: list[PendingChange] = []
     rows = conn.execute(
-        "SELECT type, name, version, created_at, updated_at FROM plugins WHERE updated_at > ? ORDER BY type, name",
-        (started_at - START_SLACK_SECONDS,)).fetchall()
+        "SELECT type, name, version, created_at, updated_at FROM plugins WHERE updated_at >= ? ORDER BY type, name",
+        (math.floor(started_at) - START_SLACK_SECONDS,)).fetchall()
     for plugin_type, name, version, created_at, updated_at in rows:
         updated = created_at != updated_at  # an update keeps the first install's created_at
         native_update = plugin_type in NATIVE_TYPES and updated
         # A native update made after the start is not loaded, whatever version the engine names (it may be
-        # the same); one made in the second the start is known to is confirmed by the engine's describe.
-        if (native_update and updated_at > started_at) or \
+        # the same); one made within a second of the start, either side, is confirmed by the engine's describe.
+        if (native_update and updated_at >= surely_after(started_at)) or \
                 engine.state(plugin_type, name, version=version) == live.PENDING:
             reason = (NATIVE_UPDATE if native_update else
                       "the engine does not offer this version: it could not be reached when the change was made")
@@ -86,11 +87,21 @@ def pending_changes(conn: sqlite3.Connection, engine: live.LiveEngine, started_a
     return sorted(found, key=lambda c: (c.plugin_type, c.name))
 
 
+def surely_after(started_at: float) -> float:
+    """The first moment surely after the engine's start, known only as `started_at`.
+
+    eKuiper's upTimeSeconds is its clock's whole seconds now less its whole seconds at start, so the start
+    lies within a second of `started_at`, before or after it: from the next whole second on, a change was
+    surely made after it.
+    """
+    return math.floor(started_at) + START_SLACK_SECONDS
+
+
 def native_updates_since(conn: sqlite3.Connection, started_at: float) -> int:
     """How many native plugins were updated after `started_at`: the count GET / gives, from the registry alone."""
     row = conn.execute(
-        f"SELECT COUNT(*) FROM plugins WHERE updated_at > ? AND created_at != updated_at"
-        f" AND type IN ({', '.join('?' for _ in NATIVE_TYPES)})", (started_at, *NATIVE_TYPES)).fetchone()
+        f"SELECT COUNT(*) FROM plugins WHERE updated_at >= ? AND created_at != updated_at"
+        f" AND type IN ({', '.join('?' for _ in NATIVE_TYPES)})", (surely_after(started_at), *NATIVE_TYPES)).fetchone()
     return row[0]
 
 
