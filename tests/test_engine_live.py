@@ -274,6 +274,32 @@ def test_a_function_list_registered_through_the_service_is_live(live, kuiperd, f
     assert live.client.get("/plugins/functions/multi").get_json()["functions"] == ["twice"]
 
 
+def test_a_damaged_plugin_is_not_handed_to_the_running_engine(live, kuiperd, file_server, multi_plugin):
+    """A register of a function plugin whose .so is gone reaches neither the engine nor its store."""
+    assert install_multi(live, file_server).status_code == 201
+    before = engine_process(kuiperd)
+    (kuiperd.home / "plugins" / "functions" / multi_plugin.so_name).unlink()
+    rows = engine_dump(kuiperd.home)
+
+    refused = live.client.post("/plugins/functions/multi/register", json={"functions": ["twice"]})
+
+    assert refused.status_code == 400, refused.get_data(as_text=True)
+    assert "functions plugin multi is damaged" in refused.get_json()["message"]
+    # the engine still has the list of the install: it was handed nothing
+    assert sorted(kuiperd.get("/plugins/udfs").json()) == ["shout", "twice"]
+    assert rule_answer(kuiperd, "s", "SELECT shout(s) FROM demo").status_code == 201
+    assert engine_dump(kuiperd.home) == rows
+    assert engine_process(kuiperd) == before
+
+    # repaired from its recorded source (a native update: the engine keeps the loaded code), then registered
+    repaired = live.client.post("/registry/repair").get_json()
+    assert [(r["type"], r["name"]) for r in repaired["repaired"]] == [("functions", "multi")], repaired
+    registered = live.client.post("/plugins/functions/multi/register", json={"functions": ["twice"]})
+    assert registered.status_code == 200, registered.get_data(as_text=True)
+    assert kuiperd.get("/plugins/udfs").json() == ["twice"]
+    assert engine_process(kuiperd) == before
+
+
 def test_describe_says_whether_the_engine_has_the_plugin(kuiperd, make_service, file_server, multi_plugin):
     from conftest import free_port
 

@@ -125,6 +125,10 @@ CASES = [
     Case("register-empty", installed_then(lambda service, server: service.client.post(
         "/plugins/functions/misc/register", json={"functions": []})), 400,
          "function plugins misc regiser functions error: property 'functions' must not be empty"),
+    Case("register-damaged", installed_then(lambda service, server: (
+        (service.home / "plugins/functions/misc.so").unlink(),
+        service.client.post("/plugins/functions/misc/register", json={"functions": ["f2"]}))[1]), 400,
+         "function plugins misc regiser functions error:"),
 ]
 
 

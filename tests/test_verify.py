@@ -16,6 +16,7 @@ from conftest import engine_dump, make_zip
 from test_api import SO, plugin_zip, portable_members, source_zip
 
 from kuiper_plugins.engine import kv
+from kuiper_plugins.layout import Layout
 
 
 def install_four(service, file_server) -> dict[str, str]:
@@ -224,3 +225,92 @@ def test_verify_runs_against_a_registry_restored_alone(make_service, file_server
     assert service.client.get("/").get_json()["registry"]["damaged"] == 4
     assert verified(service)["ok"] is False
     assert engine_dump(service.home) == [] or "sources_beat" not in "\n".join(engine_dump(service.home))
+
+
+# ---------------------------------------------------------------------------- a damaged plugin is withheld
+# A plugin whose files are missing is not given to eKuiper's store, nor to the running engine, until a
+# repair reinstalls it: start-up leaves it out, and so do a register and every later commit.
+
+
+def kv_keys(home) -> set[tuple[str, str]]:
+    """The (table, key) of every plugin row in eKuiper's store."""
+    store = kv.EngineStore(Layout(home).data / "sqliteKV.db")
+    try:
+        return {key for key, value in store.values(store.owned()).items() if value is not None}
+    finally:
+        store.close()
+
+
+TALLY_ROWS = {("nativePlugin", "functions_tally"), ("pluginFuncs", "tally")}
+
+
+def test_register_of_a_damaged_function_plugin_is_refused_and_changes_nothing(service, file_server):
+    install_four(service, file_server)
+    (service.home / "plugins/functions/Tally.so").unlink()  # under the running service
+    before = service.snapshot()
+
+    answer = service.client.post("/plugins/functions/tally/register", json={"functions": ["tally"]})
+
+    assert answer.status_code == 400, answer.data
+    message = answer.get_json()["message"]
+    assert message.startswith("function plugins tally regiser functions error: (functions plugin tally is damaged,"
+                              " plugins/functions/Tally.so missing: POST /registry/repair"), message
+    assert "kuiper-plugins repair" in message and "the function list is unchanged" in message
+    service.assert_unchanged(before)  # registry, disk and eKuiper's store
+    assert service.client.get("/plugins/functions/tally").get_json()["functions"] == ["tally", "tally2"]
+
+
+def test_a_damaged_plugin_stays_out_of_eKuipers_store_until_repaired(make_service, file_server):
+    first = make_service()
+    install_four(first, file_server)
+    first.stop()
+    (first.home / "plugins/functions/Tally.so").unlink()
+    service = make_service()  # start-up withholds tally
+    assert not TALLY_ROWS & kv_keys(service.home)
+
+    refused = service.client.post("/plugins/functions/tally/register", json={"functions": ["tally"]})
+    assert refused.status_code == 400, refused.data
+    assert not TALLY_ROWS & kv_keys(service.home)
+    # a commit of another plugin projects that plugin alone
+    assert service.client.delete("/plugins/sinks/influx").status_code == 200
+    assert not TALLY_ROWS & kv_keys(service.home)
+    assert ("nativePlugin", "sources_beat") in kv_keys(service.home)
+
+    repaired = service.client.post("/registry/repair").get_json()
+    assert [(r["type"], r["name"]) for r in repaired["repaired"]] == [("functions", "tally")], repaired
+    assert TALLY_ROWS <= kv_keys(service.home)  # projected again
+    registered = service.client.post("/plugins/functions/tally/register", json={"functions": ["tally"]})
+    assert registered.status_code == 200, registered.data
+    store = kv.EngineStore(service.layout.data / "sqliteKV.db")
+    try:
+        assert store.function_lists()["tally"] == ["tally"]
+    finally:
+        store.close()
+    assert verified(service) == {"ok": True, "problems": []}
+
+
+def test_projecting_a_damaged_plugin_withdraws_its_rows(service, file_server):
+    """The projection after a commit (install/project.py) asks the plugin's files first, as start-up does.
+
+    Called directly: every operation of ours on a damaged plugin either repairs it (update, rollback) or is
+    refused before its commit (register), so none reaches this check with the plugin still damaged; an
+    operation undone beside a running engine (`bring_back`) and a file removed between a check and the
+    projection do.
+    """
+    from kuiper_plugins.store import db
+
+    install_four(service, file_server)
+    assert ("nativePlugin", "sinks_influx") in kv_keys(service.home)
+    (service.home / "plugins/sinks/Influx.so").unlink()
+    installer = service.app.extensions["kuiper_plugins"].installer
+    conn = db.connect(service.layout.registry_file)
+    try:
+        installer.projection.project(conn, "sinks", "influx")
+        installer.projection.project(conn, "functions", "tally")  # a whole plugin is projected as before
+    finally:
+        conn.close()
+    keys = kv_keys(service.home)
+    assert ("nativePlugin", "sinks_influx") not in keys
+    assert TALLY_ROWS <= keys
+    assert [(p["name"], p["path"], p["problem"]) for p in verified(service)["problems"]] == [
+        ("influx", "plugins/sinks/Influx.so", "missing")]

@@ -162,6 +162,13 @@ class Installer:
                 )
             refuse_builtin_functions(functions)
             refuse_function_clashes(conn, functions, plugin.id)
+            missing = self.projection.missing_files(conn, plugin)
+            if missing:
+                # A list for a plugin that is not there would reach eKuiper's store and the running engine.
+                raise InvalidRequest(
+                    f"function plugins {name} regiser functions error: (functions plugin {name} is damaged,"
+                    f" {', '.join(missing)} missing: POST /registry/repair, or kuiper-plugins repair, reinstalls"
+                    " it from its recorded source; the function list is unchanged)")
             # The engine's refusal comes before our commit, and changes nothing on either side.
             engine = self.live.register_functions(name, functions) if self.live is not None else None
             try:

@@ -2,10 +2,12 @@
 
 The registry is the truth. After each commit `project` rewrites the plugin's rows in eKuiper's store
 (`sqliteKV.db`), and start-up's `reconcile` makes the whole store agree; a failure there is logged, never
-refused. With an engine attached, an operation also hands what it published to the running engine
-(install, delete, register) and, when it is undone, takes it back: the engine's rows for the plugin are
-kept in staging before a hand-over and put back from there by an undo or by recovery. Nothing here
-decides what is installed: the caller has decided, and this module makes the engine follow.
+refused. A plugin whose files are missing (lifecycle/verify.py, sizes only) is left out of both, and is
+never handed to the running engine, until a repair reinstalls it. With an engine attached, an operation
+also hands what it published to the running engine (install, delete, register) and, when it is undone,
+takes it back: the engine's rows for the plugin are kept in staging before a hand-over and put back from
+there by an undo or by recovery. Nothing here decides what is installed: the caller has decided, and this
+module makes the engine follow.
 """
 
 from __future__ import annotations
@@ -61,7 +63,14 @@ class EngineProjection:
         The registry is the truth: a failure here is logged, and start-up reconciles the store.
         """
         plugin = registry.find(conn, plugin_type, name)
-        put = engine_rows(plugin_type, name, plugin.request, registry.functions_of(conn, plugin.id)) if plugin else []
+        missing = self.missing_files(conn, plugin) if plugin is not None else []
+        if missing:
+            # As at start-up: an engine starting on this home must not load a plugin that is not there.
+            log.warning("%s plugin %s is damaged (%s missing): eKuiper's store is not given it until POST"
+                        " /registry/repair (kuiper-plugins repair) reinstalls it", type_label(plugin_type), name,
+                        ", ".join(missing))
+        put = (engine_rows(plugin_type, name, plugin.request, registry.functions_of(conn, plugin.id))
+               if plugin is not None and not missing else [])
         kept = {(row.table, row.key) for row in put}
         delete = [key for key in engine_keys(plugin_type, name) if key not in kept]
         try:
@@ -69,6 +78,15 @@ class EngineProjection:
         except PluginError as exc:
             log.error("eKuiper's store was not updated for %s plugin %s (%s); start-up will reconcile it",
                       type_label(plugin_type), name, exc.message)
+
+    def missing_files(self, conn: sqlite3.Connection, plugin: registry.Plugin) -> list[str]:
+        """The recorded paths of `plugin` that are missing or emptied: while any is, eKuiper is given nothing of it.
+
+        Sizes only, as start-up's check (lifecycle/verify.py): a file of another size is reported by verify,
+        not withheld.
+        """
+        from kuiper_plugins.lifecycle.verify import missing_files  # lifecycle builds on install: imported late
+        return [problem.path for problem in missing_files(conn, self.layout, plugin)]
 
     def keep_rows(self, staging: Path, plugin_type: str, name: str) -> None:
         """Write down, durably, the engine's rows for the plugin before its install writes its own."""
@@ -127,12 +145,13 @@ class EngineProjection:
         """After an undone portable operation, make the engine run what the registry holds again (best effort).
 
         The engine may have stopped the old process or started the new one before the operation failed; its
-        own delete also dropped its store row, which is written again from the registry.
+        own delete also dropped its store row, which is written again from the registry. A plugin whose files
+        are missing is not handed back: the engine goes without it until it is repaired.
         """
         try:
             plugin = registry.find(conn, PORTABLE, name)
             self.live.delete_portable(staging, name)
-            if plugin is not None and plugin.descriptor is not None:
+            if plugin is not None and plugin.descriptor is not None and not self.missing_files(conn, plugin):
                 folder = self.layout.portable_dir(name)
                 descriptor = dict(plugin.descriptor,
                                   executable=Path(plugin.descriptor["executable"]).relative_to(folder).as_posix())

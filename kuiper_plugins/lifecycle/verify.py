@@ -117,11 +117,19 @@ def file_problems(conn: sqlite3.Connection, layout: Layout, *, hashes: bool) -> 
         files = {plugin.id: registry.recorded_files(conn, plugin.id) for plugin in plugins}
     problems = []
     for plugin in plugins:
-        config = set(packages.kept_on_delete(plugin.type, plugin.name))
-        for recorded in files[plugin.id]:
-            found = file_problem(layout, recorded, hashes=hashes, user_config=recorded.path in config)
-            if found is not None:
-                problems.append(Problem(plugin.type, plugin.name, recorded.path, *found))
+        problems += _plugin_file_problems(layout, plugin, files[plugin.id], hashes=hashes)
+    return problems
+
+
+def _plugin_file_problems(layout: Layout, plugin: registry.Plugin, files: list[registry.RecordedFile], *,
+                          hashes: bool) -> list[Problem]:
+    """What is wrong with each of one plugin's recorded files (a source's yaml: only its absence)."""
+    config = set(packages.kept_on_delete(plugin.type, plugin.name))
+    problems = []
+    for recorded in files:
+        found = file_problem(layout, recorded, hashes=hashes, user_config=recorded.path in config)
+        if found is not None:
+            problems.append(Problem(plugin.type, plugin.name, recorded.path, *found))
     return problems
 
 
@@ -137,6 +145,16 @@ def plugins_missing_files(conn: sqlite3.Connection, layout: Layout) -> set[tuple
     program writes beside itself (a Python plugin's __pycache__), and eKuiper loads it all the same.
     """
     return {(p.type, p.name) for p in file_problems(conn, layout, hashes=False) if p.problem in WITHHELD}
+
+
+def missing_files(conn: sqlite3.Connection, layout: Layout, plugin: registry.Plugin) -> list[Problem]:
+    """One plugin's files that are missing or emptied (sizes only, as at start-up): while any is, it is withheld.
+
+    Asked before each projection of the plugin and each hand-over to the running engine, so it costs what
+    start-up's check costs for one plugin: an lstat per file, a walk per portable folder.
+    """
+    found = _plugin_file_problems(layout, plugin, registry.recorded_files(conn, plugin.id), hashes=False)
+    return [p for p in found if p.problem in WITHHELD]
 
 
 def store_problems(conn: sqlite3.Connection, store: kv.EngineStore,
