@@ -9,13 +9,14 @@ import signal
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import Flask
 
 from kuiper_plugins import __version__
 from kuiper_plugins.engine import restart
 from kuiper_plugins.engine.client import EngineClient
+from kuiper_plugins.engine.pending import PendingCount
 from kuiper_plugins.engine.sync import EngineSync
 from kuiper_plugins.errors import PluginError, register_error_handlers
 from kuiper_plugins.install import scripts
@@ -48,6 +49,7 @@ class Services:
     engine_sync: EngineSync | None = None  # started in each gunicorn worker (gunicorn_hooks.post_worker_init)
     audit_writer: db.KeptWriter | None = None  # the audit trail's connection (web/auditing.py)
     service_lock: int | None = None  # a descriptor held shared while this app lives: an offline restore refuses
+    pending: PendingCount = field(default_factory=PendingCount)  # GET /'s engine.pendingRestart (engine/pending.py)
 
 
 class _Flask(Flask):

@@ -2,8 +2,8 @@
 
 A native update made while the engine runs is listed until the engine restarts; a native delete is listed
 while the engine still keeps the plugin as deleted; an install made while the engine could not be reached
-is listed once an engine that started before it is attached. GET / says how many. Through the test client
-and through real gunicorn.
+is listed once an engine that started before it is attached. GET / counts what GET /engine/pending lists.
+Through the test client and through real gunicorn.
 """
 
 from __future__ import annotations
@@ -34,13 +34,24 @@ def multi(file_server, zip_name: str = "multi.zip") -> dict:
     return {"name": "multi", "file": file_server.url(zip_name), "functions": ["twice", "shout"]}
 
 
-def pending_of(service) -> list[tuple[str, str, str, str | None]]:
+def pending_restart(service) -> int | None:
+    return service.client.get("/").get_json()["engine"]["pendingRestart"]
+
+
+def pending_of(service, *, engine_restarted: bool = False) -> list[tuple[str, str, str, str | None]]:
+    """GET /engine/pending's list, checked against GET /'s count, asked before it and after it.
+
+    GET / counts from the engine's last known start (its GET /, kept a minute): right after the engine's
+    restart it is asked only after the list, whose GET / of the engine gives the new start at once.
+    """
+    before = None if engine_restarted else pending_restart(service)
     answer = service.client.get("/engine/pending")
     assert answer.status_code == 200, answer.get_data(as_text=True)
     body = answer.get_json()
     assert body["count"] == len(body["pending"])
-    updates = sum(1 for c in body["pending"] if c["change"] == "update" and c["type"] != "portables")
-    assert service.client.get("/").get_json()["engine"] == {"pendingRestart": updates}
+    assert pending_restart(service) == body["count"]
+    if before is not None:
+        assert before == body["count"]
     return [(c["type"], c["name"], c["change"], c["version"]) for c in body["pending"]]
 
 
@@ -58,19 +69,25 @@ def test_a_native_update_is_pending_until_the_engine_restarts(kuiperd, make_serv
     # The restarted engine's start is after the update (the update's answer came before kuiperd.stop()).
     kuiperd.stop()
     kuiperd.start()
-    assert pending_of(service) == []
+    assert pending_of(service, engine_restarted=True) == []
+
+    # The engine runs 2.0.0 now: a rollback to 1.0.0 is a native update it takes at its next start.
+    rolled_back = service.client.post("/plugins/functions/multi/rollback")
+    assert rolled_back.status_code == 200, rolled_back.get_data(as_text=True)
+    assert pending_of(service) == [("functions", "multi", "update", "1.0.0")]
     service.stop()
 
 
 def test_a_native_delete_is_pending_while_the_engine_keeps_the_plugin(kuiperd, make_service, served):
     service = make_service(engine_url=kuiperd.url)
     assert service.post("functions", multi(served)).status_code == 201
+    assert pending_of(service) == []
     assert service.client.delete("/plugins/functions/multi").status_code == 200
 
     assert pending_of(service) == [("functions", "multi", "delete", None)]
     kuiperd.stop()
     kuiperd.start()
-    assert pending_of(service) == []
+    assert pending_of(service, engine_restarted=True) == []
     service.stop()
 
 
@@ -80,9 +97,8 @@ def test_an_install_made_while_the_engine_was_unreachable_is_pending(kuiperd, ma
     detached.stop()
 
     attached = make_service(engine_url=kuiperd.url)
+    assert pending_of(attached) == [("functions", "multi", "install", "1.0.0")]
     changes = attached.client.get("/engine/pending").get_json()["pending"]
-    assert [(c["type"], c["name"], c["change"], c["version"]) for c in changes] == [
-        ("functions", "multi", "install", "1.0.0")]
     assert "could not be reached" in changes[0]["reason"]
     attached.stop()
 
@@ -97,11 +113,20 @@ def test_pending_through_gunicorn(tmp_path, start_kuiperd, start_gunicorn, serve
     start_kuiperd(home=tmp_path / "home")  # the service's home is the engine's: it finds it from kuiper.yaml
     server = start_gunicorn(workers=2)
     assert requests.post(f"{server.url}/plugins/functions", json=multi(served), timeout=60).status_code == 201
-    assert requests.get(f"{server.url}/engine/pending", timeout=30).json()["pending"] == []
+    for _ in range(4):  # each worker keeps a count of 0
+        assert requests.get(f"{server.url}/", timeout=30).json()["engine"] == {"pendingRestart": 0}
+        assert requests.get(f"{server.url}/engine/pending", timeout=30).json()["pending"] == []
     updated = requests.put(f"{server.url}/plugins/functions/multi", json=multi(served, "multi2.zip"), timeout=60)
     assert updated.status_code == 200, updated.text
 
-    for _ in range(4):  # both workers answer alike
+    for _ in range(4):  # both workers answer alike, whichever made the change
+        assert requests.get(f"{server.url}/", timeout=30).json()["engine"] == {"pendingRestart": 1}
         body = requests.get(f"{server.url}/engine/pending", timeout=30).json()
         assert [(c["name"], c["change"], c["version"]) for c in body["pending"]] == [("multi", "update", "2.0.0")]
-        assert requests.get(f"{server.url}/", timeout=30).json()["engine"] == {"pendingRestart": 1}
+
+    # The engine runs 1.0.0 and cannot find that version's .so to delete it (the update replaced it): it keeps
+    # offering the plugin as it was, listed as no change of ours; GET / agrees.
+    assert requests.delete(f"{server.url}/plugins/functions/multi", timeout=60).status_code == 200
+    for _ in range(4):
+        counted = requests.get(f"{server.url}/", timeout=30).json()["engine"]["pendingRestart"]
+        assert requests.get(f"{server.url}/engine/pending", timeout=30).json()["count"] == counted

@@ -12,6 +12,10 @@ when the engine itself says it does not offer what the registry holds (its descr
 counts whole seconds of the engine's clock, so the start it gives may be up to a second off, either way: a
 change recorded within that second is listed only when the engine's describe confirms it (a native update
 that kept its version name, made in that second, is then missed).
+
+GET / counts the same changes without asking the engine: each operation notes in its commit whether the
+engine took its change (store/engine_pending.py), and `PendingCount` counts the notes made since the
+engine's last known start, asking the engine only about those made within a second of it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +36,7 @@ from kuiper_plugins.engine.client import EngineClient
 from kuiper_plugins.errors import EngineUnavailable
 from kuiper_plugins.install.packages import type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
+from kuiper_plugins.store import db, engine_pending
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +103,55 @@ def surely_after(started_at: float) -> float:
     return math.floor(started_at) + START_SLACK_SECONDS
 
 
-def native_updates_since(conn: sqlite3.Connection, started_at: float) -> int:
-    """How many native plugins were updated after `started_at`: the count GET / gives, from the registry alone."""
-    row = conn.execute(
-        f"SELECT COUNT(*) FROM plugins WHERE updated_at >= ? AND created_at != updated_at"
-        f" AND type IN ({', '.join('?' for _ in NATIVE_TYPES)})", (surely_after(started_at), *NATIVE_TYPES)).fetchone()
-    return row[0]
+class PendingCount:
+    """GET /'s count of what `pending_changes` lists, from what each change's commit noted.
+
+    GET / is polled: it asks the engine nothing but its (cached) GET /. A note made surely after the
+    engine's start counts, one made more than a second before it does not (store/engine_pending.py). One
+    made within a second of the start, either side, is one `pending_changes` confirms with the engine's
+    describe: so it is here, once per engine start and note, and kept (only the changes made around a
+    restart are ever asked about).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._start: int | None = None  # the whole second of the start the confirmations are for
+        self._confirmed: dict[engine_pending.Note, bool] = {}
+
+    def count(self, conn: sqlite3.Connection, engine: live.LiveEngine, started_at: float) -> int:
+        """How many changes the running engine, started at `started_at`, has not taken."""
+        surely = surely_after(started_at)
+        with db.snapshot(conn):
+            count = engine_pending.count_since(conn, surely)
+            around = engine_pending.noted_between(conn, math.floor(started_at) - START_SLACK_SECONDS, surely)
+        if not around:
+            return count
+        with self._lock:
+            if self._start != math.floor(started_at):
+                self._start, self._confirmed = math.floor(started_at), {}
+            known = dict(self._confirmed)
+        for note in around:
+            if note not in known:
+                verdict = _still_pending(engine, note)
+                if verdict is None:
+                    count += 1  # the engine did not say: counted as noted, and asked again at the next call
+                    continue
+                known[note] = verdict
+                with self._lock:
+                    self._confirmed[note] = verdict
+            count += known[note]
+        return count
+
+
+def _still_pending(engine: live.LiveEngine, note: engine_pending.Note) -> bool | None:
+    """Whether the engine's describe says it has not taken the noted change (None: it did not answer)."""
+    if note.change == "delete":
+        try:
+            return _engine_version(engine.client, note.type, note.name) == live.DELETED
+        except EngineUnavailable:
+            return None
+    state = engine.state(note.type, note.name, version=note.version)
+    return None if state == live.UNKNOWN else state == live.PENDING
 
 
 def _pending_deletes(conn: sqlite3.Connection, engine: live.LiveEngine) -> list[PendingChange]:

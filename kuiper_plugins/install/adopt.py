@@ -26,7 +26,7 @@ from kuiper_plugins.install.apply import journaled_files
 from kuiper_plugins.install.locks import plugin_lock
 from kuiper_plugins.install.packages import main_file, type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE, Layout
-from kuiper_plugins.store import db, registry
+from kuiper_plugins.store import db, engine_pending, registry
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class Adopter:
                 for so_path in native_binaries(self.layout, plugin_type, name):
                     self._adopt_so(conn, plugin_type, so_path, recorded, journaled, engine)
             found = registry.find_by_key(conn, plugin_type, name)
+            if found is not None and found.adopted:
+                with db.transaction(conn):  # the engine offers what it installed: nothing waits for its restart
+                    engine_pending.note(conn, found.id, "install", pending=False)
         return found is not None and registry.name_key(found.name) == key
 
     def forget_removed(self, plugin_type: str, name: str) -> bool:
@@ -104,6 +107,8 @@ class Adopter:
                     return False
                 with db.transaction(conn):
                     registry.remove(conn, plugin.id)
+                    # Nothing of ours waits for the engine's restart: what it deleted itself is its own change.
+                    engine_pending.note_delete(conn, plugin_type, plugin.name, pending=False)
             left = [f for f in files if self._exists(f)]
         log.warning("forgot %s plugin %s: the engine no longer has it and %s is gone%s", type_label(plugin_type),
                     plugin.name, main, f"; left in place, no longer recorded: {', '.join(left)}" if left else "")

@@ -65,7 +65,7 @@ from kuiper_plugins.install.plan import OperationPlan, refuse_function_clashes
 from kuiper_plugins.install.project import EngineProjection
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE, Layout
 from kuiper_plugins.settings import Settings
-from kuiper_plugins.store import db, registry
+from kuiper_plugins.store import db, engine_pending, registry
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,13 @@ class Applier:
             if engine == live.LOADED and plugin_type == "functions":
                 self.projection.refuse_uncallable(plan.functions, "fail to install plugin", "nothing was installed")
             with db.transaction(conn):
-                registry.save(
+                plugin_id = registry.save(
                     conn, plugin_type=plugin_type, name=name, version=plan.version, descriptor=descriptor,
                     request=request, sha256=operation.package_sha256, files=files, functions=plan.functions,
                     replaces=old.id if old is not None else None, compatibility=operation.compatibility,
                 )
+                # A native update is never handed over: Go cannot unload the code the engine runs.
+                engine_pending.note(conn, plugin_id, op.kind, pending=engine != live.LOADED)
                 if self.keeper is not None:
                     self.keeper.record(conn, op, kept, version=plan.version, sha256=operation.package_sha256,
                                        url=request.get("file"))
@@ -167,12 +169,18 @@ class Applier:
             outcome["engine"] = engine
         return outcome
 
-    def remove(self, conn: sqlite3.Connection, op: Operation, plan: OperationPlan) -> None:
-        """Move aside the files the plan removes that are still on disk, then forget the plugin, in one commit."""
+    def remove(self, conn: sqlite3.Connection, op: Operation, plan: OperationPlan, engine: str | None = None) -> None:
+        """Move aside the files the plan removes that are still on disk, then forget the plugin, in one commit.
+
+        `engine` is the running engine's verdict on its own delete, when it was asked.
+        """
         present = [f for f in plan.removes if self._exists(f)]
         self._publish(op, [(None, f) for f in present])
         with db.transaction(conn):
             registry.remove(conn, plan.old.id)
+            # The engine keeps a native plugin it deleted, as $deleted, until it restarts.
+            engine_pending.note_delete(conn, op.plugin_type, op.name,
+                                       pending=op.plugin_type in NATIVE_TYPES and engine == live.LOADED)
             if self.keeper is not None:
                 self.keeper.forget(conn, op.plugin_type, op.name)
             registry.end_operation(conn, op.id, committed=True)

@@ -131,7 +131,7 @@ class Installer:
                         op.engine_changed = True
                     outcome["engine"] = self.projection.hand_delete(
                         op.staging, plugin_type, name, so_file(plugin_type, registry.files_of(conn, plan.old.id)))
-                self.applier.remove(conn, op, plan)
+                self.applier.remove(conn, op, plan, outcome.get("engine"))
             self.projection.project(conn, plugin_type, name)
             self.versions.tidy(conn)  # its kept versions went with it
 

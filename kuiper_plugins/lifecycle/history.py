@@ -30,7 +30,7 @@ from kuiper_plugins.install.apply import Applier, Operation
 from kuiper_plugins.install.packages import type_label
 from kuiper_plugins.layout import PORTABLE, Layout
 from kuiper_plugins.settings import Settings
-from kuiper_plugins.store import db, history, registry
+from kuiper_plugins.store import db, engine_pending, history, registry
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +184,12 @@ class Versions:
                         op.staging, name, self._relative_descriptor(name, manifest["descriptor"]), replacing=True)
             request = manifest["request"]
             with db.transaction(conn):
-                registry.save(
+                plugin_id = registry.save(
                     conn, plugin_type=plugin_type, name=current.name, version=manifest["version"],
                     descriptor=manifest["descriptor"], request=request, sha256=manifest["sha256"], files=files,
                     functions=manifest["functions"], replaces=current.id, compatibility=manifest["compatibility"],
                 )
+                engine_pending.note(conn, plugin_id, "update", pending=engine != live.LOADED)  # as an update
                 self.record(conn, op, keeping, version=manifest["version"], sha256=manifest["sha256"],
                             url=(request or {}).get("file"), used=target.folder)
                 registry.end_operation(conn, op.id, committed=True)

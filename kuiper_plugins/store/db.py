@@ -160,6 +160,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX kept_versions_by_plugin ON kept_versions(type, name_key, kept_at);
     """,
+    # Restart pending (store/engine_pending.py): the plugins whose last change the running engine takes only
+    # at its restart, noted in that change's commit, so that GET / counts them without asking the engine.
+    """
+    CREATE TABLE engine_pending (
+        type        TEXT    NOT NULL,
+        name_key    TEXT    NOT NULL,
+        name        TEXT    NOT NULL,
+        change      TEXT    NOT NULL,
+        version     TEXT,
+        at          REAL    NOT NULL,
+        PRIMARY KEY (type, name_key)
+    );
+    """,
 ]
 
 

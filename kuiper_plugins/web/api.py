@@ -421,14 +421,14 @@ def engine_pending() -> Response:
 
 
 def _pending_count(info) -> int | None:
-    """The native updates waiting for the engine's restart (GET /), from its last known start; None without one.
+    """How many changes GET /engine/pending lists, from the engine's last known start; None without one.
 
-    The readiness probe asks the engine nothing more than its GET / (cached): deletes and changes made while
-    it could not be reached are listed by GET /engine/pending, which asks the engine about them.
+    The readiness probe asks the engine nothing more than its GET / (cached), but about a change made within a
+    second of the engine's start: the count is of what each change noted in its commit (engine/pending.py).
     """
     if info is None or info.started_at is None:
         return None
-    return pending.native_updates_since(connection(), info.started_at)
+    return services().pending.count(connection(), installer().live, info.started_at)
 
 
 @bp.get("/ping")
