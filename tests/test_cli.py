@@ -612,3 +612,21 @@ def test_history_and_rollback(server, file_server, capsys):
     run(capsys, server.url, "drop", "source", "random")
     status, out, err = run(capsys, server.url, "rollback", "source", "random")
     assert status != 0 and out == "" and "rollback sources plugin random error: not found" in err
+
+
+def test_rollback_to_a_named_version(server, file_server, capsys):
+    run(capsys, server.url, "create", "source", "random", "--file", served_source(file_server))
+    url2 = served_source(file_server, version="v2.0.0", zip_name="random2.zip")
+    run(capsys, server.url, "update", "source", "random", "--file", url2)
+
+    status, out, err = run(capsys, server.url, "rollback", "source", "random", "--version", "0.9.0")
+    assert status != 0 and out == ""
+    assert "rollback sources plugin random error: version 0.9.0 not found (kept versions: 1.0.0;" in err
+    status, out, err = run(capsys, server.url, "rollback", "source", "random", "--version", "2.0.0")
+    assert status != 0 and "version 2.0.0 is the one installed" in err
+    status, out, _ = run(capsys, server.url, "--json", "history", "source", "random")
+    assert [(e["version"], e["kept"]) for e in json.loads(out)] == [("2.0.0", False), ("1.0.0", True)]
+
+    assert run(capsys, server.url, "rollback", "source", "random", "--version", "1.0.0") == (
+        0, "sources plugin random is rolled back to version 1.0.0\n", "")
+    assert run(capsys, server.url, "describe", "source", "random") == (0, "name     random\nversion  1.0.0\n", "")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+import requests
 from conftest import engine_dump, make_zip
 
 SO_V1 = b"\x7fELF version one"
@@ -176,3 +178,102 @@ def test_an_update_undone_after_keeping_the_old_version_leaves_no_copy(service, 
 
     assert answer.status_code == 400, answer.get_data(as_text=True)
     service.assert_unchanged(before)
+
+
+# ---------------------------------------------------------------------------- choosing the kept version
+# With basic.keepVersions above 1, ?version= names which kept version a rollback goes to.
+
+V3_FILES = {"Echo@v3.0.0.so": b"\x7fELF version three, the longest of all"}
+
+
+def install_three_versions(service, file_server) -> None:
+    """Sink `echo` at 1.0.0, updated to 2.0.0, then to 3.0.0."""
+    install_two_versions(service, file_server)
+    url3, _ = serve(file_server, "echo3.zip", V3_FILES)
+    answer = service.client.put("/plugins/sinks/echo", json={"file": url3})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+
+
+def kept_marks(service) -> list[tuple[str, str, bool]]:
+    history = service.client.get("/plugins/sinks/echo/history").get_json()
+    return [(e["operation"], e["version"], e["kept"]) for e in history]
+
+
+def test_rollback_goes_to_the_kept_version_named_and_back_again(make_service, file_server):
+    service = make_service(keep_versions=2)
+    install_three_versions(service, file_server)
+    assert kept_marks(service) == [("update", "3.0.0", False), ("update", "2.0.0", True), ("install", "1.0.0", True)]
+    rows_v3 = engine_dump(service.home)
+
+    answer = service.client.post("/plugins/sinks/echo/rollback?version=1.0.0")
+
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert answer.get_json() == {"type": "sinks", "name": "echo", "version": "1.0.0"}
+    assert sink_files(service) == V1_FILES
+    assert service.client.get("/plugins/sinks/echo").get_json()["version"] == "1.0.0"
+    # the version left is kept, the one restored is not any more; two kept, as basic.keepVersions says
+    assert kept_marks(service) == [("rollback", "1.0.0", False), ("update", "3.0.0", True),
+                                   ("update", "2.0.0", True), ("install", "1.0.0", False)]
+    assert len(list(service.layout.versions.iterdir())) == 2
+
+    back = service.client.post("/plugins/sinks/echo/rollback")  # without a version: the newest, where we started
+
+    assert back.status_code == 200 and back.get_json()["version"] == "3.0.0"
+    assert sink_files(service) == V3_FILES
+    assert engine_dump(service.home) == rows_v3
+    assert list(service.layout.staging.iterdir()) == []
+
+
+def test_rollback_to_a_version_that_is_not_kept_is_404_and_lists_the_kept_ones(make_service, file_server):
+    service = make_service(keep_versions=2)
+    install_three_versions(service, file_server)
+    before = service.snapshot()
+
+    answer = service.client.post("/plugins/sinks/echo/rollback?version=0.9.0")
+
+    assert answer.status_code == 404
+    assert answer.get_json()["message"] == (
+        "rollback sinks plugin echo error: version 0.9.0 not found (kept versions: 2.0.0, 1.0.0;"
+        " GET /plugins/sinks/echo/history marks them)")
+    service.assert_unchanged(before)
+
+
+@pytest.mark.parametrize("version", ["3.0.0", ""])
+def test_rollback_to_the_installed_version_or_none_is_refused(make_service, file_server, version):
+    service = make_service(keep_versions=2)
+    install_three_versions(service, file_server)
+    before = service.snapshot()
+
+    answer = service.client.post(f"/plugins/sinks/echo/rollback?version={version}")
+
+    assert answer.status_code == 400, answer.get_data(as_text=True)
+    message = answer.get_json()["message"]
+    assert message.startswith("rollback sinks plugin echo error: ")
+    assert ("version 3.0.0 is the one installed (kept versions: 2.0.0, 1.0.0;" in message if version
+            else "invalid version ''" in message)
+    service.assert_unchanged(before)
+    assert sink_files(service) == V3_FILES
+
+
+def test_rollback_to_a_named_version_through_gunicorn(start_gunicorn, file_server, tmp_path):
+    server = start_gunicorn(workers=2, KUIPER_PLUGINS__BASIC__KEEPVERSIONS="2")
+    for index, files in enumerate((V1_FILES, V2_FILES, V3_FILES), start=1):
+        url, _ = serve(file_server, f"echo{index}.zip", files)
+        if index == 1:
+            answer = requests.post(f"{server.url}/plugins/sinks", json={"name": "echo", "file": url}, timeout=60)
+        else:
+            answer = requests.put(f"{server.url}/plugins/sinks/echo", json={"file": url}, timeout=60)
+        assert answer.status_code in (200, 201), answer.text
+    sinks = tmp_path / "home" / "plugins" / "sinks"
+
+    missing = requests.post(f"{server.url}/plugins/sinks/echo/rollback", params={"version": "0.9.0"}, timeout=60)
+    assert missing.status_code == 404 and "kept versions: 2.0.0, 1.0.0" in missing.json()["message"]
+    rolled = requests.post(f"{server.url}/plugins/sinks/echo/rollback", params={"version": "1.0.0"}, timeout=60)
+    assert rolled.status_code == 200, rolled.text
+    assert rolled.json()["version"] == "1.0.0"
+    assert {p.name: p.read_bytes() for p in sinks.iterdir()} == V1_FILES
+    for _ in range(4):  # each worker describes the version now installed
+        assert requests.get(f"{server.url}/plugins/sinks/echo", timeout=30).json()["version"] == "1.0.0"
+    back = requests.post(f"{server.url}/plugins/sinks/echo/rollback", timeout=60)
+    assert back.status_code == 200 and back.json()["version"] == "3.0.0"
+    assert {p.name: p.read_bytes() for p in sinks.iterdir()} == V3_FILES

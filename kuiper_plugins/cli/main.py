@@ -505,7 +505,9 @@ def cmd_history(client: Client, args: argparse.Namespace) -> None:
 
 
 def cmd_rollback(client: Client, args: argparse.Namespace) -> None:
-    params = {"stop": "1"} if args.stop else None
+    params = {"stop": "1"} if args.stop else {}
+    if args.version is not None:
+        params["version"] = args.version
     answer = client.call("POST", f"/plugins/{args.type}/{_segment(args.name)}/rollback", params=params)
     show(args, answer, lambda a: f"{a['type']} plugin {a['name']} is rolled back to version {a['version']}")
 
@@ -710,6 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("rollback", cmd_rollback, "swap the previous version of a plugin back in")
     sub.add_argument("type", type=plugin_type, metavar="TYPE", help=type_help)
     sub.add_argument("name", metavar="NAME")
+    sub.add_argument("--version", metavar="X",
+                     help="the kept version to go back to (history --json marks them kept); default: the newest")
     sub.add_argument("--stop", action="store_true",
                      help="native plugins: restart the engine (engine.restartCommand) once rolled back")
 

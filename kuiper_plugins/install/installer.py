@@ -135,12 +135,15 @@ class Installer:
             self.projection.project(conn, plugin_type, name)
             self.versions.tidy(conn)  # its kept versions went with it
 
-    def rollback(self, plugin_type: str, name: str) -> str:
-        """Swap the newest kept version of a plugin back in, through the same crash-safe path; its version."""
+    def rollback(self, plugin_type: str, name: str, version: str | None = None) -> str:
+        """Swap a kept version of a plugin back in (`version`, else the newest), through the same crash-safe path.
+
+        Return the version now installed.
+        """
         with self._logged("rollback", plugin_type, name, None) as outcome:
             with self.applier.locked(plugin_type, name) as conn:
                 try:
-                    outcome.update(self.versions.rollback(conn, plugin_type, name))
+                    outcome.update(self.versions.rollback(conn, plugin_type, name, version))
                 finally:
                     self.versions.tidy(conn)  # the version consumed, or the copy of an undone rollback
                 self.projection.project(conn, plugin_type, name)

@@ -6,7 +6,8 @@ looks, and makes the copy durable; its commit then records that kept version and
 same transaction as the new plugin row (see store/history.py). `basic.keepVersions` bounds how many are kept per plugin
 (0: none, and then nothing is copied).
 
-A rollback is an operation like an update whose source is the newest kept version instead of a package:
+A rollback is an operation like an update whose source is a kept version instead of a package (the newest,
+or the one `?version=` names: `history` marks which entries are kept):
 it takes the plugin's lock, reserves the name, stages copies of the kept files, and publishes them
 through the same journaled moves (install/apply.py), so that a crash anywhere before its commit is undone
 at start-up, and one after it is finished. The version it leaves is kept in turn, so a second rollback
@@ -146,16 +147,21 @@ class Versions:
             shutil.rmtree(self.layout.versions / name, ignore_errors=True)
 
     def history(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> list[dict[str, Any]]:
-        """The plugin's committed installs, updates and rollbacks, newest first; 404 when there is nothing."""
-        entries = history.entries(conn, plugin_type, name)
-        if not entries and registry.find(conn, plugin_type, name) is None:
+        """The plugin's committed installs, updates and rollbacks, newest first, each marked `kept`; 404 if none."""
+        with db.snapshot(conn):
+            entries = history.entries(conn, plugin_type, name)
+            installed = registry.find(conn, plugin_type, name) is not None
+            kept = history.kept(conn, plugin_type, name)
+        if not entries and not installed:
             raise PluginNotFound(f"describe {type_label(plugin_type)} plugin {name} error: not found")
+        mark_kept(entries, kept, installed)
         return entries
 
     # ---------------------------------------------------------------- rollback
 
-    def rollback(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> dict[str, Any]:
-        """Swap the newest kept version of the plugin back in; the outcome for the log line.
+    def rollback(self, conn: sqlite3.Connection, plugin_type: str, name: str,
+                 version: str | None = None) -> dict[str, Any]:
+        """Swap a kept version of the plugin back in (`version`, else the newest); the outcome for the log line.
 
         The caller holds the plugin's lock (`Applier.locked`).
         """
@@ -167,7 +173,7 @@ class Versions:
         if not kept:
             raise PluginNotFound(f"rollback {label} plugin {name} error: no previous version is kept"
                                  " (an update keeps the one it replaces; basic.keepVersions sets how many)")
-        target = kept[0]
+        target = kept[0] if version is None else _chosen(current, kept, version)
         with self.applier.reserved(conn, plugin_type, name, "rollback") as op:
             moves, files = self._stage(conn, op, current, target)  # refuses before anything is kept
             keeping = self.keep(conn, op, current)
@@ -255,6 +261,36 @@ class Versions:
             self.sweep(conn)
         except (OSError, PluginError) as exc:
             log.warning("could not remove kept versions no longer recorded (start-up will): %s", exc)
+
+
+def _chosen(current: registry.Plugin, kept: list[history.KeptVersion], version: str) -> history.KeptVersion:
+    """The newest kept version named `version`; refused when it is the one installed, 404 when none is kept."""
+    prefix = f"rollback {type_label(current.type)} plugin {current.name} error"
+    listed = ", ".join(dict.fromkeys(k.version for k in kept))  # newest first, each name once
+    where = f"GET /plugins/{current.type}/{current.name}/history marks them"
+    if version == current.version:
+        raise InvalidRequest(f"{prefix}: version {version} is the one installed (kept versions: {listed}; {where})")
+    for candidate in kept:
+        if candidate.version == version:
+            return candidate
+    raise PluginNotFound(f"{prefix}: version {version} not found (kept versions: {listed}; {where})")
+
+
+def mark_kept(entries: list[dict[str, Any]], kept: list[history.KeptVersion], installed: bool) -> None:
+    """Set each history entry's `kept`: whether the version it installed is kept for a rollback.
+
+    A kept version marks the newest entry with its version and package, after the entry of what is
+    installed (the newest, when the plugin is installed): the entry a rollback with `?version=` returns to.
+    """
+    left: dict[tuple[str, str | None], int] = {}
+    for version in kept:
+        key = (version.version, version.manifest.get("sha256"))
+        left[key] = left.get(key, 0) + 1
+    for index, entry in enumerate(entries):
+        key = (entry["version"], entry["sha256"])
+        entry["kept"] = not (installed and index == 0) and left.get(key, 0) > 0
+        if entry["kept"]:
+            left[key] -= 1
 
 
 def _as_recorded(path: Path, recorded: registry.RecordedFile) -> bool:

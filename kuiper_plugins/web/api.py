@@ -341,8 +341,13 @@ def plugin_history(plugin_type: str, name: str) -> Response:
 @bp.post(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>/rollback")
 def rollback_plugin(plugin_type: str, name: str) -> Response:
     checked_name(name)
+    wanted = request.args.get("version")  # one of the kept versions GET .../history marks; none: the newest
+    if wanted is not None and not wanted.strip():
+        raise InvalidRequest(f"rollback {type_label(plugin_type)} plugin {name} error: invalid version {wanted!r}"
+                             " (name a kept version, as GET .../history marks them, or leave version out for the"
+                             " newest)")
     settle_with_engine(plugin_type, name)
-    version = installer().rollback(plugin_type, name)
+    version = installer().rollback(plugin_type, name, wanted)
     body = {"type": plugin_type, "name": name, "version": version}  # the path's type, as the request named it
     response = json_response(body)
     restart_engine = services().restart_engine
