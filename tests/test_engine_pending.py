@@ -130,3 +130,18 @@ def test_pending_through_gunicorn(tmp_path, start_kuiperd, start_gunicorn, serve
     for _ in range(4):
         counted = requests.get(f"{server.url}/", timeout=30).json()["engine"]["pendingRestart"]
         assert requests.get(f"{server.url}/engine/pending", timeout=30).json()["count"] == counted
+
+
+def test_the_documented_example_answers_its_documented_status(kuiperd, make_service, served):
+    """GET /engine/pending as the OpenAPI document gives it (test_openapi.py replays the other lifecycle ones)."""
+    from test_openapi import documented_request
+
+    service = make_service(engine_url=kuiperd.url)
+    assert service.post("functions", multi(served)).status_code == 201
+    document = service.client.get("/openapi.json").get_json()
+    url, query, body, status = documented_request(document, "get", "/engine/pending")
+    answer = service.client.get(url, query_string=query)
+    assert str(answer.status_code) == status, answer.get_data(as_text=True)
+    example = document["paths"]["/engine/pending"]["get"]["responses"][status]["content"]["application/json"]["example"]
+    assert set(answer.get_json()) == set(example)
+    service.stop()

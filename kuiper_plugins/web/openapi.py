@@ -50,8 +50,11 @@ def _errors(*statuses: str) -> dict[str, Any]:
     return {status: {"$ref": f"#/components/responses/Error{status}"} for status in chosen}
 
 
-def _body(schema: str, required: bool = True) -> dict[str, Any]:
-    return {"required": required, "content": {"application/json": {"schema": schema}}}
+def _body(schema: str, required: bool = True, example: Any = None) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"required": required, "content": {"application/json": media}}
 
 
 def _param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -59,9 +62,11 @@ def _param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
-TYPE_PARAM = _param("type", {"type": "string", "enum": list(PLUGIN_TYPES)}, "plugin type")
+TYPE_PARAM = _param("type", {"type": "string", "enum": list(PLUGIN_TYPES)}, "plugin type") | {"example": "sources"}
 NATIVE_PARAM = _param("type", {"type": "string", "enum": list(NATIVE_TYPES)}, "native plugin type")
-NAME_PARAM = _param("name", NAME, "plugin name")
+NAME_PARAM = _param("name", NAME, "plugin name") | {"example": "random"}
+# The package of the examples: eKuiper's file:// form, in the uploads folder of a home at /var/lib/kuiper.
+EXAMPLE_PACKAGE = "file:///var/lib/kuiper/data/uploads/random.zip"
 NAMES = {"type": "array", "items": {"type": "string"}}
 AUDIT_EXAMPLE = {
     "id": 7, "time": "2024-05-01T12:00:00.123Z", "requestId": "deploy-42",
@@ -75,6 +80,7 @@ AUDIT_EXAMPLE = {
 
 # ?dryRun=1 (issue 19): the plan of a create, update or delete, as install/plan.py's to_json() gives it.
 DRY_RUN_PARAM = {"name": "dryRun", "in": "query", "required": False, "schema": {"type": "string", "enum": ["0", "1"]},
+                 "example": "1",
                  "description": "1: answer the plan (200, JSON) and write nothing; a failing plan answers the"
                                 " request's own 4xx"}
 PLAN_EXAMPLE = {
@@ -160,7 +166,7 @@ def build_spec(version: str) -> APISpec:
             "post": {"summary": "Install a plugin from a zip URL; dryRun=1 answers the plan instead",
                      "tags": ["plugins"],
                      "parameters": [DRY_RUN_PARAM],
-                     "requestBody": _body("PluginRequest"),
+                     "requestBody": _body("PluginRequest", example={"name": "random", "file": EXAMPLE_PACKAGE}),
                      "responses": {"201": _text("Created", "sources plugin random is created"),
                                    "200": _plan("dryRun=1: what the install would write and run; nothing written"),
                                    **_errors()}},
@@ -178,7 +184,7 @@ def build_spec(version: str) -> APISpec:
                     "tags": ["plugins"],
                     "parameters": [{"name": "stop", "in": "query", "required": False,
                                     "schema": {"type": "string", "enum": ["0", "1"]}}, DRY_RUN_PARAM],
-                    "requestBody": _body("PluginUpdate"),
+                    "requestBody": _body("PluginUpdate", example={"file": EXAMPLE_PACKAGE}),
                     "responses": {"200": _updated_or_plan(
                         "Updated (text), or with dryRun=1 the plan (JSON)",
                         "plugin random is updated and eKuiper must restart for the change to take effect."),
@@ -195,11 +201,13 @@ def build_spec(version: str) -> APISpec:
             },
         },
     )
-    history_entry = {"type": "object", "required": ["operation", "version", "sha256", "url", "at", "outcome"],
+    history_entry = {"type": "object", "required": ["operation", "version", "sha256", "url", "at", "outcome", "kept"],
                      "properties": {"operation": {"type": "string", "enum": ["install", "update", "rollback"]},
                                     "version": {"type": "string"}, "sha256": {"type": "string", "nullable": True},
                                     "url": {"type": "string", "nullable": True}, "at": {"type": "number"},
-                                    "outcome": {"type": "string"}}}
+                                    "outcome": {"type": "string"},
+                                    "kept": {"type": "boolean", "description": "the version this entry installed"
+                                             " is kept: POST .../rollback?version= goes back to it"}}}
     spec.path(
         path="/plugins/{type}/{name}/history",
         parameters=[TYPE_PARAM, NAME_PARAM],
@@ -210,10 +218,10 @@ def build_spec(version: str) -> APISpec:
                 "example": [
                     {"operation": "update", "version": "2.0.0", "url": "http://127.0.0.1:8000/random2.zip",
                      "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-                     "at": 1796610000.5, "outcome": "ok"},
+                     "at": 1796610000.5, "outcome": "ok", "kept": False},
                     {"operation": "install", "version": "1.0.0", "url": "http://127.0.0.1:8000/random.zip",
                      "sha256": "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752",
-                     "at": 1796600000.25, "outcome": "ok"},
+                     "at": 1796600000.25, "outcome": "ok", "kept": True},
                 ]}}}, **_errors()},
         }},
     )
@@ -221,11 +229,16 @@ def build_spec(version: str) -> APISpec:
         path="/plugins/{type}/{name}/rollback",
         parameters=[TYPE_PARAM, NAME_PARAM],
         operations={"post": {
-            "summary": "Swap the newest kept previous version back in (404 when none is kept); for a native"
+            "summary": "Swap a kept previous version back in: the one version names, else the newest (404 when"
+                       " none is kept, or that version is not; 400 for the one installed); for a native"
                        " plugin, stop=1 then runs engine.restartCommand when it is set",
             "tags": ["history"],
             "parameters": [{"name": "stop", "in": "query", "required": False,
-                            "schema": {"type": "string", "enum": ["0", "1"]}}],
+                            "schema": {"type": "string", "enum": ["0", "1"]}},
+                           {"name": "version", "in": "query", "required": False, "schema": {"type": "string"},
+                            "example": "1.0.0",
+                            "description": "a kept version, as GET .../history marks them (`kept`); without it,"
+                                           " the newest kept version, so that twice returns to where you started"}],
             "responses": {"200": {"description": "The version now installed", "content": {"application/json": {
                 "schema": {"type": "object", "required": ["type", "name", "version"],
                            "properties": {"type": {"type": "string"}, "name": {"type": "string"},
@@ -247,7 +260,8 @@ def build_spec(version: str) -> APISpec:
         path="/plugins/functions/{name}/register",
         parameters=[NAME_PARAM],
         operations={"post": {
-            "summary": "Replace the function list of a native function plugin", "tags": ["functions"],
+            "summary": "Replace the function list of a native function plugin (400 while its files are missing:"
+                       " POST /registry/repair first)", "tags": ["functions"],
             "requestBody": _body("FunctionList"),
             "responses": {"200": _text("Registered", "function plugin misc function list is registered"),
                           **_errors()},
