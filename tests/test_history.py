@@ -180,6 +180,26 @@ def test_an_update_undone_after_keeping_the_old_version_leaves_no_copy(service, 
     service.assert_unchanged(before)
 
 
+
+def test_a_version_kept_while_its_files_were_missing_is_never_rolled_back_to(service, file_server):
+    """A rollback must not restore a plugin without its files: eKuiper's store would be given it."""
+    install_two_versions(service, file_server)
+    (service.home / "plugins/sinks/Echo@v2.0.0.so").unlink()  # damaged; a rollback is one way out
+    first = service.client.post("/plugins/sinks/echo/rollback")
+    assert first.status_code == 200, first.get_data(as_text=True)
+    assert sink_files(service) == V1_FILES
+    before = service.snapshot()
+
+    answer = service.client.post("/plugins/sinks/echo/rollback")  # back to 2.0.0, which was kept without its .so
+
+    assert answer.status_code == 400, answer.get_data(as_text=True)
+    assert answer.get_json()["message"] == (
+        "rollback sinks plugin echo error: version 2.0.0 cannot be restored whole (it was kept without"
+        " plugins/sinks/Echo@v2.0.0.so, missing or emptied when it was replaced; install it again from its package"
+        " instead)")
+    service.assert_unchanged(before)
+    assert service.client.get("/registry/verify").get_json() == {"ok": True, "problems": []}
+
 # ---------------------------------------------------------------------------- choosing the kept version
 # With basic.keepVersions above 1, ?version= names which kept version a rollback goes to.
 

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,13 @@ class Versions:
         partial = folder.with_name(folder.name + TEMPORARY_SUFFIX)
         shutil.rmtree(partial, ignore_errors=True)  # debris of an operation on this plugin that died
         partial.mkdir(parents=True)
-        kept_files = []
+        kept_files, incomplete = [], []
+        config = set(packages.kept_on_delete(plugin.type, plugin.name))  # the user's settings: only absence counts
         for index, recorded in enumerate(registry.recorded_files(conn, plugin.id)):
             source = self.layout.absolute(recorded.path)
             copy = partial / str(index)
+            if _missing_or_emptied(source, recorded, user_config=recorded.path in config):
+                incomplete.append(recorded.path)  # a rollback to this version would restore a damaged plugin
             if os.path.islink(source) or not os.path.lexists(source):
                 continue
             if source.is_dir():
@@ -81,7 +85,7 @@ class Versions:
             "sha256": plugin.sha256,
             "request": plugin.request, "descriptor": plugin.descriptor,
             "functions": registry.functions_of(conn, plugin.id), "compatibility": plugin.compatibility,
-            "files": kept_files,
+            "files": kept_files, "incomplete": incomplete,
         }
 
     def _free_folder(self, conn: sqlite3.Connection, plugin: registry.Plugin) -> Path:
@@ -174,6 +178,11 @@ class Versions:
             raise PluginNotFound(f"rollback {label} plugin {name} error: no previous version is kept"
                                  " (an update keeps the one it replaces; basic.keepVersions sets how many)")
         target = kept[0] if version is None else _chosen(current, kept, version)
+        if target.manifest.get("incomplete"):
+            raise InvalidRequest(
+                f"rollback {label} plugin {name} error: version {target.version} cannot be restored whole (it was"
+                f" kept without {', '.join(target.manifest['incomplete'])}, missing or emptied when it was replaced;"
+                " install it again from its package instead)")
         with self.applier.reserved(conn, plugin_type, name, "rollback") as op:
             moves, files = self._stage(conn, op, current, target)  # refuses before anything is kept
             keeping = self.keep(conn, op, current)
@@ -291,6 +300,15 @@ def mark_kept(entries: list[dict[str, Any]], kept: list[history.KeptVersion], in
         entry["kept"] = not (installed and index == 0) and left.get(key, 0) > 0
         if entry["kept"]:
             left[key] -= 1
+
+
+def _missing_or_emptied(path: Path, recorded: registry.RecordedFile, *, user_config: bool) -> bool:
+    """Whether a recorded file is gone, or has no bytes where it was installed with some (start-up's check)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return True  # verify counts a file it cannot read as missing
+    return not user_config and stat.S_ISREG(st.st_mode) and st.st_size == 0 and (recorded.size or 0) > 0
 
 
 def _as_recorded(path: Path, recorded: registry.RecordedFile) -> bool:
