@@ -158,7 +158,7 @@ class Versions:
             kept = history.kept(conn, plugin_type, name)
         if not entries and not installed:
             raise PluginNotFound(f"describe {type_label(plugin_type)} plugin {name} error: not found")
-        mark_kept(entries, kept, installed)
+        _mark_kept(entries, kept, installed)
         return entries
 
     # ---------------------------------------------------------------- rollback
@@ -285,7 +285,7 @@ def _chosen(current: registry.Plugin, kept: list[history.KeptVersion], version: 
     raise PluginNotFound(f"{prefix}: version {version} not found (kept versions: {listed}; {where})")
 
 
-def mark_kept(entries: list[dict[str, Any]], kept: list[history.KeptVersion], installed: bool) -> None:
+def _mark_kept(entries: list[dict[str, Any]], kept: list[history.KeptVersion], installed: bool) -> None:
     """Set each history entry's `kept`: whether the version it installed is kept for a rollback.
 
     A kept version marks the newest entry with its version and package, after the entry of what is
