@@ -7,6 +7,7 @@ apply is: inside that download, holding the plugin set's lock.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import make_zip
+from test_peer_access import NOBODY, curl_one
 
 from kuiper_plugins.layout import Layout
 
@@ -146,3 +148,36 @@ def test_a_worker_killed_in_the_middle_of_an_apply_leaves_each_plugin_old_or_new
     again = requests.put(f"{server.url}/config/plugins", json=document, timeout=120)
     assert again.status_code == 200, again.text
     assert [(c["action"], c["name"]) for c in again.json()["changes"]] == [("install", "second")]
+
+
+def test_another_local_user_cannot_have_an_install_sh_run_by_an_apply(start_gunicorn, file_server):
+    """As for POST /plugins/{type}: a local user let in by basic.allowedUsers, but not root nor the service's
+    user, may apply packages without an install.sh only; a step whose package has one is refused (403), the
+    changes before it are undone, and the script never runs. Any other local user is refused outright."""
+    server = start_gunicorn(KUIPER_PLUGINS__BASIC__ALLOWEDUSERS="nobody")
+    marker = server.home / "ran-as"
+    make_zip(file_server.root / "plain.zip", {"Plain@v1.0.0.so": SO_V1})
+    make_zip(file_server.root / "scripted.zip", {"Scripted@v1.0.0.so": SO_V1,
+                                                 "install.sh": f"#!/bin/sh\nid -u > {marker}\n"})
+    document = json.dumps({"sinks": {"plain": {"file": file_server.url("plain.zip")},
+                                     "scripted": {"file": file_server.url("scripted.zip")}}})
+
+    status, answer = curl_one(f"{server.url}/config/plugins", "PUT", json_body=document)
+
+    assert status == 403, answer
+    body = json.loads(answer)
+    assert body["failed"] == {"type": "sink", "name": "scripted", "action": "install"}
+    assert body["message"].startswith("fail to install plugin: the package has an install.sh, which runs as this"
+                                      f" service's user, and the caller is local user 'nobody' (uid {NOBODY})")
+    assert [(c["action"], c["name"]) for c in body["rolledBack"]] == [("install", "plain")]
+    assert not marker.exists()
+    assert requests.get(f"{server.url}/config/plugins", timeout=10).json()["sinks"] == {}
+
+    # www-data is not in basic.allowedUsers: neither its read nor its write is served
+    for method, json_body in (("GET", None), ("PUT", document)):
+        status, answer = curl_one(f"{server.url}/config/plugins", method, json_body=json_body, user="www-data")
+        assert status == 403 and "local user 'www-data'" in answer, answer
+    # root may apply it, and the script runs
+    status, answer = curl_one(f"{server.url}/config/plugins", "PUT", json_body=document, user=None)
+    assert status == 200, answer
+    assert marker.read_text().strip() == "0"
