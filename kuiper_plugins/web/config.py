@@ -1,4 +1,4 @@
-"""The plugin set as one document: GET and PUT /config/plugins (lifecycle/plugin_set.py does the work).
+"""The plugin set as one document: GET and PUT /config/plugins (fleet/plugin_set.py does the work).
 
 GET answers the document (JSON, or YAML for `Accept: application/yaml`; `?format=ekuiper` for the plugin
 part of eKuiper's export). PUT takes either format, applies it all-or-nothing, and answers the changes; a
@@ -14,10 +14,10 @@ import yaml
 from flask import Blueprint, Response, request
 
 from kuiper_plugins.errors import InvalidRequest, PluginError, RegistryUnavailable
+from kuiper_plugins.fleet.plugin_set import INSTALL, UPDATE, ApplyFailed, Document, PluginSet
 from kuiper_plugins.install import packages
 from kuiper_plugins.install.installer import type_label
 from kuiper_plugins.layout import PORTABLE
-from kuiper_plugins.lifecycle.plugin_set import INSTALL, UPDATE, ApplyFailed, Document, PluginSet
 from kuiper_plugins.web.access import unprivileged_caller
 from kuiper_plugins.web.api import (
     YAML_TYPES,
