@@ -221,8 +221,13 @@ def main() -> None:
                          status=status)
     if status >= 400:
         body = answer_json(module, info.get("body"), status) if info.get("body") else None
+        message = refusal_message(body, f"the service answered {status}: {info.get('msg')}")
+        if status == 404 and not (isinstance(body, dict) and body.get("failed")):
+            # No step failed: the route itself is missing, so the URL is not a service that takes plugin sets.
+            message += (f" (no {DOCUMENT_PATH} at {module.params['url']}: "
+                        "is it a kuiper-plugins service that takes plugin sets?)")
         module.fail_json(
-            msg=refusal_message(body, f"the service answered {status}: {info.get('msg')}"),
+            msg=message,
             status=status,
             failed_plugin=body.get("failed") if isinstance(body, dict) else None,
             rolled_back=body.get("rolledBack", []) if isinstance(body, dict) else [],
