@@ -100,7 +100,7 @@ changes:
       name: echo
       from: {version: "1.0.0", sha256: "9f2c...", file: "https://packages.example/echo1.zip"}
       to: {version: "2.0.0", sha256: "51ab...", file: "https://packages.example/echo2.zip"}
-      reason: sha256 changed
+      reason: "file differs: installed from https://packages.example/echo1.zip"
 dry_run:
   description: Whether this was the plan only (check mode).
   returned: success
@@ -152,10 +152,13 @@ def load_state(module: AnsibleModule, state: Any) -> dict:
 
 
 def entry_text(entry: dict | None) -> str:
-    """Render a plugin's recorded entry as sorted `key: value` lines, the text a diff compares."""
+    """Render a plugin's entry as sorted `key: value` lines, the text a diff compares."""
     if not entry:
         return ""
-    return "".join(f"{key}: {json.dumps(entry[key], sort_keys=True)}\n" for key in sorted(entry))
+    # A plan knows a package's version and digest only when the document gives them: the rest is "unknown",
+    # not null, which would read as "removed".
+    return "".join(f"{key}: {'unknown' if entry[key] is None else json.dumps(entry[key], sort_keys=True)}\n"
+                   for key in sorted(entry))
 
 
 def plan_diff(changes: list[dict]) -> list[dict]:
