@@ -15,11 +15,15 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jwt
 import pytest
 import requests
 from conftest import REPO, Gunicorn, disk_state, engine_dump, make_zip, registry_dump
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kuiper_plugins.layout import Layout
 
@@ -60,24 +64,31 @@ def served(file_server, name: str, members: dict) -> tuple[str, str]:
 
 
 @pytest.fixture
-def nodes(tmp_path, file_server):
-    """Three real services, each with its own home, port and log; no log may hold a traceback."""
+def start_node(tmp_path, file_server):
+    """Start real services, each with its own home, port and log; at the end, stop them: no log may hold a
+    traceback."""
     started: dict[str, Gunicorn] = {}
-    env = {
-        "KUIPER_PLUGINS__BASIC__PRIVATENETALLOWLIST": f"127.0.0.1:{file_server.port}",
-        "KUIPER_PLUGINS__PORTABLE__VERIFYONINSTALL": "false",
-    }
+
+    def start(name: str, **env: str) -> Gunicorn:
+        env.setdefault("KUIPER_PLUGINS__BASIC__PRIVATENETALLOWLIST", f"127.0.0.1:{file_server.port}")
+        env.setdefault("KUIPER_PLUGINS__PORTABLE__VERIFYONINSTALL", "false")  # stub portable packages
+        started[name] = Gunicorn(tmp_path / name, tmp_path / f"{name}.log", workers=2, env=env)
+        return started[name].start()
+
     try:
-        for name in NODES:
-            started[name] = Gunicorn(tmp_path / name, tmp_path / f"{name}.log", workers=2, env=env)
-            started[name].start()
-        yield started
+        yield start
     finally:
         for server in started.values():
             server.stop()
     for name in started:
         log = (tmp_path / f"{name}.log").read_text(errors="replace")
         assert "Traceback" not in log, f"{name}: {log[-4000:]}"
+
+
+@pytest.fixture
+def nodes(start_node) -> dict[str, Gunicorn]:
+    """Three real services with two workers each."""
+    return {name: start_node(name) for name in NODES}
 
 
 class Ansible:
@@ -271,3 +282,32 @@ def test_rollout_converges_is_idempotent_checks_without_writing_and_stops_at_a_f
     assert [(c["action"], c["type"], c["name"]) for c in result["changes"]] == [("remove", "function", "misc")]
     assert result["dry_run"] is True
     assert snapshot(nodes["node1"]) == node1
+
+
+def test_the_module_sends_its_token_and_never_shows_it(tmp_path, file_server, start_node):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    mgmt = tmp_path / "node1/etc/mgmt"
+    mgmt.mkdir(parents=True)
+    (mgmt / "fleet.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    node = start_node("node1", KUIPER_PLUGINS__BASIC__AUTHENTICATION="true")
+    now = int(time.time())
+    token = jwt.encode({"iss": "fleet.pub", "aud": "eKuiper", "iat": now - 10, "exp": now + 600}, key,
+                       algorithm="RS256")
+    echo1, _ = served(file_server, "echo1.zip", {"Echo@v1.0.0.so": b"\x7fELF echo 1"})
+    document = tmp_path / "plugins.yml"
+    document.write_text(f"sinks:\n  echo:\n    file: {echo1}\n")
+    ansible = Ansible(tmp_path, {"node1": node}, {})
+
+    # Without a token the service refuses in eKuiper's words, and the task fails with them.
+    done, counts = ansible.rollout(document)
+    assert counts == {"node1": {"ok": 0, "changed": 0, "unreachable": 0, "failed": 1}}, done.stdout
+    assert '"msg": "missing_token"' in done.stdout and '"status": 401' in done.stdout, done.stdout
+    assert not (node.home / "plugins/sinks/Echo@v1.0.0.so").exists()
+
+    # With it (as a vault would pass it), the set is applied; even at -vvv the token is not printed.
+    done, counts = ansible.rollout(document, "-vvv", "-e", f"kuiper_plugins_token={token}")
+    assert counts == {"node1": {"ok": 1, "changed": 1, "unreachable": 0, "failed": 0}}, done.stdout
+    assert (node.home / "plugins/sinks/Echo@v1.0.0.so").read_bytes() == b"\x7fELF echo 1"
+    assert '"token": "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"' in done.stdout  # the module's arguments, censored
+    assert token not in done.stdout + done.stderr
