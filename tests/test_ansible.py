@@ -311,3 +311,15 @@ def test_the_module_sends_its_token_and_never_shows_it(tmp_path, file_server, st
     assert (node.home / "plugins/sinks/Echo@v1.0.0.so").read_bytes() == b"\x7fELF echo 1"
     assert '"token": "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"' in done.stdout  # the module's arguments, censored
     assert token not in done.stdout + done.stderr
+
+
+def test_ansible_doc_reads_the_module_documentation(tmp_path):
+    ansible = Ansible(tmp_path, {}, {})
+    done = subprocess.run([str(VENV_BIN / "ansible-doc"), "--json", "-t", "module", "kuiper_plugins_state"],
+                          cwd=ansible.work, env=ansible.env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)["kuiper_plugins_state"]
+    assert sorted(doc["doc"]["options"]) == ["prune", "state", "timeout", "token", "url", "use_proxy",
+                                             "validate_certs"]
+    assert doc["doc"]["options"]["url"]["required"] is True
+    assert sorted(doc["return"]) == ["changes", "dry_run", "failed_plugin", "rolled_back", "status"]

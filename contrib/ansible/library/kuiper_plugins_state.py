@@ -64,6 +64,12 @@ options:
       - Verify the service's TLS certificate for an V(https) URL.
     type: bool
     default: true
+  use_proxy:
+    description:
+      - Go through the proxy that C(http_proxy) or C(https_proxy) names. Set it to V(false) when those are set
+        on the node and the service's address is not in C(no_proxy).
+    type: bool
+    default: true
   timeout:
     description:
       - Seconds to wait for the service's answer; it answers once every download and install is done.
@@ -203,6 +209,7 @@ def main() -> None:
             "state": {"type": "raw", "required": True},
             "prune": {"type": "bool", "default": False},
             "validate_certs": {"type": "bool", "default": True},
+            "use_proxy": {"type": "bool", "default": True},  # read by fetch_url, as validate_certs is
             "timeout": {"type": "int", "default": 600},
         },
         supports_check_mode=True,
