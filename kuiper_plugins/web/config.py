@@ -7,12 +7,14 @@ step that fails answers that step's own status with the failed plugin and what w
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import yaml
 from flask import Blueprint, Response, request
 
-from kuiper_plugins.errors import InvalidRequest, RegistryUnavailable
+from kuiper_plugins.errors import InvalidRequest, PluginError, RegistryUnavailable
+from kuiper_plugins.install import packages
 from kuiper_plugins.install.installer import type_label
 from kuiper_plugins.layout import PORTABLE
 from kuiper_plugins.lifecycle.plugin_set import INSTALL, UPDATE, ApplyFailed, Document, PluginSet
@@ -29,6 +31,8 @@ from kuiper_plugins.web.api import (
     settle_with_engine,
 )
 from kuiper_plugins.web.schemas import PluginSetRequest
+
+log = logging.getLogger(__name__)
 
 config_bp = Blueprint("config", __name__)
 
@@ -79,13 +83,23 @@ def _yaml_wanted() -> bool:
 
 
 def _settle_with_engine(document: Document) -> None:
-    """Before an apply: take in what the engine installed or deleted itself, for every plugin it may touch."""
+    """Before an apply: take in what the engine installed or deleted itself, for every plugin it may touch.
+
+    A name the ID rule refuses is not looked for (it never names a file); the plan refuses it.
+    """
     for plugin_type, plugins in document.plugins.items():
         for name in plugins:
+            try:
+                packages.check_name(name)
+            except InvalidRequest:
+                continue
             settle_with_engine(plugin_type, name)
     engine_sync = services().engine_sync
     if document.prune and engine_sync is not None:
-        engine_sync.look()  # every plugin may be removed: the whole registry in step with the engine first
+        try:
+            engine_sync.look()  # every plugin may be removed: the whole registry in step with the engine first
+        except (PluginError, OSError) as exc:  # as for the periodic look: what it could not do waits for the next
+            log.warning("plugin set: the look at the engine's plugins before a prune failed: %s", exc)
 
 
 def _failure(failed: ApplyFailed) -> Response:
