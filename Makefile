@@ -24,7 +24,7 @@ run: venv
 	$(BIN)/gunicorn -c etc/gunicorn.conf.py wsgi:app
 
 lint: venv
-	$(BIN)/ruff check kuiper_plugins tests bench wsgi.py etc/gunicorn.conf.py
+	$(BIN)/ruff check kuiper_plugins tests bench wsgi.py etc/gunicorn.conf.py contrib/ansible/library
 
 system-deps:
 	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \

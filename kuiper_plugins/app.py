@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     )
     from kuiper_plugins.web.api import bp
     from kuiper_plugins.web.auditing import audit_bp, register_request_ids
+    from kuiper_plugins.web.config import config_bp
     from kuiper_plugins.web.lifecycle import lifecycle_bp
     from kuiper_plugins.web.openapi import docs_bp
 
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     app.register_blueprint(bp)
     app.register_blueprint(audit_bp)
     app.register_blueprint(lifecycle_bp)
+    app.register_blueprint(config_bp)
     app.register_blueprint(docs_bp)
     register_error_handlers(app)
     weakref.finalize(app, os.close, service_lock)  # an app dropped in-process (tests) lets go of the lock

@@ -177,6 +177,18 @@ def registry_dump(home: Path) -> list[str]:
         conn.close()
 
 
+def recorded_files(home: Path, name: str) -> dict[str, tuple[int, str]]:
+    """Every file the registry records for plugin `name`: its path, with its size and sha256."""
+    conn = sqlite3.connect(Layout(home).registry_file)
+    try:
+        rows = conn.execute(
+            "SELECT f.path, f.size, f.sha256 FROM plugin_files f JOIN plugins p ON p.id = f.plugin_id"
+            " WHERE p.name = ?", (name,)).fetchall()
+    finally:
+        conn.close()
+    return {path: (size, sha256) for path, size, sha256 in rows}
+
+
 # The audit table is the only one with AUTOINCREMENT, so sqlite_sequence holds its counter alone.
 _AUDIT_ROWS = ('INSERT INTO "audit" ', 'DELETE FROM "sqlite_sequence";',
                "INSERT INTO \"sqlite_sequence\" VALUES('audit',")

@@ -238,6 +238,14 @@ def front_site(engine_port: int, service_port: int) -> str:
     ("GET", "/config/uploadsx", None, "engine"),
     ("GET", "/audit?limit=5", None, "service"),  # the service's audit trail
     ("GET", "/auditx", None, "engine"),
+    ("PUT", "/config/plugins", b'{"functions":{},"prune":false}', "service"),  # the fleet's plugin set
+    ("GET", "/config/plugins?format=ekuiper", None, "service"),
+    ("GET", "/config/pluginsx", None, "engine"),
+    ("GET", "/registry/verify", None, "service"),
+    ("POST", "/registry/repair", None, "service"),
+    ("GET", "/engine/pending", None, "service"),
+    ("GET", "/engine/pendingx", None, "engine"),
+    ("GET", "/registry/backup", None, "engine"),  # the engine's whole store is in it: the service's port only
 ])
 def test_the_front_sends_the_plugin_and_uploads_api_to_the_service_and_the_rest_to_the_engine(
         nginx, stand_ins, method, path, body, reaches):

@@ -11,23 +11,12 @@ from __future__ import annotations
 import hashlib
 
 import requests
-from conftest import disk_state, make_zip, registry_dump
+from conftest import disk_state, make_zip, recorded_files, registry_dump
 
 from kuiper_plugins.store import db
 
 SO = b"\x7fELF fake shared object"
 SCRIPT = "#!/bin/sh\n" + "".join(f"echo line {n}\n" for n in range(2, 31))
-
-
-def recorded(service, name: str) -> dict[str, tuple[int, str]]:
-    conn = db.connect(service.layout.registry_file)
-    try:
-        rows = conn.execute(
-            "SELECT f.path, f.size, f.sha256 FROM plugin_files f JOIN plugins p ON p.id = f.plugin_id"
-            " WHERE p.name = ?", (name,)).fetchall()
-    finally:
-        conn.close()
-    return {path: (size, sha256) for path, size, sha256 in rows}
 
 
 def planned(plan: dict) -> dict[str, tuple[int, str]]:
@@ -58,7 +47,7 @@ def test_a_dry_run_create_answers_the_plan_writes_nothing_and_the_create_writes_
     assert planned(plan)["plugins/sources/Random@v1.0.0.so"] == (len(SO), hashlib.sha256(SO).hexdigest())
 
     assert service.post("sources", request).status_code == 201
-    assert planned(plan) == recorded(service, "random")
+    assert planned(plan) == recorded_files(service.home, "random")
 
 
 def test_a_dry_run_update_names_what_the_update_writes_and_removes(service, file_server):
@@ -78,7 +67,7 @@ def test_a_dry_run_update_names_what_the_update_writes_and_removes(service, file
 
     assert service.client.put("/plugins/sources/random", json=request).status_code == 200
     assert not (service.home / "plugins/sources/Random@v1.0.0.so").exists()
-    assert planned(plan) == recorded(service, "random")
+    assert planned(plan) == recorded_files(service.home, "random")
 
 
 def test_a_dry_run_update_leaves_a_users_edited_yaml_out_of_what_it_writes(service, file_server):

@@ -126,6 +126,14 @@ def install(server, file_server, package: str) -> requests.Response:
                          json={"name": "pygreet", "file": file_server.url(package)}, timeout=180)
 
 
+def greeting_rule_running(engine, server, file_server, sink_server) -> None:
+    """Install pygreet.zip through the service and start rule `greet`, which sends its records to the sink."""
+    assert install(server, file_server, "pygreet.zip").status_code == 201
+    assert engine.post("/rules", rest_rule("greet", "SELECT greeting FROM greetings",
+                                           sink_server.url("greetings"))).status_code == 201
+    assert sink_server.wait_for("greetings", 1, timeout=FLOW_TIMEOUT), engine.log()
+
+
 def test_a_portable_install_through_the_service_feeds_a_rule_at_once(beside, file_server, sink_server, tmp_path):
     # the handshake check on: the service starts the plugin itself once, confined, before the engine does
     engine, server = beside(KUIPER_PLUGINS__PORTABLE__VERIFYONINSTALL="true")
@@ -171,10 +179,7 @@ def test_a_portable_update_through_the_service_restarts_the_plugin_with_the_new_
     home = tmp_path / "home"
     pygreet_zip(file_server.root / "pygreet.zip")
     pygreet_zip(file_server.root / "shouting.zip", shouting=True)
-    assert install(server, file_server, "pygreet.zip").status_code == 201
-    assert engine.post("/rules", rest_rule("greet", "SELECT greeting FROM greetings",
-                                           sink_server.url("greetings"))).status_code == 201
-    assert sink_server.wait_for("greetings", 1, timeout=FLOW_TIMEOUT), engine.log()
+    greeting_rule_running(engine, server, file_server, sink_server)
     [old] = plugin_pids(engine)
     before = engine_process(engine)
 
@@ -210,10 +215,7 @@ def test_a_portable_delete_through_the_service_stops_the_plugin_and_keeps_what_i
     engine, server = beside()
     home = tmp_path / "home"
     pygreet_zip(file_server.root / "pygreet.zip")
-    assert install(server, file_server, "pygreet.zip").status_code == 201
-    assert engine.post("/rules", rest_rule("greet", "SELECT greeting FROM greetings",
-                                           sink_server.url("greetings"))).status_code == 201
-    assert sink_server.wait_for("greetings", 1, timeout=FLOW_TIMEOUT), engine.log()
+    greeting_rule_running(engine, server, file_server, sink_server)
     [pid] = plugin_pids(engine)
     # a file the engine's own delete removes (a yaml for the plugin's sink), that no install of ours wrote
     users = home / "etc" / "sinks" / "tally.yaml"
@@ -265,10 +267,7 @@ def test_a_refused_portable_update_leaves_the_engine_running_the_old_plugin(
     home = tmp_path / "home"
     pygreet_zip(file_server.root / "pygreet.zip")
     pygreet_zip(file_server.root / "broken.zip", broken=True)
-    assert install(server, file_server, "pygreet.zip").status_code == 201
-    assert engine.post("/rules", rest_rule("greet", "SELECT greeting FROM greetings",
-                                           sink_server.url("greetings"))).status_code == 201
-    assert sink_server.wait_for("greetings", 1, timeout=FLOW_TIMEOUT), engine.log()
+    greeting_rule_running(engine, server, file_server, sink_server)
     old_json = (home / "plugins/portable/pygreet/pygreet.json").read_bytes()
     before = engine_process(engine)
 

@@ -41,6 +41,14 @@ def start_service(start_gunicorn, workers: int = 3, interval: str = "0.5", **env
     return start_gunicorn(workers=workers, KUIPER_PLUGINS__ENGINE__SYNCINTERVAL=interval, **env)
 
 
+def service_install_multi(server, file_server, plugin) -> dict:
+    """Install the multi plugin through the service from the loopback file server; the request's body."""
+    shutil.copyfile(plugin.zip_path, file_server.root / "multi.zip")
+    body = {"name": "multi", "file": file_server.url("multi.zip"), "functions": ["twice", "shout"]}
+    assert requests.post(f"{server.url}/plugins/functions", json=body, timeout=60).status_code == 201
+    return body
+
+
 def engine_install_multi(engine, plugin) -> None:
     """Install the multi plugin through kuiperd's own API (a file:// URL in its uploads folder)."""
     shutil.copyfile(plugin.zip_path, engine.uploads / "multi.zip")
@@ -160,9 +168,7 @@ def test_an_engine_install_during_an_operation_of_ours_waits_for_it(engine, star
 def test_a_plugin_deleted_at_the_engine_is_forgotten_within_seconds(engine, start_gunicorn, file_server,
                                                                    multi_plugin):
     server = start_service(start_gunicorn, workers=3)
-    shutil.copyfile(multi_plugin.zip_path, file_server.root / "multi.zip")
-    body = {"name": "multi", "file": file_server.url("multi.zip"), "functions": ["twice", "shout"]}
-    assert requests.post(f"{server.url}/plugins/functions", json=body, timeout=60).status_code == 201
+    body = service_install_multi(server, file_server, multi_plugin)
     # a file the engine's delete leaves and no install wrote: a user's
     users = server.home / "data" / "functions" / "notes.txt"
     users.parent.mkdir(parents=True, exist_ok=True)
@@ -185,9 +191,7 @@ def test_a_plugin_deleted_at_the_engine_is_forgotten_within_seconds(engine, star
 def test_an_unreachable_engine_changes_nothing_and_its_restart_is_followed(engine, start_gunicorn, file_server,
                                                                          multi_plugin):
     server = start_service(start_gunicorn, workers=2)
-    shutil.copyfile(multi_plugin.zip_path, file_server.root / "multi.zip")
-    body = {"name": "multi", "file": file_server.url("multi.zip"), "functions": ["twice", "shout"]}
-    assert requests.post(f"{server.url}/plugins/functions", json=body, timeout=60).status_code == 201
+    service_install_multi(server, file_server, multi_plugin)
     engine.stop()
     # the binary goes while the engine is down: whatever the disk says, nothing changes without its answer
     (server.home / "plugins" / "functions" / multi_plugin.so_name).unlink()

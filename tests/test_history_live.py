@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import pytest
 import requests
-from test_engine_live import engine_process, rest_rule
+from test_engine_live import engine_process
 from test_engine_live_portable import (
-    FLOW_TIMEOUT,
     beside,  # noqa: F401  (a fixture)
     exited,
+    greeting_rule_running,
     greetings_after,
-    install,
     plugin_pids,
     portable_rows,
     pygreet_zip,
@@ -31,10 +30,7 @@ def test_a_portable_rollback_restarts_the_plugin_with_the_previous_code(beside, 
     home = tmp_path / "home"
     pygreet_zip(file_server.root / "pygreet.zip")
     pygreet_zip(file_server.root / "shouting.zip", shouting=True)
-    assert install(server, file_server, "pygreet.zip").status_code == 201
-    assert engine.post("/rules", rest_rule("greet", "SELECT greeting FROM greetings",
-                                           sink_server.url("greetings"))).status_code == 201
-    assert sink_server.wait_for("greetings", 1, timeout=FLOW_TIMEOUT), engine.log()
+    greeting_rule_running(engine, server, file_server, sink_server)
     updated = requests.put(f"{server.url}/plugins/portables/pygreet",
                            json={"name": "pygreet", "file": file_server.url("shouting.zip")}, timeout=180)
     assert updated.status_code == 200, updated.text

@@ -101,6 +101,48 @@ def test_the_dry_run_plan_example_has_the_shape_of_a_real_plan(service, file_ser
     assert document["paths"]["/engine/pending"]["get"]["responses"]["200"]["content"]["application/json"]["example"]
 
 
+def test_the_plugin_set_examples_are_valid_and_shaped_as_real_answers(service, file_server):
+    """The documented plugin set, its changes and a failed apply validate against their schemas, and so do the
+    real answers of an apply made from the documented example (its URLs pointed at the loopback server)."""
+    from conftest import make_zip
+    from openapi_schema_validator import OAS30Validator
+
+    document = service.client.get("/openapi.json").get_json()
+    operations = document["paths"]["/config/plugins"]
+
+    def valid(schema_name: str, value) -> None:
+        OAS30Validator({"$ref": f"#/components/schemas/{schema_name}",
+                        "components": document["components"]}).validate(value)
+
+    examples = operations["put"]["requestBody"]["content"]["application/json"]["examples"]
+    answer_example = operations["put"]["responses"]["200"]["content"]["application/json"]["example"]
+    failure_example = operations["put"]["responses"]["400"]["content"]["application/json"]["example"]
+    valid("PluginSet", examples["document"]["value"])
+    valid("EkuiperPlugins", examples["ekuiper"]["value"])
+    valid("PluginSetChanges", answer_example)
+    valid("PluginSetFailure", failure_example)
+
+    make_zip(file_server.root / "random_amd64.zip", {"Random@v1.0.0.so": b"\x7fELF", "random.yaml": "a: 1\n"})
+    make_zip(file_server.root / "misc_amd64.zip", {"misc@v2.0.0.so": b"\x7fELF", "install.sh": "#!/bin/sh\n"})
+    body = json.loads(json.dumps(examples["document"]["value"]).replace("https://packages.example.com/",
+                                                                         file_server.url("")))
+    for plugins in (body["sources"], body["functions"]):
+        for entry in plugins.values():
+            entry.pop("sha256")  # the example's digests are not those of the zips made here
+
+    applied = service.client.put("/config/plugins", json=body)
+
+    assert applied.status_code == 200, applied.get_data(as_text=True)
+    valid("PluginSetChanges", applied.get_json())
+    assert {c["name"] for c in applied.get_json()["changes"]} == {"random", "misc"}
+    valid("PluginSet", service.client.get("/config/plugins").get_json())
+    valid("EkuiperPlugins", service.client.get("/config/plugins?format=ekuiper").get_json())
+    failed = service.client.put("/config/plugins", json={"sinks": {"influx": {"file": file_server.url("no.zip")}}})
+    assert failed.status_code == 400
+    valid("PluginSetFailure", failed.get_json())
+    assert set(failed.get_json()) == set(failure_example)
+
+
 # ---------------------------------------------------------------------------- the examples, replayed
 # Every lifecycle endpoint of issue 19 (history, rollback, verify, repair, backup, audit, the dry runs; GET
 # /engine/pending with the engine, in test_engine_pending.py) is sent exactly as its documented examples

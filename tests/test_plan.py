@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_zip
+from conftest import make_zip, recorded_files
 
 from kuiper_plugins.errors import InvalidRequest
 from kuiper_plugins.install import archive, fetch
@@ -52,17 +52,6 @@ def plan_install(service, url: str, plugin_type: str, request: dict, scratch: Pa
     return plan, package
 
 
-def recorded_files(service, name: str) -> dict[str, tuple[int, str]]:
-    conn = db.connect(service.layout.registry_file)
-    try:
-        rows = conn.execute(
-            "SELECT f.path, f.size, f.sha256 FROM plugin_files f JOIN plugins p ON p.id = f.plugin_id"
-            " WHERE p.name = ?", (name,)).fetchall()
-    finally:
-        conn.close()
-    return {path: (size, sha256) for path, size, sha256 in rows}
-
-
 def test_an_install_plan_writes_nothing_and_names_the_files_its_install_writes(service, file_server, tmp_path):
     members = {"Random@v1.0.0.so": SO, "random.yaml": "default:\n  interval: 1000\n", "install.sh": SCRIPT}
     make_zip(file_server.root / "random.zip", members)
@@ -83,7 +72,7 @@ def test_an_install_plan_writes_nothing_and_names_the_files_its_install_writes(s
                                       "head": SCRIPT.splitlines()[:20]}
 
     assert service.post("sources", request).status_code == 201
-    recorded = recorded_files(service, "random")
+    recorded = recorded_files(service.home, "random")
     assert {f["path"] for f in shown["writes"]} == set(recorded)
     for planned in shown["writes"]:
         assert planned["size"] == recorded[planned["path"]][0], planned
@@ -108,7 +97,7 @@ def test_an_update_plan_removes_what_the_new_package_no_longer_has(service, file
     assert plan.removes == ["plugins/sources/Random@v1.0.0.so"]
     assert service.client.put("/plugins/sources/random", json=request).status_code == 200
     assert not (service.home / plan.removes[0]).exists()
-    assert set(recorded_files(service, "random")) == {f.path for f in plan.writes}
+    assert set(recorded_files(service.home, "random")) == {f.path for f in plan.writes}
 
 
 def test_a_delete_plan_lists_the_files_the_delete_removes(service, file_server):

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
 import requests
+import yaml
 
 from kuiper_plugins import __version__
 from kuiper_plugins.settings import SettingsError, service_url
@@ -59,6 +60,8 @@ NO_UDF = "No udf is found."
 EXAMPLES = """\
 examples:
   kuiper-plugins create source random --file https://example.com/random_amd64.zip
+  kuiper-plugins export -o plugins.yaml                 (the plugin set, to edit or to apply elsewhere)
+  kuiper-plugins apply -f plugins.yaml --dry-run        (what would change; then without --dry-run)
   kuiper-plugins create function echo --zip ./echo.zip --function echo --function echo2
   kuiper-plugins list sources
   kuiper-plugins --json describe portable mirror
@@ -79,10 +82,11 @@ exit status: 0 done, 1 refused by the server, 2 usage error or server unreachabl
 class Failure(Exception):
     """A command that cannot succeed: the message for stderr and the exit status to end with."""
 
-    def __init__(self, message: str, exit_status: int):
+    def __init__(self, message: str, exit_status: int, answer: Any = None):
         super().__init__(message)
         self.message = message
         self.exit_status = exit_status
+        self.answer = answer  # a refusal's parsed body, for a command that shows more of it
 
 
 # ------------------------------------------------------------------ talking to the server
@@ -115,7 +119,7 @@ class Client:
             raise Failure(f"request to {url} failed: {exc}", EXIT_USAGE)
         with response:
             if response.status_code >= 400:
-                raise Failure(_refusal_message(response), EXIT_REFUSED)
+                raise Failure(_refusal_message(response), EXIT_REFUSED, _answer_of(response))
             return _answer_of(response)
 
 
@@ -571,6 +575,120 @@ def _fail_unless_ok(answer: Any) -> None:
         raise Failure(f"{len(answer.get('problems') or [])} problem(s) remain", EXIT_REFUSED)
 
 
+# ------------------------------------------------------------------ the plugin set
+
+EXPORT_FORMATS = ("yaml", "json", "ekuiper")
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def _side(change: dict[str, Any], key: str) -> str:
+    """One side of a change in a few words: the function list of a register, else version and digest."""
+    state = change.get(key)
+    if not isinstance(state, dict):
+        return "-"
+    if change.get("action") == "register":
+        return _cell(state.get("functions"))
+    digest = state.get("sha256")
+    return _cell(state.get("version")) + (f" ({digest[:12]})" if isinstance(digest, str) else "")
+
+
+def changes_table(answer: Any) -> str:
+    """What an apply changed (or with --dry-run would change), one row per plugin, in the order it was done."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("changes"), list):
+        return _as_json(answer)
+    dry_run = bool(answer.get("dryRun"))
+    if not answer["changes"]:
+        return "no change: the plugins are as the document says" + (" (dry run)" if dry_run else "")
+    rows = [(_cell(c.get("action")), _cell(c.get("type")), _cell(c.get("name")), _side(c, "from"), _side(c, "to"),
+             _cell(c.get("reason"))) for c in answer["changes"]]
+    count = len(rows)
+    done = f"{count} change{'s' if count != 1 else ''}"
+    footer = f"dry run: {done} planned, nothing was changed" if dry_run else f"{done} made"
+    return table(rows, header=("ACTION", "TYPE", "NAME", "FROM", "TO", "REASON")) + "\n" + footer
+
+
+def cmd_export(client: Client, args: argparse.Namespace) -> None:
+    """Print the plugin set, or save it with -o (written aside and renamed once whole)."""
+    chosen = "json" if args.json and args.format == "yaml" else args.format
+    if chosen == "yaml":
+        text = client.call("GET", "/config/plugins", headers={"Accept": "application/yaml"})
+        if not isinstance(text, str):  # a server that answered JSON all the same: the same document, as YAML
+            text = yaml.safe_dump(text, sort_keys=False, allow_unicode=True)
+    else:
+        params = {"format": "ekuiper"} if chosen == "ekuiper" else None
+        text = _as_json(client.call("GET", "/config/plugins", params=params)) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    target = Path(args.output)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with open(partial, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise Failure(f"cannot write {target}: {exc.strerror or exc}", EXIT_USAGE)
+    show(args, str(target), message)
+
+
+def _document_body(args: argparse.Namespace) -> tuple[bytes, str]:
+    """The file to apply as it is, with its media type; with --prune, with `"prune": true` set in it."""
+    name = args.file
+    try:
+        raw = sys.stdin.buffer.read() if name == "-" else Path(name).expanduser().read_bytes()
+    except OSError as exc:
+        raise Failure(f"cannot read {name}: {exc.strerror or exc}", EXIT_USAGE)
+    suffix = Path(name).suffix.lower()
+    as_yaml = suffix in YAML_SUFFIXES or (suffix != ".json" and not raw.lstrip().startswith((b"{", b"[")))
+    media_type = "application/yaml" if as_yaml else "application/json"
+    if not args.prune:
+        return raw, media_type  # the server reads it, and refuses what is wrong in it, in its own words
+    try:
+        document = yaml.safe_load(raw) if as_yaml else json.loads(raw, object_pairs_hook=_no_repeated_keys)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise Failure(f"cannot read {name}: {' '.join(str(exc).split())}", EXIT_USAGE)
+    if not isinstance(document, dict):
+        raise Failure(f"cannot apply {name}: it does not hold a mapping (the plugin set, or eKuiper's export)",
+                      EXIT_USAGE)
+    document = {key: value for key, value in document.items() if str(key).lower() != "prune"}
+    document["prune"] = True
+    if as_yaml:
+        return yaml.safe_dump(document, sort_keys=False, allow_unicode=True).encode(), media_type
+    return json.dumps(document, ensure_ascii=False).encode(), media_type
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"key {repeated[0]!r} is given more than once")
+    return dict(pairs)
+
+
+def cmd_apply(client: Client, args: argparse.Namespace) -> None:
+    """Converge the server's plugins to a document; print the changes (a refusal: what was rolled back too)."""
+    body, media_type = _document_body(args)
+    try:
+        answer = client.call("PUT", "/config/plugins", data=body, headers={"Content-Type": media_type},
+                             params=_dry_run(args))
+    except Failure as failure:
+        refusal = failure.answer
+        if isinstance(refusal, dict) and "rolledBack" in refusal:
+            if args.json:
+                print(_as_json(refusal))
+            else:
+                undone = refusal.get("rolledBack") or []
+                print(changes_table({"changes": undone}) if undone else "nothing had been changed",
+                      file=sys.stderr)
+                if undone:
+                    print("(the changes above were made, then rolled back)", file=sys.stderr)
+        raise
+    show(args, answer, changes_table)
+
+
 def cmd_verify(client: Client, args: argparse.Namespace) -> None:
     answer = client.call("GET", "/registry/verify")
     show(args, answer, problems_table)
@@ -741,6 +859,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("upload", cmd_upload, "upload a local file to the server's uploads folder; print where it went")
     sub.add_argument("local_file", metavar="LOCAL_FILE")
+
+    sub = command("export", cmd_export, "print the plugin set: every installed plugin, its package and functions")
+    sub.add_argument("-o", "--output", metavar="FILE", help="save it to FILE instead")
+    sub.add_argument("--format", choices=EXPORT_FORMATS, default="yaml",
+                     help="yaml (default; json with --json), json, or ekuiper: the plugin part of eKuiper's export,"
+                          " function lists added")
+    sub = command("apply", cmd_apply, "make the server's plugins what a plugin set says, all or nothing")
+    sub.add_argument("-f", "--file", required=True, metavar="FILE",
+                     help="the plugin set (YAML or JSON, as export writes it) or eKuiper's export; - for stdin")
+    sub.add_argument("--prune", action="store_true", help="also remove the installed plugins FILE does not name")
+    sub.add_argument("--dry-run", action="store_true", help="show what would change, and change nothing")
 
     sub = command("audit", cmd_audit, "show the audit trail: who changed which plugin, newest first")
     sub.add_argument("--limit", type=int, default=20, metavar="N", help="most rows shown (1 to 1000; default 20)")

@@ -248,7 +248,7 @@ class LiveEngine:
                             " which is not a file", name, recorded)
                 return PENDING
         self._keep_handed(workdir, written)
-        package = self.layout.uploads / f".kuiper-plugins-{workdir.name}.zip"
+        package = handover_package(self.layout, workdir)
         try:
             _write_zip(package, [(self.layout.absolute(recorded), member) for recorded, member in members])
             response = self.client.send("POST", "/plugins/portables", {"name": name, "file": package.as_uri()})
@@ -425,6 +425,7 @@ def restore_handed(layout: Layout, workdir: Path) -> None:
     durable.sync_folders(touched)
     listed.unlink()
     durable.sync_folders([workdir])
+
 
 def handover_package(layout: Layout, workdir: Path) -> Path:
     """Where the operation of this staging folder puts the zip the engine installs from."""

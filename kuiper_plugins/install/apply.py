@@ -92,6 +92,9 @@ class Operation:
     journal: list[dict[str, Any]] = field(default_factory=list)
     committed: bool = False
     engine_changed: bool = False  # a portable plugin was stopped or started in the running engine
+    # Previous versions this operation keeps at least, whatever basic.keepVersions says: an apply of a plugin
+    # set keeps the version an update replaces until the whole set is in (fleet/plugin_set.py).
+    keep_at_least: int = 0
 
 
 class Applier:

@@ -96,10 +96,11 @@ class Installer:
                 self.projection.project(conn, plugin_type, name)
 
     def update(self, plugin_type: str, name: str, request: dict[str, Any], *,
-               unprivileged_caller: str | None = None) -> None:
+               unprivileged_caller: str | None = None, keep_at_least: int = 0) -> None:
         """Replace an installed plugin by a new package; the old one stays whole until the new one is in.
 
-        `unprivileged_caller` is as for `install`.
+        `unprivileged_caller` is as for `install`. `keep_at_least` keeps that many previous versions even
+        when basic.keepVersions says fewer, until `trim_versions` (an apply of a plugin set may undo it).
         """
         with self._logged("update", plugin_type, name, request) as outcome:
             fetch.check_url(request["file"])
@@ -108,6 +109,7 @@ class Installer:
                 self.planner.refuse_before_fetching(conn, plugin_type, request, old)
                 try:
                     with self.applier.reserved(conn, plugin_type, name, "update") as op:
+                        op.keep_at_least = keep_at_least
                         outcome.update(self._install_package(conn, op, plugin_type, request, old=old,
                                                              unprivileged_caller=unprivileged_caller))
                 finally:
@@ -115,15 +117,16 @@ class Installer:
                     self.versions.tidy(conn)
                 self.projection.project(conn, plugin_type, name)
 
-    def delete(self, plugin_type: str, name: str) -> None:
+    def delete(self, plugin_type: str, name: str, *, undoing_install: bool = False) -> None:
         """Remove exactly the files the install wrote, the plugin's functions and its registry entry.
 
-        A source's yaml stays, as a user's configuration does. Files already gone from disk are not an
-        error: the registry entry goes all the same.
+        A source's yaml stays, as a user's configuration does, unless `undoing_install` says the delete takes
+        back an install of moments ago: then a yaml still as that install wrote it goes too. Files already
+        gone from disk are not an error: the registry entry goes all the same.
         """
         with self._logged("delete", plugin_type, name, None) as outcome, \
                 self.applier.locked(plugin_type, name) as conn:
-            plan = self.planner.plan_delete(conn, plugin_type, name)
+            plan = self.planner.plan_delete(conn, plugin_type, name, configuration_too=undoing_install)
             outcome["version"] = plan.version
             with self.applier.reserved(conn, plugin_type, name, "delete") as op:
                 if self.live is not None:
@@ -135,19 +138,28 @@ class Installer:
             self.projection.project(conn, plugin_type, name)
             self.versions.tidy(conn)  # its kept versions went with it
 
-    def rollback(self, plugin_type: str, name: str, version: str | None = None) -> str:
+    def rollback(self, plugin_type: str, name: str, version: str | None = None, *, keep_left: bool = True) -> str:
         """Swap a kept version of a plugin back in (`version`, else the newest), through the same crash-safe path.
 
-        Return the version now installed.
+        Return the version now installed. `keep_left=False` keeps no copy of the version left (see
+        `Versions.rollback`).
         """
         with self._logged("rollback", plugin_type, name, None) as outcome:
             with self.applier.locked(plugin_type, name) as conn:
                 try:
-                    outcome.update(self.versions.rollback(conn, plugin_type, name, version))
+                    outcome.update(self.versions.rollback(conn, plugin_type, name, version, keep_left=keep_left))
                 finally:
                     self.versions.tidy(conn)  # the version consumed, or the copy of an undone rollback
                 self.projection.project(conn, plugin_type, name)
         return outcome["version"]
+
+    def trim_versions(self, plugin_type: str, name: str) -> None:
+        """Forget the plugin's kept versions beyond basic.keepVersions, which an update asked to exceed."""
+        with self.applier.locked(plugin_type, name, roll_back_stale=False) as conn:
+            try:
+                self.versions.trim(conn, plugin_type, name)
+            finally:
+                self.versions.tidy(conn)
 
     def history(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> list[dict[str, Any]]:
         """The plugin's installs, updates and rollbacks, newest first; 404 when it has none and is not installed."""

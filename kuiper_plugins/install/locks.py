@@ -94,6 +94,35 @@ def plugin_lock(locks_dir: Path, plugin_type: str, name: str) -> PluginLock:
 
 
 @contextmanager
+def waiting_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` for a with-block, waiting for it, by the plugin locks' rules.
+
+    As for a plugin's lock, the file exists only while the lock is held (whoever finds it unlinked after
+    flock tries again), so a lock taken and let go leaves nothing behind.
+    """
+    for _ in range(_ATTEMPTS):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # its holder removed it as we waited: take it anew
+    else:
+        raise PluginBusy(f"{path.name} is busy: it was taken and let go {_ATTEMPTS} times while this waited")
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextmanager
 def blocking_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on `path` for a with-block, waiting for it (start-up recovery)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)

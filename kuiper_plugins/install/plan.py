@@ -189,14 +189,22 @@ class Planner:
         if plan.package.script:
             plan.script = _script_of(unpacked / plan.package.script)
 
-    def plan_delete(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> OperationPlan:
-        """Plan the delete of an installed plugin: its recorded files but a source's yaml go, and its functions."""
+    def plan_delete(self, conn: sqlite3.Connection, plugin_type: str, name: str, *,
+                    configuration_too: bool = False) -> OperationPlan:
+        """Plan the delete of an installed plugin: its recorded files but a source's yaml go, and its functions.
+
+        `configuration_too`: the source's yaml goes as well while it still holds what was recorded (the delete
+        undoes an install; a yaml the user has changed since stays all the same).
+        """
         plugin = registry.find(conn, plugin_type, name)
         if plugin is None:
             if plugin_type == PORTABLE:
                 raise PluginNotFound(f"delete portable plugin {name} error: portable plugin {name} is not found")
             raise PluginNotFound(f"delete {plugin_type} plugin {name} error: invalid name {name}: not exist")
         kept = set(packages.kept_on_delete(plugin_type, name))
+        if configuration_too:
+            recorded = {f.path: f for f in registry.recorded_files(conn, plugin.id)}
+            kept = {path for path in kept if path in recorded and not self._as_recorded(recorded[path])}
         return OperationPlan(
             kind="delete", plugin_type=plugin_type, name=plugin.name, version=plugin.version,
             source_url=(plugin.request or {}).get("file"), package_size=None, package_sha256=plugin.sha256,
@@ -204,6 +212,13 @@ class Planner:
             functions=registry.functions_of(conn, plugin.id), function_clashes=[], runs_script=False, script=None,
             compatibility=None, restart_needed=plugin_type in NATIVE_TYPES, request=plugin.request, old=plugin,
         )
+
+    def _as_recorded(self, recorded: registry.RecordedFile) -> bool:
+        """Whether a recorded file still holds what its record says (size and sha256 known and equal)."""
+        if recorded.sha256 is None:
+            return False
+        print_ = durable.fingerprint(self.layout.absolute(recorded.path))
+        return print_ is not None and (print_.size, print_.sha256) == (recorded.size, recorded.sha256)
 
     def check_compatibility(self, plan: packages.InstallPlan, unpacked: Path) -> dict[str, Any] | None:
         """Refuse, before install.sh or anything else runs, a binary engine.binary's plugin.Open would refuse."""

@@ -53,11 +53,11 @@ class Versions:
         """Copy the installed files of `plugin` into its kept folder, durably; the manifest to record, or None.
 
         Called by the operation that replaces it, under its lock, before any move. A file of the plugin
-        missing from disk is not kept (its record says so by its absence).
+        missing from disk is not kept; it, and a file emptied, are named in the record's `incomplete`.
         """
-        if self.settings.keep_versions <= 0:
+        if self._limit(op) <= 0:
             return None
-        folder = self._free_folder(conn, plugin)
+        folder = self._free_folder(conn, plugin, self._limit(op))
         partial = folder.with_name(folder.name + TEMPORARY_SUFFIX)
         shutil.rmtree(partial, ignore_errors=True)  # debris of an operation on this plugin that died
         partial.mkdir(parents=True)
@@ -88,7 +88,11 @@ class Versions:
             "files": kept_files, "incomplete": incomplete,
         }
 
-    def _free_folder(self, conn: sqlite3.Connection, plugin: registry.Plugin) -> Path:
+    def _limit(self, op: Operation) -> int:
+        """How many previous versions of its plugin an operation keeps: basic.keepVersions, or more if it asks."""
+        return max(self.settings.keep_versions, op.keep_at_least, 0)
+
+    def _free_folder(self, conn: sqlite3.Connection, plugin: registry.Plugin, limit: int) -> Path:
         """The kept folder for `plugin`: named after it and its package, so that a rerun names it the same.
 
         A folder of that name that no row names is debris, removed; one a row names (the same package kept
@@ -96,7 +100,7 @@ class Versions:
         """
         base = f"{_prefix(plugin.type, plugin.name)}{(plugin.sha256 or 'unknown')[:16]}"
         recorded = history.kept_folders(conn)
-        for number in range(max(self.settings.keep_versions, 0) + 2):
+        for number in range(limit + 2):
             name = base if number == 0 else f"{base}.{number}"
             if name not in recorded:
                 shutil.rmtree(self.layout.versions / name, ignore_errors=True)
@@ -114,8 +118,18 @@ class Versions:
             history.forget_kept(conn, [used])
         if kept is not None:
             history.keep(conn, op.plugin_type, op.name, kept["folder"], kept)
-        surplus = history.kept(conn, op.plugin_type, op.name)[max(self.settings.keep_versions, 0):]
+        surplus = history.kept(conn, op.plugin_type, op.name)[self._limit(op):]
         history.forget_kept(conn, [k.folder for k in surplus])
+
+    def trim(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> None:
+        """Forget the plugin's kept versions beyond basic.keepVersions (an operation kept more for a while).
+
+        The caller holds the plugin's lock; the folders go with `tidy`.
+        """
+        surplus = history.kept(conn, plugin_type, name)[max(self.settings.keep_versions, 0):]
+        if surplus:
+            with db.transaction(conn):
+                history.forget_kept(conn, [k.folder for k in surplus])
 
     def forget(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> None:
         """In a delete's commit: the plugin's kept versions go with it (their folders are swept)."""
@@ -163,11 +177,12 @@ class Versions:
 
     # ---------------------------------------------------------------- rollback
 
-    def rollback(self, conn: sqlite3.Connection, plugin_type: str, name: str,
-                 version: str | None = None) -> dict[str, Any]:
+    def rollback(self, conn: sqlite3.Connection, plugin_type: str, name: str, version: str | None = None, *,
+                 keep_left: bool = True) -> dict[str, Any]:
         """Swap a kept version of the plugin back in (`version`, else the newest); the outcome for the log line.
 
-        The caller holds the plugin's lock (`Applier.locked`).
+        The caller holds the plugin's lock (`Applier.locked`). `keep_left=False` keeps no copy of the version
+        left: an apply of a plugin set undoing its own update leaves the kept versions as they were before it.
         """
         label = type_label(plugin_type)
         current = registry.find(conn, plugin_type, name)
@@ -178,14 +193,15 @@ class Versions:
             raise PluginNotFound(f"rollback {label} plugin {name} error: no previous version is kept"
                                  " (an update keeps the one it replaces; basic.keepVersions sets how many)")
         target = kept[0] if version is None else _chosen(current, kept, version)
-        if target.manifest.get("incomplete"):
+        if target.manifest.get("incomplete") and keep_left:
+            # An apply of a plugin set undoing its own update (keep_left=False) puts back what was, as it was.
             raise InvalidRequest(
                 f"rollback {label} plugin {name} error: version {target.version} cannot be restored whole (it was"
                 f" kept without {', '.join(target.manifest['incomplete'])}, missing or emptied when it was replaced;"
                 " install it again from its package instead)")
         with self.applier.reserved(conn, plugin_type, name, "rollback") as op:
             moves, files = self._stage(conn, op, current, target)  # refuses before anything is kept
-            keeping = self.keep(conn, op, current)
+            keeping = self.keep(conn, op, current) if keep_left else None
             self.applier.publish(op, moves)
             manifest = target.manifest
             engine = None

@@ -59,6 +59,7 @@ OPERATIONS = {
     "plugins.delete_upload": "delete upload",
     "plugins.rollback_plugin": "rollback",
     "lifecycle.repair_home": "repair",
+    "config.apply_plugins": "apply plugin set",
 }
 UNAVAILABLE = (503, 507)  # the registry could not be used: no row (the log line remains)
 MAX_CLAIM = 200

@@ -100,6 +100,110 @@ PENDING_EXAMPLE = {
                            " (Go cannot unload the old one)"}],
 }
 
+# The plugin set (issue 20): GET /config/plugins answers it, PUT converges to it.
+_SHA_RANDOM = "763e0197f6aa644ceff2c8c75b02566c61931ee48ecc59b9a0e07e73f132fdbf"
+_SHA_MISC = "74421c2ddef9c1e9f3971a3a96695a05bc10d25d155ce868a9c1c11dbd6b0b3a"
+PLUGIN_SET_EXAMPLE = {
+    "sources": {"random": {"file": "https://packages.example.com/random_amd64.zip", "sha256": _SHA_RANDOM,
+                           "version": "1.0.0"}},
+    "sinks": {},
+    "functions": {"misc": {"file": "https://packages.example.com/misc_amd64.zip", "sha256": _SHA_MISC,
+                           "version": "2.0.0", "shellParas": ["--fast"], "functions": ["f1", "f2"]}},
+    "portables": {},
+}
+EKUIPER_PLUGINS_EXAMPLE = {
+    "nativePlugins": {
+        "sources_random": '{"name":"random","file":"https://packages.example.com/random_amd64.zip"}',
+        "functions_misc": '{"name":"misc","file":"https://packages.example.com/misc_amd64.zip",'
+                          '"shellParas":["--fast"]}',
+    },
+    "portablePlugins": {},
+    "functionLists": {"misc": ["f1", "f2"]},
+}
+PLUGIN_SET_CHANGES_EXAMPLE = {
+    "changed": True,
+    "changes": [
+        {"action": "register", "type": "function", "name": "misc",
+         "from": {"version": "2.0.0", "sha256": _SHA_MISC, "file": "https://packages.example.com/misc_amd64.zip",
+                  "functions": ["f1"]},
+         "to": {"version": "2.0.0", "sha256": _SHA_MISC, "file": "https://packages.example.com/misc_amd64.zip",
+                "functions": ["f1", "f2"]},
+         "reason": "function list differs"},
+        {"action": "install", "type": "source", "name": "random", "from": None,
+         "to": {"version": "1.0.0", "sha256": _SHA_RANDOM, "file": "https://packages.example.com/random_amd64.zip"},
+         "reason": "not installed"},
+    ],
+}
+_FAILED_MESSAGE = ("sinks plugins create command error: fail to download file https://packages.example.com/"
+                   "influx_amd64.zip: cannot download the file with status: 404 Not Found (plugin set: the install"
+                   " of sinks plugin influx failed; 1 earlier change was rolled back)")
+PLUGIN_SET_FAILURE_EXAMPLE = {
+    "error": _FAILED_MESSAGE, "message": _FAILED_MESSAGE,
+    "failed": {"type": "sink", "name": "influx", "action": "install"},
+    "rolledBack": [PLUGIN_SET_CHANGES_EXAMPLE["changes"][1]],
+}
+
+
+def _plugin_set_components(spec: APISpec) -> None:
+    """The plugin set's shapes: the document, eKuiper's export part, the changes, a failed apply."""
+    state = {"type": "object", "nullable": True, "properties": {
+        "version": {"type": "string", "nullable": True}, "sha256": {"type": "string", "nullable": True},
+        "file": {"type": "string", "nullable": True}, "functions": NAMES}}
+    change = {"type": "object", "required": ["action", "type", "name", "from", "to", "reason"], "properties": {
+        "action": {"type": "string", "enum": ["install", "update", "register", "remove"]},
+        "type": {"type": "string", "enum": ["source", "sink", "function", "portable"]},
+        "name": {"type": "string"}, "from": state, "to": state, "reason": {"type": "string"}}}
+    spec.components.schema("PluginSetChange", change)
+    spec.components.schema("PluginSetChanges", {
+        "type": "object", "required": ["changed", "changes"], "properties": {
+            "changed": {"type": "boolean"},
+            "changes": {"type": "array", "items": {"$ref": "#/components/schemas/PluginSetChange"}},
+            "dryRun": {"type": "boolean", "description": "dryRun=1: the plan; nothing was written"}}})
+    spec.components.schema("PluginSetFailure", {
+        "type": "object", "required": ["error", "message", "failed", "rolledBack"], "properties": {
+            "error": {"type": "string", "description": "the failed step's message (eKuiper's words first)"},
+            "message": {"type": "string", "description": "the same text, where the error envelope has it"},
+            "failed": {"type": "object", "required": ["type", "name", "action"], "properties": {
+                "type": {"type": "string"}, "name": {"type": "string"}, "action": {"type": "string"}}},
+            "rolledBack": {"type": "array", "items": {"$ref": "#/components/schemas/PluginSetChange"}},
+            "notRolledBack": {"type": "array", "description": "changes that could not be undone, each with its"
+                                                               " error (only when there are some)",
+                              "items": {"$ref": "#/components/schemas/PluginSetChange"}}}})
+
+
+def _plugin_set_paths(spec: APISpec) -> None:
+    failure = {"description": "A step failed: its own status (400 for a refused package); every earlier change of"
+                              " the request was undone", "content": {"application/json": {
+                                  "schema": "PluginSetFailure", "example": PLUGIN_SET_FAILURE_EXAMPLE}}}
+    spec.path(path="/config/plugins", operations={
+        "get": {
+            "summary": "Every installed plugin as one document (YAML with Accept: application/yaml), or the plugin"
+                       " part of eKuiper's export (format=ekuiper), function lists added", "tags": ["plugin set"],
+            "parameters": [{"name": "format", "in": "query", "required": False,
+                            "schema": {"type": "string", "enum": ["ekuiper"]},
+                            "description": "ekuiper: nativePlugins, portablePlugins and functionLists"}],
+            "responses": {"200": {"description": "The plugin set", "content": {
+                "application/json": {"schema": {"anyOf": ["PluginSet", "EkuiperPlugins"]},
+                                     "examples": {"document": {"value": PLUGIN_SET_EXAMPLE},
+                                                  "ekuiper": {"value": EKUIPER_PLUGINS_EXAMPLE}}},
+                "application/yaml": {"schema": "PluginSet"}}}, **_errors("400", "401", "403", "503")},
+        },
+        "put": {
+            "summary": "Converge to a plugin set: install, update, re-register and (prune) remove, one plugin at a"
+                       " time, all or nothing; unchanged plugins are not downloaded", "tags": ["plugin set"],
+            "parameters": [DRY_RUN_PARAM],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"anyOf": ["PluginSet", "EkuiperPlugins"]},
+                                     "examples": {"document": {"value": {**PLUGIN_SET_EXAMPLE, "prune": False}},
+                                                  "ekuiper": {"value": EKUIPER_PLUGINS_EXAMPLE}}},
+                "application/yaml": {"schema": "PluginSet"}}},
+            "responses": {"200": {"description": "What changed (dryRun=1: what would), in the order it was done",
+                                  "content": {"application/json": {"schema": "PluginSetChanges",
+                                                                   "example": PLUGIN_SET_CHANGES_EXAMPLE}}},
+                          "400": failure, **_errors("401", "403", "404", "413", "503", "507")},
+        },
+    })
+
 
 def _plan(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": "Plan", "example": PLAN_EXAMPLE}}}
@@ -124,6 +228,9 @@ def build_spec(version: str) -> APISpec:
         ("FunctionOwner", schemas.FunctionOwnerSchema),
         ("Error", schemas.ErrorSchema),
         ("AuditEntry", schemas.AuditEntrySchema),
+        ("PluginEntry", schemas.PluginEntrySchema),
+        ("PluginSet", schemas.PluginSetSchema),
+        ("EkuiperPlugins", schemas.EkuiperPluginsSchema),
     ):
         spec.components.schema(name, schema=schema)
     spec.components.schema("Plan", {
@@ -366,6 +473,8 @@ def build_spec(version: str) -> APISpec:
             "application/json": {"schema": {"type": "object"}, "example": PENDING_EXAMPLE}}},
             **_errors("400", "503")},
     }})
+    _plugin_set_components(spec)
+    _plugin_set_paths(spec)
     spec.path(path="/ping", operations={"get": {
         "summary": "Liveness (no authentication)", "tags": ["health"],
         "responses": {"200": {"description": "Alive"}, **_errors("403")},

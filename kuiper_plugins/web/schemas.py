@@ -7,10 +7,21 @@ ambiguous.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    pre_load,
+    validate,
+    validates_schema,
+)
 
 from kuiper_plugins.errors import InvalidRequest
 from kuiper_plugins.install import fetch, packages, scripts
@@ -128,6 +139,192 @@ class UploadSchema(CaseInsensitiveSchema):
     def one_source(self, data: dict[str, Any], **kwargs: Any) -> None:
         if (data.get("content") is None) == (data.get("file") is None):
             raise ValidationError("give either content or file")
+
+
+# ------------------------------------------------------------------ the plugin set (PUT /config/plugins)
+
+PLUGIN_SET_TYPES = ("sources", "sinks", "functions", "portables")
+EKUIPER_KEYS = ("nativePlugins", "portablePlugins")
+PRUNE_DOC = {"description": "remove the installed plugins the document does not name (default false: kept)"}
+
+
+def _strict_boolean(**kwargs: Any) -> fields.Boolean:
+    """A JSON true or false, nothing that merely looks like one ("yes", 1)."""
+    return fields.Boolean(truthy={True}, falsy={False}, **kwargs)
+
+
+def _without_dict_levels(messages: Any) -> Any:
+    """marshmallow's errors for a Dict, {name: {"key": [...], "value": {...}}}, as {name: ...}."""
+    if not isinstance(messages, dict):
+        return messages
+    plain: dict[Any, Any] = {}
+    for name, errors in messages.items():
+        if isinstance(errors, dict) and errors and set(errors) <= {"key", "value"}:
+            key_errors, value_errors = errors.get("key"), errors.get("value")
+            if key_errors and value_errors:
+                plain[name] = {"_schema": key_errors, **(value_errors if isinstance(value_errors, dict)
+                                                        else {"_value": value_errors})}
+            else:
+                plain[name] = key_errors or value_errors
+        else:
+            plain[name] = errors
+    return plain
+
+
+class NamedDict(fields.Dict):
+    """A JSON object from names to values; its errors are reported by name (sources.random.sha256)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        try:
+            return super()._deserialize(value, attr, data, **kwargs)
+        except ValidationError as exc:
+            raise ValidationError(_without_dict_levels(exc.messages)) from None
+
+
+class PluginEntrySchema(CaseInsensitiveSchema):
+    """One plugin of a plugin set: where its package comes from and how it is installed."""
+
+    file = fields.String(required=True, allow_none=True, metadata={
+        **URL_DOC, "nullable": True,
+        "description": "the package's URL, as for POST /plugins/{type}; null only for a plugin installed without"
+                       " one (copied in by hand), which the document then keeps as it is"})
+    sha256 = fields.String(
+        load_default=None, allow_none=True, validate=validate.Regexp(SHA256),
+        metadata={"pattern": "^[0-9a-fA-F]{64}$", "nullable": True,
+                  "description": "the package's digest; when given, a plugin is unchanged while its recorded"
+                                 " digest equals it (else while its recorded URL equals `file`)"},
+    )
+    version = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=200),
+                            metadata={"nullable": True, "description": "informational: not compared"})
+    shellParas = fields.List(
+        fields.String(), load_default=list, validate=_shell_paras,
+        metadata={"maxItems": 32, "description": "arguments of install.sh; a change reinstalls the plugin"},
+    )
+    functions = fields.List(
+        fields.String(validate=_name, metadata=NAME_DOC), load_default=None, allow_none=True,
+        validate=_function_list,
+        metadata={"maxItems": MAX_FUNCTIONS, "uniqueItems": True, "nullable": True,
+                  "description": "function plugins only: the functions it exports; left out, an installed"
+                                 " plugin keeps its list and a new one exports its name"},
+    )
+
+
+class PluginSetSchema(CaseInsensitiveSchema):
+    """Body of PUT /config/plugins (and GET's answer): every plugin a node should have, per type."""
+
+    sources = NamedDict(keys=fields.String(metadata=NAME_DOC), values=fields.Nested(PluginEntrySchema),
+                        load_default=dict)
+    sinks = NamedDict(keys=fields.String(metadata=NAME_DOC), values=fields.Nested(PluginEntrySchema),
+                      load_default=dict)
+    functions = NamedDict(keys=fields.String(metadata=NAME_DOC), values=fields.Nested(PluginEntrySchema),
+                          load_default=dict)
+    portables = NamedDict(keys=fields.String(metadata=NAME_DOC), values=fields.Nested(PluginEntrySchema),
+                          load_default=dict)
+    prune = _strict_boolean(load_default=False, metadata=PRUNE_DOC)
+
+    @validates_schema
+    def function_lists_of_function_plugins(self, data: dict[str, Any], **kwargs: Any) -> None:
+        errors = {plugin_type: {name: {"functions": ["only function plugins have a function list"]}
+                                for name, entry in data.get(plugin_type, {}).items()
+                                if entry.get("functions") is not None}
+                  for plugin_type in ("sources", "sinks", "portables")}
+        errors = {plugin_type: names for plugin_type, names in errors.items() if names}
+        if errors:
+            raise ValidationError(errors)
+
+    @post_load
+    def as_plugin_set(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {"plugins": {plugin_type: data[plugin_type] for plugin_type in PLUGIN_SET_TYPES},
+                "prune": data["prune"], "format": "document"}
+
+
+class InstallScriptSchema(CaseInsensitiveSchema):
+    """eKuiper's install script for one plugin, the JSON text its export holds: {name, file, shellParas}."""
+
+    name = fields.String(load_default=None, allow_none=True)
+    file = fields.String(required=True)
+    shellParas = fields.List(fields.String(), load_default=list, allow_none=True, validate=_shell_paras)
+
+
+class InstallScriptText(fields.String):
+    """A string holding an install script, as eKuiper's export writes it (JSON inside a JSON string)."""
+
+    schema = InstallScriptSchema()
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            script = json.loads(text)  # as Go's decoder: a key given twice takes the last value
+        except ValueError as exc:
+            raise ValidationError(f"not an install script: {exc}") from None
+        return self.schema.load(script)
+
+
+class EkuiperPluginsSchema(CaseInsensitiveSchema):
+    """The plugin part of eKuiper's /data/export, as PUT /config/plugins takes it; the rest is ignored.
+
+    `nativePlugins` maps `<type>_<name>` to an install script, `portablePlugins` maps `<name>` to one;
+    `functionLists` (ours, a key eKuiper ignores) maps a function plugin's name to its function list.
+    """
+
+    nativePlugins = NamedDict(keys=fields.String(), values=InstallScriptText(), load_default=dict,
+                              metadata={"description": "<type>_<name>: eKuiper's install script (a JSON string)"})
+    portablePlugins = NamedDict(keys=fields.String(), values=InstallScriptText(), load_default=dict,
+                                metadata={"description": "<name>: eKuiper's install script (a JSON string)"})
+    functionLists = NamedDict(
+        keys=fields.String(),
+        values=fields.List(fields.String(validate=_name, metadata=NAME_DOC), validate=_function_list),
+        load_default=dict, metadata={"description": "ours: a function plugin's name to its function list"})
+    prune = _strict_boolean(load_default=False, metadata=PRUNE_DOC)
+
+    @post_load
+    def as_plugin_set(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        plugins: dict[str, dict[str, Any]] = {plugin_type: {} for plugin_type in PLUGIN_SET_TYPES}
+        errors: dict[str, dict[str, list[str]]] = {}
+        for key, script in data["nativePlugins"].items():
+            plugin_type, _, name = key.partition("_")
+            if plugin_type not in PLUGIN_SET_TYPES[:3] or not name:
+                errors.setdefault("nativePlugins", {})[key] = [
+                    "a key is <type>_<name>, with the type sources, sinks or functions"]
+            elif script["name"] not in (None, name):
+                errors.setdefault("nativePlugins", {})[key] = [f"the script names plugin {script['name']!r}"]
+            else:
+                plugins[plugin_type][name] = _entry_of(script, data["functionLists"].get(name)
+                                                       if plugin_type == "functions" else None)
+        for name, script in data["portablePlugins"].items():
+            if script["name"] not in (None, name):
+                errors.setdefault("portablePlugins", {})[name] = [f"the script names plugin {script['name']!r}"]
+            else:
+                plugins["portables"][name] = _entry_of(script, None)
+        for name in data["functionLists"]:
+            if name not in plugins["functions"]:
+                errors.setdefault("functionLists", {})[name] = [f"nativePlugins has no functions_{name}"]
+        if errors:
+            raise ValidationError(errors)
+        return {"plugins": plugins, "prune": data["prune"], "format": "ekuiper"}
+
+
+def _entry_of(script: dict[str, Any], functions: list[str] | None) -> dict[str, Any]:
+    return {"file": script["file"], "sha256": None, "version": None, "shellParas": script["shellParas"] or [],
+            "functions": functions}
+
+
+class PluginSetRequest:
+    """PUT /config/plugins' body, in either format: the plugin set, or the plugin part of eKuiper's export."""
+
+    document = PluginSetSchema()
+    ekuiper = EkuiperPluginsSchema()
+
+    def load(self, data: Any) -> dict[str, Any]:
+        """The plugin set as {"plugins": {type: {name: entry}}, "prune", "format"}; ValidationError otherwise."""
+        if not isinstance(data, dict):
+            raise ValidationError("expected a JSON object")
+        keys = {str(key).lower() for key in data}
+        ekuiper = keys & {key.lower() for key in EKUIPER_KEYS}
+        if ekuiper and keys & set(PLUGIN_SET_TYPES):
+            raise ValidationError("give either the plugin set (sources, sinks, functions, portables) or the plugin"
+                                  " part of eKuiper's export (nativePlugins, portablePlugins), not both")
+        return (self.ekuiper if ekuiper else self.document).load(data)
 
 
 class OutputSchema(Schema):
