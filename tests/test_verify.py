@@ -130,6 +130,17 @@ def test_verify_compares_eKuipers_store_with_the_registry(service, file_server):
     ]
 
 
+def test_verify_names_the_rows_of_a_damaged_plugin_as_such(service, file_server):
+    # The registry records the plugin, so its row in eKuiper's store is not "not in the registry": it is a row
+    # eKuiper must not be offered while the plugin's files are missing.
+    install_four(service, file_server)
+    (service.home / "plugins/sinks/Influx.so").unlink()
+    kv_problems = [(p["name"], p["path"], p["problem"], p.get("detail")) for p in verified(service)["problems"]
+                   if p["path"].startswith("kv:")]
+    assert kv_problems == [("influx", "kv:nativePlugin/sinks_influx", "kv row of a damaged plugin",
+                            "offered to eKuiper while the plugin's files are missing")]
+
+
 def test_start_up_warns_and_does_not_project_a_plugin_whose_files_are_missing(make_service, file_server, caplog):
     """The issue's attack: a registry whose plugins have no files was served healthy and projected."""
     first = make_service()

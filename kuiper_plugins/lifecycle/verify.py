@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 MISSING, EMPTY, MODIFIED = "missing", "empty", "modified"
 WITHHELD = (MISSING, EMPTY)  # what keeps a plugin out of eKuiper's store
 KV_MISSING, KV_DIFFERS, KV_EXTRA = "kv row missing", "kv row differs", "kv row not in the registry"
+KV_WITHHELD = "kv row of a damaged plugin"  # recorded, but eKuiper must not be offered it until repair
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,11 @@ def store_problems(conn: sqlite3.Connection, store: kv.EngineStore,
         where = f"kv:{key[0]}/{key[1]}"
         if row is None:
             if stored.get(key) is not None and key in owned:
-                problems.append(Problem(plugin_type, name, where, KV_EXTRA,
+                if (plugin_type, name) in withheld:
+                    problems.append(Problem(plugin_type, name, where, KV_WITHHELD,
                                             "offered to eKuiper while the plugin's files are missing"))
+                else:
+                    problems.append(Problem(plugin_type, name, where, KV_EXTRA))
         elif stored.get(key) is None:
             problems.append(Problem(plugin_type, name, where, KV_MISSING))
         elif not row.matches(stored[key]):

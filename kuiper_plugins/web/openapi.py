@@ -430,7 +430,7 @@ def build_spec(version: str) -> APISpec:
         "type": {"type": "string"}, "name": {"type": "string"},
         "path": {"type": "string", "description": "a recorded path, or kv:<table>/<key> for a row of eKuiper's store"},
         "problem": {"type": "string", "enum": ["missing", "empty", "modified", "kv row missing", "kv row differs",
-                                               "kv row not in the registry"]},
+                                               "kv row not in the registry", "kv row of a damaged plugin"]},
         "detail": {"type": "string"}}}
     verify_example = {"ok": False, "problems": [{"type": "sinks", "name": "influx", "path": "plugins/sinks/Influx.so",
                                                  "problem": "missing", "detail": "nothing at this path"}]}
