@@ -1,6 +1,6 @@
-"""gunicorn server hooks: say where the service listens and what it found of an engine; refuse to start on a
-port it cannot have, an unusable registry or JWT keys that others could change; and roll back an interrupted
-request.
+"""gunicorn server hooks: say where the service listens, what it found of an engine and whether it asks for
+tokens; refuse to start on a port it cannot have, an unusable registry or JWT keys that others could change;
+and roll back an interrupted request.
 
 `etc/gunicorn.conf.py` imports these by name; gunicorn calls them in the master or the workers.
 """
@@ -13,6 +13,7 @@ import os
 import queue
 import signal
 import socket
+import stat
 import sys
 
 from kuiper_plugins.errors import PluginError, RequestInterrupted
@@ -56,6 +57,9 @@ def _key_files_problem() -> str | None:
     return None
 
 
+SHOWN_KEYS = 10  # key files named in the start-up line; the rest are counted
+
+
 def _listen_problem(server, settings: Settings) -> str | None:
     """Why gunicorn could not listen at basic.restIp:restPort, in Go's words and then the setting to change.
 
@@ -88,6 +92,29 @@ def _listen_problem(server, settings: Settings) -> str | None:
     return f"{words} (basic.restIp and basic.restPort say where this service listens)"
 
 
+def describe_authentication(settings: Settings) -> str:
+    """One line for the start-up log: whether tokens are asked for, and which key files etc/mgmt holds."""
+    keys_dir = Layout.of(settings).mgmt_keys
+    try:
+        keys = sorted(name for name in os.listdir(keys_dir) if stat.S_ISREG(os.stat(keys_dir / name).st_mode))
+    except OSError:  # not made yet (start-up makes it), or unreadable: no key can be read there either
+        keys = []
+    shown = ", ".join(keys[:SHOWN_KEYS]) + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
+    if settings.authentication:
+        if not keys:
+            return (f"basic.authentication is on: every request but / and /ping needs a JWT, and {keys_dir} holds no"
+                    " key yet, so every token is refused until a PEM public key named as the tokens' iss is put"
+                    " there")
+        return (f"basic.authentication is on: every request but / and /ping needs a JWT whose iss names one of the"
+                f" keys in {keys_dir}: {shown}")
+    users = ", ".join(("root", "this service's user", *settings.allowed_users))
+    remote = ("remote callers are refused (basic.protectedMode)" if settings.protected_mode
+              else "remote callers are served (basic.protectedMode is off)")
+    held = f"; {keys_dir} holds {shown}, unused while it is off" if keys else ""
+    return (f"basic.authentication is off: no token is asked for; local callers are served when their user is one"
+            f" of {users}; {remote}{held}")
+
+
 def on_starting(server):
     """In the master, before any worker is forked (the check's connection is closed by then)."""
     settings = load_settings()
@@ -95,6 +122,7 @@ def on_starting(server):
     if problem:
         sys.exit(f"kuiper-plugins cannot start: {problem}")
     log.info("%s", describe_listening(settings))
+    log.info("%s", describe_authentication(settings))
     mismatch = authentication_mismatch(settings)
     if mismatch:
         log.warning("%s", mismatch)
