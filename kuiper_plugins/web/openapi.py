@@ -182,9 +182,11 @@ def _plugin_set_components(spec: APISpec) -> None:
 
 
 def _plugin_set_paths(spec: APISpec) -> None:
+    # A body that is no plugin set is refused before any step, in the envelope of every other refusal.
     failure = {"description": "A step failed: its own status (400 for a refused package); every earlier change of"
-                              " the request was undone", "content": {"application/json": {
-                                  "schema": "PluginSetFailure", "example": PLUGIN_SET_FAILURE_EXAMPLE}}}
+                              " the request was undone. A body that is no plugin set: the error envelope",
+               "content": {"application/json": {"schema": {"anyOf": ["PluginSetFailure", "Error"]},
+                                                "example": PLUGIN_SET_FAILURE_EXAMPLE}}}
     spec.path(path="/config/plugins", operations={
         "get": {
             "summary": "Every installed plugin as one document (YAML with Accept: application/yaml), or the plugin"
