@@ -152,6 +152,17 @@ def test_the_docs_table_lists_every_case():
         assert f"`{case.id}`" in table, case.id
 
 
+def test_the_tests_the_docs_name_exist():
+    """A test of this file named in docs/messages.md (without a file before it) is one of this file's."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "messages.md").read_text()
+    named = set(re.findall(r"(?<![\w.:])`(test_\w+)`", text))
+    assert named and all(callable(globals().get(name)) for name in named), sorted(n for n in named
+                                                                                  if n not in globals())
+
+
 def test_bytes_after_the_json_body_are_ignored_as_gos_decoder_ignores_them(service, file_server):
     body = json.dumps(source(file_server, service)).encode() + b"\n{\"name\": \"other\"} trailing garbage"
     response = service.client.post("/plugins/sources", data=body, content_type="application/json")
