@@ -6,10 +6,9 @@ WEB_CONCURRENCY sets the worker count. The worker class is our own
 (kuiper_plugins/web/gunicorn_worker.py): gunicorn's sync worker, fed only requests that have fully
 arrived, so that slow or idle clients cannot hold a worker (docs/deployment.md says why this one).
 A worker is killed when one request outlasts `timeout`, so the timeout is
-derived from the longest install: the download, install.sh and a portable plugin's handshake at their limits,
-plus OVERHEAD_SECONDS for the rest
-(waits on a busy registry at the reservation and the commit, killing and
-reaping install.sh's processes, unpacking up to maxUnpackedSize). SIGTERM is a
+the request timeout of docs/deployment.md ("Timeouts: one formula"): the download, install.sh and a portable
+plugin's handshake at their limits, plus OVERHEAD_SECONDS for the rest. nginx's proxy timeouts and systemd's
+TimeoutStopSec are derived from it there. SIGTERM is a
 graceful stop that waits as long for installs in flight to finish. SIGINT or
 SIGQUIT stop at once (and a worker past its timeout is aborted): the request in
 flight is interrupted, rolls back what it started and answers 503, instead of
@@ -49,7 +48,8 @@ worker_class = "kuiper_plugins.web.gunicorn_worker.BufferingWorker"
 # Connections one worker holds while their requests arrive (idle and slow ones included); at that number it
 # closes the oldest still without a whole head for each new one. The worker raises its open-files limit to fit.
 worker_connections = 4096
-# A portable install also starts the plugin and waits, at most portable.initTimeout, for its handshake.
+# A portable install also starts the plugin and waits, at most portable.initTimeout (and 15 s to set it up), for
+# its handshake.
 _handshake = _settings.portable_init_timeout + 15 if _settings.portable_verify_on_install else 0
 timeout = int(_settings.download_timeout + _settings.install_script_timeout + _handshake + OVERHEAD_SECONDS)
 graceful_timeout = timeout

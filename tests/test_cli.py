@@ -227,7 +227,9 @@ def test_drop_with_stop_stops_the_service(server, file_server, capsys):
     url = served_zip(file_server, "file2.zip", {"file2.so": SO})
     run(capsys, server.url, "create", "sink", "file2", "--file", url)
     assert run(capsys, server.url, "drop", "sink", "file2", "--stop") == (
-        0, "sinks plugin file2 is deleted and kuiper-plugins will be stopped\n", "")
+        0, "sinks plugin file2 is deleted and kuiper-plugins will be stopped (this service, not the engine:"
+        " engine.restartCommand is not set, so the engine keeps running and takes the change at its next start; a"
+        " supervisor such as systemd starts kuiper-plugins again)\n", "")
     assert server.stopped.wait(timeout=10)  # called once the response has gone out
 
 

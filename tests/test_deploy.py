@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import signal
@@ -344,3 +345,51 @@ def test_systemd_analyze_verifies_the_units_beside_ekuiper(tmp_path, layout):
     drop_in.write_text(drop_in.read_text() + "NotAKey=1\n")
     assert any("beside-ekuiper.conf" in line and "NotAKey" in line
                for line in verify_units(tmp_path, "kuiper-plugins.service"))
+
+
+# ---------------------------------------------------------------------------- one set of timeouts
+
+FRONT_MARGIN = 30  # seconds nginx and systemd wait beyond gunicorn's (docs/deployment.md, "Timeouts: one formula")
+
+
+def test_one_formula_sets_every_timeout(monkeypatch, tmp_path):
+    """gunicorn's timeout is the request timeout of the shipped settings; nginx waits longer before it gives up on
+    gunicorn, systemd longer before it kills gunicorn's graceful stop; the docs and the README give the same numbers."""
+    for name in [name for name in os.environ if name.startswith(("KUIPER", "WEB_CONCURRENCY"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KUIPER_HOME", str(tmp_path / "home"))
+    settings = load_settings()
+    handshake = settings.portable_init_timeout + 15 if settings.portable_verify_on_install else 0
+    request_timeout = int(settings.download_timeout + settings.install_script_timeout + handshake + 120)
+    assert request_timeout == 795  # 300 + 300 + (60 + 15) + 120, as docs/deployment.md works it out
+    gunicorn = runpy.run_path(str(REPO / "etc/gunicorn.conf.py"))
+    assert (gunicorn["timeout"], gunicorn["graceful_timeout"]) == (request_timeout, request_timeout)
+    beyond = request_timeout + FRONT_MARGIN
+
+    for site in sorted((REPO / "etc/nginx").glob("*.conf")):
+        text = site.read_text()
+        for directive in ("proxy_read_timeout", "proxy_send_timeout"):
+            assert re.findall(rf"^\s*{directive} (\d+)s;", text, re.M) == [str(beyond)], (site.name, directive)
+
+    stop_timeouts = {}
+    for unit in sorted((REPO / "etc/systemd").rglob("*")):
+        if unit.is_file() and ("kuiper-plugins" in unit.name or "kuiper-plugins" in unit.parent.name):
+            stop_timeouts[unit.relative_to(REPO).as_posix()] = re.findall(r"^TimeoutStopSec=(\S+)$", unit.read_text(),
+                                                                           re.M)
+    assert stop_timeouts.pop("etc/systemd/kuiper-plugins.service") == [str(beyond)]
+    assert all(found == [] for found in stop_timeouts.values()), stop_timeouts  # no drop-in overrides it
+
+    deployment = (REPO / "docs/deployment.md").read_text()
+    formula = deployment[deployment.index("## Timeouts: one formula"):]
+    formula = formula[:formula.index("\n## ", 1)]
+    assert ("request timeout = basic.downloadTimeout + basic.installScriptTimeout + handshake + 120 s" in formula
+            and "handshake       = portable.initTimeout + 15 s" in formula)
+    assert f"300 + 300 + 75 + 120 = {request_timeout} s" in formula
+    assert f"request timeout + {FRONT_MARGIN} s = {beyond} s" in formula
+    # Wherever else the page names a timeout of minutes, it is one of these two.
+    assert set(re.findall(r"\b(\d{3}) s\b", deployment.replace(formula, ""))) <= {str(request_timeout), str(beyond)}
+    assert f"TimeoutStopSec={beyond}" in deployment and f"are {beyond} s" in deployment
+    readme = (REPO / "README.md").read_text()
+    assert f"{request_timeout} s with the shipped settings" in readme and f"`TimeoutStopSec` are {beyond} s" in readme
+    for stale in ("660", "700 s", "720 s", "TimeoutStopSec=700"):
+        assert stale not in readme + deployment, stale

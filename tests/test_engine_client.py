@@ -147,7 +147,8 @@ def test_stop_with_a_restart_command_runs_it_once_and_keeps_serving(start_gunico
     assert requests.post(f"{server.url}/plugins/sources", json=body, timeout=30).status_code == 201
     response = requests.delete(f"{server.url}/plugins/sources/random?stop=1", timeout=30)
     assert response.status_code == 200
-    assert response.text == "sources plugin random is deleted and eKuiper will be stopped"
+    assert response.text == ("sources plugin random is deleted and eKuiper will be stopped (engine.restartCommand"
+                             f" restarts it: {' '.join(json.loads(command))}; kuiper-plugins keeps running)")
     deadline = time.monotonic() + 30
     while "engine.restartCommand finished" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.02)  # polling for the command's outcome in the log, bounded by the deadline

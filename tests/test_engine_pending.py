@@ -134,14 +134,14 @@ def test_pending_through_gunicorn(tmp_path, start_kuiperd, start_gunicorn, serve
 
 def test_the_documented_example_answers_its_documented_status(kuiperd, make_service, served):
     """GET /engine/pending as the OpenAPI document gives it (test_openapi.py replays the other lifecycle ones)."""
-    from test_openapi import documented_request
+    from test_openapi import documented_requests
 
     service = make_service(engine_url=kuiperd.url)
     assert service.post("functions", multi(served)).status_code == 201
     document = service.client.get("/openapi.json").get_json()
-    url, query, body, status = documented_request(document, "get", "/engine/pending")
-    answer = service.client.get(url, query_string=query)
-    assert str(answer.status_code) == status, answer.get_data(as_text=True)
-    example = document["paths"]["/engine/pending"]["get"]["responses"][status]["content"]["application/json"]["example"]
+    [(method, url, query, body)] = documented_requests(document)["listPendingRestart"]
+    answer = service.client.open(url, method=method.upper(), query_string=query, json=body)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    example = document["paths"]["/engine/pending"]["get"]["responses"]["200"]["content"]["application/json"]["example"]
     assert set(answer.get_json()) == set(example)
     service.stop()

@@ -24,7 +24,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kuiper_plugins.errors import DiskFull, DownloadFailed, InvalidRequest
-from kuiper_plugins.install.fetch import AllowedTarget, address_allowed, check_url, fetch, parse_allow_list
+from kuiper_plugins.install.fetch import (
+    URL_RULE,
+    AllowedTarget,
+    address_allowed,
+    check_url,
+    fetch,
+    parse_allow_list,
+)
 
 PAYLOAD = {"random.so": b"\x7fELF" + b"x" * 2000, "random.yaml": "default: {}\n"}
 
@@ -175,7 +182,7 @@ def test_check_url_accepts(url):
 def test_check_url_refuses(url):
     with pytest.raises(InvalidRequest) as info:
         check_url(url)
-    assert info.value.message == f"invalid uri {url}"
+    assert info.value.message == f"invalid uri {url} ({URL_RULE})"
 
 
 # ---------------------------------------------------------------- address policy (no sockets)
@@ -217,7 +224,7 @@ def test_check_url_never_raises_anything_else(url):
     try:
         check_url(url)
     except InvalidRequest as exc:
-        assert exc.message == f"invalid uri {url}"
+        assert exc.message == f"invalid uri {url} ({URL_RULE})"
         return
     assert url.endswith(".zip")
     assert url.split(":", 1)[0].lower() in ("http", "https", "file")
@@ -290,7 +297,10 @@ def test_loopback_spellings_refused_without_a_request(env, file_server, served_z
 def test_refusal_message_is_ekuipers(env, file_server, served_zip):
     url = file_server.url("p.zip")
     error = refused(env, url, "internal network")
-    assert error.message == f"fail to download file {url}: ip 127.0.0.1 is in internal network"
+    assert error.message == (
+        f"fail to download file {url}: ip 127.0.0.1 is in internal network (downloads from loopback, private and"
+        f" link-local addresses are refused: add 127.0.0.1:{file_server.port} to basic.privateNetAllowList, or set"
+        " basic.enablePrivateNet to true)")
 
 
 @pytest.mark.parametrize("template", [
@@ -349,8 +359,11 @@ def test_allow_list_is_per_port(env, file_server, server_b, served_zip):
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_redirect_into_private_space_refused(env, file_server, server_b, status):
     file_server.routes["/r.zip"] = redirect(status, server_b.url("p.zip"))
-    refused(env, file_server.url("r.zip"), rf"ip 127\.0\.0\.1 is in internal network \(redirected to "
-            rf"{server_b.url('p.zip')}\)", private_net_allow_list=allow(file_server))
+    refused(env, file_server.url("r.zip"), re.escape(
+        f"ip 127.0.0.1 is in internal network (redirected to {server_b.url('p.zip')}; downloads from loopback,"
+        f" private and link-local addresses are refused: add 127.0.0.1:{server_b.port} to"
+        " basic.privateNetAllowList, or set basic.enablePrivateNet to true)") + "$",
+            private_net_allow_list=allow(file_server))
     assert file_server.requests == ["/r.zip"]
     assert server_b.requests == []
 

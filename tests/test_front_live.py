@@ -36,7 +36,7 @@ from test_engine_live_portable import (
 pytestmark = pytest.mark.slow
 
 DEMO = 'CREATE STREAM demo () WITH (TYPE="httppush", DATASOURCE="/demo", FORMAT="json")'
-# an install or an update waits for the engine to start the plugin's process: well under nginx's 660 s
+# an install or an update waits for the engine to start the plugin's process: well under nginx's 825 s
 INSTALL_TIMEOUT = 180
 
 

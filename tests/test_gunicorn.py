@@ -52,7 +52,10 @@ def test_delete_with_stop_ends_the_service(start_gunicorn, file_server):
     assert requests.post(f"{server.url}/plugins/sources", json={"name": "random", "file": url}).status_code == 201
     response = requests.delete(f"{server.url}/plugins/sources/random?stop=1", timeout=10)
     assert response.status_code == 200
-    assert response.text == "sources plugin random is deleted and kuiper-plugins will be stopped"
+    assert response.text == ("sources plugin random is deleted and kuiper-plugins will be stopped (this service, not"
+                             " the engine: engine.restartCommand is not set, so the engine keeps running and takes"
+                             " the change at its next start; a supervisor such as systemd starts kuiper-plugins"
+                             " again)")
     assert server.process.wait(timeout=30) == 0
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{server.url}/ping", timeout=2)

@@ -88,13 +88,11 @@ CASES = [
          " must be under {data}/uploads"),
     Case("not-a-zip", post("sources", lambda s, v: {"name": "random", "file": junk(s)}), 400,
          "sources plugins create command error: fail to install plugin: zip: not a valid zip file"),
+    # The reason, then eKuiper's account of its check, follow in parentheses: test_a_zip_check_gives_the_reason_...
     Case("zip-check-no-yaml", post("sources", lambda s, v: source(s, v, {"random.yaml": None})), 400,
-         "sources plugins create command error: fail to install plugin: invalid zip file: expectFiles: 3, got"
-         " filenames:[{home}/plugins/sources/Random@v1.0.0.so], zipFiles: [Random@v1.0.0.so],"
-         " yamlFileChecked:false, soFileChecked:true"),
+         "sources plugins create command error: fail to install plugin: invalid zip file"),
     Case("zip-check-no-so", post("sinks", lambda s, v: {"name": "file2", "file": served(s, "f.zip", {"x.txt": "x"})}),
-         400, "sinks plugins create command error: fail to install plugin: invalid zip file: expectFiles: 1, got"
-         " filenames:[], zipFiles: [x.txt], yamlFileChecked:false, soFileChecked:false"),
+         400, "sinks plugins create command error: fail to install plugin: invalid zip file"),
     Case("shell-paras-without-script",
          post("sources", lambda s, v: source(s, v) | {"shellParas": ["a", "b"]}), 400,
          "sources plugins create command error: fail to install plugin: have shell parameters : [a b] but no"
@@ -158,8 +156,229 @@ def test_the_docs_table_lists_every_case():
         assert f"`{case.id}`" in table, case.id
 
 
+def test_the_tests_the_docs_name_exist():
+    """A test of this file named in docs/messages.md (without a file before it) is one of this file's."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "messages.md").read_text()
+    named = set(re.findall(r"(?<![\w.:])`(test_\w+)`", text))
+    assert named and all(callable(globals().get(name)) for name in named), sorted(n for n in named
+                                                                                  if n not in globals())
+
+
 def test_bytes_after_the_json_body_are_ignored_as_gos_decoder_ignores_them(service, file_server):
     body = json.dumps(source(file_server, service)).encode() + b"\n{\"name\": \"other\"} trailing garbage"
     response = service.client.post("/plugins/sources", data=body, content_type="application/json")
     assert response.status_code == 201, response.data
     assert service.client.get("/plugins/sources").get_json() == ["random"]
+
+
+# ---------------------------------------------------------------------------- hints that say what to do
+# eKuiper's words stay first; ours say which setting, which URL or which file would make the request work.
+# Each test asserts the whole message, and that the refusal changed nothing.
+
+def refusal(response, status: int = 400) -> str:
+    assert response.status_code == status, response.get_data(as_text=True)
+    return response.get_json()["message"]
+
+
+def test_a_private_address_names_the_allow_list_and_the_switch(service, file_server):
+    before = service.snapshot()
+    refused = service.post("sources", {"name": "random", "file": "http://127.0.0.1:1/random.zip"})
+    assert refusal(refused) == (
+        "sources plugins create command error: fail to download file http://127.0.0.1:1/random.zip: ip 127.0.0.1 is"
+        " in internal network (downloads from loopback, private and link-local addresses are refused: add"
+        " 127.0.0.1:1 to basic.privateNetAllowList, or set basic.enablePrivateNet to true)")
+    # A redirect to another loopback port names the address it was sent to, and the entry that would allow it.
+    file_server.routes["/moved.zip"] = lambda handler: (handler.send_response(302),
+                                                        handler.send_header("Location", "http://[::1]:2/r.zip"),
+                                                        handler.send_header("Content-Length", "0"),
+                                                        handler.end_headers())
+    moved = service.post("sinks", {"name": "file2", "file": file_server.url("moved.zip")})
+    assert refusal(moved) == (
+        f"sinks plugins create command error: fail to download file {file_server.url('moved.zip')}: ip ::1 is in"
+        " internal network (redirected to http://[::1]:2/r.zip; downloads from loopback, private and link-local"
+        " addresses are refused: add [::1]:2 to basic.privateNetAllowList, or set basic.enablePrivateNet to true)")
+    service.assert_unchanged(before)
+
+
+@pytest.mark.parametrize("plugin_type, url, words", [
+    ("sources", "ftp://x/a.zip", "sources plugins create command error: invalid uri ftp://x/a.zip"),
+    ("portables", "http://x/a.tar", "portable plugin create command error: invalid uri http://x/a.tar"),
+    ("sinks", "http://x/a.zip?v=1", "sinks plugins create command error: invalid uri http://x/a.zip?v=1"),
+])
+def test_an_invalid_uri_says_what_is_accepted(service, plugin_type, url, words):
+    before = service.snapshot()
+    assert refusal(service.post(plugin_type, {"name": "random", "file": url})) == (
+        f"{words} (accepted: http:// or https:// with a host, or file:// with an absolute path; ending in .zip, in"
+        " plain ASCII, without user info, blanks or a query after the .zip)")
+    service.assert_unchanged(before)
+
+
+def test_an_update_says_update_and_never_create(service, file_server):
+    assert service.post("sources", source(file_server, service)).status_code == 201
+    mirror = {"mirror.json": json.dumps(PORTABLE_JSON), "mirror": b"#!/bin/sh\n"}
+    installed = service.post("portables", {"name": "mirror", "file": served(file_server, "m.zip", mirror)})
+    assert installed.status_code == 201
+    before = service.snapshot()
+    native = service.client.put("/plugins/sources/random", json={"file": "ftp://x/a.zip"})
+    assert refusal(native).startswith("sources plugins update command error: invalid uri ftp://x/a.zip (")
+    broken = service.client.put("/plugins/sources/random", json={"file": served(file_server, "b.zip", {"x.txt": "x"})})
+    assert refusal(broken).startswith(
+        "sources plugins update command error: fail to install plugin: invalid zip file (")
+    portable = service.client.put("/plugins/portables/mirror", json={"file": served(file_server, "n.zip", {"x": "x"})})
+    assert refusal(portable) == ("portable plugin update command error: fail to install plugin: missing or invalid"
+                                 " json file mirror.json, found 1 files in total")
+    for answer in (native, broken, portable):
+        assert "create" not in refusal(answer)
+    service.assert_unchanged(before)
+
+
+def test_register_on_a_portable_or_a_source_says_where_its_functions_come_from(service, file_server):
+    assert service.post("sources", source(file_server, service)).status_code == 201
+    mirror = {"mirror.json": json.dumps({**PORTABLE_JSON, "functions": ["echo"]}), "mirror": b"#!/bin/sh\n"}
+    installed = service.post("portables", {"name": "mirror", "file": served(file_server, "m.zip", mirror)})
+    assert installed.status_code == 201
+    before = service.snapshot()
+    portable = service.client.post("/plugins/functions/mirror/register", json={"functions": ["echo", "more"]})
+    assert refusal(portable, 404) == (
+        "register functions plugin mirror error: not found (portable plugin mirror declares its functions in its"
+        " descriptor mirror.json, in the zip; to change them, update the plugin with a package whose mirror.json"
+        " lists them)")
+    native = service.client.post("/plugins/functions/random/register", json={"functions": ["f1"]})
+    assert refusal(native, 404) == ("register functions plugin random error: not found (sources plugin random"
+                                    " exports no functions: only a function plugin has a list)")
+    unknown = service.client.post("/plugins/functions/ghost/register", json={"functions": ["f1"]})
+    assert refusal(unknown, 404) == "register functions plugin ghost error: not found"
+    service.assert_unchanged(before)
+    assert service.client.get("/plugins/udfs").get_json() == ["echo"]
+
+
+@pytest.mark.parametrize("plugin_type, name, members, ours", [
+    ("sources", "random", {"Random@v1.0.0.so": SO, "random.yaml": YAML},
+     "sources plugins create command error: functions is not taken for a source plugin (only a function plugin"
+     " exports functions: leave functions out)"),
+    ("sinks", "file2", {"file2.so": SO},
+     "sinks plugins create command error: functions is not taken for a sink plugin (only a function plugin exports"
+     " functions: leave functions out)"),
+    ("portables", "mirror", {"mirror.json": json.dumps(PORTABLE_JSON), "mirror": b"#!/bin/sh\n"},
+     "portable plugin create command error: functions is not taken for a portable plugin (it declares its functions"
+     " in its descriptor mirror.json, in the zip: leave functions out)"),
+])
+def test_functions_on_a_plugin_that_is_not_a_function_plugin_is_refused(service, file_server, plugin_type, name,
+                                                                        members, ours):
+    url = served(file_server, f"{name}.zip", members)
+    before = service.snapshot()
+    for query in ("", "?dryRun=1"):  # a dry run refuses what the install would
+        answer = service.client.post(f"/plugins/{plugin_type}{query}", json={"name": name, "file": url,
+                                                                             "functions": ["f1"]})
+        assert refusal(answer) == ours
+    service.assert_unchanged(before)
+    assert file_server.requests == []  # refused before anything was downloaded
+    # Installed without it, an update that brings one is refused in the update's words, and changes nothing.
+    assert service.post(plugin_type, {"name": name, "file": url}).status_code == 201
+    installed = service.snapshot()
+    update = service.client.put(f"/plugins/{plugin_type}/{name}", json={"file": url, "functions": ["f1"]})
+    assert refusal(update) == ours.replace("create command", "update command")
+    service.assert_unchanged(installed)
+
+
+def test_a_zip_check_gives_the_reason_before_ekuipers_account_of_it(service, file_server):
+    home = service.home.resolve()
+    before = service.snapshot()
+    no_yaml = service.post("sources", source(file_server, service, {"random.yaml": None}))
+    assert refusal(no_yaml) == (
+        "sources plugins create command error: fail to install plugin: invalid zip file (source plugin random needs"
+        " random.yaml at the zip root; eKuiper's check: expectFiles: 3, got"
+        f" filenames:[{home}/plugins/sources/Random@v1.0.0.so], zipFiles: [Random@v1.0.0.so],"
+        " yamlFileChecked:false, soFileChecked:true)")
+    no_so = service.post("sinks", {"name": "file2", "file": served(file_server, "f.zip", {"x.txt": "x"})})
+    assert refusal(no_so) == (
+        "sinks plugins create command error: fail to install plugin: invalid zip file (no file2.so or File2.so"
+        " (optionally @version) at the zip root; eKuiper's check: expectFiles: 1, got filenames:[], zipFiles:"
+        " [x.txt], yamlFileChecked:false, soFileChecked:false)")
+    # A long listing is cut short, so that the reason stays on the first screen.
+    many = {f"doc{i:02}.txt": "x" for i in range(30)}
+    answer = service.post("sources", {"name": "random", "file": served(file_server, "r.zip", many)})
+    listed = " ".join(f"doc{i:02}.txt" for i in range(20))
+    assert refusal(answer) == (
+        "sources plugins create command error: fail to install plugin: invalid zip file (no random.so or Random.so"
+        " (optionally @version) at the zip root; source plugin random needs random.yaml at the zip root; eKuiper's"
+        f" check: expectFiles: 3, got filenames:[], zipFiles: [{listed} ...and 10 more], yamlFileChecked:false,"
+        " soFileChecked:false)")
+    service.assert_unchanged(before)
+
+
+def test_stop_names_what_stops(make_service, file_server):
+    sink = {"name": "file2", "file": served(file_server, "f.zip", {"file2.so": SO})}
+    mirror = {"name": "mirror", "file": served(file_server, "m.zip", {"mirror.json": json.dumps(PORTABLE_JSON),
+                                                                       "mirror": b"#!/bin/sh\n"})}
+    alone = make_service()
+    for body, plugin_type in ((sink, "sinks"), (mirror, "portables")):
+        assert alone.post(plugin_type, body).status_code == 201
+    update = alone.client.put("/plugins/sinks/file2?stop=1", json={"file": sink["file"]})
+    assert update.get_data(as_text=True) == (
+        "plugin file2 is updated and eKuiper must restart for the change to take effect. (stop=1 stops nothing: set"
+        " engine.restartCommand to have it restart the engine)")
+    update.close()
+    portable = alone.client.delete("/plugins/portables/mirror?stop=1")
+    assert portable.get_data(as_text=True) == (
+        "portable plugin mirror is deleted (stop=1 stops nothing for a portable plugin: its process has ended with"
+        " the delete, and the engine keeps running)")
+    portable.close()
+    assert alone.stops == []
+    deleted = alone.client.delete("/plugins/sinks/file2?stop=1")
+    assert deleted.get_data(as_text=True) == (
+        "sinks plugin file2 is deleted and kuiper-plugins will be stopped (this service, not the engine:"
+        " engine.restartCommand is not set, so the engine keeps running and takes the change at its next start; a"
+        " supervisor such as systemd starts kuiper-plugins again)")
+    deleted.close()
+    assert alone.stops == [True]
+    alone.stop()
+
+
+def test_stop_with_a_restart_command_names_it(make_service, file_server, tmp_path):
+    ran = tmp_path / "restarted"
+    service = make_service(engine_restart_command=("touch", str(ran)))
+    sink = {"name": "file2", "file": served(file_server, "f.zip", {"file2.so": SO})}
+    assert service.post("sinks", sink).status_code == 201
+    update = service.client.put("/plugins/sinks/file2?stop=1", json={"file": sink["file"]})
+    assert update.get_data(as_text=True) == (
+        f"plugin file2 is updated and eKuiper will be stopped (engine.restartCommand restarts it: touch {ran};"
+        " kuiper-plugins keeps running)")
+    update.close()
+    deleted = service.client.delete("/plugins/sinks/file2?stop=1")
+    assert deleted.get_data(as_text=True) == (
+        f"sinks plugin file2 is deleted and eKuiper will be stopped (engine.restartCommand restarts it: touch {ran};"
+        " kuiper-plugins keeps running)")
+    deleted.close()
+    assert ran.exists() and service.stops == []
+
+
+@pytest.mark.slow
+def test_a_busy_port_names_the_setting_to_change(tmp_path):
+    """`make run` while another program holds the port: one line naming basic.restPort, and nothing written."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    home = tmp_path / "home"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        env = {name: value for name, value in os.environ.items() if not name.startswith("KUIPER")}
+        env.update(KUIPER_HOME=str(home), KUIPER_PLUGINS__BASIC__RESTPORT=str(port))
+        started = subprocess.run([str(Path(sys.executable).parent / "gunicorn"), "-c", "etc/gunicorn.conf.py",
+                                  "wsgi:app"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    output = started.stdout + started.stderr
+    assert started.returncode == 1, output
+    assert (f"kuiper-plugins cannot start: listen tcp 127.0.0.1:{port}: bind: address already in use (another program"
+            f" listens on port {port}: set basic.restPort in kuiper-plugins.yaml or KUIPER_PLUGINS__BASIC__RESTPORT,"
+            " e.g. `KUIPER_PLUGINS__BASIC__RESTPORT=9095 make run`)") in output.splitlines()
+    assert "Connection in use" not in output and "Traceback" not in output  # said once, before gunicorn retries
+    assert not (home / "data").exists()  # refused before the registry was made or recovered

@@ -9,8 +9,11 @@ import subprocess
 import threading
 
 import pytest
+import requests
 from openapi_spec_validator import validate
 from werkzeug.serving import make_server
+
+from kuiper_plugins.layout import PLUGIN_TYPES
 
 
 def test_document_is_valid_openapi(service):
@@ -122,9 +125,10 @@ def test_the_plugin_set_examples_are_valid_and_shaped_as_real_answers(service, f
     valid("PluginSetChanges", answer_example)
     valid("PluginSetFailure", failure_example)
 
-    make_zip(file_server.root / "random_amd64.zip", {"Random@v1.0.0.so": b"\x7fELF", "random.yaml": "a: 1\n"})
-    make_zip(file_server.root / "misc_amd64.zip", {"misc@v2.0.0.so": b"\x7fELF", "install.sh": "#!/bin/sh\n"})
-    body = json.loads(json.dumps(examples["document"]["value"]).replace("https://packages.example.com/",
+    make_zip(file_server.root / "random.zip", {"Random@v1.0.0.so": b"\x7fELF", "random.yaml": "a: 1\n"})
+    make_zip(file_server.root / "misc.zip", {"misc@v2.0.0.so": b"\x7fELF", "install.sh": "#!/bin/sh\n"})
+    # The example installs from this service's uploads folder (its packages are uploaded by the upload example).
+    body = json.loads(json.dumps(examples["document"]["value"]).replace(f"file://{service.layout.uploads}/",
                                                                          file_server.url("")))
     for plugins in (body["sources"], body["functions"]):
         for entry in plugins.values():
@@ -143,77 +147,194 @@ def test_the_plugin_set_examples_are_valid_and_shaped_as_real_answers(service, f
     assert set(failed.get_json()) == set(failure_example)
 
 
-# ---------------------------------------------------------------------------- the examples, replayed
-# Every lifecycle endpoint of issue 19 (history, rollback, verify, repair, backup, audit, the dry runs; GET
-# /engine/pending with the engine, in test_engine_pending.py) is sent exactly as its documented examples
-# say, to a service with source plugin random installed at 1.0.0 and updated to 2.0.0, and must answer
-# the documented status. The examples name the home /var/lib/kuiper (eKuiper's file:// package form);
-# the replay's home is the test's.
+# ---------------------------------------------------------------------------- examples that work as they are
 
-LIFECYCLE = [
-    ("get", "/plugins/{type}/{name}/history"),
-    ("post", "/plugins/{type}/{name}/rollback"),
-    ("get", "/registry/verify"),
-    ("post", "/registry/repair"),
-    ("get", "/registry/backup"),
-    ("get", "/audit"),
-    ("post", "/plugins/{type}"),
-    ("put", "/plugins/{type}/{name}"),
-    ("delete", "/plugins/{type}/{name}"),
+# Every operation of the document, in the order of the session its examples form, with the status it answers on
+# a fresh service with `make run`'s settings (no engine attached: the two operations relayed to one answer 400).
+SESSION = [
+    ("ping", 200), ("readiness", 200), ("uploadFile", 201), ("listUploads", 200), ("installPlugin", 201),
+    ("listPlugins", 200), ("describePlugin", 200), ("updatePlugin", 200), ("pluginHistory", 200),
+    ("rollbackPlugin", 200), ("listPrebuiltPlugins", 200), ("registerFunctions", 200), ("listFunctions", 200),
+    ("describeFunction", 200), ("portablePluginStatus", 400), ("listAudit", 200), ("verifyRegistry", 200),
+    ("repairRegistry", 200), ("backupRegistry", 200), ("listPendingRestart", 400), ("getPluginSet", 200),
+    ("applyPluginSet", 200), ("deletePlugin", 200), ("deleteUpload", 200),
 ]
-EXAMPLE_HOME = "/var/lib/kuiper"
 
 
-def documented_request(document: dict, method: str, path: str) -> tuple[str, dict, object, str]:
-    """The request an operation's examples make: its URL path, query, JSON body, and the status documented for it.
+def documented_requests(document: dict) -> dict[str, list[tuple[str, str, dict, object]]]:
+    """For each operationId, the requests its examples make as they are: (method, URL path, query, JSON body).
 
-    Every path parameter has an example; a query parameter is sent when it has one. The status is the
-    operation's one 2xx, or with dryRun=1 the 200 that answers the plan.
-    """
-    item = document["paths"][path]
-    operation = item[method]
-    parameters = item.get("parameters", []) + operation.get("parameters", [])
-    url = path
-    for parameter in (p for p in parameters if p["in"] == "path"):
-        assert "example" in parameter, f"{method.upper()} {path}: path parameter {parameter['name']} has no example"
-        url = url.replace("{" + parameter["name"] + "}", parameter["example"])
-    query = {p["name"]: p["example"] for p in parameters if p["in"] == "query" and "example" in p}
-    body = None
-    if "requestBody" in operation:
-        media = operation["requestBody"]["content"]["application/json"]
-        assert "example" in media, f"{method.upper()} {path}: its body has no example"
-        body = media["example"]
-    successes = sorted(status for status in operation["responses"] if status.startswith("2"))
-    status = "200" if query.get("dryRun") == "1" else successes[0]
-    assert query.get("dryRun") == "1" or len(successes) == 1, (method, path, successes)
-    return url, query, body, status
-
-
-def at_home(value: object, home: str) -> object:
-    """An example value with the documented home replaced by `home`."""
-    return json.loads(json.dumps(value).replace(EXAMPLE_HOME, home)) if value is not None else None
+    A body with several examples makes one request each; an example named after a plugin type fills {type}."""
+    found = {}
+    for path, item in document["paths"].items():
+        for method in ("get", "put", "post", "delete"):
+            if method not in item:
+                continue
+            operation = item[method]
+            parameters = [*item.get("parameters", []), *operation.get("parameters", [])]
+            values = {p["name"]: p["example"] for p in parameters if p["in"] == "path"}
+            query = {p["name"]: p["example"] for p in parameters if p["in"] == "query" and "example" in p}
+            assert set(values) == set(re.findall(r"\{(\w+)\}", path)), (path, "a path parameter has no example")
+            content = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            bodies = ({name: example["value"] for name, example in content["examples"].items()} if content
+                      else {"": None})
+            assert content is None or "example" not in content, (path, method, "one example or named ones")
+            found[operation["operationId"]] = [
+                (method, path.format(**{**values, **({"type": name} if name in PLUGIN_TYPES else {})}), query, body)
+                for name, body in bodies.items()]
+    return found
 
 
-@pytest.mark.parametrize(("method", "path"), LIFECYCLE, ids=[f"{m}-{p}" for m, p in LIFECYCLE])
-def test_each_documented_lifecycle_example_answers_its_documented_status(make_service, method, path):
-    from conftest import make_zip
+def run_the_session(url: str, headers: dict[str, str]) -> list[tuple[str, str, int]]:
+    """Every example of the served document, as it is, in the session's order; (operationId, path, status)."""
+    document = requests.get(f"{url}/openapi.json", timeout=30).json()
+    validate(document)
+    found = documented_requests(document)
+    assert sorted(found) == sorted(operation for operation, _ in SESSION), "an operation is missing from SESSION"
+    answers = []
+    for operation_id, expected in SESSION:
+        documented = next(item[method] for item in document["paths"].values() for method in ("get", "put", "post",
+                                                                                               "delete")
+                          if method in item and item[method]["operationId"] == operation_id)["responses"]
+        assert str(expected) in documented, (operation_id, expected, sorted(documented))
+        for method, path, query, body in found[operation_id]:
+            answer = requests.request(method.upper(), f"{url}{path}", params=query, json=body, headers=headers,
+                                      timeout=120)
+            answers.append((operation_id, path, answer.status_code))
+            assert answer.status_code == expected, (operation_id, method, path, answer.text[:500])
+    return answers
 
-    service = make_service()
-    uploads = service.layout.uploads
-    make_zip(uploads / "random.zip", {"Random@v1.0.0.so": b"\x7fELF one", "random.yaml": "a: 1\n"})
-    make_zip(uploads / "random2.zip", {"Random@v2.0.0.so": b"\x7fELF two", "random.yaml": "a: 1\n"})
+
+@pytest.mark.slow
+def test_every_example_works_as_it_is_against_a_fresh_service(start_gunicorn):
+    # As `make run` serves it: no address allowed beyond the defaults, the handshake check on.
+    server = start_gunicorn(KUIPER_PLUGINS__BASIC__PRIVATENETALLOWLIST="",
+                            KUIPER_PLUGINS__PORTABLE__VERIFYONINSTALL="true")
+    answers = run_the_session(server.url, {})
+    assert ("installPlugin", "/plugins/functions", 201) in answers
+    assert requests.get(f"{server.url}/plugins/functions/misc", timeout=30).json() == {
+        "name": "misc", "version": "2", "functions": ["f1", "f2"]}  # the plugin set's example gave its list back
+    assert requests.get(f"{server.url}/plugins/sources", timeout=30).json() == []
+
+
+@pytest.mark.slow
+def test_with_authentication_on_the_documented_scheme_authorizes_every_example(start_gunicorn, tmp_path):
+    """The document asks for its bearer scheme everywhere but / and /ping; a token sent as the scheme says (as
+    Swagger UI's Authorize sends it) makes every example work, and without it the service answers 401."""
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    mgmt = tmp_path / "home" / "etc" / "mgmt"
+    mgmt.mkdir(parents=True, mode=0o755)
+    (mgmt / "docs.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    now = int(time.time())
+    token = jwt.encode({"iss": "docs.pub", "aud": "eKuiper", "iat": now, "exp": now + 600, "sub": "docs"}, key,
+                       algorithm="RS256")
+    server = start_gunicorn(KUIPER_PLUGINS__BASIC__AUTHENTICATION="true")
+    document = requests.get(f"{server.url}/openapi.json", timeout=30).json()
+    assert document["security"] == [{"jwt": []}]
+    scheme = document["components"]["securitySchemes"]["jwt"]
+    assert (scheme["type"], scheme["scheme"], scheme["bearerFormat"]) == ("http", "bearer", "JWT")
+    open_operations = {operation["operationId"] for item in document["paths"].values()
+                       for operation in item.values() if isinstance(operation, dict) and "operationId" in operation
+                       and operation.get("security") == []}
+    assert open_operations == {"ping", "readiness"}
+    refused = requests.get(f"{server.url}/plugins/sources", timeout=30)
+    assert refused.status_code == 401 and refused.json()["message"].startswith("missing_token")
+    run_the_session(server.url, {"Authorization": f"Bearer {token}"})
+
+
+def test_every_operation_has_its_own_operation_id_and_the_document_names_its_server(service):
     document = service.client.get("/openapi.json").get_json()
-    url, query, body, status = documented_request(document, method, path)
-    if (method, path) == ("post", "/plugins/{type}"):
-        # the example installs random: replayed where another plugin is installed, as random is not yet
-        make_zip(uploads / "echo.zip", {"Echo.so": b"\x7fELF echo"})
-        assert service.post("sinks", {"name": "echo", "file": (uploads / "echo.zip").as_uri()}).status_code == 201
-    else:
-        assert service.post("sources", {"name": "random", "file": (uploads / "random.zip").as_uri()}).status_code == 201
-        answer = service.client.put("/plugins/sources/random", json={"file": (uploads / "random2.zip").as_uri()})
-        assert answer.status_code == 200, answer.get_data(as_text=True)
+    ids = [operation["operationId"] for item in document["paths"].values() for method, operation in item.items()
+           if method in ("get", "put", "post", "delete")]
+    assert len(ids) == len(set(ids)) == sum(1 for _ in documented_requests(document))
+    assert document["servers"] == [{"url": "/", "description": "this service, where this document was read"}]
+    assert "security" not in document  # authentication off: no operation asks for a token
+    assert set(document["components"]["securitySchemes"]) == {"jwt"}  # Authorize is offered, and says how
 
-    answer = service.client.open(url, method=method.upper(), query_string=query,
-                                 json=at_home(body, str(service.home)))
 
-    assert str(answer.status_code) == status, (method, url, query, answer.get_data(as_text=True)[:500])
+def test_the_install_example_prefills_what_a_source_takes(service):
+    """The first example (what Swagger UI fills in) is a source: no functions, no shellParas, nothing generated
+    from the schema; the function plugin's example gives its functions."""
+    document = service.client.get("/openapi.json").get_json()
+    content = document["paths"]["/plugins/{type}"]["post"]["requestBody"]["content"]["application/json"]
+    first, functions = content["examples"].values()
+    assert first["value"] == {"name": "random", "file": f"file://{service.layout.uploads}/random.zip"}
+    assert functions["value"]["functions"] == ["f1", "f2"]
+    assert "example" not in content
+
+
+def test_the_docs_page_shows_every_operation_before_its_script_runs(service):
+    """What a browser shows while Swagger UI's megabyte of script loads: a summary rendered by the service."""
+    document = service.client.get("/openapi.json").get_json()
+    page = service.client.get("/docs/")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    shown = html[html.index('<div id="swagger-ui">'):html.index("<script")]
+    for path, item in document["paths"].items():
+        for method in ("get", "put", "post", "delete"):
+            if method in item:
+                assert f"<code>{method.upper()}</code></td><td><code>{path}</code>" in shown, (method, path)
+                assert item[method]["operationId"] in shown
+    assert "kuiper-plugins" in shown and "/openapi.json" in shown
+    # Everything the page loads is this service's own: no CDN, no validator site.
+    sources = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert sources and all(source.startswith(("./", "/")) for source in sources), sources
+    for source in sources:
+        if source.startswith("./"):
+            asset = service.client.get(f"/docs/{source[2:]}")
+            assert asset.status_code == 200, source
+            asset.close()
+    assert "validatorUrl: null" in html
+
+
+def chromium_dom(url: str, profile, *flags: str) -> str:
+    """The page's DOM as headless chromium leaves it after 10 s of virtual time."""
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is needed (make test installs it)"
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--virtual-time-budget=10000", *flags, "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.stdout, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_the_docs_page_in_a_browser_first_view_then_authorize(make_service, tmp_path):
+    """Before Swagger UI's script has arrived the browser shows the summary; once it has run, Swagger UI has
+    replaced the summary and, authentication being on, offers Authorize."""
+    service = make_service(authentication=True)
+    script_arrives = threading.Event()
+
+    def held_script(environ, start_response):
+        # "As the page loads": until the test lets it through, the megabyte of script has not arrived.
+        if environ["PATH_INFO"].endswith("/swagger-ui-bundle.js") and not script_arrives.is_set():
+            start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")])
+            return [b""]
+        return service.app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, held_script, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/docs/"
+        first = chromium_dom(url, tmp_path / "first")
+        assert 'id="first-view"' in first and "<code>installPlugin</code>" in first
+        assert "Every operation but GET / and GET /ping needs a token: press Authorize" in first
+        script_arrives.set()
+        loaded = chromium_dom(url, tmp_path / "loaded")
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+    assert 'id="first-view"' not in loaded  # Swagger UI drew the page in its place
+    assert re.search(r'<button class="btn authorize[^"]*"', loaded), loaded[-3000:]
+    assert 'data-path="/plugins/{type}"' in loaded

@@ -215,7 +215,7 @@ def test_a_given_sha256_decides_without_looking_at_the_url(service, file_server)
     with_paras = put(service, {"sinks": {"echo": {"file": url2, "sha256": sha2, "shellParas": ["-x"]}}})
     assert with_paras.status_code == 400  # the package has no install.sh to take them: refused, as for one plugin
     assert with_paras.get_json()["failed"] == {"type": "sink", "name": "echo", "action": "update"}
-    assert with_paras.get_json()["message"].startswith("sinks plugins create command error: ")
+    assert with_paras.get_json()["message"].startswith("sinks plugins update command error: ")
 
 
 def test_a_function_list_left_out_is_kept_and_a_new_plugin_exports_its_name(service, file_server):

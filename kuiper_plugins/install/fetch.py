@@ -115,8 +115,13 @@ class _HttpTarget:
     request_target: str  # path and query, as sent in the request line
 
 
+# What `invalid uri` adds, after eKuiper's words: what a package URL may be.
+URL_RULE = ("accepted: http:// or https:// with a host, or file:// with an absolute path; ending in .zip, in plain"
+            " ASCII, without user info, blanks or a query after the .zip")
+
+
 def check_url(url: str) -> None:
-    """Refuse (InvalidRequest "invalid uri <url>") a URL this service will not fetch a package from.
+    """Refuse (InvalidRequest "invalid uri <url> (<URL_RULE>)") a URL this service will not fetch a package from.
 
     Accepted: ``http``/``https`` with a host, or ``file`` with an empty host and an absolute path, whose
     path ends in ``.zip`` and which as a whole ends in ``.zip`` (so a query string after it fails, as in
@@ -135,7 +140,7 @@ def check_url(url: str) -> None:
         if not path.endswith(".zip"):
             raise ValueError("path does not end in .zip")
     except ValueError:
-        raise InvalidRequest(f"invalid uri {url}") from None
+        raise InvalidRequest(f"invalid uri {url} ({URL_RULE})") from None
 
 
 def _parse_http_url(url: str) -> _HttpTarget:
@@ -624,8 +629,12 @@ class _HttpDownload:
     def _checked_addresses(self, target: _HttpTarget, redirected: bool) -> list[SockAddr]:
         """Resolve the target's host and return its addresses, or refuse if any one is not permitted."""
         def refuse(ip: object) -> DownloadFailed:
-            where = f" (redirected to {target.url})" if redirected else ""
-            return DownloadFailed(f"ip {ip} is in internal network{where}")
+            where = f"redirected to {target.url}; " if redirected else ""
+            entry = f"[{ip}]:{target.port}" if ":" in str(ip) else f"{ip}:{target.port}"
+            return DownloadFailed(
+                f"ip {ip} is in internal network ({where}downloads from loopback, private and link-local addresses"
+                f" are refused: add {entry} to basic.privateNetAllowList, or set basic.enablePrivateNet to true)"
+            )
 
         if self.deadline.expired():
             raise DownloadFailed(self.deadline.message())

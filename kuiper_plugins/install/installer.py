@@ -50,6 +50,18 @@ __all__ = ["Installer", "main_file", "native_binaries", "recover_home", "type_la
 log = logging.getLogger(__name__)
 
 
+def _not_a_function_plugin(conn: sqlite3.Connection, name: str) -> str:
+    """What a register of `name` should have been, when `name` is a plugin of another type; "" otherwise."""
+    for plugin_type in ("portables", "sources", "sinks"):
+        if registry.find(conn, plugin_type, name) is None:
+            continue
+        if plugin_type == PORTABLE:
+            return (f" (portable plugin {name} declares its functions in its descriptor {name}.json, in the zip;"
+                    f" to change them, update the plugin with a package whose {name}.json lists them)")
+        return f" ({type_label(plugin_type)} plugin {name} exports no functions: only a function plugin has a list)"
+    return ""
+
+
 class Installer:
     """Carries out plugin operations against one KUIPER_HOME and its registry."""
 
@@ -170,7 +182,8 @@ class Installer:
         with self.applier.locked("functions", name, roll_back_stale=False) as conn:
             plugin = registry.find(conn, "functions", name)
             if plugin is None:
-                raise PluginNotFound(f"register functions plugin {name} error: not found")
+                hint = _not_a_function_plugin(conn, name)
+                raise PluginNotFound(f"register functions plugin {name} error: not found{hint}")
             if not functions:
                 raise InvalidRequest(
                     f"function plugins {name} regiser functions error: property 'functions' must not be empty"

@@ -154,7 +154,7 @@ def _root_files(entries: Sequence[Entry]) -> dict[str, Entry]:
     return {e.name: e for e in entries if not e.is_dir and "/" not in e.name}
 
 
-def _zip_files(entries: Sequence[Entry], limit: int = 100) -> str:
+def _zip_files(entries: Sequence[Entry], limit: int = 20) -> str:
     """The zip's entry names as Go prints a []string (a folder keeps its trailing slash), the first `limit`."""
     names = [e.name + ("/" if e.is_dir else "") for e in entries]
     shown = " ".join(names[:limit])
@@ -198,10 +198,12 @@ def plan_native(
         filenames = [shown(f"plugins/{plugin_type}/{n}") for n, _ in binaries]
         if needs_yaml and yaml_name in root:
             filenames += [shown(f"{folder}/sources/{yaml_name}") for folder in ("etc", "data")]
+        # eKuiper's first words, which a client may match, then the reason, then eKuiper's own account of its
+        # check, which alone says little to a person and can run long.
         raise PackageInvalid(
-            f"invalid zip file: expectFiles: {3 if needs_yaml else 1}, got filenames:[{' '.join(filenames)}],"
-            f" zipFiles: [{_zip_files(entries)}], yamlFileChecked:{_go_bool(yaml_name in root and needs_yaml)},"
-            f" soFileChecked:{_go_bool(bool(binaries))} ({'; '.join(problems)})"
+            f"invalid zip file ({'; '.join(problems)}; eKuiper's check: expectFiles: {3 if needs_yaml else 1},"
+            f" got filenames:[{' '.join(filenames)}], zipFiles: [{_zip_files(entries)}],"
+            f" yamlFileChecked:{_go_bool(yaml_name in root and needs_yaml)}, soFileChecked:{_go_bool(bool(binaries))})"
         )
     so_name, match = binaries[0]
     version = match.group(1) or ""

@@ -136,8 +136,16 @@ class Planner:
     def refuse_before_fetching(
         self, conn: sqlite3.Connection, plugin_type: str, request: dict[str, Any], old: registry.Plugin | None
     ) -> None:
-        """What the request alone decides, before anything is downloaded: built-in names, function clashes."""
+        """What the request alone decides, before anything is downloaded: a function list where none belongs,
+        built-in names, function clashes."""
         name = request["name"]
+        if plugin_type != "functions" and request.get("functions"):
+            # eKuiper ignores it; a caller who gives one expects functions the plugin will not export.
+            if plugin_type == PORTABLE:
+                raise InvalidRequest(f"functions is not taken for a portable plugin (it declares its functions in"
+                                     f" its descriptor {name}.json, in the zip: leave functions out)")
+            raise InvalidRequest(f"functions is not taken for a {plugin_type.removesuffix('s')} plugin (only a"
+                                 " function plugin exports functions: leave functions out)")
         packages.check_plugin_name(plugin_type, name)
         if plugin_type == "functions":
             functions = request.get("functions") or [name]

@@ -195,6 +195,11 @@ def checked_name(name: str) -> str:
 
 
 def creation_prefix(plugin_type: str, action: str = "create") -> str:
+    """eKuiper's prefix of a refused create or update: `sources plugins create command error`.
+
+    An update says `update`, for every type. (eKuiper's native update deletes, then creates, and so says
+    `create`; its portable update says `update`, which is what the caller asked for.)
+    """
     if plugin_type == PORTABLE:
         return f"portable plugin {action} command error"
     return f"{plugin_type} plugins {action} command error"
@@ -305,18 +310,31 @@ def delete_plugin(plugin_type: str, name: str) -> Response:
     settle_with_engine(plugin_type, name)
     installer().delete(plugin_type, name)
     if plugin_type == PORTABLE:
+        if request.args.get("stop") == "1":  # eKuiper ignores it too: say so, as the caller expects a stop
+            return text(f"portable plugin {name} is deleted (stop=1 stops nothing for a portable plugin: its"
+                        " process has ended with the delete, and the engine keeps running)")
         return text(f"portable plugin {name} is deleted")
     if stop:
         restart_engine = services().restart_engine
         if restart_engine is not None:
             # engine.restartCommand stops (and restarts) the engine, as eKuiper's own ?stop=1 stops it.
-            response = text(f"{plugin_type} plugin {name} is deleted and eKuiper will be stopped")
+            response = text(f"{plugin_type} plugin {name} is deleted and eKuiper will be stopped"
+                            f" ({_restarted_by()})")
             response.call_on_close(restart_engine)
         else:
-            response = text(f"{plugin_type} plugin {name} is deleted and kuiper-plugins will be stopped")
+            response = text(f"{plugin_type} plugin {name} is deleted and kuiper-plugins will be stopped (this"
+                            " service, not the engine: engine.restartCommand is not set, so the engine keeps"
+                            " running and takes the change at its next start; a supervisor such as systemd"
+                            " starts kuiper-plugins again)")
             response.call_on_close(services().stop_service)
         return response
     return text(f"{plugin_type} plugin {name} is deleted and eKuiper must restart for the change to take effect.")
+
+
+def _restarted_by() -> str:
+    """Our part of a ?stop=1 answer with engine.restartCommand set: what stops, and what starts it again."""
+    command = " ".join(services().settings.engine_restart_command)
+    return f"engine.restartCommand restarts it: {command}; kuiper-plugins keeps running"
 
 
 @bp.put(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>")
@@ -338,17 +356,20 @@ def update_plugin(plugin_type: str, name: str) -> Response:
         installer().update(plugin_type, name, _request_record(plugin_type, body),
                            unprivileged_caller=unprivileged_caller(request.environ))
     except PluginError as exc:
-        action = "update" if plugin_type == PORTABLE else "create"
-        raise prefixed(exc, creation_prefix(plugin_type, action))
+        raise prefixed(exc, creation_prefix(plugin_type, "update"))
     if plugin_type == PORTABLE:
         return text(f"portable plugin {name} is updated")
     restart_engine = services().restart_engine
-    if request.args.get("stop") == "1" and restart_engine is not None:
+    restarted = f"plugin {name} is updated and eKuiper must restart for the change to take effect."
+    if request.args.get("stop") == "1":
+        if restart_engine is None:  # eKuiper's PUT ignores stop; say that nothing stops, and how it would
+            return text(f"{restarted} (stop=1 stops nothing: set engine.restartCommand to have it restart the"
+                        " engine)")
         # Go cannot unload the old code: engine.restartCommand restarts the engine, which loads the new one.
-        response = text(f"plugin {name} is updated and eKuiper will be stopped")
+        response = text(f"plugin {name} is updated and eKuiper will be stopped ({_restarted_by()})")
         response.call_on_close(restart_engine)
         return response
-    return text(f"plugin {name} is updated and eKuiper must restart for the change to take effect.")
+    return text(restarted)
 
 
 @bp.get(f"/plugins/<{ALL_TYPES}:plugin_type>/<name>/history")
@@ -381,7 +402,7 @@ def _request_record(plugin_type: str, body: dict[str, Any]) -> dict[str, Any]:
     record = {"name": body["name"], "file": body["file"]}
     if body.get("shellParas"):
         record["shellParas"] = list(body["shellParas"])
-    if plugin_type == "functions" and body.get("functions"):
+    if body.get("functions"):  # refused for any type but functions, before anything is fetched (plan.py)
         record["functions"] = list(body["functions"])
     if body.get("sha256"):
         record["sha256"] = body["sha256"].lower()

@@ -17,7 +17,6 @@ from kuiper_plugins.errors import InvalidRequest, PluginError, RegistryUnavailab
 from kuiper_plugins.fleet.plugin_set import INSTALL, UPDATE, ApplyFailed, Document, PluginSet
 from kuiper_plugins.install import packages
 from kuiper_plugins.install.installer import type_label
-from kuiper_plugins.layout import PORTABLE
 from kuiper_plugins.web.access import unprivileged_caller
 from kuiper_plugins.web.api import (
     YAML_TYPES,
@@ -123,7 +122,7 @@ def _step_words(failed: ApplyFailed) -> str:
     if failed.plain or cause.status != 400 or change.action not in (INSTALL, UPDATE):
         return cause.message  # a register's and a delete's messages carry their own words
     # As POST /plugins/{type} and PUT /plugins/{type}/{name} prefix theirs.
-    action = "update" if change.action == UPDATE and change.plugin_type == PORTABLE else "create"
+    action = "update" if change.action == UPDATE else "create"
     return f"{creation_prefix(change.plugin_type, action)}: {cause.message}"
 
 

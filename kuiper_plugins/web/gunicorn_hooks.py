@@ -1,22 +1,33 @@
-"""gunicorn server hooks: say where the service listens and what it found of an engine, refuse to start on
-an unusable registry or on JWT keys that others could change, and roll back an interrupted request.
+"""gunicorn server hooks: say where the service listens, what it found of an engine and whether it asks for
+tokens; refuse to start on a port it cannot have, an unusable registry or JWT keys that others could change;
+and roll back an interrupted request.
 
 `etc/gunicorn.conf.py` imports these by name; gunicorn calls them in the master or the workers.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
 import signal
+import socket
+import stat
 import sys
 
 from kuiper_plugins.errors import PluginError, RequestInterrupted
 from kuiper_plugins.install.installer import recover_home
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.lifecycle.backup import hold_service_lock
-from kuiper_plugins.settings import authentication_mismatch, describe_listening, load_settings
+from kuiper_plugins.settings import (
+    ENV_PREFIX,
+    SETTINGS_FILE,
+    Settings,
+    authentication_mismatch,
+    describe_listening,
+    load_settings,
+)
 from kuiper_plugins.store import db
 from kuiper_plugins.web.auth import UnsafeKeyFiles, check_key_files
 
@@ -46,10 +57,72 @@ def _key_files_problem() -> str | None:
     return None
 
 
+SHOWN_KEYS = 10  # key files named in the start-up line; the rest are counted
+
+
+def _listen_problem(server, settings: Settings) -> str | None:
+    """Why gunicorn could not listen at basic.restIp:restPort, in Go's words and then the setting to change.
+
+    gunicorn would retry five times and say only "Connection in use". A listener handed over by systemd
+    or by a re-exec (LISTEN_FDS, GUNICORN_FD) is not checked: nothing binds it here.
+    """
+    if os.environ.get("LISTEN_FDS") or os.environ.get("GUNICORN_FD"):
+        return None
+    if (settings.rest_ip, settings.rest_port) not in {tuple(a) for a in server.cfg.address if isinstance(a, tuple)}:
+        return None  # bound where gunicorn's own -b says: not a setting of ours
+    family = socket.AF_INET6 if ":" in settings.rest_ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind((settings.rest_ip, settings.rest_port))
+            return None
+        except OSError as exc:
+            failure = exc
+    host = f"[{settings.rest_ip}]" if family == socket.AF_INET6 else settings.rest_ip
+    words = f"listen tcp {host}:{settings.rest_port}: bind: {os.strerror(failure.errno).lower()}"
+    change = (f"set basic.restPort in {SETTINGS_FILE} or {ENV_PREFIX}BASIC__RESTPORT, e.g."
+              f" `{ENV_PREFIX}BASIC__RESTPORT=9095 make run`")
+    if failure.errno == errno.EADDRINUSE:
+        return f"{words} (another program listens on port {settings.rest_port}: {change})"
+    if failure.errno == errno.EADDRNOTAVAIL:
+        return (f"{words} (basic.restIp {settings.rest_ip} is not an address of this machine: set basic.restIp in"
+                f" {SETTINGS_FILE} or {ENV_PREFIX}BASIC__RESTIP)")
+    if failure.errno == errno.EACCES:
+        return f"{words} (ports below 1024 need root: {change})"
+    return f"{words} (basic.restIp and basic.restPort say where this service listens)"
+
+
+def describe_authentication(settings: Settings) -> str:
+    """One line for the start-up log: whether tokens are asked for, and which key files etc/mgmt holds."""
+    keys_dir = Layout.of(settings).mgmt_keys
+    try:
+        keys = sorted(name for name in os.listdir(keys_dir) if stat.S_ISREG(os.stat(keys_dir / name).st_mode))
+    except OSError:  # not made yet (start-up makes it), or unreadable: no key can be read there either
+        keys = []
+    shown = ", ".join(keys[:SHOWN_KEYS]) + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
+    if settings.authentication:
+        if not keys:
+            return (f"basic.authentication is on: every request but / and /ping needs a JWT, and {keys_dir} holds no"
+                    " key yet, so every token is refused until a PEM public key named as the tokens' iss is put"
+                    " there")
+        return (f"basic.authentication is on: every request but / and /ping needs a JWT whose iss names one of the"
+                f" keys in {keys_dir}: {shown}")
+    users = ", ".join(("root", "this service's user", *settings.allowed_users))
+    remote = ("remote callers are refused (basic.protectedMode)" if settings.protected_mode
+              else "remote callers are served (basic.protectedMode is off)")
+    held = f"; {keys_dir} holds {shown}, unused while it is off" if keys else ""
+    return (f"basic.authentication is off: no token is asked for; local callers are served when their user is one"
+            f" of {users}; {remote}{held}")
+
+
 def on_starting(server):
     """In the master, before any worker is forked (the check's connection is closed by then)."""
     settings = load_settings()
+    problem = _listen_problem(server, settings)
+    if problem:
+        sys.exit(f"kuiper-plugins cannot start: {problem}")
     log.info("%s", describe_listening(settings))
+    log.info("%s", describe_authentication(settings))
     mismatch = authentication_mismatch(settings)
     if mismatch:
         log.warning("%s", mismatch)

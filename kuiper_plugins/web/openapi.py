@@ -1,21 +1,37 @@
 """The OpenAPI 3 document, generated from the marshmallow schemas with apispec, and the /docs page.
 
+The document is made for the service that serves it (`for_service`): its examples name this service's uploads
+folder and form a session that works as it is (web/examples.py), and it asks for a token exactly when
+basic.authentication is on, so that Swagger UI's Authorize and "Try it out" work either way.
+
 The page is Swagger UI from the swagger-ui-bundle package, served from this
-service: nothing is loaded from a CDN.
+service: nothing is loaded from a CDN, and the validator (an outside site) is off. Until its script has run
+(a megabyte), the page shows a summary rendered here: every operation, and how to authorize.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Response, jsonify, redirect, render_template_string, send_from_directory, url_for
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    redirect,
+    render_template_string,
+    send_from_directory,
+    url_for,
+)
 
-from kuiper_plugins.layout import NATIVE_TYPES, PLUGIN_TYPES
-from kuiper_plugins.web import schemas
+from kuiper_plugins.layout import NATIVE_TYPES, PLUGIN_TYPES, Layout
+from kuiper_plugins.web import examples, schemas
 
 docs_bp = Blueprint("docs", __name__)
 
@@ -79,8 +95,8 @@ AUDIT_EXAMPLE = {
 }
 
 # ?dryRun=1 (issue 19): the plan of a create, update or delete, as install/plan.py's to_json() gives it.
+# No example value: "Try it out" and the replayed session send the request itself, not its plan.
 DRY_RUN_PARAM = {"name": "dryRun", "in": "query", "required": False, "schema": {"type": "string", "enum": ["0", "1"]},
-                 "example": "1",
                  "description": "1: answer the plan (200, JSON) and write nothing; a failing plan answers the"
                                 " request's own 4xx"}
 PLAN_EXAMPLE = {
@@ -172,9 +188,11 @@ def _plugin_set_components(spec: APISpec) -> None:
 
 
 def _plugin_set_paths(spec: APISpec) -> None:
+    # A body that is no plugin set is refused before any step, in the envelope of every other refusal.
     failure = {"description": "A step failed: its own status (400 for a refused package); every earlier change of"
-                              " the request was undone", "content": {"application/json": {
-                                  "schema": "PluginSetFailure", "example": PLUGIN_SET_FAILURE_EXAMPLE}}}
+                              " the request was undone. A body that is no plugin set: the error envelope",
+               "content": {"application/json": {"schema": {"anyOf": ["PluginSetFailure", "Error"]},
+                                                "example": PLUGIN_SET_FAILURE_EXAMPLE}}}
     spec.path(path="/config/plugins", operations={
         "get": {
             "summary": "Every installed plugin as one document (YAML with Accept: application/yaml), or the plugin"
@@ -343,7 +361,6 @@ def build_spec(version: str) -> APISpec:
             "parameters": [{"name": "stop", "in": "query", "required": False,
                             "schema": {"type": "string", "enum": ["0", "1"]}},
                            {"name": "version", "in": "query", "required": False, "schema": {"type": "string"},
-                            "example": "1.0.0",
                             "description": "a kept version, as GET .../history marks them (`kept`); without it,"
                                            " the newest kept version, so that twice returns to where you started"}],
             "responses": {"200": {"description": "The version now installed", "content": {"application/json": {
@@ -500,6 +517,132 @@ def build_spec(version: str) -> APISpec:
     return spec
 
 
+# ---------------------------------------------------------------------------- the document of this service
+
+# One name per operation, for clients generated from the document; an operation added without one gets a name
+# made of its method and path (`_operation_id`).
+OPERATION_IDS = {
+    ("get", "/plugins/{type}"): "listPlugins",
+    ("post", "/plugins/{type}"): "installPlugin",
+    ("get", "/plugins/{type}/{name}"): "describePlugin",
+    ("put", "/plugins/{type}/{name}"): "updatePlugin",
+    ("delete", "/plugins/{type}/{name}"): "deletePlugin",
+    ("get", "/plugins/{type}/{name}/history"): "pluginHistory",
+    ("post", "/plugins/{type}/{name}/rollback"): "rollbackPlugin",
+    ("get", "/plugins/{type}/prebuild"): "listPrebuiltPlugins",
+    ("post", "/plugins/functions/{name}/register"): "registerFunctions",
+    ("get", "/plugins/portables/{name}/status"): "portablePluginStatus",
+    ("get", "/plugins/udfs"): "listFunctions",
+    ("get", "/plugins/udfs/{name}"): "describeFunction",
+    ("get", "/config/uploads"): "listUploads",
+    ("post", "/config/uploads"): "uploadFile",
+    ("delete", "/config/uploads/{name}"): "deleteUpload",
+    ("get", "/audit"): "listAudit",
+    ("get", "/registry/verify"): "verifyRegistry",
+    ("post", "/registry/repair"): "repairRegistry",
+    ("get", "/registry/backup"): "backupRegistry",
+    ("get", "/engine/pending"): "listPendingRestart",
+    ("get", "/config/plugins"): "getPluginSet",
+    ("put", "/config/plugins"): "applyPluginSet",
+    ("get", "/ping"): "ping",
+    ("get", "/"): "readiness",
+}
+OPEN_OPERATIONS = {("get", "/"), ("get", "/ping")}  # no token, even with authentication on (web/access.py)
+METHODS = ("get", "put", "post", "delete", "patch")
+SECURITY_SCHEME = {
+    "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+    "description": "An RS256 JWT whose iss names a PEM public key in <etc>/mgmt and whose aud holds eKuiper, as"
+                   " eKuiper's own (docs/access.md). Swagger UI sends it as `Authorization: Bearer <jwt>`; eKuiper's"
+                   " clients send the token alone, which is taken too.",
+}
+# Path parameters filled in for "Try it out": the plugins, functions and uploads of the example session.
+PATH_EXAMPLES = {
+    "/plugins/functions/{name}/register": {"name": "misc"},
+    "/plugins/udfs/{name}": {"name": "f1"},
+    "/config/uploads/{name}": {"name": "random.zip"},
+}
+DEFAULT_PATH_EXAMPLES = {"type": "sources", "name": "random"}
+
+
+def _operation_id(method: str, path: str) -> str:
+    known = OPERATION_IDS.get((method, path))
+    if known:
+        return known
+    words = [word for word in re.split(r"[^A-Za-z0-9]+", path) if word]
+    return method + "".join(word[0].upper() + word[1:] for word in words)
+
+
+def for_service(document: dict[str, Any], *, uploads: Path, authentication: bool) -> dict[str, Any]:
+    """The document as this service serves it: its address, its token scheme, a name for every operation, and
+    examples that work as they are against it (web/examples.py)."""
+    document = copy.deepcopy(document)
+    document["servers"] = [{"url": "/", "description": "this service, where this document was read"}]
+    document["components"]["securitySchemes"] = {"jwt": SECURITY_SCHEME}
+    state = "on: authorize with a token" if authentication else "off on this service: no token is needed"
+    document["info"]["description"] += (
+        f" Authentication (basic.authentication) is {state}. The examples form one session that works as it is:"
+        " upload random.zip and misc.zip (POST /config/uploads), install them (POST /plugins/{type}, type sources"
+        " then functions), then read, update, register and remove them."
+    )
+    if authentication:
+        document["security"] = [{"jwt": []}]
+    for path, item in document["paths"].items():
+        wanted = {**DEFAULT_PATH_EXAMPLES, **PATH_EXAMPLES.get(path, {})}
+        for parameter in item.get("parameters", []):
+            if parameter["in"] == "path" and parameter["name"] in wanted:
+                parameter["example"] = wanted[parameter["name"]]
+        for method in METHODS:
+            if method in item:
+                item[method]["operationId"] = _operation_id(method, path)
+                if (method, path) in OPEN_OPERATIONS:
+                    item[method]["security"] = []
+    _request_examples(document["paths"], uploads)
+    return document
+
+
+def _request_examples(paths: dict[str, Any], uploads: Path) -> None:
+    """Bodies that work as they are: packages uploaded as text, installed from this service's uploads folder."""
+    random_zip, misc_zip = examples.packages()
+    url = {package.plugin_name: f"file://{uploads}/{package.file_name}" for package in (random_zip, misc_zip)}
+
+    def body(operation: dict[str, Any], media: str = "application/json") -> dict[str, Any]:
+        content = operation["requestBody"]["content"][media]
+        content.pop("example", None)
+        return content
+
+    body(paths["/config/uploads"]["post"])["examples"] = {
+        package.plugin_name: {
+            "summary": f"{package.file_name}: {package.plugin_type} plugin {package.plugin_name}",
+            "description": "content is the file as text. This zip is written with ASCII bytes only, so that JSON"
+                           " can carry it; send real packages as multipart uploadFile, or from a URL (file).",
+            "value": {"name": package.file_name, "content": package.text},
+        } for package in (random_zip, misc_zip)}
+    body(paths["/plugins/{type}"]["post"])["examples"] = {
+        "sources": {"summary": "type sources: source plugin random, from the uploaded random.zip",
+                    "value": {"name": "random", "file": url["random"]}},
+        "functions": {"summary": "type functions: function plugin misc exporting f1 and f2, from misc.zip",
+                      "value": {"name": "misc", "file": url["misc"], "functions": list(misc_zip.functions)}},
+    }
+    body(paths["/plugins/{type}/{name}"]["put"])["examples"] = {
+        "sources": {"summary": "source plugin random, from random.zip again", "value": {"file": url["random"]}}}
+    body(paths["/plugins/functions/{name}/register"]["post"])["examples"] = {
+        "misc": {"summary": "misc exports f1, f2 and f3", "value": {"functions": ["f1", "f2", "f3"]}}}
+    plugin_set = body(paths["/config/plugins"]["put"])
+    plugin_set["examples"] = {
+        "document": {"summary": "the plugin set: random and misc, pinned to their sha256", "value": {
+            "sources": {"random": {"file": url["random"], "sha256": random_zip.sha256}},
+            "sinks": {},
+            "functions": {"misc": {"file": url["misc"], "sha256": misc_zip.sha256,
+                                   "functions": list(misc_zip.functions)}},
+            "portables": {}, "prune": False}},
+        "ekuiper": {"summary": "the same in eKuiper's export format, with the function lists", "value": {
+            "nativePlugins": {f"{package.plugin_type}_{package.plugin_name}":
+                              f'{{"name":"{package.plugin_name}","file":"{url[package.plugin_name]}"}}'
+                              for package in (random_zip, misc_zip)},
+            "portablePlugins": {}, "functionLists": {"misc": list(misc_zip.functions)}}},
+    }
+
+
 def _swagger_folder() -> Path:
     from swagger_ui_bundle import swagger_ui_path
 
@@ -508,14 +651,19 @@ def _swagger_folder() -> Path:
 
 @docs_bp.get("/openapi.json")
 def openapi_document() -> Response:
+    return jsonify(_served_document())
+
+
+def _served_document() -> dict[str, Any]:
     from kuiper_plugins import __version__
 
-    return jsonify(_document(__version__))
+    settings = current_app.extensions["kuiper_plugins"].settings
+    return _document(__version__, Layout.of(settings).uploads, settings.authentication)
 
 
 @cache
-def _document(version: str) -> dict[str, Any]:
-    return build_spec(version).to_dict()
+def _document(version: str, uploads: Path, authentication: bool) -> dict[str, Any]:
+    return for_service(build_spec(version).to_dict(), uploads=uploads, authentication=authentication)
 
 
 @docs_bp.get("/docs")
@@ -523,10 +671,75 @@ def docs_redirect() -> Response:
     return redirect(url_for("docs.docs_page"))
 
 
+# Swagger UI, from files of this service. Until its script has loaded and drawn the page, #swagger-ui holds a
+# summary rendered here (Swagger UI replaces it), so that the first view is already of use.
+DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="UTF-8">
+  <title>{{ title }} {{ version }}: API</title>
+  <link rel="stylesheet" type="text/css" href="./swagger-ui.css">
+  <link rel="icon" type="image/png" href="./favicon-32x32.png" sizes="32x32">
+  <style>
+    body { margin: 0; background: #fafafa; }
+    #first-view { max-width: 1200px; margin: 0 auto; padding: 20px; font-family: sans-serif; color: #3b4151; }
+    #first-view table { border-collapse: collapse; width: 100%; }
+    #first-view td, #first-view th { text-align: left; padding: 4px 8px; border-bottom: 1px solid #ddd; }
+    #first-view code { font-size: 13px; }
+  </style>
+</head>
+<body>
+  <div id="swagger-ui">
+    <div id="first-view">
+      <h1>{{ title }} <small>{{ version }}</small></h1>
+      <p>{{ description }}</p>
+      <p>{{ authorize }}The interactive page (Swagger UI, served by this service) loads here; the document
+        itself is <a href="{{ document_url }}">{{ document_url }}</a>.</p>
+      <table>
+        <thead><tr><th>method</th><th>path</th><th>what it does</th><th>operationId</th></tr></thead>
+        <tbody>
+        {%- for operation in operations %}
+          <tr><td><code>{{ operation.method }}</code></td><td><code>{{ operation.path }}</code></td>
+            <td>{{ operation.summary }}</td><td><code>{{ operation.id }}</code></td></tr>
+        {%- endfor %}
+        </tbody>
+      </table>
+    </div>
+  </div>
+  <script src="./swagger-ui-bundle.js" charset="UTF-8"></script>
+  <script src="./swagger-ui-standalone-preset.js" charset="UTF-8"></script>
+  <script>
+    window.onload = function () {
+      window.ui = SwaggerUIBundle({
+        url: {{ document_url|tojson }},
+        dom_id: "#swagger-ui",
+        validatorUrl: null,
+        deepLinking: true,
+        presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+        plugins: [SwaggerUIBundle.plugins.DownloadUrl],
+        layout: "StandaloneLayout"
+      });
+    };
+  </script>
+</body>
+</html>
+"""
+
+
 @docs_bp.get("/docs/")
 def docs_page() -> str:
-    template = (_swagger_folder() / "index.j2").read_text(encoding="utf-8")
-    return render_template_string(template, openapi_spec_url=url_for("docs.openapi_document"))
+    document = _served_document()
+    operations = [
+        {"method": method.upper(), "path": path, "summary": item[method].get("summary", ""),
+         "id": item[method]["operationId"]}
+        for path, item in document["paths"].items() for method in METHODS if method in item
+    ]
+    authorize = ("Every operation but GET / and GET /ping needs a token: press Authorize and give the JWT. "
+                 if "security" in document else "")
+    return render_template_string(
+        DOCS_PAGE, title=document["info"]["title"], version=document["info"]["version"],
+        description=document["info"]["description"], authorize=authorize, operations=operations,
+        document_url=url_for("docs.openapi_document"))
 
 
 @docs_bp.get("/docs/<path:asset>")

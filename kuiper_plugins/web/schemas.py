@@ -105,7 +105,8 @@ class PluginRequestSchema(CaseInsensitiveSchema):
     functions = fields.List(
         fields.String(validate=_name, metadata=NAME_DOC), load_default=list, validate=_function_list,
         metadata={"maxItems": MAX_FUNCTIONS, "uniqueItems": True,
-                  "description": "function plugins only: the functions it exports (default: its name)"},
+                  "description": "function plugins only (refused for any other type): the functions it exports"
+                                 " (default: its name)"},
     )
     sha256 = fields.String(
         load_default=None, allow_none=True, validate=validate.Regexp(SHA256),
