@@ -719,6 +719,38 @@ def test_file_inside_uploads_is_copied_once_into_a_private_file(env):
     assert sha(result.path.read_bytes()) == result.sha256
 
 
+def replaced_at_open(monkeypatch, path: Path, new_bytes: bytes) -> None:
+    """Have `path` given a whole new file (renamed over it, as the uploads API does) just before fetch opens it.
+
+    Deterministic: the rename runs in the open call itself, after fetch has checked the name with stat.
+    """
+    real_open = os.open
+
+    def open_after_a_re_upload(target, *args, **kwargs):
+        if os.fspath(target) == os.path.realpath(path) and path.read_bytes() != new_bytes:
+            fresh = path.with_name(path.name + ".new")
+            fresh.write_bytes(new_bytes)
+            os.replace(fresh, path)
+        return real_open(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_after_a_re_upload)
+
+
+def test_a_file_re_uploaded_between_the_check_and_the_open_is_read_as_opened(env, monkeypatch):
+    # The name is given another file after fetch looked at it: what fetch opened is what it reads and pins.
+    path = make_zip(env.uploads / "p.zip", {"Other@v1.0.0.so": b"other"})
+    wanted = make_zip(env.tmp / "wanted.zip", PAYLOAD).read_bytes()
+    replaced_at_open(monkeypatch, path, wanted)
+    result = run_fetch(env, file_url(path), sha256=sha(wanted))
+    assert result.path.read_bytes() == wanted and result.sha256 == sha(wanted)
+
+
+def test_a_file_re_uploaded_with_other_bytes_is_a_sha256_mismatch(env, monkeypatch):
+    wanted = make_zip(env.uploads / "p.zip", PAYLOAD).read_bytes()
+    replaced_at_open(monkeypatch, env.uploads / "p.zip", b"other bytes")
+    refused(env, file_url(env.uploads / "p.zip"), "sha256 mismatch", sha256=sha(wanted))
+
+
 def test_file_symlink_inside_uploads_to_inside_allowed(env):
     target = make_zip(env.uploads / "real.zip", PAYLOAD)
     (env.uploads / "link.zip").symlink_to(target)

@@ -392,8 +392,12 @@ def _read_local(
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode):
             raise DownloadFailed(f"{path} is not a regular file")
-        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
-            raise DownloadFailed(f"{path} changed while it was being opened")
+        # The name may have been given another file between the stat and the open: the uploads API replaces a
+        # file by renaming a whole new one over it. What was opened is what is read, so it is held to the same
+        # rules (a regular file, inside the uploads folder, within the size limit); any other change would
+        # refuse an install for racing an ordinary re-upload.
+        if opened.st_size > max_size:
+            raise DownloadFailed(f"{path} is larger than the limit of {max_size} bytes")
         if not allow_external and not _inside(_opened_path(fd, real), root):
             raise DownloadFailed(f"file access denied: path must be under {uploads_dir}")
         copy_fd, copy = _temporary_file(dest_dir)
