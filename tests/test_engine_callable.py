@@ -16,7 +16,7 @@ import shutil
 import psutil
 import pytest
 import requests
-from conftest import disk_state, engine_dump, registry_dump
+from conftest import _diff, disk_state, engine_dump, registry_dump
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +61,13 @@ def everything(engine, service) -> tuple:
             sorted(engine.get("/plugins/functions").json()), sorted(engine.get("/plugins/udfs").json()))
 
 
+def assert_unchanged(before: tuple, after: tuple) -> None:
+    """Disk, our registry and the engine's store as they were; a failure says which paths or rows differ."""
+    assert after[0] == before[0], f"disk changed: {_diff(before[0], after[0])}"
+    assert after[1] == before[1], f"registry changed: {sorted(set(after[1]) ^ set(before[1]))}"
+    assert after[2] == before[2], f"the engine's store changed: {sorted(set(after[2]) ^ set(before[2]))}"
+
+
 def install_mixed(service, file_server, functions) -> requests.Response:
     body = {"name": "mixed", "file": file_server.url("mixed.zip"), "functions": list(functions)}
     return requests.post(f"{service.url}/plugins/functions", json=body, timeout=WAIT)
@@ -85,7 +92,7 @@ def test_an_install_with_a_function_the_engine_cannot_call_is_refused_and_leaves
     assert "nothing was installed" in message(refused)
     # nothing left: files, our registry, the engine's store; the engine offers none of its functions
     after = everything(engine, service)
-    assert after[:3] == before[:3], "disk, registry or the engine's store changed"
+    assert_unchanged(before, after)
     assert after[4] == [], after
     # the engine cannot forget an opened plugin before it restarts; it holds it as deleted, as its own delete does
     assert engine.get("/plugins/functions/mixed").json().get("version") in (None, "$deleted")
@@ -101,14 +108,14 @@ def test_an_install_with_a_function_the_engine_cannot_call_is_refused_and_leaves
     assert refused.status_code == 400, refused.text
     assert message(refused).startswith("functions plugins create command error: fail to install plugin:"
                                        " validate function mixed error: "), message(refused)
-    assert everything(engine, service)[:3] == before[:3]
+    assert_unchanged(before, everything(engine, service))
 
     # after the engine restarts it has nothing of the plugin at all
     restart(engine)
     assert engine.get("/plugins/functions").json() == []
     assert engine.get("/plugins/udfs").json() == []
     assert engine.get("/plugins/functions/mixed").status_code == 404
-    assert everything(engine, service)[:3] == before[:3]
+    assert_unchanged(before, everything(engine, service))
 
 
 def test_the_callable_functions_alone_install_and_are_live(attached, file_server):
