@@ -46,6 +46,7 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from kuiper_plugins.errors import DiskFull, DownloadFailed, InvalidRequest
+from kuiper_plugins.lifecycle import progress
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +330,7 @@ def fetch(
     """Bring the package at `url` to a local file (downloads go into dest_dir), enforcing every guard."""
     check_url(url)
     expected = _expected_digest(sha256)
+    progress.phase("download")
     try:
         if urlsplit(url).scheme == "file":
             return _read_local(
@@ -392,6 +394,7 @@ def _read_local(
         if not allow_external and not _inside(_opened_path(fd, real), root):
             raise DownloadFailed(f"file access denied: path must be under {uploads_dir}")
         copy_fd, copy = _temporary_file(dest_dir)
+        progress.phase("download", opened.st_size)
     except OSError as exc:
         os.close(fd)
         raise DownloadFailed(f"cannot read {path}: {exc.strerror}") from None
@@ -407,6 +410,7 @@ def _read_local(
                     raise DownloadFailed(f"{path} is larger than the limit of {max_size} bytes")
                 digest.update(chunk)
                 _write_all(copy_fd, chunk)
+                progress.advance(len(chunk))
         except OSError as exc:
             _raise_if_disk_full(exc)
             raise DownloadFailed(f"cannot read {path}: {exc.strerror}") from None
@@ -675,6 +679,7 @@ class _HttpDownload:
     def _save_body(self, response: urllib3.BaseHTTPResponse, target: _HttpTarget, dest_dir: Path) -> Fetched:
         """Stream the raw body to a new temp file in dest_dir, hashing it; remove the file on any failure."""
         fd, name = _temporary_file(dest_dir)
+        progress.phase("download", _declared_length(response.headers.get("Content-Length")))
         try:
             digest, size = hashlib.sha256(), 0
             try:
@@ -682,7 +687,8 @@ class _HttpDownload:
                     if self.deadline.expired():
                         raise DownloadFailed(self.deadline.message())
                     try:
-                        chunk = response.read(CHUNK_SIZE, decode_content=False)
+                        # What has arrived, up to a chunk: a slow body's bytes are counted as they come.
+                        chunk = response.read1(CHUNK_SIZE, decode_content=False)
                     except _NETWORK_ERRORS as exc:
                         raise DownloadFailed(_describe_failure(exc, target, self.deadline)) from exc
                     if not chunk:
@@ -692,6 +698,7 @@ class _HttpDownload:
                         raise DownloadFailed(f"the file is larger than the limit of {self.max_size} bytes")
                     digest.update(chunk)
                     _write_all(fd, chunk)
+                    progress.advance(len(chunk))
             finally:
                 os.close(fd)
             _check_digest(self.expected, digest.hexdigest())
