@@ -24,6 +24,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
+import psutil
 import requests
 from conftest import make_zip
 from test_cli import server  # noqa: F401  (the app served by werkzeug on a loopback port, for the CLI)
@@ -252,52 +253,102 @@ def test_install_sh_output_in_the_log_keeps_its_bound(tmp_path, caplog):
 # ---------------------------------------------------------------------------- real gunicorn, two workers
 
 
-def test_another_worker_answers_the_progress_of_an_install_in_flight(start_gunicorn, file_server):
-    package = source_zip(file_server.root / "random.zip", padding=400_000).read_bytes()
-    half = len(package) // 2
-    release = threading.Event()
+class HeldBack:
+    """A package the file server sends half of, then holds back until `release` is set (bounded wait)."""
 
-    def held_back(handler):
+    def __init__(self, file_server, name: str = "held.zip"):
+        self.package = source_zip(file_server.root / "random.zip", padding=400_000).read_bytes()
+        self.half = len(self.package) // 2
+        self.release = threading.Event()
+        self.url = file_server.url(name)
+        file_server.routes[f"/{name}"] = self._send
+
+    def _send(self, handler) -> None:
         handler.send_response(200)
-        handler.send_header("Content-Length", str(len(package)))
+        handler.send_header("Content-Length", str(len(self.package)))
         handler.end_headers()
-        handler.wfile.write(package[:half])
+        handler.wfile.write(self.package[:self.half])
         handler.wfile.flush()
-        release.wait(60)  # bounded: the test sets it as soon as it has seen the half
-        handler.wfile.write(package[half:])
+        self.release.wait(60)  # bounded: each test sets it as soon as it has seen the half, and in `finally`
+        handler.wfile.write(self.package[self.half:])
 
-    file_server.routes["/held.zip"] = held_back
+
+def post_in_background(url: str, body: dict, request_id: str) -> tuple[threading.Thread, list]:
+    """Send a write from a thread; its answer (or the exception it met) lands in the list."""
+    answers: list = []
+
+    def send() -> None:
+        try:
+            answers.append(requests.post(url, json=body, headers={"X-Request-Id": request_id}, timeout=120))
+        except requests.RequestException as exc:
+            answers.append(exc)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread, answers
+
+
+def poll_operation(url: str, done, timeout: float = 30) -> dict:
+    """Ask GET /operations until `done(answer)` holds; bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = requests.get(url, timeout=10)
+        shown = answer.json()
+        if answer.status_code == 200 and done(shown):
+            return shown
+        assert time.monotonic() < deadline, (answer.status_code, shown)
+        time.sleep(0.05)
+
+
+def test_another_worker_answers_the_progress_of_an_install_in_flight(start_gunicorn, file_server):
+    held = HeldBack(file_server)
     live = start_gunicorn(workers=2)
-    answers: list[requests.Response] = []
-    poster = threading.Thread(target=lambda: answers.append(requests.post(
-        f"{live.url}/plugins/sources", json={"name": "random", "file": file_server.url("held.zip")},
-        headers={"X-Request-Id": "in-flight-1"}, timeout=120)))
-    poster.start()
+    poster, answers = post_in_background(f"{live.url}/plugins/sources", {"name": "random", "file": held.url},
+                                         "in-flight-1")
     try:
         # The file server has sent exactly `half` bytes and waits for `release`: the service can count no more.
         # Poll (bounded) until its count is written; the flusher writes it within UPDATE_EVERY of its arrival.
-        deadline = time.monotonic() + 30
-        while True:
-            answer = requests.get(f"{live.url}/operations/in-flight-1", timeout=10)
-            shown = answer.json()
-            if answer.status_code == 200 and shown["phases"] and shown["phases"][-1]["bytes"] == half:
-                break
-            assert time.monotonic() < deadline, (answer.status_code, shown)
-            time.sleep(0.05)
+        shown = poll_operation(f"{live.url}/operations/in-flight-1",
+                               lambda shown: shown["phases"] and shown["phases"][-1]["bytes"] == held.half)
         # A sync worker serves one request at a time: the install still holds its own, so another one answered.
         assert poster.is_alive() and not answers
         assert (shown["state"], shown["status"], shown["phase"]) == ("running", None, "download")
         assert (shown["method"], shown["path"]) == ("POST", "/plugins/sources")
         (download,) = shown["phases"]
-        assert (download["totalBytes"], download["done"]) == (len(package), False)
+        assert (download["totalBytes"], download["done"]) == (len(held.package), False)
     finally:
-        release.set()
+        held.release.set()
         poster.join(120)
     assert answers[0].status_code == 201, answers[0].text
 
     finished = requests.get(f"{live.url}/operations/in-flight-1", timeout=10).json()
     assert (finished["state"], finished["status"], names(finished)) == ("finished", 201, NATIVE_PHASES)
-    assert finished["phases"][0]["bytes"] == finished["phases"][0]["totalBytes"] == len(package)
+    assert finished["phases"][0]["bytes"] == finished["phases"][0]["totalBytes"] == len(held.package)
+
+
+def test_a_request_whose_worker_is_killed_shows_as_interrupted(start_gunicorn, file_server):
+    held = HeldBack(file_server)
+    live = start_gunicorn(workers=2)
+    poster, answers = post_in_background(f"{live.url}/plugins/sources", {"name": "random", "file": held.url},
+                                         "killed-1")
+    try:
+        poll_operation(f"{live.url}/operations/killed-1",
+                       lambda shown: shown["phases"] and shown["phases"][-1]["bytes"] == held.half)
+        # The worker serving the install is the one connected to the file server.
+        serving = [worker for worker in psutil.Process(live.process.pid).children()
+                   if any(conn.raddr and conn.raddr.port == file_server.port
+                          for conn in worker.net_connections(kind="tcp"))]
+        assert len(serving) == 1
+        serving[0].kill()
+        # The master reaps it at once; until then its pid still answers: poll, bounded.
+        shown = poll_operation(f"{live.url}/operations/killed-1", lambda shown: shown["state"] != "running")
+    finally:
+        held.release.set()
+        poster.join(120)
+    assert (shown["state"], shown["status"], shown["phase"], shown["finishedAt"]) == ("interrupted", None, None, None)
+    (download,) = shown["phases"]
+    assert (download["bytes"], download["totalBytes"], download["done"]) == (held.half, len(held.package), True)
+    assert isinstance(answers[0], requests.ConnectionError)  # the client saw its connection drop
 
 
 def test_install_sh_lines_in_the_service_log_are_prefixed_and_cannot_pass_for_its_own(start_gunicorn, file_server):

@@ -45,7 +45,7 @@ def register_progress(app: Flask, work_folder: Path) -> None:
         if request.method in READS:
             return
         tracker = progress.Tracker(store, g.get("request_id") or audit.request_id_from(None), request.method,
-                                   audit_path(request.path))
+                                   _printable_path(request.path))
         tracker.begin()
         g.progress_token = progress.current.set(tracker)
         g.progress_tracker = tracker
@@ -64,7 +64,7 @@ def register_progress(app: Flask, work_folder: Path) -> None:
             progress.current.reset(token)
 
 
-def audit_path(path: str) -> str:
+def _printable_path(path: str) -> str:
     """The request's path as a row shows it: printable, bounded (a client chose it)."""
     shown = "".join(c if " " <= c <= "~" else "?" for c in path)
     return shown[:audit.MAX_SHOWN]
@@ -75,7 +75,7 @@ def show_operation(request_id: str) -> Response:
     """How far the write request with this X-Request-Id has got: its phases, bytes and seconds."""
     if audit.request_id_from(request_id) != request_id:
         raise InvalidRequest(
-            f"invalid request id {audit_path(request_id)[:40]!r} (a request id is 1 to {audit.MAX_REQUEST_ID}"
+            f"invalid request id {_printable_path(request_id)[:40]!r} (a request id is 1 to {audit.MAX_REQUEST_ID}"
             " letters, digits or characters of !#$%&'*+-.^_`|~, as X-Request-Id takes them)"
         )
     store: ProgressStore = current_app.extensions[EXTENSION]
@@ -89,10 +89,10 @@ def show_operation(request_id: str) -> Response:
             f"operation {request_id} is not found (no write request with this X-Request-Id has begun, or it"
             f" ended more than {KEEP_SECONDS} s ago)"
         )
-    return jsonify(shown(record))
+    return jsonify(as_answer(record))
 
 
-def shown(record: Record, now: float | None = None) -> dict[str, Any]:
+def as_answer(record: Record, now: float | None = None) -> dict[str, Any]:
     """A row as GET /operations answers it; a running phase's seconds count up to `now`."""
     now = time.time() if now is None else now
     if record.finished_at is not None:
