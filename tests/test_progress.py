@@ -85,6 +85,11 @@ def test_a_finished_install_answers_each_phase_with_its_bytes_and_seconds(servic
     assert inspect["bytes"] is script["bytes"] is commit["bytes"] is None
     assert all(phase["done"] and 0 <= phase["seconds"] < 60 for phase in shown["phases"])
     assert shown["finishedAt"] >= shown["startedAt"]
+    # The OpenAPI document's example has the shape of this real answer.
+    documented = service.client.get("/openapi.json").get_json()["paths"]["/operations/{request_id}"]["get"]
+    example = documented["responses"]["200"]["content"]["application/json"]["example"]
+    assert set(example) == set(shown)
+    assert all(set(phase) == set(shown["phases"][0]) for phase in example["phases"])
 
 
 def test_a_refused_install_shows_where_it_stopped_and_changes_nothing(service, file_server):

@@ -23,7 +23,6 @@ import requests
 REQUEST_ID_HEADER = "X-Request-Id"
 POLL_SECONDS = 0.5
 POLL_TIMEOUT = (5, 10)  # seconds to connect, and to read one answer
-STOP_WAIT = 15.0  # seconds the thread may take to notice that the answer has come
 NAME_WIDTH = 10  # the longest phase name, install.sh and handshake, fits
 
 
@@ -103,15 +102,17 @@ class OperationWatcher:
         self.deadline = time.monotonic() + limit_seconds
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="kuiper-plugins-progress", daemon=True)
-        self.lock = threading.Lock()  # the thread draws, then the caller's last look: never both at once
+        # Drawing and stopping take it: once stopped, the thread draws nothing more, even from an answer it was
+        # still waiting for (it is not waited for: a daemon, it ends with its question, or with the process).
+        self.lock = threading.Lock()
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self, *, final_look: bool = True) -> None:
         """Stop asking, ask once more for the final numbers (unless told not to), and end the drawing."""
-        self.stopped.set()
-        self.thread.join(STOP_WAIT)
+        with self.lock:
+            self.stopped.set()
         answer = None
         if final_look:
             with requests.Session() as session:
@@ -126,10 +127,11 @@ class OperationWatcher:
             # Bounded: by the write's own timeout, and it ends as soon as the answer has come.
             while not self.stopped.wait(POLL_SECONDS) and time.monotonic() < self.deadline:
                 answer = self._ask(session)
-                if answer is None or self.stopped.is_set():
+                if answer is None:
                     continue
                 with self.lock:
-                    self.lines.show(answer)
+                    if not self.stopped.is_set():
+                        self.lines.show(answer)
 
     def _ask(self, session: requests.Session) -> dict[str, Any] | None:
         try:
