@@ -393,8 +393,8 @@ def _read_local(
             raise DownloadFailed(f"{path} changed while it was being opened")
         if not allow_external and not _inside(_opened_path(fd, real), root):
             raise DownloadFailed(f"file access denied: path must be under {uploads_dir}")
-        copy_fd, copy = _temporary_file(dest_dir)
         progress.phase("download", opened.st_size)
+        copy_fd, copy = _temporary_file(dest_dir)
     except OSError as exc:
         os.close(fd)
         raise DownloadFailed(f"cannot read {path}: {exc.strerror}") from None
@@ -679,10 +679,10 @@ class _HttpDownload:
     def _save_body(self, response: urllib3.BaseHTTPResponse, target: _HttpTarget, dest_dir: Path) -> Fetched:
         """Stream the raw body to a new temp file in dest_dir, hashing it; remove the file on any failure."""
         fd, name = _temporary_file(dest_dir)
-        progress.phase("download", _declared_length(response.headers.get("Content-Length")))
         try:
             digest, size = hashlib.sha256(), 0
             try:
+                progress.phase("download", _declared_length(response.headers.get("Content-Length")))
                 while True:
                     if self.deadline.expired():
                         raise DownloadFailed(self.deadline.message())
