@@ -115,14 +115,17 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     from kuiper_plugins.web.config import config_bp
     from kuiper_plugins.web.lifecycle import lifecycle_bp
     from kuiper_plugins.web.openapi import docs_bp
+    from kuiper_plugins.web.operations import operations_bp, register_progress
 
     register_request_ids(app)  # first: a request refused by the access checks has its id and row too
     register_access_checks(app, settings)
+    register_progress(app, layout.work)  # after the checks: a refused caller records no progress
     app.register_blueprint(bp)
     app.register_blueprint(audit_bp)
     app.register_blueprint(lifecycle_bp)
     app.register_blueprint(config_bp)
     app.register_blueprint(docs_bp)
+    app.register_blueprint(operations_bp)
     register_error_handlers(app)
     weakref.finalize(app, os.close, service_lock)  # an app dropped in-process (tests) lets go of the lock
     log.info("kuiper-plugins %s serving KUIPER_HOME %s", __version__, settings.home)

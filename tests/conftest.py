@@ -143,7 +143,8 @@ def file_server(tmp_path):
 # ---------------------------------------------------------------------------- the service under test
 
 # The registry and eKuiper's store (each with its -wal/-shm, compared row by row instead); lock files must not remain.
-UNTRACKED = ("data/kuiper-plugins.db", "data/sqliteKV.db", "data/checkpoint.db")
+# The progress file (with its -wal/-shm) is bookkeeping every write request adds to, a refused one too, as the audit.
+UNTRACKED = ("data/kuiper-plugins.db", "data/sqliteKV.db", "data/checkpoint.db", "data/.kuiper-plugins/progress.db")
 
 
 def disk_state(home: Path) -> dict[str, tuple]:

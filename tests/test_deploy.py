@@ -246,6 +246,8 @@ def front_site(engine_port: int, service_port: int) -> str:
     ("POST", "/registry/repair", None, "service"),
     ("GET", "/engine/pending", None, "service"),
     ("GET", "/engine/pendingx", None, "engine"),
+    ("GET", "/operations/6f1c1f7e-8d1b-4a51-9a43-0d2f8f0b5c11", None, "service"),  # a write's progress
+    ("GET", "/operationsx", None, "engine"),
     ("GET", "/registry/backup", None, "engine"),  # the engine's whole store is in it: the service's port only
 ])
 def test_the_front_sends_the_plugin_and_uploads_api_to_the_service_and_the_rest_to_the_engine(

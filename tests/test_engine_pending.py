@@ -139,8 +139,8 @@ def test_the_documented_example_answers_its_documented_status(kuiperd, make_serv
     service = make_service(engine_url=kuiperd.url)
     assert service.post("functions", multi(served)).status_code == 201
     document = service.client.get("/openapi.json").get_json()
-    [(method, url, query, body)] = documented_requests(document)["listPendingRestart"]
-    answer = service.client.open(url, method=method.upper(), query_string=query, json=body)
+    [(method, url, query, body, sent)] = documented_requests(document)["listPendingRestart"]
+    answer = service.client.open(url, method=method.upper(), query_string=query, json=body, headers=sent)
     assert answer.status_code == 200, answer.get_data(as_text=True)
     example = document["paths"]["/engine/pending"]["get"]["responses"]["200"]["content"]["application/json"]["example"]
     assert set(answer.get_json()) == set(example)

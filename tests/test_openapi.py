@@ -153,6 +153,7 @@ def test_the_plugin_set_examples_are_valid_and_shaped_as_real_answers(service, f
 # a fresh service with `make run`'s settings (no engine attached: the two operations relayed to one answer 400).
 SESSION = [
     ("ping", 200), ("readiness", 200), ("uploadFile", 201), ("listUploads", 200), ("installPlugin", 201),
+    ("getOperation", 200),
     ("listPlugins", 200), ("describePlugin", 200), ("updatePlugin", 200), ("pluginHistory", 200),
     ("rollbackPlugin", 200), ("listPrebuiltPlugins", 200), ("registerFunctions", 200), ("listFunctions", 200),
     ("describeFunction", 200), ("portablePluginStatus", 400), ("listAudit", 200), ("verifyRegistry", 200),
@@ -161,8 +162,9 @@ SESSION = [
 ]
 
 
-def documented_requests(document: dict) -> dict[str, list[tuple[str, str, dict, object]]]:
-    """For each operationId, the requests its examples make as they are: (method, URL path, query, JSON body).
+def documented_requests(document: dict) -> dict[str, list[tuple[str, str, dict, object, dict]]]:
+    """For each operationId, the requests its examples make as they are: (method, URL path, query, JSON body,
+    headers).
 
     A body with several examples makes one request each; an example named after a plugin type fills {type}."""
     found = {}
@@ -174,14 +176,15 @@ def documented_requests(document: dict) -> dict[str, list[tuple[str, str, dict, 
             parameters = [*item.get("parameters", []), *operation.get("parameters", [])]
             values = {p["name"]: p["example"] for p in parameters if p["in"] == "path"}
             query = {p["name"]: p["example"] for p in parameters if p["in"] == "query" and "example" in p}
+            sent = {p["name"]: p["example"] for p in parameters if p["in"] == "header" and "example" in p}
             assert set(values) == set(re.findall(r"\{(\w+)\}", path)), (path, "a path parameter has no example")
             content = operation.get("requestBody", {}).get("content", {}).get("application/json")
             bodies = ({name: example["value"] for name, example in content["examples"].items()} if content
                       else {"": None})
             assert content is None or "example" not in content, (path, method, "one example or named ones")
             found[operation["operationId"]] = [
-                (method, path.format(**{**values, **({"type": name} if name in PLUGIN_TYPES else {})}), query, body)
-                for name, body in bodies.items()]
+                (method, path.format(**{**values, **({"type": name} if name in PLUGIN_TYPES else {})}), query, body,
+                 sent) for name, body in bodies.items()]
     return found
 
 
@@ -197,9 +200,9 @@ def run_the_session(url: str, headers: dict[str, str]) -> list[tuple[str, str, i
                                                                                                "delete")
                           if method in item and item[method]["operationId"] == operation_id)["responses"]
         assert str(expected) in documented, (operation_id, expected, sorted(documented))
-        for method, path, query, body in found[operation_id]:
-            answer = requests.request(method.upper(), f"{url}{path}", params=query, json=body, headers=headers,
-                                      timeout=120)
+        for method, path, query, body, sent in found[operation_id]:
+            answer = requests.request(method.upper(), f"{url}{path}", params=query, json=body,
+                                      headers={**headers, **sent}, timeout=120)
             answers.append((operation_id, path, answer.status_code))
             assert answer.status_code == expected, (operation_id, method, path, answer.text[:500])
     return answers

@@ -51,7 +51,8 @@ MiB = 1024 * 1024
 # Not compared: the registry's files (compared by their dump instead) and the per-plugin lock files, which
 # are created on first use of a name and kept (flock needs a file; an empty one says nothing).
 # The registry and eKuiper's store (compared as rows elsewhere); lock files are compared: none may remain.
-UNCOMPARED = ("data/kuiper-plugins.db", "data/sqliteKV.db", "data/checkpoint.db")
+# The progress file (GET /operations) is bookkeeping every write request adds to, a refused one too, as the audit.
+UNCOMPARED = ("data/kuiper-plugins.db", "data/sqliteKV.db", "data/checkpoint.db", "data/.kuiper-plugins/progress.db")
 
 
 def tree_state(root: Path, uncompared: tuple[str, ...] = ()) -> dict[str, tuple]:

@@ -30,6 +30,7 @@ import requests
 import yaml
 
 from kuiper_plugins import __version__
+from kuiper_plugins.cli import progress
 from kuiper_plugins.settings import SettingsError, service_url
 
 # Without --url or KUIPER_PLUGINS_URL, the service on this machine, where its settings say it listens:
@@ -476,15 +477,25 @@ def _dry_run(args: argparse.Namespace) -> dict[str, str] | None:
     return {"dryRun": "1"} if args.dry_run else None
 
 
+def _watched_call(client: Client, args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
+    """Send a write under the CLI's own X-Request-Id; on a terminal, draw the server's phases while it runs."""
+    request_id = progress.new_request_id()
+    stream = sys.stderr if _on_terminal() and not args.json else None
+    asking = {key: value for key, value in client.session.headers.items() if key in ("User-Agent", "Authorization")}
+    with progress.watched(client.base_url, asking, request_id, stream, READ_TIMEOUT):
+        return client.call(method, path, headers={progress.REQUEST_ID_HEADER: request_id}, **kwargs)
+
+
 def cmd_create(client: Client, args: argparse.Namespace) -> None:
     body = _install_body(client, args)
-    answer = client.call("POST", f"/plugins/{args.type}", json=body, params=_dry_run(args))
+    answer = _watched_call(client, args, "POST", f"/plugins/{args.type}", json=body, params=_dry_run(args))
     show(args, answer, plan_table if args.dry_run else message)
 
 
 def cmd_update(client: Client, args: argparse.Namespace) -> None:
     body = _install_body(client, args)
-    answer = client.call("PUT", f"/plugins/{args.type}/{_segment(args.name)}", json=body, params=_dry_run(args))
+    answer = _watched_call(client, args, "PUT", f"/plugins/{args.type}/{_segment(args.name)}", json=body,
+                           params=_dry_run(args))
     show(args, answer, plan_table if args.dry_run else message)
 
 

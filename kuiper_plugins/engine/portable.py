@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kuiper_plugins.errors import PackageInvalid
+from kuiper_plugins.lifecycle import progress
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +481,7 @@ def verify_handshake(
     """
     if not 0 < init_timeout <= MAX_INIT_TIMEOUT:
         raise ValueError(f"init_timeout must be above 0 and at most {MAX_INIT_TIMEOUT:g} seconds")
+    progress.phase("handshake")
     exe = Path(os.path.normpath(os.path.join(os.path.abspath(plugin_dir), executable)))
     shown = Path(os.path.normpath(os.path.join(os.path.abspath(display_dir or plugin_dir), executable)))
     env = _plugin_env(os.environ)

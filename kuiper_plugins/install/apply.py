@@ -64,6 +64,7 @@ from kuiper_plugins.install.packages import type_label
 from kuiper_plugins.install.plan import OperationPlan, refuse_function_clashes
 from kuiper_plugins.install.project import EngineProjection
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE, Layout
+from kuiper_plugins.lifecycle import progress
 from kuiper_plugins.settings import Settings
 from kuiper_plugins.store import db, engine_pending, registry
 
@@ -122,11 +123,15 @@ class Applier:
             # As eKuiper: a native plugin's install.sh runs in a scratch folder with the zip's other files.
             self._run_script(op, plan, request, unpacked)
 
+        if plugin_type != PORTABLE:
+            progress.phase("commit")  # sealing, moving into place, the engine's hand-over, the registry's commit
         moves, files = self._stage_units(conn, op, plan, unpacked, old)
         kept = self.keeper.keep(conn, op, old) if self.keeper is not None and old is not None else None
         self._publish(op, moves)
         if plugin_type == PORTABLE:
+            # Its folder is in place before install.sh and the handshake run in it (as eKuiper unpacks it there).
             files = self._finish_portable(op, plan, request, files)
+            progress.phase("commit")
         engine = None
         live_engine = self.projection.live
         if live_engine is not None and plugin_type in NATIVE_TYPES and old is None:
@@ -177,6 +182,7 @@ class Applier:
 
         `engine` is the running engine's verdict on its own delete, when it was asked.
         """
+        progress.phase("commit")
         present = [f for f in plan.removes if self._exists(f)]
         self._publish(op, [(None, f) for f in present])
         with db.transaction(conn):
@@ -290,6 +296,7 @@ class Applier:
             scripts.run_install_script(
                 cwd / plan.script, request.get("shellParas") or [], cwd=cwd,
                 timeout=self.settings.install_script_timeout, marker=op.id, passed_env=passed_env,
+                plugin=f"{op.plugin_type}/{op.name}",
             )
         except ScriptFailed as exc:
             raise exc.with_prefix("fail to install plugin")

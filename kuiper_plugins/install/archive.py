@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kuiper_plugins.errors import ArchiveRejected, DiskFull
+from kuiper_plugins.lifecycle import progress
 
 MAX_NAME_BYTES = 1024
 MAX_SEGMENT_BYTES = 255  # NAME_MAX of ext4 and most other filesystems
@@ -133,6 +134,7 @@ class _Directory:
 
 def inspect(zip_path: Path, *, max_entries: int, max_unpacked_size: int) -> list[Entry]:
     """Read the zip's directory and refuse the whole archive on any unsafe or malformed entry."""
+    progress.phase("inspect")
     with open(zip_path, "rb") as archive:
         file_size = os.fstat(archive.fileno()).st_size
         directory = _locate_directory(archive, file_size, max_entries)
@@ -158,6 +160,7 @@ def inspect(zip_path: Path, *, max_entries: int, max_unpacked_size: int) -> list
 
 def extract(zip_path: Path, entries: Sequence[Entry], dest_dir: Path) -> None:
     """Unpack exactly `entries` (as returned by `inspect`) under `dest_dir`, an existing empty folder."""
+    progress.phase("unpack", sum(entry.size for entry in entries if not entry.is_dir))
     root = os.path.realpath(dest_dir)
     root_fd = os.open(root, _FOLDER_OPEN_FLAGS)
     try:
@@ -494,6 +497,7 @@ def _copy_member(member: zipfile.ZipExtFile, file_fd: int, entry: Entry) -> None
         view = memoryview(chunk)
         while view:
             view = view[os.write(file_fd, view) :]
+        progress.advance(len(chunk))
     if written != entry.size:
         raise _entry_rejected(entry.name, f"unpacks to {written} bytes, fewer than the {entry.size} declared")
 

@@ -46,6 +46,7 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from kuiper_plugins.errors import DiskFull, DownloadFailed, InvalidRequest
+from kuiper_plugins.lifecycle import progress
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +335,7 @@ def fetch(
     """Bring the package at `url` to a local file (downloads go into dest_dir), enforcing every guard."""
     check_url(url)
     expected = _expected_digest(sha256)
+    progress.phase("download")
     try:
         if urlsplit(url).scheme == "file":
             return _read_local(
@@ -400,6 +402,7 @@ def _read_local(
             raise DownloadFailed(f"{path} is larger than the limit of {max_size} bytes")
         if not allow_external and not _inside(_opened_path(fd, real), root):
             raise DownloadFailed(f"file access denied: path must be under {uploads_dir}")
+        progress.phase("download", opened.st_size)
         copy_fd, copy = _temporary_file(dest_dir)
     except OSError as exc:
         os.close(fd)
@@ -416,6 +419,7 @@ def _read_local(
                     raise DownloadFailed(f"{path} is larger than the limit of {max_size} bytes")
                 digest.update(chunk)
                 _write_all(copy_fd, chunk)
+                progress.advance(len(chunk))
         except OSError as exc:
             _raise_if_disk_full(exc)
             raise DownloadFailed(f"cannot read {path}: {exc.strerror}") from None
@@ -691,11 +695,13 @@ class _HttpDownload:
         try:
             digest, size = hashlib.sha256(), 0
             try:
+                progress.phase("download", _declared_length(response.headers.get("Content-Length")))
                 while True:
                     if self.deadline.expired():
                         raise DownloadFailed(self.deadline.message())
                     try:
-                        chunk = response.read(CHUNK_SIZE, decode_content=False)
+                        # What has arrived, up to a chunk: a slow body's bytes are counted as they come.
+                        chunk = response.read1(CHUNK_SIZE, decode_content=False)
                     except _NETWORK_ERRORS as exc:
                         raise DownloadFailed(_describe_failure(exc, target, self.deadline)) from exc
                     if not chunk:
@@ -705,6 +711,7 @@ class _HttpDownload:
                         raise DownloadFailed(f"the file is larger than the limit of {self.max_size} bytes")
                     digest.update(chunk)
                     _write_all(fd, chunk)
+                    progress.advance(len(chunk))
             finally:
                 os.close(fd)
             _check_digest(self.expected, digest.hexdigest())

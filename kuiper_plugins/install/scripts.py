@@ -5,6 +5,13 @@ never a shell string) with stdin closed and an environment built from
 scratch. Its output is read as it comes and only the last 64 KiB are kept.
 The timeout is a total deadline.
 
+Its output goes to the log one record per line, as each line ends, each
+prefixed with the plugin and the request id (``install.sh plugin=sinks/influx
+request_id=<id> | <line>``): a script cannot write a line that passes for the
+service's own. At most LOG_CHARS characters and LOG_LINES lines go there: the
+first as they come, then, once the script has ended, the last lines of what
+did not fit (`_OutputLog`).
+
 Confinement: the script runs in a PID namespace of its own, made by
 util-linux's ``unshare --pid --fork --kill-child --mount-proc``. PID 1 of that namespace is
 a tiny init (``_INIT``, run by this Python) that starts the script, reaps
@@ -44,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kuiper_plugins.errors import InvalidRequest, ScriptFailed
+from kuiper_plugins.lifecycle import progress
+from kuiper_plugins.lifecycle.audit import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,8 @@ OUTPUT_LIMIT = 64 * 1024  # bytes of output kept (the last ones)
 TAIL_LINES = 20  # lines of output quoted in an error message
 TAIL_CHARS = 2048  # characters of output quoted in an error message, at most
 LOG_CHARS = 8192  # characters of output written to the log, at most
+LOG_LINES = 200  # lines of output written to the log, at most
+LOG_LINE_CHARS = 1024  # characters of one line written to the log, at most (a longer one is cut)
 
 _READ_SIZE = 64 * 1024
 _POLL_INTERVAL = 0.05  # how often to look for the script's exit when pidfds are unavailable
@@ -208,7 +219,7 @@ PORTABLE_PASSED_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "h
 
 def run_install_script(
     script: Path, args: Sequence[str], *, cwd: Path, timeout: float, marker: str,
-    confined: Confinement | None = None, passed_env: Mapping[str, str] | None = None,
+    confined: Confinement | None = None, passed_env: Mapping[str, str] | None = None, plugin: str | None = None,
 ) -> str:
     """Run `/bin/sh script args...` in cwd and return the last 64 KiB of its output (stdout and stderr).
 
@@ -217,6 +228,7 @@ def run_install_script(
     removed. Raise ScriptFailed when the script exits non-zero, is killed by a signal, overruns `timeout`
     seconds, or cannot be started. Whatever the outcome, no process it started is left running.
     `passed_env` adds variables to the otherwise scrubbed environment (see PORTABLE_PASSED_ENV).
+    `plugin` (e.g. ``sinks/influx``) prefixes each line of output in the log, with the request's id.
     """
     check_shell_paras(args)
     _marker_entry(marker)
@@ -237,6 +249,7 @@ def run_install_script(
         if "LANG" in passed_env:
             del env["LC_ALL"]  # the passed language applies
     log.info("running %s in %s with %d parameter(s), timeout %g s", script, workdir, len(args), timeout)
+    progress.phase("install.sh")
     started = time.monotonic()
     status_read, status_write = os.pipe()
     try:
@@ -258,7 +271,7 @@ def run_install_script(
         finally:
             os.close(status_write)
 
-        output = _OutputTail(OUTPUT_LIMIT)
+        output = _OutputTail(OUTPUT_LIMIT, _OutputLog(plugin or "-", current_request_id.get() or "-"))
         finished = False
         with proc.stdout:
             fd = proc.stdout.fileno()
@@ -290,15 +303,15 @@ def run_install_script(
         outcome = f"left no exit status (unshare {unshare_outcome})"
     else:
         outcome = _describe_status(returncode)
+    output.lines.finish(output.tail())
     log.info(
-        "%s %s after %.1f s (%d leftover process(es) killed); %d bytes of output%s:\n%s",
+        "%s %s after %.1f s (%d leftover process(es) killed); %d bytes of output, %d line(s) of it logged above",
         script,
         outcome,
         elapsed,
         leftovers,
         output.total,
-        ", the end shown" if output.total > LOG_CHARS else "",
-        text[-LOG_CHARS:],
+        output.lines.logged,
     )
 
     tail = _tail(text)
@@ -368,24 +381,126 @@ def _kill_where(matches: Callable[[int], bool]) -> int:
     return len(killed)
 
 
-class _OutputTail:
-    """The last `limit` bytes written to it, kept as a queue of chunks; counts every byte seen."""
+class _OutputLog:
+    """install.sh's output in the log: one record per line, prefixed with the plugin and the request id.
 
-    def __init__(self, limit: int):
+    Lines are logged as they end while they fit in LOG_CHARS - TAIL_CHARS characters and LOG_LINES -
+    TAIL_LINES lines. Past that, output is only counted (a script may write 100 MB: no line of it is looked
+    at), and `finish` logs the last TAIL_LINES lines of what was not logged (TAIL_CHARS characters at most),
+    taken from the output's kept tail, after a line saying how many were left out. So the log gets at most
+    LOG_CHARS characters and LOG_LINES lines of output: the start as it came, and the end a failure quotes.
+    """
+
+    def __init__(self, plugin: str, request_id: str):
+        self.plugin = plugin
+        self.request_id = request_id
+        self.seen = 0  # bytes of output so far
+        self.line_start = 0  # where the line being written began, in the output
+        self.pending = bytearray()  # that line, its first LOG_LINE_CHARS bytes
+        self.cut = False  # the line being written is longer: the rest of it is dropped
+        self.chars_left = LOG_CHARS - TAIL_CHARS
+        self.lines_left = LOG_LINES - TAIL_LINES
+        self.live_end: int | None = None  # where logging as it comes stopped, in the output
+        self.newlines_after = 0  # line ends from live_end on
+        self.logged = 0
+
+    def add(self, data: bytes) -> None:
+        """Take output as it comes; log each line it ends while they fit."""
+        if self.live_end is not None:
+            self.newlines_after += data.count(b"\n")
+            self.seen += len(data)
+            return
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            self._take(data[start:end])
+            text = self._text(bytes(self.pending), self.cut)
+            if not self._fits(text):
+                self.live_end = self.line_start
+                self.newlines_after = 1 + data.count(b"\n", end + 1)
+                self.seen += len(data)
+                return
+            self._log(text)
+            self.pending.clear()
+            self.cut = False
+            self.line_start = self.seen + end + 1
+            start = end + 1
+        self._take(data[start:])
+        self.seen += len(data)
+
+    def finish(self, tail: bytes) -> None:
+        """Log the unended last line, or the last lines of what did not fit; `tail`: the output's last bytes."""
+        if self.live_end is None:
+            if not self.pending:
+                return
+            text = self._text(bytes(self.pending), self.cut)
+            if self._fits(text):
+                self._log(text)
+                return
+            self.live_end = self.line_start
+        begin = max(self.live_end, self.seen - len(tail))
+        lines = tail[len(tail) - (self.seen - begin):].split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()  # the output ended with its last line's end
+        left = self.newlines_after + (1 if self.seen > self.live_end and tail[-1:] != b"\n" else 0)
+        shown = [self._text(line[:LOG_LINE_CHARS], len(line) > LOG_LINE_CHARS) for line in lines[-TAIL_LINES:]]
+        while sum(len(text) for text in shown) > TAIL_CHARS:
+            shown.pop(0)
+        if left > len(shown):
+            log.info("install.sh plugin=%s request_id=%s | (%d line(s) not logged)", self.plugin, self.request_id,
+                     left - len(shown), extra={"request_id": ""})
+        for text in shown:
+            self._log(text)
+
+    def _take(self, piece: bytes) -> None:
+        room = LOG_LINE_CHARS - len(self.pending)
+        if len(piece) > room:
+            piece, self.cut = piece[:max(room, 0)], True
+        self.pending += piece
+
+    def _fits(self, text: str) -> bool:
+        if len(text) > self.chars_left or self.lines_left <= 0:
+            return False
+        self.chars_left -= len(text)
+        self.lines_left -= 1
+        return True
+
+    @staticmethod
+    def _text(raw: bytes, cut: bool) -> str:
+        return _sanitize(raw.decode("utf-8", errors="replace"))[:LOG_LINE_CHARS] + ("..." if cut else "")
+
+    def _log(self, text: str) -> None:
+        self.logged += 1
+        log.info("install.sh plugin=%s request_id=%s | %s", self.plugin, self.request_id, text,
+                 extra={"request_id": ""})  # named in the message already
+
+
+class _OutputTail:
+    """The last `limit` bytes written to it, kept as a queue of chunks; counts every byte seen.
+
+    Each chunk also goes to `lines`, which logs it line by line.
+    """
+
+    def __init__(self, limit: int, lines: _OutputLog | None = None):
         self.limit = limit
+        self.lines = lines or _OutputLog("-", "-")
         self.chunks: deque[bytes] = deque()
         self.size = 0
         self.total = 0
 
     def add(self, data: bytes) -> None:
+        self.lines.add(data)
         self.chunks.append(data)
         self.size += len(data)
         self.total += len(data)
         while len(self.chunks) > 1 and self.size - len(self.chunks[0]) >= self.limit:
             self.size -= len(self.chunks.popleft())
 
+    def tail(self) -> bytes:
+        """The last `limit` bytes (or all, when fewer came)."""
+        return b"".join(self.chunks)[-self.limit :]
+
     def text(self) -> str:
-        data = b"".join(self.chunks)[-self.limit :]
+        data = self.tail()
         if self.total > len(data):
             # The cut may have split a character: drop its continuation bytes.
             skip = 0

@@ -31,6 +31,7 @@ from flask import (
 )
 
 from kuiper_plugins.layout import NATIVE_TYPES, PLUGIN_TYPES, Layout
+from kuiper_plugins.store.progress import KEEP_SECONDS
 from kuiper_plugins.web import examples, schemas
 
 docs_bp = Blueprint("docs", __name__)
@@ -93,6 +94,44 @@ AUDIT_EXAMPLE = {
     "url": "https://packages.example.com/random_amd64.zip", "status": 200, "outcome": "ok", "message": None,
     "durationSeconds": 1.234,
 }
+# GET /operations/{request_id} (issue 22): an install waiting in its install.sh, as the CLI sees it while it waits.
+OPERATION_EXAMPLE = {
+    "requestId": "6f1c1f7e-8d1b-4a51-9a43-0d2f8f0b5c11", "method": "POST", "path": "/plugins/sinks",
+    "state": "running", "status": None, "phase": "install.sh",
+    "phases": [
+        {"phase": "download", "bytes": 59768832, "totalBytes": 59768832, "seconds": 4.512, "done": True},
+        {"phase": "inspect", "bytes": None, "totalBytes": None, "seconds": 0.021, "done": True},
+        {"phase": "unpack", "bytes": 143654912, "totalBytes": 143654912, "seconds": 1.302, "done": True},
+        {"phase": "install.sh", "bytes": None, "totalBytes": None, "seconds": 2.75, "done": False},
+    ],
+    "startedAt": "2024-05-01T12:00:00.000Z", "updatedAt": "2024-05-01T12:00:05.850Z", "finishedAt": None,
+}
+OPERATION_SCHEMA = {"type": "object", "properties": {
+    "requestId": {"type": "string"}, "method": {"type": "string"}, "path": {"type": "string"},
+    "state": {"type": "string", "enum": ["running", "finished", "interrupted"],
+              "description": "interrupted: the worker serving it is gone (stopped at once, or killed)"},
+    "status": {"type": "integer", "nullable": True, "description": "the answer's status, once finished"},
+    "phase": {"type": "string", "nullable": True, "description": "the phase it is in, while running"},
+    "phases": {"type": "array", "items": {"type": "object", "properties": {
+        "phase": {"type": "string", "enum": ["download", "inspect", "unpack", "install.sh", "handshake", "commit"]},
+        "bytes": {"type": "integer", "nullable": True, "description": "downloaded, or written while unpacking"},
+        "totalBytes": {"type": "integer", "nullable": True,
+                       "description": "the download's Content-Length or the file's size; the unpacked size"},
+        "seconds": {"type": "number", "description": "in the phase: so far, or in all once done"},
+        "done": {"type": "boolean"}}}},
+    "startedAt": {"type": "string", "format": "date-time"},
+    "updatedAt": {"type": "string", "format": "date-time"},
+    "finishedAt": {"type": "string", "format": "date-time", "nullable": True},
+}}
+
+# A write's own X-Request-Id, under which GET /operations/{request_id} answers its progress (the install example
+# sends this one, and the operations example asks for it).
+REQUEST_ID_PATTERN = "^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$"
+EXAMPLE_REQUEST_ID = "example-install-random"
+REQUEST_ID_PARAM = {"name": "X-Request-Id", "in": "header", "required": False,
+                    "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN}, "example": EXAMPLE_REQUEST_ID,
+                    "description": "the request's id (one is made when none is sent): echoed in the answer, written in"
+                                   " its log lines and audit row, and the key of GET /operations/{request_id}"}
 
 # ?dryRun=1 (issue 19): the plan of a create, update or delete, as install/plan.py's to_json() gives it.
 # No example value: "Try it out" and the replayed session send the request itself, not its plan.
@@ -290,7 +329,7 @@ def build_spec(version: str) -> APISpec:
                     "responses": {"200": _json("Installed plugins", plugin_list), **_errors()}},
             "post": {"summary": "Install a plugin from a zip URL; dryRun=1 answers the plan instead",
                      "tags": ["plugins"],
-                     "parameters": [DRY_RUN_PARAM],
+                     "parameters": [DRY_RUN_PARAM, REQUEST_ID_PARAM],
                      "requestBody": _body("PluginRequest", example={"name": "random", "file": EXAMPLE_PACKAGE}),
                      "responses": {"201": _text("Created", "sources plugin random is created"),
                                    "200": _plan("dryRun=1: what the install would write and run; nothing written"),
@@ -443,6 +482,19 @@ def build_spec(version: str) -> APISpec:
                                    {"type": "array", "items": "AuditEntry", "example": [AUDIT_EXAMPLE]}),
                       **_errors("400", "401", "403", "503")},
     }})
+    spec.path(
+        path="/operations/{request_id}",
+        parameters=[_param("request_id", {"type": "string", "pattern": REQUEST_ID_PATTERN},
+                           "the X-Request-Id the write request was sent with (or was answered with)")
+                    | {"example": EXAMPLE_REQUEST_ID}],
+        operations={"get": {
+            "summary": "How far a write request has got: its phases, bytes so far and in all, seconds in each"
+                       f" (while it runs, and for {KEEP_SECONDS // 60} minutes after its answer)", "tags": ["audit"],
+            "responses": {"200": {"description": "The request's progress", "content": {"application/json": {
+                "schema": OPERATION_SCHEMA, "example": OPERATION_EXAMPLE}}},
+                **_errors("400", "401", "403", "404", "503")},
+        }},
+    )
     problem = {"type": "object", "properties": {
         "type": {"type": "string"}, "name": {"type": "string"},
         "path": {"type": "string", "description": "a recorded path, or kv:<table>/<key> for a row of eKuiper's store"},
@@ -542,6 +594,7 @@ OPERATION_IDS = {
     ("post", "/registry/repair"): "repairRegistry",
     ("get", "/registry/backup"): "backupRegistry",
     ("get", "/engine/pending"): "listPendingRestart",
+    ("get", "/operations/{request_id}"): "getOperation",
     ("get", "/config/plugins"): "getPluginSet",
     ("put", "/config/plugins"): "applyPluginSet",
     ("get", "/ping"): "ping",
