@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,11 +20,9 @@ from pathlib import Path
 import jwt
 import pytest
 import requests
-from conftest import REPO, Gunicorn, disk_state, engine_dump, make_zip, registry_dump
+from conftest import REPO, Gunicorn, disk_state, engine_dump, make_zip, registry_dump, registry_tables
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-
-from kuiper_plugins.layout import Layout
 
 pytestmark = pytest.mark.slow
 
@@ -157,22 +154,7 @@ def installed_state(node: Gunicorn) -> tuple:
     """What an undone apply must give back: files, eKuiper's store, the plugin set, and the registry's plugins,
     files, functions and kept versions. The history keeps the update and its rollback, as the audit trail
     keeps every request: they record what happened (docs/plugin-set.md)."""
-    conn = sqlite3.connect(Layout(node.home).registry_file)
-    try:
-        tables = {
-            "plugins": conn.execute("SELECT type, name, version, descriptor, request, sha256, adopted"
-                                    " FROM plugins ORDER BY type, name").fetchall(),
-            "files": conn.execute("SELECT p.name, f.path, f.size, f.sha256 FROM plugin_files f JOIN plugins p"
-                                  " ON p.id = f.plugin_id ORDER BY f.path").fetchall(),
-            "functions": conn.execute("SELECT p.name, f.name, f.position FROM functions f JOIN plugins p"
-                                      " ON p.id = f.plugin_id ORDER BY f.name").fetchall(),
-            "kept": conn.execute("SELECT folder, type, name_key, manifest FROM kept_versions"
-                                 " ORDER BY folder").fetchall(),
-            "operations": conn.execute("SELECT COUNT(*) FROM operations").fetchall(),
-        }
-    finally:
-        conn.close()
-    return disk_state(node.home), sorted(engine_dump(node.home)), plugin_set(node), tables
+    return disk_state(node.home), sorted(engine_dump(node.home)), plugin_set(node), registry_tables(node.home)
 
 
 def test_rollout_converges_is_idempotent_checks_without_writing_and_stops_at_a_failing_node(
@@ -246,7 +228,7 @@ def test_rollout_converges_is_idempotent_checks_without_writing_and_stops_at_a_f
     # The task's result, as the default callback prints it: the service's message, the failed step, the undo.
     assert "fatal: [node2]: FAILED! => {" in done.stdout, done.stdout
     failure, _ = json.JSONDecoder().raw_decode(done.stdout, done.stdout.index("fatal: [node2]: FAILED! => ") + 27)
-    assert failure["msg"].startswith("sinks plugins create command error: "), failure
+    assert failure["msg"].startswith("sinks plugins update command error: "), failure
     assert "sinks plugin echo failed" in failure["msg"], failure
     assert failure["failed_plugin"] == {"type": "sink", "name": "echo", "action": "update"}
     assert [(c["action"], c["type"], c["name"]) for c in failure["rolled_back"]] == [
