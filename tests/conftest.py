@@ -190,6 +190,28 @@ def recorded_files(home: Path, name: str) -> dict[str, tuple[int, str]]:
     return {path: (size, sha256) for path, size, sha256 in rows}
 
 
+def registry_tables(home: Path) -> dict[str, list]:
+    """The registry's plugins, files, functions and kept versions, and how many operations are in flight.
+
+    What an undone change must give back; its history and audit rows record what happened, and stay.
+    """
+    conn = sqlite3.connect(Layout(home).registry_file)
+    try:
+        return {
+            "plugins": conn.execute("SELECT type, name, version, descriptor, request, sha256, adopted"
+                                    " FROM plugins ORDER BY type, name").fetchall(),
+            "files": conn.execute("SELECT p.name, f.path, f.size, f.sha256 FROM plugin_files f JOIN plugins p"
+                                  " ON p.id = f.plugin_id ORDER BY f.path").fetchall(),
+            "functions": conn.execute("SELECT p.name, f.name, f.position FROM functions f JOIN plugins p"
+                                      " ON p.id = f.plugin_id ORDER BY f.name").fetchall(),
+            "kept": conn.execute("SELECT folder, type, name_key, manifest FROM kept_versions"
+                                 " ORDER BY folder").fetchall(),
+            "operations": conn.execute("SELECT COUNT(*) FROM operations").fetchall(),
+        }
+    finally:
+        conn.close()
+
+
 # The audit table is the only one with AUTOINCREMENT, so sqlite_sequence holds its counter alone.
 _AUDIT_ROWS = ('INSERT INTO "audit" ', 'DELETE FROM "sqlite_sequence";',
                "INSERT INTO \"sqlite_sequence\" VALUES('audit',")

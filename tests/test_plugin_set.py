@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 
 import pytest
 import yaml
-from conftest import LoopbackPeer, Service, disk_state, engine_dump, make_zip
+from conftest import LoopbackPeer, Service, disk_state, engine_dump, make_zip, registry_tables
 from cryptography.hazmat.primitives.asymmetric import rsa
 from test_auth import ISSUER, public_pem, sign
 
@@ -67,22 +66,7 @@ def current(service) -> dict:
 def installed_state(service) -> tuple:
     """What an apply may change and an undone apply must give back: files, eKuiper's store, and the registry's
     plugins, files, functions and kept versions (history and audit rows record what happened, and stay)."""
-    conn = sqlite3.connect(service.layout.registry_file)
-    try:
-        tables = {
-            "plugins": conn.execute("SELECT type, name, version, descriptor, request, sha256, adopted"
-                                    " FROM plugins ORDER BY type, name").fetchall(),
-            "files": conn.execute("SELECT p.name, f.path, f.size, f.sha256 FROM plugin_files f JOIN plugins p"
-                                  " ON p.id = f.plugin_id ORDER BY f.path").fetchall(),
-            "functions": conn.execute("SELECT p.name, f.name, f.position FROM functions f JOIN plugins p"
-                                      " ON p.id = f.plugin_id ORDER BY f.name").fetchall(),
-            "kept": conn.execute("SELECT folder, type, name_key, manifest FROM kept_versions"
-                                 " ORDER BY folder").fetchall(),
-            "operations": conn.execute("SELECT COUNT(*) FROM operations").fetchall(),
-        }
-    finally:
-        conn.close()
-    return disk_state(service.home), sorted(engine_dump(service.home)), tables  # rows, in whatever order
+    return disk_state(service.home), sorted(engine_dump(service.home)), registry_tables(service.home)
 
 
 def changes_of(answer) -> list[tuple[str, str, str]]:

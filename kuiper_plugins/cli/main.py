@@ -189,7 +189,7 @@ class ProgressBar:
         self.shown = percent
         filled = self.WIDTH * percent // 100
         bar = "#" * filled + "-" * (self.WIDTH - filled)
-        self.stream.write(f"\r{self.label} [{bar}] {percent:3d}% {_size(done)}/{_size(self.total)}")
+        self.stream.write(f"\r{self.label} [{bar}] {percent:3d}% {progress.size(done)}/{progress.size(self.total)}")
         self.stream.flush()
 
     def finish(self) -> None:
@@ -208,15 +208,6 @@ class NoProgress:
 
     def finish(self) -> None:
         pass
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
 
 
 class MultipartUpload:
