@@ -8,6 +8,7 @@ and a newline) and eKuiper's text as the message's prefix; anything of ours foll
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -353,6 +354,11 @@ def test_stop_with_a_restart_command_names_it(make_service, file_server, tmp_pat
         f"sinks plugin file2 is deleted and eKuiper will be stopped (engine.restartCommand restarts it: touch {ran};"
         " kuiper-plugins keeps running)")
     deleted.close()
+    # Each close started the command in an "engine-restart" thread (engine/restart.py) before returning:
+    # joining those threads (bounded) is what makes the command's file there to look at.
+    for thread in [t for t in threading.enumerate() if t.name == "engine-restart"]:
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the restart command did not end within 60 s"
     assert ran.exists() and service.stops == []
 
 
