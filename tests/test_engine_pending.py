@@ -8,11 +8,19 @@ Through the test client and through real gunicorn.
 
 from __future__ import annotations
 
+import http.server
+import json
+import math
 import shutil
+import sqlite3
+import threading
+import time
 
 import pytest
 import requests
 from conftest import free_port
+
+from kuiper_plugins.layout import Layout
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +109,73 @@ def test_an_install_made_while_the_engine_was_unreachable_is_pending(kuiperd, ma
     changes = attached.client.get("/engine/pending").get_json()["pending"]
     assert "could not be reached" in changes[0]["reason"]
     attached.stop()
+
+
+class SameSecondEngine:
+    """A loopback engine answering eKuiper's GET / and native describe, restarted within one second.
+
+    Its GET / counts upTimeSeconds as eKuiper does (whole seconds now less whole seconds at `started`), and
+    its describe of `multi` answers 404 or the version it has loaded, which a restart changes.
+    """
+
+    def __init__(self, started: float):
+        engine = self
+        self.started, self.loaded = started, None
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/":
+                    up = math.floor(time.time()) - math.floor(engine.started)
+                    self._answer(200, {"version": "2.4.0", "os": "linux", "arch": "amd64", "upTimeSeconds": up})
+                elif self.path == "/plugins/functions/multi" and engine.loaded:
+                    self._answer(200, {"name": "multi", "version": engine.loaded})
+                else:
+                    self._answer(404, {"error": 1002, "message": "not found"})
+
+            def _answer(self, status: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_an_engine_restarted_within_the_same_second_is_asked_again(make_service, home, served):
+    """GET /'s confirmation of a change made around the engine's start holds for that start only.
+
+    The install is noted pending (no engine answered); an engine that started in the install's second does
+    not offer it, so GET / counts it. That engine restarts within the same second and loads it: both
+    endpoints must now say nothing is pending, GET / included (it once kept the first start's verdict,
+    keyed by the start's whole second).
+    """
+    detached = make_service(engine_url=f"http://127.0.0.1:{free_port()}")
+    assert detached.post("functions", multi(served)).status_code == 201
+    detached.stop()
+    conn = sqlite3.connect(Layout(home).registry_file)
+    [(noted_at,)] = conn.execute("SELECT at FROM engine_pending WHERE name = 'multi'").fetchall()
+    conn.close()
+
+    engine = SameSecondEngine(started=noted_at)
+    try:
+        attached = make_service(engine_url=engine.url, engine_sync_interval=0)
+        assert pending_of(attached) == [("functions", "multi", "install", "1.0.0")]
+        engine.loaded = "1.0.0"  # the restart, in the same second: it loads the plugin from disk
+        assert pending_of(attached, engine_restarted=True) == []
+        attached.stop()
+    finally:
+        engine.stop()
 
 
 def test_without_an_engine_pending_is_refused_and_readiness_says_nothing_of_it(service):

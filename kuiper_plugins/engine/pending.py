@@ -32,7 +32,7 @@ from urllib.parse import quote
 import requests
 
 from kuiper_plugins.engine import live
-from kuiper_plugins.engine.client import EngineClient
+from kuiper_plugins.engine.client import EngineClient, EngineInfo
 from kuiper_plugins.errors import EngineUnavailable
 from kuiper_plugins.install.packages import type_label
 from kuiper_plugins.layout import NATIVE_TYPES, PORTABLE
@@ -109,17 +109,21 @@ class PendingCount:
     GET / is polled: it asks the engine nothing but its (cached) GET /. A note made surely after the
     engine's start counts, one made more than a second before it does not (store/engine_pending.py). One
     made within a second of the start, either side, is one `pending_changes` confirms with the engine's
-    describe: so it is here, once per engine start and note, and kept (only the changes made around a
-    restart are ever asked about).
+    describe: so it is here, once per note and answer of the engine's GET / (the client keeps one a
+    minute, and GET /engine/pending asks afresh), and kept (only the changes made around a restart are
+    ever asked about). The confirmations are not keyed by the start's whole second: two starts a second
+    apart can be estimated in the same second (upTimeSeconds is whole seconds), and the first one's
+    verdict would then be taken for the second's.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._start: int | None = None  # the whole second of the start the confirmations are for
+        self._info: EngineInfo | None = None  # the engine's GET / answer the confirmations are for
         self._confirmed: dict[engine_pending.Note, bool] = {}
 
-    def count(self, conn: sqlite3.Connection, engine: live.LiveEngine, started_at: float) -> int:
-        """How many changes the running engine, started at `started_at`, has not taken."""
+    def count(self, conn: sqlite3.Connection, engine: live.LiveEngine, info: EngineInfo) -> int:
+        """How many changes the running engine, whose GET / answered `info`, has not taken."""
+        started_at = info.started_at
         surely = surely_after(started_at)
         with db.snapshot(conn):
             count = engine_pending.count_since(conn, surely)
@@ -127,8 +131,8 @@ class PendingCount:
         if not around:
             return count
         with self._lock:
-            if self._start != math.floor(started_at):
-                self._start, self._confirmed = math.floor(started_at), {}
+            if self._info is not info:
+                self._info, self._confirmed = info, {}
             known = dict(self._confirmed)
         for note in around:
             if note not in known:

@@ -473,7 +473,7 @@ def _pending_count(info) -> int | None:
     """
     if info is None or info.started_at is None:
         return None
-    return services().pending.count(connection(), installer().live, info.started_at)
+    return services().pending.count(connection(), installer().live, info)
 
 
 @bp.get("/ping")
