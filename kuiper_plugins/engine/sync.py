@@ -87,6 +87,9 @@ class EngineSync:
         """Start this process's thread of periodic looks (in each gunicorn worker); nothing when interval is 0."""
         if self.interval <= 0 or self._thread is not None:
             return
+        # The lock file is made now, before this worker serves, not at the first look an interval later:
+        # a home must not gain a file while the service idles (an operator's, or a test's, before and after).
+        os.close(os.open(self.layout.locks / SYNC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
         self._thread = threading.Thread(target=self._run, name="engine-sync", daemon=True)
         self._thread.start()
 
