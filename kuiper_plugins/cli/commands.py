@@ -1,0 +1,300 @@
+"""One function per command: each sends its request(s) through the Client and prints the answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+import requests
+import yaml
+
+from kuiper_plugins.cli.client import (
+    CHUNK_SIZE,
+    CONNECT_TIMEOUT,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    READ_TIMEOUT,
+    Client,
+    Failure,
+    network_reason,
+    readable_file,
+    refusal_message,
+    upload,
+)
+from kuiper_plugins.cli.output import (
+    NO_PLUGIN,
+    NO_UDF,
+    as_json,
+    audit_table,
+    changes_table,
+    history_table,
+    key_values,
+    message,
+    names,
+    plan_table,
+    portable_table,
+    prebuild_table,
+    problems_table,
+    show,
+)
+
+
+def _segment(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _install_body(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    """The create/update body; with --zip, upload the file first and install it from where it was saved."""
+    if args.function and args.type != "functions":
+        raise Failure("--function applies to function plugins only", EXIT_USAGE)
+    sha256 = args.sha256
+    if args.zip is not None:
+        local = readable_file(args.zip)
+        if not local.name.endswith(".zip"):
+            raise Failure(f"--zip expects a file whose name ends in .zip, got {args.zip}", EXIT_USAGE)
+        saved, digest = upload(client, local)
+        file_url = PurePosixPath(saved).as_uri() if saved.startswith("/") else None
+        if file_url is None:
+            raise Failure(f"the server saved {local.name} at {saved!r}, which is not an absolute path",
+                          EXIT_REFUSED)
+        sha256 = sha256 or digest  # what is installed is exactly what was sent
+    else:
+        file_url = args.file
+    body: dict[str, Any] = {"name": args.name, "file": file_url}
+    if args.shell_para:
+        body["shellParas"] = args.shell_para
+    if args.function:
+        body["functions"] = args.function
+    if sha256:
+        body["sha256"] = sha256
+    return body
+
+
+def _dry_run(args: argparse.Namespace) -> dict[str, str] | None:
+    return {"dryRun": "1"} if args.dry_run else None
+
+
+def cmd_create(client: Client, args: argparse.Namespace) -> None:
+    body = _install_body(client, args)
+    answer = client.call("POST", f"/plugins/{args.type}", json=body, params=_dry_run(args))
+    show(args, answer, plan_table if args.dry_run else message)
+
+
+def cmd_update(client: Client, args: argparse.Namespace) -> None:
+    body = _install_body(client, args)
+    answer = client.call("PUT", f"/plugins/{args.type}/{_segment(args.name)}", json=body, params=_dry_run(args))
+    show(args, answer, plan_table if args.dry_run else message)
+
+
+def cmd_drop(client: Client, args: argparse.Namespace) -> None:
+    if args.dry_run:
+        answer = client.call("DELETE", f"/plugins/{args.type}/{_segment(args.name)}", params=_dry_run(args))
+        show(args, answer, plan_table)
+        return
+    params = {"stop": "1"} if args.stop else None
+    show(args, client.call("DELETE", f"/plugins/{args.type}/{_segment(args.name)}", params=params), message)
+
+
+def cmd_history(client: Client, args: argparse.Namespace) -> None:
+    show(args, client.call("GET", f"/plugins/{args.type}/{_segment(args.name)}/history"), history_table)
+
+
+def cmd_rollback(client: Client, args: argparse.Namespace) -> None:
+    params = {"stop": "1"} if args.stop else {}
+    if args.version is not None:
+        params["version"] = args.version
+    answer = client.call("POST", f"/plugins/{args.type}/{_segment(args.name)}/rollback", params=params)
+    show(args, answer, lambda a: f"{a['type']} plugin {a['name']} is rolled back to version {a['version']}")
+
+
+def cmd_describe(client: Client, args: argparse.Namespace) -> None:
+    show(args, client.call("GET", f"/plugins/{args.type}/{_segment(args.name)}"), key_values)
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> None:
+    render = portable_table if args.type == "portables" else names(NO_PLUGIN)
+    show(args, client.call("GET", f"/plugins/{args.type}"), render)
+
+
+def cmd_register(client: Client, args: argparse.Namespace) -> None:
+    path = f"/plugins/functions/{_segment(args.name)}/register"
+    show(args, client.call("POST", path, json={"functions": args.functions}), message)
+
+
+def cmd_udfs(client: Client, args: argparse.Namespace) -> None:
+    show(args, client.call("GET", "/plugins/udfs"), names(NO_UDF))
+
+
+def cmd_udf(client: Client, args: argparse.Namespace) -> None:
+    show(args, client.call("GET", f"/plugins/udfs/{_segment(args.name)}"), key_values)
+
+
+def cmd_prebuild(client: Client, args: argparse.Namespace) -> None:
+    show(args, client.call("GET", f"/plugins/{args.type}/prebuild"), prebuild_table)
+
+
+def cmd_upload(client: Client, args: argparse.Namespace) -> None:
+    saved, _ = upload(client, readable_file(args.local_file))
+    show(args, saved, message)
+
+
+def cmd_audit(client: Client, args: argparse.Namespace) -> None:
+    params = {"limit": str(args.limit)}
+    if args.since:
+        params["since"] = args.since
+    show(args, client.call("GET", "/audit", params=params), audit_table)
+
+
+def _fail_unless_ok(answer: Any) -> None:
+    if isinstance(answer, dict) and answer.get("ok") is False:
+        raise Failure(f"{len(answer.get('problems') or [])} problem(s) remain", EXIT_REFUSED)
+
+
+# ------------------------------------------------------------------ the plugin set
+
+EXPORT_FORMATS = ("yaml", "json", "ekuiper")
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def cmd_export(client: Client, args: argparse.Namespace) -> None:
+    """Print the plugin set, or save it with -o (written aside and renamed once whole)."""
+    chosen = "json" if args.json and args.format == "yaml" else args.format
+    if chosen == "yaml":
+        text = client.call("GET", "/config/plugins", headers={"Accept": "application/yaml"})
+        if not isinstance(text, str):  # a server that answered JSON all the same: the same document, as YAML
+            text = yaml.safe_dump(text, sort_keys=False, allow_unicode=True)
+    else:
+        params = {"format": "ekuiper"} if chosen == "ekuiper" else None
+        text = as_json(client.call("GET", "/config/plugins", params=params)) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    target = Path(args.output)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with open(partial, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise Failure(f"cannot write {target}: {exc.strerror or exc}", EXIT_USAGE)
+    show(args, str(target), message)
+
+
+def _document_body(args: argparse.Namespace) -> tuple[bytes, str]:
+    """The file to apply as it is, with its media type; with --prune, with `"prune": true` set in it."""
+    name = args.file
+    try:
+        raw = sys.stdin.buffer.read() if name == "-" else Path(name).expanduser().read_bytes()
+    except OSError as exc:
+        raise Failure(f"cannot read {name}: {exc.strerror or exc}", EXIT_USAGE)
+    suffix = Path(name).suffix.lower()
+    as_yaml = suffix in YAML_SUFFIXES or (suffix != ".json" and not raw.lstrip().startswith((b"{", b"[")))
+    media_type = "application/yaml" if as_yaml else "application/json"
+    if not args.prune:
+        return raw, media_type  # the server reads it, and refuses what is wrong in it, in its own words
+    try:
+        document = yaml.safe_load(raw) if as_yaml else json.loads(raw, object_pairs_hook=_no_repeated_keys)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise Failure(f"cannot read {name}: {' '.join(str(exc).split())}", EXIT_USAGE)
+    if not isinstance(document, dict):
+        raise Failure(f"cannot apply {name}: it does not hold a mapping (the plugin set, or eKuiper's export)",
+                      EXIT_USAGE)
+    document = {key: value for key, value in document.items() if str(key).lower() != "prune"}
+    document["prune"] = True
+    if as_yaml:
+        return yaml.safe_dump(document, sort_keys=False, allow_unicode=True).encode(), media_type
+    return json.dumps(document, ensure_ascii=False).encode(), media_type
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"key {repeated[0]!r} is given more than once")
+    return dict(pairs)
+
+
+def cmd_apply(client: Client, args: argparse.Namespace) -> None:
+    """Converge the server's plugins to a document; print the changes (a refusal: what was rolled back too)."""
+    body, media_type = _document_body(args)
+    try:
+        answer = client.call("PUT", "/config/plugins", data=body, headers={"Content-Type": media_type},
+                             params=_dry_run(args))
+    except Failure as failure:
+        refusal = failure.answer
+        if isinstance(refusal, dict) and "rolledBack" in refusal:
+            if args.json:
+                print(as_json(refusal))
+            else:
+                undone = refusal.get("rolledBack") or []
+                print(changes_table({"changes": undone}) if undone else "nothing had been changed",
+                      file=sys.stderr)
+                if undone:
+                    print("(the changes above were made, then rolled back)", file=sys.stderr)
+        raise
+    show(args, answer, changes_table)
+
+
+def cmd_verify(client: Client, args: argparse.Namespace) -> None:
+    answer = client.call("GET", "/registry/verify")
+    show(args, answer, problems_table)
+    _fail_unless_ok(answer)
+
+
+def cmd_repair(client: Client, args: argparse.Namespace) -> None:
+    answer = client.call("POST", "/registry/repair")
+    show(args, answer, problems_table)
+    _fail_unless_ok(answer)
+
+
+def cmd_backup(client: Client, args: argparse.Namespace) -> None:
+    """Save GET /registry/backup to a file, written aside and renamed once complete."""
+    target = Path(args.output)
+    partial = target.with_name(target.name + ".partial")
+    url = client.base_url + "/registry/backup"
+    try:
+        with client.session.get(url, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as response:
+            if response.status_code >= 400:
+                raise Failure(refusal_message(response), EXIT_REFUSED)
+            with open(partial, "wb") as out:
+                for chunk in response.iter_content(CHUNK_SIZE):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+    except requests.RequestException as exc:
+        partial.unlink(missing_ok=True)
+        raise Failure(f"cannot reach kuiper-plugins at {client.base_url}: {network_reason(exc)}", EXIT_USAGE)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise Failure(f"cannot write {target}: {exc.strerror or exc}", EXIT_USAGE)
+    os.replace(partial, target)
+    show(args, str(target), message)
+
+
+def cmd_restore(client: Client, args: argparse.Namespace) -> None:
+    """Restore a backup into this machine's home, offline; then verify it."""
+    from kuiper_plugins.lifecycle import backup  # the server's code: only this command needs it
+    from kuiper_plugins.settings import SettingsError, load_settings
+
+    archive = readable_file(args.archive)
+    try:
+        answered = client.session.get(client.base_url + "/ping", timeout=CONNECT_TIMEOUT).status_code == 200
+    except requests.RequestException:
+        answered = False
+    if answered:
+        raise Failure(f"kuiper-plugins answers at {client.base_url}: stop it before a restore", EXIT_REFUSED)
+    try:
+        problems = backup.restore(archive, load_settings())
+    except (backup.RestoreRefused, SettingsError) as exc:
+        raise Failure(str(exc), EXIT_REFUSED) from None
+    answer = {"ok": not problems, "problems": [p.as_dict() for p in problems]}
+    show(args, answer, problems_table)
+    _fail_unless_ok(answer)
