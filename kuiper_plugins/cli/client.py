@@ -1,7 +1,8 @@
 """Talking to the server: one requests session, answers parsed, refusals raised as Failure, uploads streamed.
 
-A refusal keeps what the server said: its message (eKuiper's words first) and
-its parsed body, for a command that shows more of it.
+A refusal keeps what the server said: its message (eKuiper's words first),
+its status and its parsed body, for a command that shows more of it and for
+the JSON form of errors (`--json`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from kuiper_plugins import __version__
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 900  # an install downloads, unpacks and may run install.sh before it answers
 UPLOAD_FIELD = "uploadFile"
+TOKEN_ENV = "KUIPER_PLUGINS_TOKEN"
+MISSING_TOKEN = "missing_token"  # the server's 401 when authentication is on and no token came
 CHUNK_SIZE = 256 * 1024
 
 EXIT_OK = 0
@@ -32,11 +35,12 @@ EXIT_INTERRUPTED = 130
 class Failure(Exception):
     """A command that cannot succeed: the message for stderr and the exit status to end with."""
 
-    def __init__(self, message: str, exit_status: int, answer: Any = None):
+    def __init__(self, message: str, exit_status: int, answer: Any = None, status: int | None = None):
         super().__init__(message)
         self.message = message
         self.exit_status = exit_status
         self.answer = answer  # a refusal's parsed body, for a command that shows more of it
+        self.status = status  # the HTTP status of the server's refusal; None when the server said nothing
 
 
 class Client:
@@ -66,7 +70,7 @@ class Client:
             raise Failure(f"request to {url} failed: {exc}", EXIT_USAGE)
         with response:
             if response.status_code >= 400:
-                raise Failure(refusal_message(response), EXIT_REFUSED, _answer_of(response))
+                raise Failure(refusal_message(response), EXIT_REFUSED, _answer_of(response), response.status_code)
             return _answer_of(response)
 
 
@@ -88,6 +92,10 @@ def refusal_message(response: requests.Response) -> str:
     """The server's own words from the {"error", "message"} envelope, or the status when there are none."""
     answer = _answer_of(response)
     if isinstance(answer, dict) and isinstance(answer.get("message"), str):
+        if response.status_code == 401 and answer["message"] == MISSING_TOKEN:
+            # The server's word is eKuiper's, which says nothing of how to give one.
+            return (f"{MISSING_TOKEN} (the service has basic.authentication on: give a token with --token or"
+                    f" ${TOKEN_ENV}; `kuiper-plugins token --key KEY.pem` mints one from a private key)")
         return answer["message"]
     status = f"HTTP {response.status_code} {response.reason or ''}".rstrip()
     first_line = answer.strip().splitlines()[0] if isinstance(answer, str) and answer.strip() else ""
@@ -244,5 +252,13 @@ def upload(client: Client, local: Path) -> tuple[str, str]:
 def on_terminal() -> bool:
     try:
         return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def asks_on_terminal() -> bool:
+    """Whether a question can be put to a person: stdin to read the answer from and stderr to ask on are terminals."""
+    try:
+        return sys.stdin.isatty() and sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False

@@ -6,10 +6,14 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
+from pathlib import PurePosixPath
 from typing import Any
 
 NO_PLUGIN = "No plugin is found."
 NO_UDF = "No udf is found."
+NO_UPLOAD = "No upload is found."
+PLUGIN_SECTIONS = ("sources", "sinks", "functions", "portables")  # the plugin set's keys, in the order shown
+TYPE_WORDS = {"sources": "source", "sinks": "sink", "functions": "function", "portables": "portable"}
 
 
 def cell(value: Any) -> str:
@@ -195,3 +199,86 @@ def changes_table(answer: Any) -> str:
     done = f"{count} change{'s' if count != 1 else ''}"
     footer = f"dry run: {done} planned, nothing was changed" if dry_run else f"{done} made"
     return table(rows, header=("ACTION", "TYPE", "NAME", "FROM", "TO", "REASON")) + "\n" + footer
+
+
+# ------------------------------------------------------------------ listings across types
+
+
+def plugins_table(rows: Sequence[dict[str, Any]], *, wide: bool = False) -> str:
+    """Every plugin of every type, one row each; wide adds its functions, sha256 and package URL."""
+    if not rows:
+        return NO_PLUGIN
+    header = ["TYPE", "NAME", "VERSION"] + (["FUNCTIONS", "SHA256", "FILE"] if wide else [])
+    lines = []
+    for row in rows:
+        line = [row["type"], row["name"], cell(row.get("version"))]
+        if wide:
+            line += [cell(row.get("functions")), cell(row.get("sha256")), cell(row.get("file"))]
+        lines.append(line)
+    return table(lines, header=header)
+
+
+def functions_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Every function rules can call, with the plugin that owns it and that plugin's type."""
+    if not rows:
+        return NO_UDF
+    return table([(str(r["name"]), cell(r.get("plugin")), cell(r.get("type"))) for r in rows],
+                 header=("FUNCTION", "PLUGIN", "TYPE"))
+
+
+def uploads_table(answer: Any) -> str:
+    """The uploads folder's entries: the name `uploads rm` takes, and the path a file:// URL names."""
+    if not isinstance(answer, list) or not all(isinstance(path, str) for path in answer):
+        return as_json(answer)
+    if not answer:
+        return NO_UPLOAD
+    return table([(PurePosixPath(path).name, path) for path in answer], header=("NAME", "PATH"))
+
+
+def status_text(answer: Any, url: str) -> str:
+    """GET / in words: the service, the engine it serves, the registry's counts and what needs a look."""
+    if not isinstance(answer, dict):
+        return as_json(answer)
+    registry = answer.get("registry") if isinstance(answer.get("registry"), dict) else {}
+    plugins = registry.get("plugins") if isinstance(registry.get("plugins"), dict) else {}
+    platform = f"{answer.get('os')}/{answer.get('arch')}"
+    engine = answer.get("engine")
+    lines = [f"kuiper-plugins {answer.get('serviceVersion')} at {url}, up {_duration(answer.get('upTimeSeconds'))}"]
+    if isinstance(engine, dict):
+        lines.append(f"engine: eKuiper {answer.get('version')} on {platform}")
+    else:
+        lines.append(f"engine: none attached; plugins are for eKuiper {answer.get('version')} (basic.kuiperVersion)"
+                     f" on {platform}")
+    counts = [_counted(plugins.get(section), TYPE_WORDS[section] + (" plugin" if section == "functions" else ""))
+              for section in PLUGIN_SECTIONS]
+    lines.append(f"plugins: {', '.join(counts)}; {_counted(registry.get('functions'), 'function')}")
+    in_flight = registry.get("operationsInFlight")
+    lines.append(f"in flight: {_counted(in_flight, 'operation') if in_flight else 'nothing'}")
+    damaged = registry.get("damaged")
+    lines.append(f"damaged: {_counted(damaged, 'plugin')} (`kuiper-plugins verify` says what is missing,"
+                 " `kuiper-plugins repair` reinstalls)" if damaged else "damaged: none")
+    if isinstance(engine, dict) and "pendingRestart" in engine:
+        pending = engine["pendingRestart"]
+        lines.append("pending the engine's restart: " + (
+            "unknown (the engine has not said when it started)" if pending is None
+            else "nothing" if pending == 0 else f"{_counted(pending, 'change')} (GET /engine/pending)"))
+    return "\n".join(lines)
+
+
+def _counted(count: Any, word: str) -> str:
+    if not isinstance(count, int):
+        return f"? {word}s"
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _duration(seconds: Any) -> str:
+    """An uptime in the two largest units that matter: `3 d 4 h`, `2 h 5 min`, `42 s`."""
+    if not isinstance(seconds, int) or seconds < 0:
+        return "?"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "min"), (secs, "s")]
+    while len(parts) > 1 and parts[0][0] == 0:
+        parts.pop(0)
+    return " ".join(f"{value} {unit}" for value, unit in parts[:2] if value or unit == parts[0][1])
