@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from test_cli import (
     CLI,
     SO,
+    Serving,
     cli_env,
     free_port,
     portable_members,
@@ -37,6 +38,7 @@ from test_cli import (
     server,  # noqa: F401  (the fixture: the real app on a loopback port)
     source_zip,
 )
+from werkzeug.wrappers import Response
 
 from kuiper_plugins import __version__
 from kuiper_plugins.cli.main import TOKEN_ENV
@@ -346,6 +348,17 @@ def test_status_says_what_get_root_says_in_words(server, file_server, capsys):  
     status, out, _ = run(capsys, server.url, "--json", "status")
     answer = json.loads(out)
     assert status == 0 and answer["registry"]["damaged"] == 1 and answer["serviceVersion"] == __version__
+
+
+def test_status_through_a_front_that_sends_get_root_to_the_engine_says_so(capsys):
+    engine_answer = {"version": "2.4.0", "os": "linux", "arch": "amd64", "upTimeSeconds": 7265, "cpuUsage": "1.2"}
+    engine = Serving(Response(json.dumps(engine_answer), mimetype="application/json"))  # eKuiper's own GET /
+    try:
+        assert run(capsys, engine.url, "status") == (0, (
+            f"eKuiper 2.4.0 on linux/amd64 at {engine.url}, up 2 h 1 min (this is the engine's own answer:"
+            " kuiper-plugins says how it is on its own port, basic.restPort, 9091 beside an engine)\n"), "")
+    finally:
+        engine.stop()
 
 
 # ---------------------------------------------------------------------------- errors

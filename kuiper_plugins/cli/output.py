@@ -239,6 +239,10 @@ def status_text(answer: Any, url: str) -> str:
     """GET / in words: the service, the engine it serves, the registry's counts and what needs a look."""
     if not isinstance(answer, dict):
         return as_json(answer)
+    if "serviceVersion" not in answer:  # eKuiper's own GET /, as a front that sends / to the engine answers it
+        return (f"eKuiper {answer.get('version')} on {answer.get('os')}/{answer.get('arch')} at {url}, up"
+                f" {_duration(answer.get('upTimeSeconds'))} (this is the engine's own answer: kuiper-plugins says"
+                " how it is on its own port, basic.restPort, 9091 beside an engine)")
     registry = answer.get("registry") if isinstance(answer.get("registry"), dict) else {}
     plugins = registry.get("plugins") if isinstance(registry.get("plugins"), dict) else {}
     platform = f"{answer.get('os')}/{answer.get('arch')}"
