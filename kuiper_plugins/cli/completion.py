@@ -7,7 +7,9 @@ dicts below): a plugin's name after its type, a function plugin's name, a
 function's, an upload's. Their shell functions run `kuiper-plugins` itself,
 with the `--url` and `--token` given on the line being completed, its errors
 dropped, for 5 s at most, so that a TAB never hangs on a service that does
-not answer, and never prints into the line.
+not answer, and never prints into the line. The program run is the one named
+on the line (`.venv/bin/kuiper-plugins`, or after `sudo`), else the one on
+$PATH.
 
 Load it with `source <(kuiper-plugins completion bash)` (in ~/.bashrc), or
 save `kuiper-plugins completion zsh` as `_kuiper-plugins` in a folder of
@@ -30,18 +32,20 @@ FUNCTION_NAMES = {"bash": "_kuiper_plugins_function_names", "zsh": "_kuiper_plug
 UPLOAD_NAMES = {"bash": "_kuiper_plugins_upload_names", "zsh": "_kuiper_plugins_zsh_upload_names"}
 
 BASH = rf"""
-# Run kuiper-plugins as typed on this line, with the line's --url and --token, quietly, 5 s at most.
+# Run kuiper-plugins as typed on this line (after `sudo` or the like, too), with the line's --url and
+# --token, quietly, 5 s at most.
 _kuiper_plugins_ask() {{
   local -a words given=()
-  local i
+  local i program=kuiper-plugins
   read -ra words <<< "${{COMP_LINE:0:COMP_POINT}}"
-  for ((i = 1; i < ${{#words[@]}}; i++)); do
+  for ((i = 0; i < ${{#words[@]}}; i++)); do
+    [[ ${{words[i]##*/}} == kuiper-plugins ]] && program=${{words[i]}} && given=() && continue
     case ${{words[i]}} in
       --url|--token) given+=("${{words[i]}}" "${{words[i+1]}}"); i=$((i + 1)) ;;
       --url=*|--token=*) given+=("${{words[i]}}") ;;
     esac
   done
-  timeout 5 "${{words[0]}}" "${{given[@]}}" "$@" </dev/null 2>/dev/null
+  timeout 5 "$program" "${{given[@]}}" "$@" </dev/null 2>/dev/null
 }}
 
 _kuiper_plugins_types() {{
@@ -78,18 +82,22 @@ _kuiper_plugins_upload_names() {{
 """
 
 ZSH = rf"""
-# Run kuiper-plugins as typed on this line, with the line's --url and --token, quietly, 5 s at most.
+# Run kuiper-plugins as typed on this line (after `sudo` or the like, too), with the line's --url and
+# --token, quietly, 5 s at most.
 _kuiper_plugins_zsh_ask() {{
   local -a line_words given
-  local i
+  local i program=kuiper-plugins
   line_words=(${{(z)LBUFFER}})
-  for (( i = 2; i <= $#line_words; i++ )); do
+  for (( i = 1; i <= $#line_words; i++ )); do
+    if [[ ${{${{(Q)line_words[i]}}:t}} == kuiper-plugins ]]; then
+      program=${{(Q)line_words[i]}}; given=(); continue
+    fi
     case $line_words[i] in
       (--url|--token) given+=($line_words[i] ${{(Q)line_words[i+1]}}); (( i++ )) ;;
       (--url=*|--token=*) given+=(${{(Q)line_words[i]}}) ;;
     esac
   done
-  timeout 5 ${{(Q)line_words[1]}} $given "$@" </dev/null 2>/dev/null
+  timeout 5 $program $given "$@" </dev/null 2>/dev/null
 }}
 
 # The names of the installed plugins of the type given before the word being completed.
