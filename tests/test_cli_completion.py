@@ -43,7 +43,9 @@ class Shell:
     def type(self, line: str) -> str:
         """Type `line` (a "\\t" in it is a TAB) and Enter; return what the shell showed until it was done."""
         self.lines += 1
-        # The marker is computed by the shell, so the typed line (which the terminal echoes) does not hold it.
+        # The whole line is written at once: the shell's line editor reads it in order, so a TAB's completion
+        # (which may run the CLI against the service) is done before the rest of the line is read, and Enter
+        # comes last. The marker is computed by the shell, so the echoed line itself does not hold it.
         marker = f"DONE-{self.lines}"
         os.write(self.controller, f"{line}; echo DONE-$((0+{self.lines}))\n".encode())
         start, wanted = self.done_at, f"\n{marker}\r\n".encode()
