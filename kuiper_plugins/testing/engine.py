@@ -306,6 +306,9 @@ def build_go_package(say: Say, source: Path, output: Path, flags: tuple[str, ...
     `output` should lie in a folder named by `go_package_key`, so a changed engine or source builds anew.
     Returns the seconds the build took, None when `output` was already there.
     """
+    if source.name in MODULE_FILES:
+        raise ValueError(f"a Go package to build in the engine's module cannot be named {source.name!r}: the "
+                         "module's own files have that name")
     go = engine_go()
     version = go_version(go)
     cache = BuildCache(say)
