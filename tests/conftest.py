@@ -29,6 +29,15 @@ from kuiper_plugins.store import db
 from kuiper_plugins.testing import FileServer, find_go, free_port, make_zip  # noqa: F401 (tests import them here)
 from kuiper_plugins.testing.service import Services
 
+
+def pytest_configure(config):
+    """Load kuiper_plugins.testing (file_server, kuiperd, ...) where its pytest11 entry point has not done so.
+
+    That is a .venv installed before the plugin existed, until `make venv` installs the package again.
+    """
+    if not config.pluginmanager.has_plugin("kuiper_plugins.testing"):
+        config.pluginmanager.register(testing, "kuiper_plugins.testing")
+
 # ---------------------------------------------------------------------------- loopback only
 
 REAL_GETADDRINFO = socket.getaddrinfo

@@ -110,7 +110,7 @@ BUILDERS_ONLY = """
 
 
 def test_pytest_finds_the_plugin_through_its_entry_point(pytester):
-    entry = [point for point in importlib.metadata.entry_points(group="pytest11") if point.name == "kuiper_plugins"]
+    entry = importlib.metadata.entry_points(group="pytest11", name="kuiper_plugins.testing")
     assert [point.value for point in entry] == ["kuiper_plugins.testing"]
     pytester.makepyfile(test_downstream=textwrap.dedent(BUILDERS_ONLY))
 
@@ -121,7 +121,7 @@ def test_pytest_finds_the_plugin_through_its_entry_point(pytester):
     assert any(re.fullmatch(r"  kuiper-plugins-\S+ at \S+/kuiper_plugins/testing/__init__\.py", line)
                for line in third_party[:20]), found.stdout.str()
     # Without the entry point's plugin the same file has no fixture: it came from nowhere else.
-    blocked = pytester.runpytest_subprocess("-p", "no:kuiper_plugins")
+    blocked = pytester.runpytest_subprocess("-p", "no:kuiper_plugins.testing")
     blocked.assert_outcomes(errors=1)
     assert "fixture 'file_server' not found" in blocked.stdout.str()
 
