@@ -127,12 +127,9 @@ def check_plugin_zip(path: Path, plugin_type: str, name: str) -> packages.Instal
     packages.check_plugin_name(plugin_type, name)
     entries = archive.inspect(path, max_entries=_LIMITS["max_archive_entries"],
                               max_unpacked_size=_LIMITS["max_unpacked_size"])
-    if plugin_type == PORTABLE:
-        member = packages.descriptor_member(name)
-        present = any(entry.name == member and not entry.is_dir for entry in entries)
-        raw = archive.read_member(path, member, max_size=packages.DESCRIPTOR_MAX_BYTES) if present else None
-        return packages.plan_portable(name, entries, raw)
-    return packages.plan_native(plugin_type, name, entries)
+    # The planner's own entry point, as the server and the CLI's --zip check call it.
+    return packages.plan_package(plugin_type, name, entries,
+                                 lambda member, limit: archive.read_member(path, member, max_size=limit))
 
 
 def _keep_if_accepted(path: Path, plugin_type: str, name: str) -> None:
