@@ -20,7 +20,8 @@ reached.
 This module holds the arguments and the entry point; `client` talks to the
 server, `commands` holds one function per command, `output` what they print,
 `completion` the shell functions shtab's scripts call, `package_check` the
-local check of a zip, `tokens` the minting of a JWT.
+local check of a zip, `tokens` the minting of a JWT, `progress` the server's
+phases drawn while `create` and `update` wait.
 """
 
 from __future__ import annotations
