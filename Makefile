@@ -7,7 +7,7 @@ export KUIPER_HOME ?= $(CURDIR)/var
 PREFIX ?= /usr/local
 
 # Debian tools the tests and benchmarks drive for real; installed when missing (needs root, as on CI).
-TEST_TOOLS := openssl chromium nginx strace wrk unzip eatmydata
+TEST_TOOLS := openssl chromium nginx strace wrk unzip eatmydata zsh
 # Tools whose Debian package has another name, as tool:package: Go (its encoding/gob and plugin.Open are asked
 # by the tests), the arm64 C cross compiler and musl-gcc (plugins tests/test_compat.py refuses by machine and
 # by C library), and systemd-analyze (the unit is verified).

@@ -1,34 +1,42 @@
-"""Shared fixtures: zips built on the fly, a real HTTP server on 127.0.0.1, the service and real gunicorn."""
+"""Shared fixtures: the service through Flask's test client, real gunicorn as `make run` starts it, Go's gob.
+
+The file server, the zip writer and the gunicorn runner are kuiper_plugins.testing's, the pytest plugin the
+package ships (its `pytest11` entry point loads it here as anywhere): the names the tests import from
+this file are kept.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import http.server
 import ipaddress
 import json
 import os
-import re
-import shutil
-import signal
 import socket
 import sqlite3
 import stat
 import subprocess
 import sys
-import threading
-import time
-import zipfile
 from pathlib import Path
 
 import pytest
-import requests
 from engine_fixtures import *  # noqa: F403 (the kuiperd fixtures)
 from flask.testing import FlaskClient
 
-from kuiper_plugins import create_app
+from kuiper_plugins import create_app, testing
 from kuiper_plugins.layout import Layout
 from kuiper_plugins.settings import Settings
 from kuiper_plugins.store import db
+from kuiper_plugins.testing import FileServer, find_go, free_port, make_zip  # noqa: F401 (tests import them here)
+from kuiper_plugins.testing.service import Services
+
+
+def pytest_configure(config):
+    """Load kuiper_plugins.testing (file_server, kuiperd, ...) where its pytest11 entry point has not done so.
+
+    That is a .venv installed before the plugin existed, until `make venv` installs the package again.
+    """
+    if not config.pluginmanager.has_plugin("kuiper_plugins.testing"):
+        config.pluginmanager.register(testing, "kuiper_plugins.testing")
 
 # ---------------------------------------------------------------------------- loopback only
 
@@ -60,84 +68,7 @@ def no_dns_queries(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", loopback_only_resolver)
 
 
-def make_zip(path: Path, members: dict[str, bytes | str], *, modes: dict[str, int] | None = None) -> Path:
-    """Write a zip at `path` holding `members` (name -> content; a name ending in "/" is a folder).
-
-    `modes` sets the Unix mode of chosen members (e.g. {"mirror": 0o100755}).
-    """
-    modes = modes or {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, content in members.items():
-            info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
-            if name.endswith("/"):
-                info.external_attr = (0o40755 << 16) | 0x10
-            else:
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = modes.get(name, 0o100644) << 16
-            data = content.encode() if isinstance(content, str) else content
-            zf.writestr(info, data)
-    return path
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # keep pytest output quiet
-        pass
-
-    def do_GET(self):
-        self.server.requests.append(self.path)
-        hook = self.server.routes.get(self.path.split("?")[0])
-        if hook is not None:
-            hook(self)
-            return
-        super().do_GET()
-
-
-class FileServer:
-    """A threaded HTTP server on 127.0.0.1 serving `root`; counts requests; routes override paths."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        handler = lambda *a, **kw: _Handler(*a, directory=str(root), **kw)  # noqa: E731
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.httpd.requests = []
-        self.httpd.routes = {}
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def requests(self) -> list[str]:
-        return self.httpd.requests
-
-    @property
-    def routes(self) -> dict:
-        """Map a path to a function(handler) that answers it instead of the file tree."""
-        return self.httpd.routes
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name.lstrip('/')}"
-
-    def start(self) -> FileServer:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
-
-
-@pytest.fixture
-def file_server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/'served'."""
-    root = tmp_path / "served"
-    root.mkdir()
-    server = FileServer(root).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+# make_zip and FileServer are kuiper_plugins.testing's (so is the `file_server` fixture, which the plugin provides).
 
 
 # ---------------------------------------------------------------------------- the service under test
@@ -362,16 +293,6 @@ def service(make_service) -> Service:
 
 REPO = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
-START_TIMEOUT = 30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-_SERVING = re.compile(r"\[(\d+)\] \[INFO\] kuiper_plugins\.app: .* serving KUIPER_HOME")
 
 
 # What the worker logs (at debug level) when it closes a connection without an answer, and why.
@@ -387,125 +308,23 @@ def unanswered_closes(log_path: Path, limit: int = 40) -> list[str]:
     return [line for line in lines if any(what in line for what in UNANSWERED)][-limit:]
 
 
-class Gunicorn:
-    """A real `gunicorn -c etc/gunicorn.conf.py wsgi:app` on a free loopback port."""
+class Gunicorn(testing.Gunicorn):
+    """A real `gunicorn -c etc/gunicorn.conf.py wsgi:app` in the repository, as `make run` starts it."""
 
     def __init__(self, home: Path, log_path: Path, workers: int = 2, env: dict[str, str] | None = None):
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.env = {
-            **os.environ,
-            "KUIPER_HOME": str(home),
-            "KUIPER_PLUGINS__BASIC__RESTPORT": str(self.port),
-            "WEB_CONCURRENCY": str(workers),
-            **(env or {}),
-        }
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Gunicorn:
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [str(GUNICORN), "-c", "etc/gunicorn.conf.py", "wsgi:app"],
-            cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"gunicorn exited with {self.process.returncode}: {self.log()}")
-            try:
-                # Until a worker has booted a request just waits: give it a while on a busy 2-core box.
-                if requests.get(f"{self.url}/ping", timeout=5).status_code == 200:
-                    # Every worker, not just the one that answered: a test that keeps some busy (a held
-                    # lock, a stop) must not find the others still in their start-up recovery.
-                    self.workers_booted()
-                    return self
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            time.sleep(0.05)  # polling for readiness, bounded by the deadline
-        raise AssertionError(f"gunicorn did not answer within {START_TIMEOUT}s: {self.log()}")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                # Say who did not stop, and where each was waiting, in the log a failing test shows.
-                self._log.write(f"\n[test] no graceful stop within 30 s; still running: {self._group()}\n".encode())
-                self._log.flush()
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self._log.close()
-
-    def _group(self) -> str:
-        """The processes left in gunicorn's process group: pid, state, kernel wait channel and command."""
-        import psutil
-
-        found = []
-        for proc in psutil.process_iter(["pid", "status", "cmdline"]):
-            try:
-                if os.getpgid(proc.info["pid"]) != self.process.pid:
-                    continue
-                wchan = Path(f"/proc/{proc.info['pid']}/wchan").read_text()
-            except OSError:
-                continue
-            found.append(f"{proc.info['pid']} {proc.info['status']} wchan={wchan or '-'} "
-                         f"{' '.join(proc.info['cmdline'] or [])[:120]}")
-        return "; ".join(found) or "none"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def wait_exit(self, timeout: float = START_TIMEOUT) -> int:
-        """The master's exit status, once it has exited; fail with the end of its log if it does not."""
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"gunicorn did not exit within {timeout:g}s:\n{self.log()}") from None
-
-    def workers_booted(self) -> list[int]:
-        """Wait until every worker the master has now has built the app (it logs `serving KUIPER_HOME`).
-
-        The first /ping proves one worker is up; another may still be in its start-up recovery. `start`
-        waits for this; a test that has workers replaced asks again.
-        """
-        import psutil
-
-        master = psutil.Process(self.process.pid)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            workers = {child.pid for child in master.children()}
-            text = self.log_path.read_text(errors="replace")
-            served = {int(pid) for pid in _SERVING.findall(text)}
-            if len(workers) == int(self.env["WEB_CONCURRENCY"]) and workers <= served:
-                return sorted(workers)
-            time.sleep(0.02)  # polling the log for the workers' start-up line, bounded by the deadline
-        raise AssertionError(f"the workers did not all boot within {START_TIMEOUT}s: {self.log()}")
+        super().__init__(home, log_path, workers, env, config=REPO / "etc" / "gunicorn.conf.py", app="wsgi:app",
+                         cwd=REPO)
 
 
 @pytest.fixture
 def start_gunicorn(tmp_path, file_server):
-    started: list[Gunicorn] = []
-    home = tmp_path / "home"
-
-    def start(workers: int = 2, **env: str) -> Gunicorn:
-        env.setdefault("KUIPER_PLUGINS__BASIC__PRIVATENETALLOWLIST", f"127.0.0.1:{file_server.port}")
-        env.setdefault("KUIPER_PLUGINS__PORTABLE__VERIFYONINSTALL", "false")  # stub portable packages, as make_service
-        server = Gunicorn(home, tmp_path / "gunicorn.log", workers, env)
-        started.append(server)  # stopped at teardown even when it fails to start
-        return server.start()
-
-    yield start
-    for server in started:
-        server.stop()
-    log = (tmp_path / "gunicorn.log").read_text(errors="replace") if (tmp_path / "gunicorn.log").exists() else ""
-    assert "Traceback" not in log, log[-4000:]
-
-
+    """Start services on tmp_path/'home' as `make run` does; downloads from file_server allowed; stopped at the end."""
+    services = Services(tmp_path / "home", tmp_path / "gunicorn.log", {
+        "KUIPER_PLUGINS__BASIC__PRIVATENETALLOWLIST": f"127.0.0.1:{file_server.port}",
+        "KUIPER_PLUGINS__PORTABLE__VERIFYONINSTALL": "false",  # stub portable packages, as make_service
+    }, gunicorn=Gunicorn)
+    yield services.start
+    services.stop_all()
 
 
 # ---------------------------------------------------------------------------- Go's own encoding/gob
@@ -551,14 +370,6 @@ class GoGob:
 
 class GoGobError(Exception):
     """gobcheck refused its input; the message is Go's error."""
-
-
-def find_go() -> str:
-    """Return the go command: on PATH, else Debian's golang-go or the upstream tarball's place."""
-    known = ("/usr/lib/go/bin/go", "/usr/local/go/bin/go")
-    go = shutil.which("go") or next((path for path in known if os.path.exists(path)), None)
-    assert go, "the go command is needed (make system-deps installs Debian's golang-go)"
-    return go
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,7 @@ class LiveService:
     home: Path
     stopped: threading.Event
     seen: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Authorization) per request
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (method, path) per request
 
 
 @pytest.fixture
@@ -73,6 +74,7 @@ def server(home, file_server):
     @app.before_request
     def record_request():
         live.seen.append((request.path, request.headers.get("Authorization")))
+        live.calls.append((request.method, request.path))
 
     serving = Serving(app)
     live.url = serving.url
@@ -190,7 +192,9 @@ def test_function_plugin_functions_udfs_udf_register(server, file_server, capsys
         "version    2\n"
         "functions  f1, f2\n"
     )
-    assert run(capsys, server.url, "udfs") == (0, "f1\nf2\n", "")
+    assert run(capsys, server.url, "udfs") == (  # with the owning plugin (issue 22); -o name: the names alone
+        0, "FUNCTION  PLUGIN  TYPE\nf1        misc    function\nf2        misc    function\n", "")
+    assert run(capsys, server.url, "udfs", "-o", "name") == (0, "f1\nf2\n", "")
     assert run(capsys, server.url, "udf", "f2") == (0, "name    f2\nplugin  misc\n", "")
     status, out, _ = run(capsys, server.url, "--json", "udf", "f2")
     assert json.loads(out) == {"name": "f2", "plugin": "misc"}
@@ -391,7 +395,11 @@ class Recorder:
         self.requests.append(record)
         if self.refuse_with is not None:
             return self.refuse_with(environ, start_response)
-        if req.path == "/config/uploads":
+        if req.method == "GET" and req.path == "/config/uploads":  # asked before a --zip upload: none yet
+            response = Response("[]", status=200, mimetype="application/json")
+        elif req.method == "GET":  # asked before an update --zip: the plugin is there
+            response = Response('{"name": "random", "version": "1.0.0"}', status=200, mimetype="application/json")
+        elif req.path == "/config/uploads":
             response = Response(self.saved_path, status=201, mimetype="text/plain")
         else:
             response = Response(f"sources plugin {record['json']['name']} is created", 201, mimetype="text/plain")
@@ -410,12 +418,15 @@ def recorder():
 
 
 def test_zip_is_streamed_as_multipart_and_installed_from_the_saved_path(recorder, tmp_path, capsys):
-    local = source_zip(tmp_path, extra={"padding.bin": os.urandom(700_000)}, zip_name="random v2.zip")
+    # install.sh: the shell parameters below need one, and the package is checked locally before the upload.
+    local = source_zip(tmp_path, extra={"padding.bin": os.urandom(700_000), "install.sh": "exit 0\n"},
+                       zip_name="random v2.zip")
     content = local.read_bytes()
     status, out, err = run(capsys, recorder.url, "create", "source", "random", "--zip", str(local),
                            "--shell-para=-x", "--shell-para", "fast")
     assert (status, out, err) == (0, "sources plugin random is created\n", "")  # no bar: stderr is not a tty
-    sent, install = recorder.requests
+    asked, sent, install = recorder.requests
+    assert (asked["method"], asked["path"]) == ("GET", "/config/uploads")  # is an upload of that name there?
     assert sent["path"] == "/config/uploads"
     assert sent["filename"] == "random v2.zip"
     assert sent["content"] == content
@@ -434,9 +445,12 @@ def test_sha256_given_is_sent_as_given(recorder, tmp_path, capsys):
     local = source_zip(tmp_path)
     digest = "ab" * 32
     assert run(capsys, recorder.url, "update", "source", "random", "--zip", str(local), "--sha256", digest)[0] == 0
-    assert recorder.requests[1]["method"] == "PUT"
-    assert recorder.requests[1]["path"] == "/plugins/sources/random"
-    assert recorder.requests[1]["json"]["sha256"] == digest
+    # Asked first: is the plugin there, is an upload of that name there; then the upload and the update.
+    assert [(r["method"], r["path"]) for r in recorder.requests[:3]] == [
+        ("GET", "/plugins/sources/random"), ("GET", "/config/uploads"), ("POST", "/config/uploads")]
+    assert recorder.requests[3]["method"] == "PUT"
+    assert recorder.requests[3]["path"] == "/plugins/sources/random"
+    assert recorder.requests[3]["json"]["sha256"] == digest
 
 
 def test_progress_bar_is_drawn_on_a_terminal(recorder, tmp_path, capsys, monkeypatch):
@@ -479,7 +493,9 @@ def test_create_from_a_local_zip(server, tmp_path, capsys):
         0, "sources plugin random is created\n", "")
     assert (server.home / "plugins/sources/Random@v1.0.0.so").read_bytes() == SO
     assert run(capsys, server.url, "describe", "source", "random")[1] == "name     random\nversion  1.0.0\n"
-    assert [path for path, _ in server.seen] == ["/config/uploads", "/plugins/sources", "/plugins/sources/random"]
+    # The uploads listed (none of that name is there yet), the upload, the install, the describe.
+    assert [path for path, _ in server.seen] == ["/config/uploads", "/config/uploads", "/plugins/sources",
+                                                 "/plugins/sources/random"]
 
 
 # ---------------------------------------------------------------------------- the installed console script

@@ -306,6 +306,24 @@ def plan_portable(
     )
 
 
+def plan_package(
+    plugin_type: str, name: str, entries: Sequence[Entry], read_member: Callable[[str, int], bytes], *,
+    shell_paras: Sequence[str] = (), functions: Sequence[str] = (), shown: Callable[[str], str] = str,
+) -> InstallPlan:
+    """Plan any plugin from its zip listing; `read_member(name, max_size)` reads a portable's descriptor.
+
+    The one entry point for a package's rules: the server plans with it after `archive.inspect`, and the
+    command-line client checks a local zip with it before uploading, so both refuse the same packages.
+    """
+    if plugin_type == PORTABLE:
+        member = descriptor_member(name)
+        present = any(e.name == member and not e.is_dir for e in entries)
+        raw = read_member(member, DESCRIPTOR_MAX_BYTES) if present else None
+        return plan_portable(name, entries, raw, shell_paras=shell_paras)
+    return plan_native(plugin_type, name, entries, shell_paras=shell_paras, functions=functions or [name],
+                       shown=shown)
+
+
 def parse_descriptor(name: str, descriptor_bytes: bytes) -> dict[str, Any]:
     """Parse and check a portable plugin's `<name>.json` in eKuiper's order; return it normalised."""
     json_name = descriptor_member(name)

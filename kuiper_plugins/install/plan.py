@@ -249,15 +249,11 @@ class Planner:
             zip_path, max_entries=self.settings.max_archive_entries,
             max_unpacked_size=self.settings.max_unpacked_size,
         )
-        shell_paras = request.get("shellParas") or []
-        if plugin_type == PORTABLE:
-            member = packages.descriptor_member(name)
-            present = any(e.name == member and not e.is_dir for e in entries)
-            raw = archive.read_member(zip_path, member, max_size=packages.DESCRIPTOR_MAX_BYTES) if present else None
-            return entries, packages.plan_portable(name, entries, raw, shell_paras=shell_paras)
-        functions = request.get("functions") or [name]
-        plan = packages.plan_native(plugin_type, name, entries, shell_paras=shell_paras, functions=functions,
-                                    shown=lambda recorded: str(self.layout.absolute(recorded)))
+        plan = packages.plan_package(
+            plugin_type, name, entries, lambda member, limit: archive.read_member(zip_path, member, max_size=limit),
+            shell_paras=request.get("shellParas") or [], functions=request.get("functions") or [name],
+            shown=lambda recorded: str(self.layout.absolute(recorded)),
+        )
         return entries, plan
 
 

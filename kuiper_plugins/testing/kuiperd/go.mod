@@ -1,4 +1,4 @@
-module kuiper-plugins/tests/kuiperd
+module kuiper-plugins/testing/kuiperd
 
 go 1.25.4
 

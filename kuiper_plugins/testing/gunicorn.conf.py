@@ -1,0 +1,1 @@
+../../etc/gunicorn.conf.py
