@@ -141,3 +141,21 @@ def test_completion_needs_no_service(tmp_path):
     assert done.returncode == 0 and "complete -o bashdefault -F _shtab_kuiper_plugins kuiper-plugins" in done.stdout
     done = subprocess.run([str(CLI), "completion", "fish"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "invalid choice: 'fish'" in done.stderr
+
+
+def test_a_reader_that_leaves_early_ends_the_script_quietly():
+    """`kuiper-plugins completion zsh | head -3`: the reader gone, the CLI exits 141 (128 + SIGPIPE), no traceback.
+
+    The pipe's reading end is closed before the CLI starts, so its first write meets a pipe nobody reads, as
+    the writes after `head` has its lines do: no ordering between the two processes is left to chance.
+    """
+    env = cli_env("http://127.0.0.1:9")
+    reading, writing = os.pipe()
+    os.close(reading)
+    try:
+        done = subprocess.run([str(CLI), "completion", "zsh"], env=env, stdout=writing, stderr=subprocess.PIPE,
+                              timeout=60)
+    finally:
+        os.close(writing)
+    assert done.returncode == 141, done.stderr.decode()
+    assert done.stderr == b""

@@ -38,7 +38,15 @@ import requests
 
 from kuiper_plugins import __version__
 from kuiper_plugins.cli import completion
-from kuiper_plugins.cli.client import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TOKEN_ENV, Client, Failure
+from kuiper_plugins.cli.client import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    TOKEN_ENV,
+    Client,
+    Failure,
+)
 from kuiper_plugins.cli.commands import (
     EXPORT_FORMATS,
     cmd_apply,
@@ -324,8 +332,22 @@ def _local_service_url() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; return the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command; return the exit status (EXIT_BROKEN_PIPE when a reader such as `head` left early)."""
+    try:
+        status = _run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe could only print a warning
+        return status
+    except BrokenPipeError:
+        # The reader has what it wanted: the rest of the output goes nowhere, quietly, as for a shell tool
+        # ended by SIGPIPE; stdout is pointed at /dev/null so that Python's own flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: list[str]) -> int:
+    """Parse `argv` and run its command; the exit status."""
     json_asked = "--json" in argv  # known before parsing, so that a usage error is worded as asked
     parser = build_parser()
     try:
