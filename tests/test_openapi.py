@@ -279,7 +279,7 @@ def test_the_docs_page_shows_every_operation_before_its_script_runs(service):
     page = service.client.get("/docs/")
     assert page.status_code == 200
     html = page.get_data(as_text=True)
-    shown = html[html.index('<div id="swagger-ui">'):html.index("<script")]
+    shown = html[html.index('<div id="first-view">'):html.index('<div id="swagger-ui" hidden>')]
     for path, item in document["paths"].items():
         for method in ("get", "put", "post", "delete"):
             if method in item:
@@ -313,19 +313,24 @@ def chromium_dom(url: str, profile, *flags: str) -> str:
 
 @pytest.mark.slow
 def test_the_docs_page_in_a_browser_first_view_then_authorize(make_service, tmp_path):
-    """Before Swagger UI's script has arrived the browser shows the summary; once it has run, Swagger UI has
-    replaced the summary and, authentication being on, offers Authorize."""
+    """Before Swagger UI's script has arrived, and after it has arrived while the document has not, the browser
+    shows the summary (not Swagger UI's bare "LOADING"); once Swagger UI has drawn the document it has taken the
+    summary's place and, authentication being on, offers Authorize."""
     service = make_service(authentication=True)
     script_arrives = threading.Event()
+    document_arrives = threading.Event()
 
-    def held_script(environ, start_response):
-        # "As the page loads": until the test lets it through, the megabyte of script has not arrived.
-        if environ["PATH_INFO"].endswith("/swagger-ui-bundle.js") and not script_arrives.is_set():
+    def held(environ, start_response):
+        # "As the page loads": until the test lets each through, the megabyte of script, then the document, has
+        # not arrived. (A refusal stands for "not yet": a browser's view of either is the same until it comes.)
+        path = environ["PATH_INFO"]
+        if (path.endswith("/swagger-ui-bundle.js") and not script_arrives.is_set()) or (
+                path == "/openapi.json" and not document_arrives.is_set()):
             start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")])
             return [b""]
         return service.app(environ, start_response)
 
-    server = make_server("127.0.0.1", 0, held_script, threaded=True)
+    server = make_server("127.0.0.1", 0, held, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -334,6 +339,10 @@ def test_the_docs_page_in_a_browser_first_view_then_authorize(make_service, tmp_
         assert 'id="first-view"' in first and "<code>installPlugin</code>" in first
         assert "Every operation but GET / and GET /ping needs a token: press Authorize" in first
         script_arrives.set()
+        waiting = chromium_dom(url, tmp_path / "waiting")
+        assert 'id="first-view"' in waiting and "<code>installPlugin</code>" in waiting
+        assert '<div id="swagger-ui" hidden="">' in waiting, waiting[-3000:]  # Swagger UI ran, out of sight
+        document_arrives.set()
         loaded = chromium_dom(url, tmp_path / "loaded")
     finally:
         server.shutdown()

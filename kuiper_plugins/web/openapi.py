@@ -724,8 +724,9 @@ def docs_redirect() -> Response:
     return redirect(url_for("docs.docs_page"))
 
 
-# Swagger UI, from files of this service. Until its script has loaded and drawn the page, #swagger-ui holds a
-# summary rendered here (Swagger UI replaces it), so that the first view is already of use.
+# Swagger UI, from files of this service. Until Swagger UI has both its script and the document, and has drawn
+# the operations (its onComplete), the page shows a summary rendered here, and Swagger UI draws out of sight:
+# otherwise a browser shows Swagger UI's bare "LOADING" for as long as /openapi.json is on its way.
 DOCS_PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -742,23 +743,22 @@ DOCS_PAGE = """<!DOCTYPE html>
   </style>
 </head>
 <body>
-  <div id="swagger-ui">
-    <div id="first-view">
-      <h1>{{ title }} <small>{{ version }}</small></h1>
-      <p>{{ description }}</p>
-      <p>{{ authorize }}The interactive page (Swagger UI, served by this service) loads here; the document
-        itself is <a href="{{ document_url }}">{{ document_url }}</a>.</p>
-      <table>
-        <thead><tr><th>method</th><th>path</th><th>what it does</th><th>operationId</th></tr></thead>
-        <tbody>
-        {%- for operation in operations %}
-          <tr><td><code>{{ operation.method }}</code></td><td><code>{{ operation.path }}</code></td>
-            <td>{{ operation.summary }}</td><td><code>{{ operation.id }}</code></td></tr>
-        {%- endfor %}
-        </tbody>
-      </table>
-    </div>
+  <div id="first-view">
+    <h1>{{ title }} <small>{{ version }}</small></h1>
+    <p>{{ description }}</p>
+    <p>{{ authorize }}The interactive page (Swagger UI, served by this service) loads here; the document
+      itself is <a href="{{ document_url }}">{{ document_url }}</a>.</p>
+    <table>
+      <thead><tr><th>method</th><th>path</th><th>what it does</th><th>operationId</th></tr></thead>
+      <tbody>
+      {%- for operation in operations %}
+        <tr><td><code>{{ operation.method }}</code></td><td><code>{{ operation.path }}</code></td>
+          <td>{{ operation.summary }}</td><td><code>{{ operation.id }}</code></td></tr>
+      {%- endfor %}
+      </tbody>
+    </table>
   </div>
+  <div id="swagger-ui" hidden></div>
   <script src="./swagger-ui-bundle.js" charset="UTF-8"></script>
   <script src="./swagger-ui-standalone-preset.js" charset="UTF-8"></script>
   <script>
@@ -770,7 +770,11 @@ DOCS_PAGE = """<!DOCTYPE html>
         deepLinking: true,
         presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
         plugins: [SwaggerUIBundle.plugins.DownloadUrl],
-        layout: "StandaloneLayout"
+        layout: "StandaloneLayout",
+        onComplete: function () {
+          document.getElementById("first-view").remove();
+          document.getElementById("swagger-ui").hidden = false;
+        }
       });
     };
   </script>
