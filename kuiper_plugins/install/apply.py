@@ -9,8 +9,11 @@ Every operation on a plugin runs the same stages (the plan step has already deci
    operation's last commit makes the row durable with it);
 3. do the slow work inside staging: download, inspect, unpack (the caller and the plan step),
    install.sh; refuse a destination that exists and is not recorded as this plugin's;
-4. seal what will be moved: fsync every staged file and folder, taking the
-   size and sha256 the registry will record;
+4. seal what will be moved: make every staged file and folder durable, taking
+   the size and sha256 the registry will record (a few files: an fsync each;
+   many: all read first, then one syncfs of the file system, through a
+   descriptor opened with the staging folder, before anything was written:
+   see `durable.FileSystemSync`);
 5. write the journal (the operation and its file moves) beside the staging
    folder, `<operation id>.journal.json`, fsynced with the staging root (one
    fsync makes both names durable); then set every old file aside into the
@@ -92,6 +95,8 @@ class Operation:
     journal: list[dict[str, Any]] = field(default_factory=list)
     committed: bool = False
     engine_changed: bool = False  # a portable plugin was stopped or started in the running engine
+    # Opened with the staging folder, before the operation writes anything: flushes what it wrote in one go.
+    flush: durable.FileSystemSync | None = None
 
 
 class Applier:
@@ -289,7 +294,8 @@ class Applier:
 
         The folder is already moved in (an update's old one set aside): a venv or an absolute link made by
         install.sh stays valid. A failure undoes the moves, taking the whole folder away and putting the
-        old one back. What install.sh added is fsynced and fingerprinted before the commit.
+        old one back. What install.sh added is fsynced and fingerprinted before the commit; a folder nothing
+        may have written in (`_written_in_place`) was sealed in staging, and is not read again.
         """
         folder = self.layout.portable_dir(plan.name)
         if plan.script:
@@ -302,11 +308,23 @@ class Applier:
                                            init_timeout=self.settings.portable_init_timeout)
             except PackageInvalid as exc:
                 raise exc.with_prefix("fail to install plugin")
+        if not self._written_in_place(plan):
+            return files
         recorded = self.layout.relative(folder)
-        print_ = durable.seal(folder)
+        print_ = durable.seal(folder, op.flush)
         durable.sync_folders([folder.parent])
         return [registry.RecordedFile(recorded, print_.size, print_.sha256) if f.path == recorded else f
                 for f in files]
+
+    def _written_in_place(self, plan: packages.InstallPlan) -> bool:
+        """Whether anything may write in a portable plugin's folder between its move into place and the commit.
+
+        install.sh runs there as this service's user, and may write anything. The handshake check runs the
+        plugin as nobody, who can write nothing in a tree this service made (folders 0755, files 0644 or
+        0755: see `archive.extract` and the installer's unpacked folder), unless this service runs as nobody.
+        """
+        return plan.script is not None or (
+            self.settings.portable_verify_on_install and os.geteuid() == portable.NOBODY)
 
     def _stage_units(
         self, conn: sqlite3.Connection, op: Operation, plan: packages.InstallPlan, unpacked: Path,
@@ -320,6 +338,7 @@ class Applier:
         old_records, kept_groups, placing = self.refuse_foreign_destinations(conn, plan, unpacked, old)
         first_copy: dict[str, Path] = {}
         moves: list[tuple[Path | None, str]] = []
+        unread: set[Path] = set()
         for index, unit in enumerate(placing):
             staged = op.staging / f"{UNIT_PREFIX}{index}"  # beside the unpacked tree: no folder to make for them
             if unit.src in first_copy:
@@ -333,12 +352,16 @@ class Applier:
                     if (unpacked / kind).is_dir() and not any((unpacked / kind).iterdir()):
                         (unpacked / kind).rmdir()
                 os.replace(unpacked, staged)
+                if self._written_in_place(plan):
+                    # Fingerprinted once install.sh has run in it (`_finish_portable`), which reads every file
+                    # anyway: here it is only made durable before it moves.
+                    unread.add(staged)
             else:
                 os.replace(unpacked / unit.src, staged)
                 first_copy[unit.src] = staged
             moves.append((staged, unit.dest))
-        prints = durable.seal_all([staged for staged, _dest in moves])
-        files = [registry.RecordedFile(dest, print_.size, print_.sha256)
+        prints = durable.seal_all([staged for staged, _dest in moves], op.flush, unread=unread)
+        files = [registry.RecordedFile(dest, print_.size, print_.sha256) if print_ else registry.RecordedFile(dest)
                  for (_staged, dest), print_ in zip(moves, prints, strict=True)]
 
         placed = {u.dest for u in placing}
@@ -528,6 +551,7 @@ class Applier:
         try:
             try:
                 op.staging.mkdir()  # its name is made durable with its journal's, before the first move
+                op.flush = durable.FileSystemSync(op.staging)
                 yield op
             except OSError as exc:
                 raise _os_error(exc) from exc
@@ -538,6 +562,8 @@ class Applier:
                     self.projection.bring_back(conn, op.staging, op.name)
             raise
         finally:
+            if op.flush is not None:
+                op.flush.close()
             if op.committed:
                 self._clear_committed(conn, op)
             elif not op.journal:
