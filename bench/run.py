@@ -11,6 +11,9 @@
    same POST.
 4. Cold start: spawning gunicorn to the first 200 on /plugins/sources with the large registry,
    against the bare app.
+5. One many-file install: a Python portable plugin of 9,990 small files in 20 folders (its
+   dependencies vendored), handshake checked, by file:// from data/uploads, then `sync`, against
+   `unzip -q` of the same zip into a fresh folder, then `sync`.
 
 Prints a table and writes bench/RESULTS.md (or --out). `--smoke` runs everything with tiny sizes,
 only to show that the benchmark still runs. Exits 0 whether targets are met or not: a benchmark
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import harness
-from fixtures import Population, populate, write_source_zip
+from fixtures import Population, populate, write_many_files_portable_zip, write_source_zip
 from harness import Server, median, sync, wrk
 
 MIB = 1 << 20
@@ -53,6 +56,8 @@ class Sizes:
     install_rounds: int
     bare_posts: int
     cold_start_reps: int
+    many_files: int
+    many_files_reps: int
     clients: int = 4
     workers: int = 2
     wrk_connections: int = 4
@@ -61,12 +66,12 @@ class Sizes:
 FULL = Sizes(
     small_registry=200, large_registry=10_000, read_seconds=5, read_rounds=3, warmup_seconds=1,
     large_install_bytes=64 * MIB, large_install_reps=3, small_installs=200, install_rounds=5, bare_posts=1000,
-    cold_start_reps=3,
+    cold_start_reps=3, many_files=9_990, many_files_reps=5,
 )
 SMOKE = Sizes(
     small_registry=20, large_registry=200, read_seconds=1, read_rounds=1, warmup_seconds=0,
     large_install_bytes=1 * MIB, large_install_reps=1, small_installs=12, install_rounds=1, bare_posts=24,
-    cold_start_reps=1,
+    cold_start_reps=1, many_files=300, many_files_reps=1,
 )
 
 
@@ -427,6 +432,62 @@ class Bench:
         self.add(Row(section, "spawn to first 200 on list (median)", service, "s", bare, "bare app",
                      "< 2 s", service < 2))
 
+    # ------------------------------------------------------------ 5. one many-file install
+
+    def many_files_install(self) -> None:
+        """A portable plugin of many small files, installed and synced, against unzip and sync of its zip.
+
+        The two alternate, each repetition starting with the other, so that the machine's drift falls on
+        both; between repetitions the plugin is deleted and the unzipped copy removed, then synced.
+        """
+        sizes = self.sizes
+        count = sizes.many_files
+        section = f"one {count}-file portable install"
+        self.section(section)
+        home = self.work / "many-files"
+        populate(home, 0)
+        package = write_many_files_portable_zip(home / "data" / "uploads" / "vendored.zip", "vendored", count)
+        body = json.dumps({"name": "vendored", "file": f"file://{package}"}).encode()
+        # The handshake check starts the plugin with a Python that has pynng, as an engine's pythonBin would.
+        service = self.server("service-many-files", "wsgi:app", home,
+                              KUIPER_PLUGINS__PORTABLE__PYTHONBIN=sys.executable).start()
+        unzip_times: list[float] = []
+        install_times: list[float] = []
+        try:
+            service.wait_workers_settled()
+            sync()
+            for rep in range(sizes.many_files_reps):
+                for kind in (("unzip", "install") if rep % 2 == 0 else ("install", "unzip")):
+                    if kind == "unzip":
+                        folder = self.work / f"many-files-unzip-{rep}"
+                        began = time.perf_counter()
+                        subprocess.run(["unzip", "-q", str(package), "-d", str(folder)], check=True, timeout=300)
+                        sync()
+                        unzip_times.append(time.perf_counter() - began)
+                        shutil.rmtree(folder)
+                    else:
+                        began = time.perf_counter()
+                        run = harness.request_pool(service.port, [("POST", "/plugins/portables", body)], 1, 201, 300)
+                        sync()
+                        install_times.append(time.perf_counter() - began)
+                        if run.failed:
+                            raise RuntimeError(f"many-file install failed: {run.first_failure}")
+                        if harness.status_of(service.port, "DELETE", "/plugins/portables/vendored", timeout=120) != 200:
+                            raise RuntimeError("could not delete the many-file plugin between repetitions")
+                    sync()
+                print(f"  rep {rep}: unzip+sync {unzip_times[-1]:.3f}s  install+sync {install_times[-1]:.3f}s"
+                      f"  ({install_times[-1] / unzip_times[-1]:.2f}x)", flush=True)
+        finally:
+            service.stop()
+        install, unzip = median(install_times), median(unzip_times)
+        self.add(Row(section, "install + sync (median)", install, "s", unzip, "unzip -q + sync", "≤ 1.2x",
+                     install <= 1.2 * unzip))
+        ratios = sorted(i / u for i, u in zip(install_times, unzip_times, strict=True))
+        self.notes.append(
+            f"{section}: install + sync {', '.join(f'{t:.2f}' for t in install_times)} s, unzip + sync"
+            f" {', '.join(f'{t:.2f}' for t in unzip_times)} s; per repetition {ratios[0]:.2f}x to"
+            f" {ratios[-1]:.2f}x")
+
     # ------------------------------------------------------------ report
 
     def table(self) -> list[str]:
@@ -550,6 +611,13 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         "- **Cold start.** Spawning the production gunicorn command to the first 200 on `/plugins/sources`"
         f" with the {sizes.large_registry}-plugin registry (polled every 5 ms), against the bare app holding"
         f" the same list; median of {sizes.cold_start_reps}.",
+        f"- **One many-file install.** A Python portable plugin of {sizes.many_files} members (its descriptor,"
+        " script and sink metadata, and small text modules of 256 B to 4 KiB in 20 vendored folders,"
+        " deflated, no folder entries), installed by `POST /plugins/portables` with a `file://` URL from"
+        " `data/uploads`, its handshake checked (portable.verifyOnInstall, the bench's Python as pythonBin),"
+        " then `sync`, against `unzip -q` of the same zip into a fresh folder, then `sync`; median of"
+        f" {sizes.many_files_reps}, the two alternating which goes first, the plugin deleted and the copy"
+        " removed, and synced, between repetitions.",
         "",
         "## Time per section",
         "",
@@ -566,7 +634,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: only check that the bench runs")
     parser.add_argument("--out", type=Path, default=harness.BENCH / "RESULTS.md", help="report to write")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, homes)")
-    parser.add_argument("--only", choices=["reads", "large", "small", "cold"], action="append",
+    parser.add_argument("--only", choices=["reads", "large", "small", "cold", "manyfiles"], action="append",
                         help="run only these sections")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
@@ -578,7 +646,7 @@ def main() -> int:
     began = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="kuiper-bench-"))
     bench = Bench(sizes, work)
-    sections = args.only or ["reads", "large", "small", "cold"]
+    sections = args.only or ["reads", "large", "small", "cold", "manyfiles"]
     try:
         if "reads" in sections:
             bench.reads()
@@ -588,6 +656,8 @@ def main() -> int:
             bench.small_installs()
         if "cold" in sections:
             bench.cold_start()
+        if "manyfiles" in sections:
+            bench.many_files_install()
     finally:
         bench.stop_all()
         marks = list(bench.timings.items()) + [("end", time.perf_counter())]
