@@ -13,7 +13,10 @@ Every operation on a plugin runs the same stages (the plan step has already deci
    the size and sha256 the registry will record (a few files: an fsync each;
    many: all read first, then one syncfs of the file system, through a
    descriptor opened with the staging folder, before anything was written:
-   see `durable.FileSystemSync`);
+   see `durable.FileSystemSync`); a portable plugin's folder is only made
+   durable here, and read for its fingerprint in place, once install.sh has
+   run in it (and what that wrote made durable), while its handshake check
+   runs, before the commit;
 5. write the journal (the operation and its file moves) beside the staging
    folder, `<operation id>.journal.json`, fsynced with the staging root (one
    fsync makes both names durable); then set every old file aside into the
@@ -45,6 +48,7 @@ import shutil
 import sqlite3
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,37 +298,43 @@ class Applier:
 
         The folder is already moved in (an update's old one set aside): a venv or an absolute link made by
         install.sh stays valid. A failure undoes the moves, taking the whole folder away and putting the
-        old one back. What install.sh added is fsynced and fingerprinted before the commit; a folder nothing
-        may have written in (`_written_in_place`) was sealed in staging, and is not read again.
+        old one back. The folder is fingerprinted as it is once install.sh has run, and what install.sh
+        wrote is flushed, before the commit. The handshake check runs the plugin as nobody, who can write
+        nothing in a tree this service made (folders 0755, files 0644 or 0755: see `archive.extract` and the
+        installer's unpacked folder): the folder is read while the check runs, unless this service runs as
+        nobody itself, and then only after it.
         """
         folder = self.layout.portable_dir(plan.name)
         if plan.script:
             passed = {k: os.environ[k] for k in scripts.PORTABLE_PASSED_ENV if k in os.environ}
             self._run_script(op, plan, request, folder, passed)
-        if self.settings.portable_verify_on_install:
-            try:
-                portable.verify_descriptor(folder, plan.name, plan.descriptor or {},
-                                           python_bin=self.settings.portable_python_bin,
-                                           init_timeout=self.settings.portable_init_timeout)
-            except PackageInvalid as exc:
-                raise exc.with_prefix("fail to install plugin")
-        if not self._written_in_place(plan):
-            return files
+
+        def seal() -> durable.Fingerprint:
+            # Without install.sh nothing has written in it since it was flushed in staging, before it moved.
+            return durable.seal(folder, op.flush) if plan.script else durable.read_fingerprint(folder)
+
+        if not self.settings.portable_verify_on_install:
+            print_ = seal()
+        elif os.geteuid() == portable.NOBODY:
+            self._check_handshake(plan, folder)
+            print_ = durable.seal(folder, op.flush)
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seal-{op.id[:8]}") as pool:
+                sealed = pool.submit(seal)
+                self._check_handshake(plan, folder)  # leaving the with-block waits for the reading either way
+                print_ = sealed.result()
         recorded = self.layout.relative(folder)
-        print_ = durable.seal(folder, op.flush)
         durable.sync_folders([folder.parent])
         return [registry.RecordedFile(recorded, print_.size, print_.sha256) if f.path == recorded else f
                 for f in files]
 
-    def _written_in_place(self, plan: packages.InstallPlan) -> bool:
-        """Whether anything may write in a portable plugin's folder between its move into place and the commit.
-
-        install.sh runs there as this service's user, and may write anything. The handshake check runs the
-        plugin as nobody, who can write nothing in a tree this service made (folders 0755, files 0644 or
-        0755: see `archive.extract` and the installer's unpacked folder), unless this service runs as nobody.
-        """
-        return plan.script is not None or (
-            self.settings.portable_verify_on_install and os.geteuid() == portable.NOBODY)
+    def _check_handshake(self, plan: packages.InstallPlan, folder: Path) -> None:
+        try:
+            portable.verify_descriptor(folder, plan.name, plan.descriptor or {},
+                                       python_bin=self.settings.portable_python_bin,
+                                       init_timeout=self.settings.portable_init_timeout)
+        except PackageInvalid as exc:
+            raise exc.with_prefix("fail to install plugin")
 
     def _stage_units(
         self, conn: sqlite3.Connection, op: Operation, plan: packages.InstallPlan, unpacked: Path,
@@ -352,10 +362,9 @@ class Applier:
                     if (unpacked / kind).is_dir() and not any((unpacked / kind).iterdir()):
                         (unpacked / kind).rmdir()
                 os.replace(unpacked, staged)
-                if self._written_in_place(plan):
-                    # Fingerprinted once install.sh has run in it (`_finish_portable`), which reads every file
-                    # anyway: here it is only made durable before it moves.
-                    unread.add(staged)
+                # Fingerprinted in place, once install.sh has run in it, while the handshake check runs
+                # (`_finish_portable`): here it is only made durable before it moves.
+                unread.add(staged)
             else:
                 os.replace(unpacked / unit.src, staged)
                 first_copy[unit.src] = staged

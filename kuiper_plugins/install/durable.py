@@ -251,6 +251,11 @@ def _flush(pending: list[_Entry], batch: FileSystemSync | None) -> None:
         fsync_path(entry.path)
 
 
+def read_fingerprint(path: Path) -> Fingerprint:
+    """The fingerprint of what is at `path` now, without syncing anything; OSError where it cannot be read."""
+    return _seal(path, pending=[])  # collects what a flush would need, and flushes none of it
+
+
 def fingerprint(path: Path) -> Fingerprint | None:
     """The fingerprint of what is at `path` now, without syncing anything; None when it cannot be read."""
     try:
