@@ -336,6 +336,15 @@ def thread_pool(tasks: list[Callable[[], None]], workers: int, time_limit: float
 # ---------------------------------------------------------------- memory and disk
 
 
+def workers_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by these processes and the children they have reaped."""
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
 def rss_kib(pid: int) -> int:
     return _status_field(pid, "VmRSS")
 

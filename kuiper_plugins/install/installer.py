@@ -269,7 +269,9 @@ class Installer:
         try:
             plan = self.planner.plan_package(conn, op.kind, plugin_type, request, fetched, old, unprivileged_caller)
             unpacked = op.staging / "unpacked"
-            unpacked.mkdir()
+            # A portable plugin's own folder once in place: writable by this service's user alone, whatever
+            # the umask, as archive.extract makes every folder inside it.
+            unpacked.mkdir(mode=archive.FOLDER_MODE)
             try:
                 archive.extract(fetched.path, plan.entries, unpacked)
             except (ArchiveRejected, PackageInvalid, ScriptFailed, Forbidden) as exc:
