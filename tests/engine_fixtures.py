@@ -207,9 +207,13 @@ class KuiperdBuild:
 @pytest.fixture(scope="session")
 def kuiperd_build(request) -> KuiperdBuild:
     """Build kuiperd once per machine (cached outside the clone by go.mod, go.sum and `go version`)."""
+    return build_kuiperd(_terminal(request))
+
+
+def build_kuiperd(say: Callable[[str], None]) -> KuiperdBuild:
+    """Build kuiperd once per machine, or find it built; `say` reports progress (the fixture, and bench/run.py)."""
     assert shutil.which("cc"), "a C compiler is needed: Go plugins need cgo (Debian's gcc)"
     go = _go()
-    say = _terminal(request)
     cache = BuildCache(say)
     folder = cache.root / "kuiperd" / kuiperd_key(_go_version(go))
     binary, shipped_etc = folder / "kuiperd", folder / "etc"
@@ -261,8 +265,13 @@ def build_native_plugin(request, package: str, functions: tuple[str, ...], versi
     Cached like kuiperd; the key is the engine's, the package's Go files and the plugin flags: a plugin is
     rebuilt whenever the engine it must load into is.
     """
+    return native_plugin(_terminal(request), package, functions, version, tags)
+
+
+def native_plugin(say: Callable[[str], None], package: str, functions: tuple[str, ...], version: str = "1.0.0",
+                  tags: tuple[str, ...] = ()) -> NativePlugin:
+    """`build_native_plugin` outside pytest: `say` reports progress (bench/run.py builds with it)."""
     go = _go()
-    say = _terminal(request)
     cache = BuildCache(say)
     flags = (*PLUGIN_FLAGS, *(("-tags", ",".join(tags)) if tags else ()))
     key = _digest(kuiperd_key(_go_version(go)).encode(), *_files(MODULE / package, (".go",)), repr(flags).encode())
