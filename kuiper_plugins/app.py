@@ -26,6 +26,7 @@ from kuiper_plugins.settings import Settings, load_settings
 from kuiper_plugins.store import db
 from kuiper_plugins.web.access import register_access_checks
 from kuiper_plugins.web.auth import check_key_files
+from kuiper_plugins.web.fast_reads import FastReads, register_fast_reads
 from kuiper_plugins.web.uploads import Uploads
 
 MAX_JSON_BODY = 1024 * 1024
@@ -47,6 +48,7 @@ class Services:
     engine: EngineClient | None = None
     engine_sync: EngineSync | None = None  # started in each gunicorn worker (gunicorn_hooks.post_worker_init)
     audit_writer: db.KeptWriter | None = None  # the audit trail's connection (web/auditing.py)
+    fast_reads: FastReads | None = None  # answers kept until the next commit (web/fast_reads.py)
     service_lock: int | None = None  # a descriptor held shared while this app lives: an offline restore refuses
 
 
@@ -107,13 +109,16 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         service_lock=service_lock,
         engine_sync=EngineSync(installer, engine, settings.engine_sync_interval) if engine is not None else None,
         audit_writer=db.KeptWriter(layout.registry_file),
+        fast_reads=FastReads(layout.registry_file),
     )
     from kuiper_plugins.web.api import bp
     from kuiper_plugins.web.auditing import audit_bp, register_request_ids
     from kuiper_plugins.web.lifecycle import lifecycle_bp
     from kuiper_plugins.web.openapi import docs_bp
 
-    register_request_ids(app)  # first: a request refused by the access checks has its id and row too
+    # Before the request ids: its after-request hook then runs last, and keeps the answer as sent.
+    register_fast_reads(app, app.extensions["kuiper_plugins"].fast_reads)
+    register_request_ids(app)  # a request refused by the access checks has its id and row too
     register_access_checks(app, settings)
     app.register_blueprint(bp)
     app.register_blueprint(audit_bp)
