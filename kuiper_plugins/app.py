@@ -126,5 +126,10 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     app.register_blueprint(docs_bp)
     register_error_handlers(app)
     weakref.finalize(app, os.close, service_lock)  # an app dropped in-process (tests) lets go of the lock
-    log.info("kuiper-plugins %s serving KUIPER_HOME %s", __version__, settings.home)
+    log_serving(settings)
     return app
+
+
+def log_serving(settings: Settings) -> None:
+    """Say that this process serves the home: once its app is built, and in each gunicorn worker as it starts."""
+    log.info("kuiper-plugins %s serving KUIPER_HOME %s", __version__, settings.home)
