@@ -133,3 +133,14 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
 def log_serving(settings: Settings) -> None:
     """Say that this process serves the home: once its app is built, and in each gunicorn worker as it starts."""
     log.info("kuiper-plugins %s serving KUIPER_HOME %s", __version__, settings.home)
+
+
+def settle_home(services: Services) -> None:
+    """Undo what a worker that died left (its operation, snapshot, upload), as building the app does.
+
+    Each gunicorn worker runs it as it starts, before it serves: the app is built once, in the master, but a
+    worker replacing one that was killed must first roll back what that one had under way.
+    """
+    services.installer.recover()
+    backup.sweep_snapshots(services.layout)
+    services.uploads.sweep()

@@ -36,6 +36,7 @@ from kuiper_plugins.store import db
 
 EXTENSION = "kuiper_plugins.fast_reads"  # where the app keeps its FastReads, for the worker to find
 REQUEST_ID_HEADER = "X-Request-Id"
+MAX_KEPT = 16384  # answers one thread keeps at most (one per list, plugin and function); past it, all are dropped
 
 _serials = itertools.count(1)
 
@@ -85,7 +86,7 @@ class FastReads:
         tracker = getattr(self._local, "tracker", None)
         if tracker is None or tracker.conn is not conn:
             tracker = self._local.tracker = _Tracker(conn, self.registry_file)
-            self._local.answers, self._local.answers_token = {}, None
+            self._local.answers = {}
         return conn, tracker.token()
 
     def answer(self, target: bytes) -> KeptAnswer | None:
@@ -96,6 +97,11 @@ class FastReads:
             return None
         _, token = self.connection_token()
         return kept if kept.token == token else None
+
+    def known(self, target: bytes) -> bool:
+        """Whether an answer was kept for this target, fresh or not: the app may be asked to give a new one."""
+        answers = getattr(self._local, "answers", None)
+        return bool(answers) and target in answers
 
     def keep(self, target: bytes, token: Token, response: Response) -> None:
         """Keep the app's answer to a GET of `target`, built at `token`; answers of older tokens are dropped."""
@@ -108,9 +114,8 @@ class FastReads:
             return
         at = names.index(REQUEST_ID_HEADER.lower())
         answers = self._local.answers
-        if self._local.answers_token != token:
-            answers.clear()  # a token never comes back: what was built before it is of no use
-            self._local.answers_token = token
+        if len(answers) >= MAX_KEPT and target not in answers:
+            answers.clear()
         answers[target] = KeptAnswer(
             token=token,
             status=response.status.encode("latin-1"),

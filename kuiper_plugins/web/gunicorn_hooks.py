@@ -23,7 +23,7 @@ import queue
 import signal
 import sys
 
-from kuiper_plugins.app import log_serving
+from kuiper_plugins.app import log_serving, settle_home
 from kuiper_plugins.errors import PluginError, RequestInterrupted
 from kuiper_plugins.install.installer import recover_home
 from kuiper_plugins.layout import Layout
@@ -133,10 +133,12 @@ def _take_queued(signals) -> list[int]:
 
 
 def post_worker_init(worker):
-    """In each new worker, once its signal handlers are set and the app is loaded: take the signals held back,
-    and start the periodic look at the engine's plugins (engine/sync.py)."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+    """In each new worker, once its signal handlers are set and the app is loaded: undo what a worker that died
+    left, take the signals held back, and start the periodic look at the engine's plugins (engine/sync.py)."""
     services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("kuiper_plugins")
+    if services is not None:
+        settle_home(services)  # as building the app did in each worker, with the signals still held back
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
     if services is not None:
         log_serving(services.settings)  # the app was built in the master: this worker now serves it too
         if services.engine_sync is not None:

@@ -114,6 +114,7 @@ HANDOFF_FRESH = 1.0  # seconds: a connection with nothing received yet is handed
 HANDOFF_BATCH = 64  # connections handed over at most before one request is served
 READS = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # served at once: nothing waits long behind them
 PIPELINE_BATCH = 16  # kept answers given in a row on one connection before the others get their turn
+WRITE_BUDGET = 32 * 1024 * 1024  # bytes of kept answers waiting for slow readers, one worker holds at most
 SPREAD_WINDOW = 0.05  # seconds since it last took a connection or gave a kept answer: a worker is in use
 OFFER_WAIT = 0.002  # seconds a worker in use waits, after offering or taking one, before it takes offered ones
 # A header name the fast path reads as it is: a token without "_" (gunicorn drops or maps those names).
@@ -127,7 +128,7 @@ class _Connection:
     """One accepted connection while its request arrives (or, answered, while it lingers)."""
 
     __slots__ = ("sock", "fd", "addr", "listener", "data", "head_end", "body_end", "deadline", "watched", "table",
-                 "accepted", "kept", "turn")
+                 "accepted", "kept", "turn", "out", "closing")
 
     def __init__(self, sock: socket.socket, addr, listener, now: float):
         self.sock = sock
@@ -143,6 +144,8 @@ class _Connection:
         self.accepted = now
         self.kept = False  # kept open after a kept answer, for the client's next request
         self.turn = 0  # kept answers given in a row since it last waited its turn
+        self.out: memoryview | None = None  # what is left to send of a kept answer the client reads slowly
+        self.closing = False  # close once `out` is sent, rather than keep the connection
 
     def answer_continue(self) -> None:
         """Send 100 Continue now and drop the Expect line, so that gunicorn does not send it again."""
@@ -445,9 +448,11 @@ class BufferingWorker(SyncWorker):
         self._heads: dict[int, _Connection] = {}  # accepted, the head arriving
         self._bodies: dict[int, _Connection] = {}  # the caller let in, a body arriving to be kept
         self._ready: dict[int, _Connection] = {}  # whole (or to be streamed): waiting to be served
+        self._writing: dict[int, _Connection] = {}  # a kept answer partly sent, the rest waiting for the client
         self._lingering: dict[int, _Connection] = {}  # answered: waiting for the client's close
         self._head_bytes = 0  # held in _heads
         self._body_bytes = 0  # held in _bodies and _ready
+        self._out_bytes = 0  # of kept answers held in _writing
         self._shed = 0  # connections closed to make room since the last warning
         self._warned = -WARN_EVERY
         self._capacity = _connection_capacity(self.cfg.worker_connections)
@@ -482,7 +487,7 @@ class BufferingWorker(SyncWorker):
             unanswered = len(self._ready) + len(self._heads) + len(self._bodies)
             if unanswered:
                 log.info("the worker is stopping: closing %d connection(s) whose request was not served", unanswered)
-            for table in (self._ready, self._heads, self._bodies, self._lingering):
+            for table in (self._ready, self._heads, self._bodies, self._writing, self._lingering):
                 for conn in table.values():
                     util.close(conn.sock)
             self._selector.close()
@@ -496,6 +501,8 @@ class BufferingWorker(SyncWorker):
         table[conn.fd] = conn
         if table is self._heads:
             self._head_bytes += len(conn.data)
+        elif table is self._writing:
+            self._out_bytes += len(conn.out)
         elif table is not self._lingering:
             self._body_bytes += len(conn.data)
 
@@ -507,6 +514,8 @@ class BufferingWorker(SyncWorker):
         conn.table = None
         if table is self._heads:
             self._head_bytes -= len(conn.data)
+        elif table is self._writing:
+            self._out_bytes -= len(conn.out)
         elif table is not self._lingering:
             self._body_bytes -= len(conn.data)
 
@@ -538,7 +547,7 @@ class BufferingWorker(SyncWorker):
         return conn
 
     def _open(self) -> int:
-        return len(self._heads) + len(self._bodies) + len(self._ready) + len(self._lingering)
+        return len(self._heads) + len(self._bodies) + len(self._ready) + len(self._writing) + len(self._lingering)
 
     # ------------------------------------------------------------ the selector
 
@@ -558,8 +567,8 @@ class BufferingWorker(SyncWorker):
             pass
 
     def _next_timeout(self) -> float:
-        fronts = [next(iter(table.values())).deadline for table in (self._heads, self._bodies, self._lingering)
-                  if table]
+        fronts = [next(iter(table.values())).deadline
+                  for table in (self._heads, self._bodies, self._writing, self._lingering) if table]
         if self._offered_until > time.monotonic():
             fronts.append(self._offered_until)
         if not fronts:
@@ -762,6 +771,8 @@ class BufferingWorker(SyncWorker):
         if get is None:
             return False
         kept = reads.answer(get.target)
+        if kept is None and reads.known(get.target) and self._refresh(conn):
+            kept = reads.answer(get.target)
         if kept is None:
             return False
         environ = self._kept_environ(conn, get)
@@ -783,14 +794,45 @@ class BufferingWorker(SyncWorker):
         if self.nr >= self.max_requests:
             self.log.info("Autorestarting worker after current request.")
             self.alive = False
-        keep_open = self.alive and not get.close
-        if not self._send_answer(conn, kept, request_id, keep_open):
-            return True
+        conn.closing = not self.alive or get.close
         self._log_kept(kept, request_id, get, environ, began)
-        if not keep_open:
+        self._send_answer(conn, kept, request_id)
+        return True
+
+    def _refresh(self, conn: _Connection) -> bool:
+        """Have the app answer this GET again, within the worker, so that it keeps its new answer; False if not.
+
+        An answer kept before a commit is stale after it: the app, asked as any request asks it, builds and
+        keeps the new one (or refuses the caller, and keeps nothing), and the client's connection stays kept
+        instead of being closed by an answer served the sync worker's way.
+        """
+        try:
+            environ = self._environ(conn)
+        except Exception:  # (gunicorn's parser answers it when the request is served)
+            return False
+        environ[PERSISTENT_CONNECTION] = True
+        peers.serving(conn.sock, conn.addr, self._local_ends.get(conn.listener))
+        try:
+            answer = self.wsgi(environ, lambda status, headers, exc_info=None: None)
+            try:
+                for _ in answer:
+                    pass
+            finally:
+                if hasattr(answer, "close"):
+                    answer.close()
+        except Exception:  # (served the sync worker's way, the request meets the same failure and answers it)
+            log.debug("the app did not give %s a new answer to keep", _peer(conn.addr), exc_info=True)
+            return False
+        finally:
+            peers.serving(None)
+        return True
+
+    def _answered(self, conn: _Connection) -> None:
+        """A kept answer is sent: keep the connection for the client's next request, or close it."""
+        if conn.closing or not self.alive:
             self._unwatch(conn)
             self._linger(conn)
-            return True
+            return
         conn.kept = True
         conn.deadline = time.monotonic() + HEAD_SECONDS
         self._enter(conn, self._heads)
@@ -798,7 +840,6 @@ class BufferingWorker(SyncWorker):
             self._watch(conn, self._receive)
         if conn.data:  # a pipelined request came with this one
             self._head_received(conn, 0)
-        return True
 
     def _kept_environ(self, conn: _Connection, get: _PlainGet) -> dict:
         """The environ the caller check reads, as gunicorn would build it for this head."""
@@ -814,14 +855,19 @@ class BufferingWorker(SyncWorker):
             environ["HTTP_" + name.decode("latin-1").upper().replace("-", "_")] = value.decode("latin-1")
         return environ
 
-    def _send_answer(self, conn: _Connection, kept: KeptAnswer, request_id: str, keep_open: bool) -> bool:
-        """Write a kept answer, with its own request id, as gunicorn writes the app's; False if the client is gone."""
+    def _send_answer(self, conn: _Connection, kept: KeptAnswer, request_id: str) -> None:
+        """Write a kept answer, with its own request id, as gunicorn writes the app's; never wait for the client.
+
+        What the client is not ready to take waits in the selector (`_flush`), its connection read no further,
+        for at most BODY_SECONDS, and within WRITE_BUDGET: a client that sends requests without reading the
+        answers holds no worker, and at most its unread answer here.
+        """
         now = int(time.time())
         if self._date[0] != now:
             self._date = (now, email.utils.formatdate(now, usegmt=True).encode("latin-1"))
         answer = b"".join((
             b"HTTP/1.1 ", kept.status, b"\r\nServer: ", SERVER.encode(), b"\r\nDate: ", self._date[1],
-            b"\r\nConnection: keep-alive\r\n" if keep_open else b"\r\nConnection: close\r\n",
+            b"\r\nConnection: close\r\n" if conn.closing else b"\r\nConnection: keep-alive\r\n",
             kept.before_id, f"{REQUEST_ID_HEADER}: {request_id}\r\n".encode("latin-1"), kept.after_id, kept.body,
         ))
         try:
@@ -831,23 +877,40 @@ class BufferingWorker(SyncWorker):
         except OSError as exc:
             log.debug("%s went away before its answer: %s", _peer(conn.addr), exc)
             self._close(conn)
-            return False
+            return
         if sent == len(answer):
-            return True
-        # The client reads slowly (or its answers pile up): the rest waits as an answer from the app would.
-        try:
-            conn.sock.settimeout(BODY_SECONDS)
-            conn.sock.sendall(memoryview(answer)[sent:])
-            conn.sock.setblocking(False)
-        except TimeoutError:
-            log.info("closing %s: it stopped reading the answer for %g s", _peer(conn.addr), BODY_SECONDS)
+            self._answered(conn)
+            return
+        if self._out_bytes + len(answer) - sent > WRITE_BUDGET:
+            log.info("closing %s: %d bytes of answers already wait for slow readers in this worker",
+                     _peer(conn.addr), self._out_bytes)
             self._close(conn)
-            return False
+            return
+        self._unwatch(conn)
+        conn.out = memoryview(answer)[sent:]
+        conn.deadline = time.monotonic() + BODY_SECONDS
+        self._enter(conn, self._writing)
+        self._selector.register(conn.sock, selectors.EVENT_WRITE, partial(self._flush, conn))
+        conn.watched = True
+
+    def _flush(self, conn: _Connection, _sock=None) -> None:
+        """Send more of a kept answer the client reads slowly; once it is all sent, carry on as `_answered`."""
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError as exc:
             log.debug("%s went away while it was answered: %s", _peer(conn.addr), exc)
             self._close(conn)
-            return False
-        return True
+            return
+        self._out_bytes -= sent
+        conn.out = conn.out[sent:]
+        if conn.out:
+            return
+        self._leave(conn)
+        self._unwatch(conn)
+        conn.out = None
+        self._answered(conn)
 
     def _log_kept(self, kept: KeptAnswer, request_id: str, get: _PlainGet, environ: dict, began: float) -> None:
         """The access log line gunicorn writes for an answer of the app, for a kept answer."""
@@ -961,6 +1024,12 @@ class BufferingWorker(SyncWorker):
                     continue
                 log.info("closing %s: its %s did not arrive within %g s", _peer(conn.addr), what, seconds)
                 self._refuse(conn, 408, "Request Timeout", f"{what} not received within {seconds:g} seconds")
+        while self._writing:
+            conn = next(iter(self._writing.values()))
+            if conn.deadline > now:
+                break
+            log.info("closing %s: it stopped reading the answer for %g s", _peer(conn.addr), BODY_SECONDS)
+            self._close(conn)
         while self._lingering:
             conn = next(iter(self._lingering.values()))
             if conn.deadline > now:
