@@ -20,6 +20,7 @@ import pytest
 import requests
 from conftest import make_zip
 from test_auth import ISSUER, claims, public_pem, sign
+from test_deploy import nginx  # noqa: F401  (the shipped nginx in front of the service)
 from test_peer_access import assert_refused_user, curl
 
 READS = ("/plugins/sources", "/plugins/sources/random", "/plugins/functions", "/plugins/udfs", "/plugins/udfs/twice",
@@ -476,3 +477,24 @@ def test_a_reload_serves_kept_answers_under_the_settings_as_they_are_then(start_
     assert answer.status_line == b"HTTP/1.1 200 OK" and answer.body == b'["random"]'
     assert answer.header("Connection") == "keep-alive"
     client.close()
+
+
+# ---------------------------------------------------------------------------- behind the shipped nginx
+
+
+@pytest.mark.slow
+def test_behind_the_shipped_nginx_its_upstream_connections_stay_open(start_gunicorn, file_server, nginx):  # noqa: F811
+    """etc/nginx keeps its connections to the service open (HTTP/1.1, keepalive 8, X-Forwarded-Proto set):
+    reads are answered from kept answers on them, instead of one new connection per request."""
+    import psutil
+
+    server = start_gunicorn(workers=2)
+    install_plugins(server, file_server)
+    url = nginx(server.port)
+    for _ in range(30):
+        answer = requests.get(f"{url}/plugins/sources", timeout=10, headers={"Connection": "close"})
+        assert answer.status_code == 200 and answer.json() == ["random"], answer.text
+    held = [conn for worker in psutil.Process(server.process.pid).children()
+            for conn in worker.net_connections(kind="tcp")
+            if conn.laddr.port == server.port and conn.status == psutil.CONN_ESTABLISHED]
+    assert 1 <= len(held) <= 8, held  # nginx's idle upstream connections, kept by the workers

@@ -210,16 +210,18 @@ class _HeadLimits:
         self.line = cfg.limit_request_line or sys.maxsize  # 0: unlimited
         self.fields = cfg.limit_request_fields
         self.field_size = cfg.limit_request_field_size or sys.maxsize
-        # Headers gunicorn reads to set the URL scheme, and refuses when they disagree.
-        self.judged = frozenset(name.lower().encode("latin-1") for name in (cfg.secure_scheme_headers or {}))
+        # Headers gunicorn reads to set the URL scheme (nginx's X-Forwarded-Proto), refusing two that disagree:
+        # each name with the value that means https.
+        self.judged = {name.lower().encode("latin-1"): value.encode("latin-1")
+                       for name, value in (cfg.secure_scheme_headers or {}).items()}
 
 
 def _plain_get(head: bytes, limits: _HeadLimits) -> _PlainGet | None:
     """Read a whole head (without its blank line) as a plain GET; None for anything else.
 
     Deliberately narrow: whatever is not plainly a GET of an absolute path over HTTP/1.1 with well-formed,
-    unrepeated headers (an HTTP/1.0 client, a body, a header gunicorn would map or drop, a secure-scheme
-    header it would judge, a size over its limits) is left to gunicorn's parser and the app.
+    unrepeated headers (an HTTP/1.0 client, a body, a header gunicorn would map or drop, secure-scheme
+    headers that disagree, a size over its limits) is left to gunicorn's parser and the app.
     """
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
@@ -235,10 +237,12 @@ def _plain_get(head: bytes, limits: _HeadLimits) -> _PlainGet | None:
         if not colon or len(line) > limits.field_size or not _HEADER_NAME.fullmatch(name):
             return None
         name, value = name.lower(), value.strip(b" \t")
-        if name in headers or name in _FRAMING or name in limits.judged or not _HEADER_VALUE.fullmatch(value):
+        if name in headers or name in _FRAMING or not _HEADER_VALUE.fullmatch(value):
             return None
         headers[name] = value
     if headers.get(b"content-length", b"0") != b"0":
+        return None
+    if len({headers[name] == https for name, https in limits.judged.items() if name in headers}) > 1:
         return None
     close = False
     connection = headers.get(b"connection")
