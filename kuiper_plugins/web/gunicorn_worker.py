@@ -42,7 +42,19 @@ variables, read when gunicorn starts, set them, as WEB_CONCURRENCY sets the work
   and after that long must keep up an average of STREAM_MIN_RATE bytes per second; writing the answer
   may stall no longer;
 - after the answer, the worker lingers for the client's close in the selector, not in a recv().
-Every connection is closed after its answer (Connection: close), as the sync worker does.
+Every connection is closed after its answer (Connection: close), as the sync worker does, but for one kind.
+
+Reads answered from the app's kept answer keep their connection. A plain GET (`_plain_get`) whose answer
+the app kept since the registry's last commit (web/fast_reads.py) is answered here, in the selector's
+pass, once the caller passes the app's own check (`AccessCheck`, its uid asked of the kernel once per
+connection) and the change token is still the one the answer was built at. The connection then waits
+in the selector for its next request head, within HEAD_SECONDS (idle that long, it is closed without a
+word); `Connection: close` and a stopping worker close it after the answer. At most PIPELINE_BATCH such
+answers are given in a row on one connection before the others get their turn. An answer the client
+does not take at once waits in the selector (its connection read no further) for BODY_SECONDS at most,
+within WRITE_BUDGET: a client that never reads holds no worker. While a worker answers kept connections
+(SPREAD_WINDOW), it offers each new connection to the other workers over the hand-over pair below, so
+that clients connecting together do not all stay with the worker that woke first.
 """
 
 from __future__ import annotations
