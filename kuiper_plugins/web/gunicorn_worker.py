@@ -500,7 +500,8 @@ class BufferingWorker(SyncWorker):
                 self.notify()
                 self._serve(self._next_ready())
         finally:
-            unanswered = len(self._ready) + len(self._heads) + len(self._bodies)
+            idle = sum(1 for conn in self._heads.values() if conn.kept and not conn.data)  # between two requests
+            unanswered = len(self._ready) + len(self._heads) + len(self._bodies) - idle
             if unanswered:
                 log.info("the worker is stopping: closing %d connection(s) whose request was not served", unanswered)
             for table in (self._ready, self._heads, self._bodies, self._writing, self._lingering):
