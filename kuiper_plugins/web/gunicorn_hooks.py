@@ -67,18 +67,24 @@ def on_starting(server):
     problem = _registry_problem(settings) or _key_files_problem(settings)
     if problem:
         sys.exit(f"kuiper-plugins cannot start: {problem}")
-    # Before gunicorn tells systemd it is ready (Type=notify): an engine ordered after this service then
-    # boots on folders where no install is half done (docs/engine-live.md, "Crashes").
-    recover_home(settings)
-    server.kuiper_service_lock = hold_service_lock(Layout.of(settings))  # an offline restore refuses until exit
+    # Building the app settles the home (recover_home), before gunicorn tells systemd it is ready (Type=notify):
+    # an engine ordered after this service then boots on folders where no install is half done
+    # (docs/engine-live.md, "Crashes").
     _build_app(server)
+    server.kuiper_service_lock = hold_service_lock(Layout.of(settings))  # an offline restore refuses until exit
 
 
 def _build_app(server) -> None:
-    """Build the app in the master, for every worker to share (module docstring); keep its settings."""
+    """Build the app in the master, for every worker to share (module docstring); keep its settings.
+
+    Building it settles the home: the workers forked right after it need not settle it again (`pre_fork`).
+    """
     app = server.app.wsgi()
     services = getattr(app, "extensions", {}).get("kuiper_plugins")
+    if services is None:  # another app than ours (the bench's bare one): the home is settled here
+        recover_home(load_settings())
     server.kuiper_settings = services.settings if services is not None else load_settings()
+    server.kuiper_settled_spawns = server.cfg.workers
 
 
 def on_reload(server):
@@ -91,8 +97,15 @@ def on_reload(server):
 
 
 def pre_fork(server, worker):
-    """In the master, just before a worker is forked: what is built so far is shared, leave it be (docstring)."""
+    """In the master, just before a worker is forked: what is built so far is shared, leave it be (docstring).
+
+    The first workers after the app was built find the home just settled; any later one replaces a worker
+    that stopped, perhaps in the middle of an operation, and settles the home before it serves.
+    """
     gc.freeze()
+    settled = getattr(server, "kuiper_settled_spawns", 0)
+    worker.kuiper_home_settled = settled > 0
+    server.kuiper_settled_spawns = max(settled - 1, 0)
 
 
 # What the master sends its workers. Until a new worker has set its own handlers, it still runs the
@@ -136,8 +149,8 @@ def post_worker_init(worker):
     """In each new worker, once its signal handlers are set and the app is loaded: undo what a worker that died
     left, take the signals held back, and start the periodic look at the engine's plugins (engine/sync.py)."""
     services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("kuiper_plugins")
-    if services is not None:
-        settle_home(services)  # as building the app did in each worker, with the signals still held back
+    if services is not None and not getattr(worker, "kuiper_home_settled", False):
+        settle_home(services)  # a worker that died may have left an operation: undone with the signals held back
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
     if services is not None:
         log_serving(services.settings)  # the app was built in the master: this worker now serves it too
