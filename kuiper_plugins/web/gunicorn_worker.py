@@ -53,8 +53,9 @@ word); `Connection: close` and a stopping worker close it after the answer. At m
 answers are given in a row on one connection before the others get their turn. An answer the client
 does not take at once waits in the selector (its connection read no further) for BODY_SECONDS at most,
 within WRITE_BUDGET: a client that never reads holds no worker. While a worker answers kept connections
-(SPREAD_WINDOW), it offers each new connection to the other workers over the hand-over pair below, so
-that clients connecting together do not all stay with the worker that woke first.
+(SPREAD_WINDOW), or has just taken one (BURST_WINDOW), it offers each new connection to the other workers
+over the hand-over pair below, so that clients connecting together do not all stay with the worker that
+woke first.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ HANDOFF_BATCH = 64  # connections handed over at most before one request is serv
 READS = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # served at once: nothing waits long behind them
 PIPELINE_BATCH = 16  # kept answers given in a row on one connection before the others get their turn
 WRITE_BUDGET = 32 * 1024 * 1024  # bytes of kept answers waiting for slow readers, one worker holds at most
-SPREAD_WINDOW = 0.05  # seconds since it last took a connection or gave a kept answer: a worker is in use
+SPREAD_WINDOW = 0.05  # seconds since it last gave a kept answer: a worker is in use
+BURST_WINDOW = 0.005  # ... or since it last took a connection: the next ones of a burst go to the others
 OFFER_WAIT = 0.002  # seconds a worker in use waits, after offering or taking one, before it takes offered ones
 # A header name the fast path reads as it is: a token without "_" (gunicorn drops or maps those names).
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^`|~0-9A-Za-z-]+")
@@ -652,8 +654,13 @@ class BufferingWorker(SyncWorker):
         return True
 
     def _in_use(self) -> bool:
-        """Whether this worker took a connection, or gave a kept answer, within SPREAD_WINDOW."""
-        return time.monotonic() - max(self._last_kept, self._last_taken) < SPREAD_WINDOW
+        """Whether this worker gave a kept answer within SPREAD_WINDOW, or took a connection within BURST_WINDOW.
+
+        Clients that keep connections are spread over the workers; one connection after another from clients
+        that do not (installs, each on a new connection) stays with the worker that takes it.
+        """
+        now = time.monotonic()
+        return now - self._last_kept < SPREAD_WINDOW or now - self._last_taken < BURST_WINDOW
 
     def _admit(self, conn: _Connection) -> None:
         """Take a connection (just accepted, or handed over): make room, read what it brought, watch it."""
