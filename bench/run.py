@@ -14,6 +14,9 @@
 5. One many-file install: a Python portable plugin of 9,990 small files in 20 folders (its
    dependencies vendored), handshake checked, by file:// from data/uploads, then `sync`, against
    `unzip -q` of the same zip into a fresh folder, then `sync`.
+6. Against kuiperd: the same plugins installed in eKuiper's own engine (kuiperd, built as the tests
+   build it) and in the service; the four reads loaded alike, in turns; each side's idle memory (PSS);
+   one small native install through each side's API.
 
 Prints a table and writes bench/RESULTS.md (or --out). `--smoke` runs everything with tiny sizes,
 only to show that the benchmark still runs. Exits 0 whether targets are met or not: a benchmark
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import harness
+import kuiperd
 from fixtures import Population, populate, write_many_files_portable_zip, write_source_zip
 from harness import Server, median, sync, wrk
 
@@ -59,6 +63,7 @@ class Sizes:
     cold_start_reps: int
     many_files: int
     many_files_reps: int
+    engine_install_reps: int = 5
     clients: int = 4
     workers: int = 2
     wrk_connections: int = 4
@@ -72,8 +77,16 @@ FULL = Sizes(
 SMOKE = Sizes(
     small_registry=20, large_registry=200, read_seconds=1, read_rounds=1, warmup_seconds=0,
     large_install_bytes=1 * MIB, large_install_reps=1, small_installs=12, install_rounds=1, bare_posts=24,
-    cold_start_reps=1, many_files=300, many_files_reps=1,
+    cold_start_reps=1, many_files=300, many_files_reps=1, engine_install_reps=1,
 )
+# The reads asked of both kuiperd and the service, as the issue names them.
+ENGINE_READS = {
+    "GET /plugins/sources": "/plugins/sources",
+    "GET /plugins/sources/random": "/plugins/sources/random",
+    "GET /plugins/functions": "/plugins/functions",
+    "GET /plugins/udfs": "/plugins/udfs",
+}
+IDLE_SECONDS = 3  # quiet after the reads before each side's memory is read
 
 
 @dataclass
@@ -101,6 +114,8 @@ BEFORE_DURABLE = "77afb4452c89ff6f9d3c58b937463ff1970ee59b"
 # The last commit before callers were identified and slow clients held off (issue 10): the same-run
 # baseline of what those cost the reads (it runs gunicorn's sync worker and checks no caller).
 BEFORE_ACCESS = "c373eaa230f467a818dec2dedf464052397aca6b"
+# The bare app's transport for the reads: connections kept open between requests, as the service keeps them.
+BARE_KEEP_ALIVE = "--worker-class gthread --threads 4 --keep-alive 10"
 
 
 class Bench:
@@ -113,6 +128,7 @@ class Bench:
         self.timings: dict[str, float] = {}
         self.load_averages = [os.getloadavg()]
         self.cpu_per_request: dict[tuple[int, str, str], float] = {}
+        self.engine_cpu: dict[tuple[str, str], float] = {}  # (read, side) -> best CPU µs per request
 
     # ------------------------------------------------------------ plumbing
 
@@ -122,11 +138,16 @@ class Bench:
         self.servers.append(server)
         return server
 
-    def bare(self, name: str, population: Population) -> Server:
+    def bare(self, name: str, population: Population, keep_alive: bool = False) -> Server:
+        """The bare Flask app; with `keep_alive`, under gunicorn's gthread worker, which keeps connections open
+        as the service does for reads (the same transport), instead of our worker's one request per connection."""
         home = self.work / f"{name}-home"
         home.mkdir(exist_ok=True)
         data = population.write_bare_data(self.work / f"{name}.json")
-        return self.server(name, "bare_app:app", home, BENCH_BARE_DATA=str(data))
+        env = {"BENCH_BARE_DATA": str(data)}
+        if keep_alive:
+            env["GUNICORN_CMD_ARGS"] = BARE_KEEP_ALIVE
+        return self.server(name, "bare_app:app", home, **env)
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -161,7 +182,7 @@ class Bench:
             if size == sizes.large_registry:
                 self.large_population = population
             service = self.server(f"service-{size}", "wsgi:app", population.home).start()
-            bare = self.bare(f"bare-{size}", population).start()
+            bare = self.bare(f"bare-{size}", population, keep_alive=True).start()
             paths = {
                 "list": "/plugins/sources",
                 "describe": f"/plugins/sources/{population.probe_source}",
@@ -531,6 +552,102 @@ class Bench:
                 return
         raise RuntimeError("not every worker checked a plugin's handshake in four warm-up rounds")
 
+    # ------------------------------------------------------------ 6. against kuiperd
+
+    def against_engine(self) -> None:
+        """The service against eKuiper's own plugin API in kuiperd, both holding the same plugins (issue 21)."""
+        sizes = self.sizes
+        section = f"against kuiperd, {len(kuiperd.PACKAGES)} plugins"
+        self.section(section)
+        packages = self.work / "engine-packages"
+        build = kuiperd.build(packages)
+        engine_home, home = self.work / "kuiperd-home", self.work / "engine-service-home"
+        kuiperd.place(packages, home / "data" / "uploads")  # an empty home but for these
+        engine = kuiperd.start(build, engine_home, self.work / "kuiperd.log")
+        service = self.server("service-engine", "wsgi:app", home)
+        try:
+            kuiperd.place(packages, engine.uploads)
+            service.start()
+            for url, uploads in ((engine.url, engine.uploads), (service.url, home / "data" / "uploads")):
+                for package in kuiperd.PACKAGES:
+                    status = harness.post_json(url, f"/plugins/{package.plugin_type}", package.body(uploads))
+                    if status != 201:
+                        raise RuntimeError(f"installing {package.name} at {url}: {status}")
+            self._same_contents(engine.url, service.url)
+            engine_process = harness.Process(engine.process.pid)
+            best: dict[tuple[str, str], float] = {}
+            for round_number in range(sizes.read_rounds):
+                print(f"  round {round_number + 1} of {sizes.read_rounds}", flush=True)
+                # Turns alternate which side goes first, so that neither always meets the machine as the other left it.
+                sides = [("kuiperd", engine.url, engine_process.cpu_seconds), ("service", service.url,
+                                                                                 service.cpu_seconds)]
+                for read, path in ENGINE_READS.items():
+                    for side, url, cpu_seconds in (sides if round_number % 2 == 0 else sides[::-1]):
+                        if round_number == 0 and sizes.warmup_seconds:
+                            wrk(url + path, sizes.warmup_seconds, sizes.wrk_connections)
+                        cpu_before = cpu_seconds()
+                        run = wrk(url + path, sizes.read_seconds, sizes.wrk_connections)
+                        cpu_us = (cpu_seconds() - cpu_before) * 1e6 / max(run.requests, 1)
+                        if run.errors:
+                            raise RuntimeError(f"{side} {path}: {run.errors} errors under load")
+                        best[(read, side)] = max(best.get((read, side), 0.0), run.requests_per_second)
+                        self.engine_cpu[(read, side)] = min(self.engine_cpu.get((read, side), float("inf")), cpu_us)
+                        print(f"  {side:8} {read:28} {run.requests_per_second:9.1f} req/s  p50 {run.p50_ms:6.2f} ms"
+                              f"  {cpu_us:7.0f} µs CPU/req  ({run.requests} requests)", flush=True)
+            time.sleep(IDLE_SECONDS)  # idle: what each side holds when nothing asks it anything
+            engine_memory = harness.smaps_rollup(engine.process.pid)
+            service_pids = [service.process.pid, *service.worker_pids()]
+            service_memory = [harness.smaps_rollup(pid) for pid in service_pids]
+            engine_times, service_times = self._engine_installs(engine, service, home / "data" / "uploads")
+        finally:
+            service.stop()
+            engine.stop()
+        for read in ENGINE_READS:
+            self.add(Row(section, read, best[(read, "service")], "req/s", best[(read, "kuiperd")], "kuiperd",
+                         "≥ 1.0x kuiperd", best[(read, "service")] >= best[(read, "kuiperd")]))
+        engine_pss, service_pss = engine_memory["Pss"] / 1024, sum(m["Pss"] for m in service_memory) / 1024
+        self.add(Row(section, f"idle PSS, master + {len(service_pids) - 1} workers", service_pss, "MB", engine_pss,
+                     "kuiperd's own", "≤ 0.6x kuiperd", service_pss <= 0.6 * engine_pss))
+        self.add(Row(section, "idle RSS (for reference: pages shared with other processes counted whole)",
+                     sum(m["Rss"] for m in service_memory) / 1024, "MB", engine_memory["Rss"] / 1024, "kuiperd's own"))
+        self.add(Row(section, "idle private memory (for reference: pages no other process maps)",
+                     sum(m["Private_Clean"] + m["Private_Dirty"] for m in service_memory) / 1024, "MB",
+                     (engine_memory["Private_Clean"] + engine_memory["Private_Dirty"]) / 1024, "kuiperd's own"))
+        service_install, engine_install = median(service_times), median(engine_times)
+        self.add(Row(section, "small native install (median), durable", service_install, "ms", engine_install,
+                     "kuiperd's own install, not durable", "≤ 1.5x kuiperd", service_install <= 1.5 * engine_install))
+
+    def _same_contents(self, engine_url: str, service_url: str) -> None:
+        """Both sides answer each read with 200 and the same content (kuiperd lists in its maps' random order)."""
+        for read, path in ENGINE_READS.items():
+            answers = [harness.fetch_body(int(url.rsplit(":", 1)[1]), path) for url in (engine_url, service_url)]
+            contents = []
+            for status, _type, body in answers:
+                value = json.loads(body) if status == 200 else None
+                contents.append(sorted(value) if isinstance(value, list) else value)
+            if contents[0] is None or contents[0] != contents[1]:
+                raise RuntimeError(f"{read}: kuiperd and the service answer differently: {answers}")
+
+    def _engine_installs(self, engine, service: Server, uploads: Path) -> tuple[list[float], list[float]]:
+        """One small native install, timed through each side's API in turns, each deleted before the next (ms)."""
+        package = kuiperd.INSTALL_TIMED
+        engine_times, service_times = [], []
+        for url in (engine.url, service.url):  # the plugin is installed already on both sides: start without it
+            harness.delete(url, f"/plugins/{package.plugin_type}/{package.name}")
+        for rep in range(self.sizes.engine_install_reps):
+            for side, url, side_uploads, times in (("kuiperd", engine.url, engine.uploads, engine_times),
+                                                   ("service", service.url, uploads, service_times)):
+                began = time.perf_counter()
+                status = harness.post_json(url, f"/plugins/{package.plugin_type}", package.body(side_uploads))
+                took = (time.perf_counter() - began) * 1000
+                if status != 201:
+                    raise RuntimeError(f"{side}: install {package.name}: {status}")
+                times.append(took)
+                if harness.delete(url, f"/plugins/{package.plugin_type}/{package.name}") != 200:
+                    raise RuntimeError(f"{side}: could not delete {package.name} between repetitions")
+                print(f"  rep {rep}: {side:8} install {took:7.1f} ms", flush=True)
+        return engine_times, service_times
+
     # ------------------------------------------------------------ report
 
     def table(self) -> list[str]:
@@ -555,6 +672,15 @@ class Bench:
                 if service is None or bare is None:
                     continue
                 lines.append(f"| {size} | GET {endpoint} | {service:.0f} | {bare:.0f} | {bare / service:.2f}x |")
+        return lines
+
+    def engine_cpu_table(self) -> list[str]:
+        """CPU time per request against kuiperd: the service's gunicorn processes, and kuiperd's process."""
+        lines = ["| read | service µs/req | kuiperd µs/req | kuiperd / service |", "|---|---|---|---|"]
+        for read in ENGINE_READS:
+            service, engine = self.engine_cpu.get((read, "service")), self.engine_cpu.get((read, "kuiperd"))
+            if service is not None and engine is not None:
+                lines.append(f"| {read} | {service:.0f} | {engine:.0f} | {engine / service:.2f}x |")
         return lines
 
     def console_table(self) -> str:
@@ -621,12 +747,17 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         "",
         *bench.cpu_table(),
         "",
+        *(["CPU time per request against kuiperd, best round: the service's gunicorn processes (master + workers)"
+           " and kuiperd's process, under the same wrk runs.", "", *bench.engine_cpu_table(), ""]
+          if bench.engine_cpu else []),
         "## How each figure is measured",
         "",
         f"- **Reads.** `gunicorn -c etc/gunicorn.conf.py wsgi:app` with WEB_CONCURRENCY={sizes.workers} (the"
-        " production configuration: kuiper-plugins' BufferingWorker, gunicorn's sync request handling fed only"
-        " requests that have fully arrived; access log on, written to a file), against"
-        " `bench/bare_app.py` under the same configuration file, same workers, same worker class. The bare app"
+        " production configuration: kuiper-plugins' BufferingWorker, which answers a read the app answered since"
+        " the last commit from the app's kept answer on a connection it keeps open; access log on, written to a"
+        " file), against `bench/bare_app.py` under the same configuration file and worker count, with the same"
+        " transport: kept connections, under gunicorn's gthread worker"
+        f" (`{BARE_KEEP_ALIVE}`), since our worker keeps connections only for kept answers. The bare app"
         " serialises the same data with `json.dumps` per request; the bench checks before loading that both"
         " answer byte-identical bodies and the same Content-Type. Load: `wrk -t1"
         f" -c{sizes.wrk_connections} -d{sizes.read_seconds:g}s --latency <url>`, after a 1 s warm-up; service and"
@@ -674,6 +805,21 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         " children's (the handshake check), across the request, against unzip's own; neither side is charged"
         " for the writeback the flush waits for (the kernel's flusher threads do it). The notes give every"
         " repetition.",
+        "- **Against kuiperd.** eKuiper's engine (kuiperd 2.4.0, built and started as the tests build and start it"
+        " (kuiper_plugins.testing), cached per machine; loopback only) and the service (production gunicorn command,"
+        f" WEB_CONCURRENCY={sizes.workers}) each get the same plugins through their own API, by file:// from"
+        " their own data/uploads: " + ", ".join(f"{package.plugin_type}/{package.name}" for package in
+                                               kuiperd.PACKAGES) + " (real Go plugins built against that"
+        " engine). Both must answer the four reads with the same content (kuiperd lists in random order). Reads:"
+        f" `wrk -t1 -c{sizes.wrk_connections} -d{sizes.read_seconds:g}s`, each read asked of both sides in turns"
+        f" (which side goes first alternates by round), {sizes.read_rounds} rounds, best req/s kept; CPU per"
+        " request of the service's gunicorn processes and of kuiperd's process, best round. Idle memory: after"
+        f" the reads and {IDLE_SECONDS} s of quiet, PSS from /proc/<pid>/smaps_rollup of kuiperd's process and"
+        " of the gunicorn master and its workers summed; PSS splits each shared page between the processes"
+        " mapping it, so kuiperd's own figure drops when other kuiperd processes run on the machine (RSS and"
+        " private memory are shown beside it). Install: `POST /plugins/functions` of multi (a real Go plugin,"
+        f" the same zip), median of {sizes.engine_install_reps} taken in turns, each deleted before the next; the"
+        " service's install is durable (fsynced before its 201), the engine's is not.",
         "",
         "## Time per section",
         "",
@@ -690,7 +836,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: only check that the bench runs")
     parser.add_argument("--out", type=Path, default=harness.BENCH / "RESULTS.md", help="report to write")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, homes)")
-    parser.add_argument("--only", choices=["reads", "large", "small", "cold", "manyfiles"], action="append",
+    parser.add_argument("--only", choices=["reads", "large", "small", "cold", "manyfiles", "engine"],
+                        action="append",
                         help="run only these sections")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
@@ -702,7 +849,7 @@ def main() -> int:
     began = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="kuiper-bench-"))
     bench = Bench(sizes, work)
-    sections = args.only or ["reads", "large", "small", "cold", "manyfiles"]
+    sections = args.only or ["reads", "large", "small", "cold", "manyfiles", "engine"]
     try:
         if "reads" in sections:
             bench.reads()
@@ -714,6 +861,8 @@ def main() -> int:
             bench.cold_start()
         if "manyfiles" in sections:
             bench.many_files_install()
+        if "engine" in sections:
+            bench.against_engine()
     finally:
         bench.stop_all()
         marks = list(bench.timings.items()) + [("end", time.perf_counter())]
@@ -737,6 +886,8 @@ def main() -> int:
     print("\n" + bench.console_table())
     if bench.cpu_per_request:
         print("\nCPU per request (gunicorn master + workers):\n" + "\n".join(bench.cpu_table()))
+    if bench.engine_cpu:
+        print("\nCPU per request against kuiperd:\n" + "\n".join(bench.engine_cpu_table()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_report(bench, args.out, command, "smoke" if args.smoke else "full", started, seconds)
     print(f"\nwrote {args.out} ({seconds:.0f} s)")
