@@ -10,10 +10,12 @@ import hashlib
 import json
 import os
 import pty
+import select
 import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -505,6 +507,48 @@ def cli_env(url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     env[URL_ENV] = url
     return env
+
+
+class Terminal:
+    """The console script with stderr (and, for a person answering it, stdin) on a pseudo-terminal, read as it
+    draws; stdout on a pipe."""
+
+    def __init__(self, argv: list[str], url: str, *, answered: bool = False):
+        self.controller, terminal = pty.openpty()
+        self.process = subprocess.Popen([str(CLI), *argv], env=cli_env(url), stdout=subprocess.PIPE, stderr=terminal,
+                                        stdin=terminal if answered else subprocess.DEVNULL, start_new_session=True)
+        os.close(terminal)
+        self.shown = b""
+
+    def read_until(self, wanted: bytes | None, timeout: float = 60) -> bytes:
+        """Read what is drawn until `wanted` appears (None: until the script closes the terminal); bounded."""
+        deadline = time.monotonic() + timeout
+        while wanted is None or wanted not in self.shown:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, self.shown
+            ready, _, _ = select.select([self.controller], [], [], remaining)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(self.controller, 4096)
+            except OSError:  # EIO: the script has exited and closed the terminal
+                chunk = b""
+            if not chunk:
+                assert wanted is None, self.shown
+                break
+            self.shown += chunk
+        return self.shown
+
+    def answer(self, line: bytes) -> None:
+        """Type `line` at the terminal (with `answered`)."""
+        os.write(self.controller, line)
+
+    def finish(self) -> tuple[int, bytes, bytes]:
+        """Wait for the script to end; its exit status, stdout, and every line drawn as it was left."""
+        self.read_until(None)
+        os.close(self.controller)
+        out, _ = self.process.communicate(timeout=60)
+        return self.process.returncode, out, self.shown
 
 
 def test_console_script(server, file_server):

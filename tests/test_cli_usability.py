@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pty
-import select
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ from test_cli import (
     CLI,
     SO,
     Serving,
+    Terminal,
     cli_env,
     free_port,
     portable_members,
@@ -200,45 +199,6 @@ def test_a_zip_whose_name_is_uploaded_already_needs_force_off_a_terminal(server,
     assert run(capsys, server.url, "describe", "source", "random")[1] == "name     random\nversion  2.0.0\n"
 
 
-class Terminal:
-    """The console script with stdin and stderr on a pseudo-terminal (a person at it), stdout on a pipe."""
-
-    def __init__(self, argv: list[str], url: str):
-        self.controller, terminal = pty.openpty()
-        self.process = subprocess.Popen([str(CLI), *argv], env=cli_env(url), stdin=terminal, stdout=subprocess.PIPE,
-                                        stderr=terminal, start_new_session=True)
-        os.close(terminal)
-        self.shown = b""
-
-    def read_until(self, wanted: bytes | None, timeout: float = 60) -> bytes:
-        """Read what is drawn until `wanted` appears (None: until the script closes the terminal); bounded."""
-        deadline = time.monotonic() + timeout
-        while wanted is None or wanted not in self.shown:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, self.shown
-            ready, _, _ = select.select([self.controller], [], [], remaining)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(self.controller, 4096)
-            except OSError:  # EIO: the script has exited and closed the terminal
-                chunk = b""
-            if not chunk:
-                assert wanted is None, self.shown
-                break
-            self.shown += chunk
-        return self.shown
-
-    def answer(self, line: bytes) -> None:
-        os.write(self.controller, line)
-
-    def finish(self) -> tuple[int, bytes, bytes]:
-        self.read_until(None)
-        os.close(self.controller)
-        out, _ = self.process.communicate(timeout=60)
-        return self.process.returncode, out, self.shown
-
-
 def test_a_zip_whose_name_is_uploaded_already_is_asked_about_on_a_terminal(server, tmp_path, capsys):  # noqa: F811
     first = source_zip(tmp_path / "v1")
     assert run(capsys, server.url, "create", "source", "random", "--zip", str(first))[0] == 0
@@ -247,7 +207,7 @@ def test_a_zip_whose_name_is_uploaded_already_is_asked_about_on_a_terminal(serve
     question = f"{saved} is on the server already, and a plugin installed from it is repaired from it: replace it?" \
                " [y/N] ".encode()
 
-    declined = Terminal(["update", "source", "random", "--zip", str(second)], server.url)
+    declined = Terminal(["update", "source", "random", "--zip", str(second)], server.url, answered=True)
     declined.read_until(question)  # the script waits for the answer: nothing is sent before it
     declined.answer(b"n\n")
     status, out, shown = declined.finish()
@@ -255,7 +215,7 @@ def test_a_zip_whose_name_is_uploaded_already_is_asked_about_on_a_terminal(serve
     assert f"error: {saved} is left as it was (nothing was uploaded)".encode() in shown
     assert uploads(server.home) == {"random.zip": first.read_bytes()}
 
-    accepted = Terminal(["update", "source", "random", "--zip", str(second)], server.url)
+    accepted = Terminal(["update", "source", "random", "--zip", str(second)], server.url, answered=True)
     accepted.read_until(question)
     accepted.answer(b"y\n")
     status, out, shown = accepted.finish()

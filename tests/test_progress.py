@@ -12,12 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pty
 import re
-import select
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,16 +24,19 @@ from pathlib import Path
 import psutil
 import requests
 from conftest import make_zip
-from test_cli import server  # noqa: F401  (the app served by werkzeug on a loopback port, for the CLI)
+from test_cli import (
+    CLI,
+    Terminal,
+    cli_env,
+    server,  # noqa: F401  (the app served by werkzeug on a loopback port, for the CLI)
+)
 from test_peer_access import curl_one
 from test_portable_handshake import FIXTURES, zip_folder
 
-from kuiper_plugins.cli.main import TOKEN_ENV, URL_ENV
 from kuiper_plugins.install import scripts
 from kuiper_plugins.lifecycle import progress
 from kuiper_plugins.store.progress import KEEP_SECONDS, MAX_ROWS, ProgressStore, Record, store_path
 
-CLI = Path(sys.executable).parent / "kuiper-plugins"
 SO = b"\x7fELF fake shared object"
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 NATIVE_PHASES = ["download", "inspect", "unpack", "commit"]
@@ -387,49 +387,6 @@ def test_operations_are_guarded_as_the_audit_is(start_gunicorn, file_server):
 
 
 # ---------------------------------------------------------------------------- the CLI
-
-
-def cli_env(url: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
-    env[URL_ENV] = url
-    return env
-
-
-class Terminal:
-    """The console script with stderr on a pseudo-terminal, read as it draws; stdout on a pipe."""
-
-    def __init__(self, argv: list[str], url: str):
-        self.controller, terminal = pty.openpty()
-        self.process = subprocess.Popen([str(CLI), *argv], env=cli_env(url), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=terminal)
-        os.close(terminal)
-        self.shown = b""
-
-    def read_until(self, wanted: bytes | None, timeout: float = 60) -> bytes:
-        """Read what is drawn until `wanted` appears (None: until the script closes the terminal); bounded."""
-        deadline = time.monotonic() + timeout
-        while wanted is None or wanted not in self.shown:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, self.shown
-            ready, _, _ = select.select([self.controller], [], [], remaining)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(self.controller, 4096)
-            except OSError:  # EIO: the script has exited and closed the terminal
-                chunk = b""
-            if not chunk:
-                assert wanted is None, self.shown
-                break
-            self.shown += chunk
-        return self.shown
-
-    def finish(self) -> tuple[int, bytes, bytes]:
-        """Wait for the script to end; its exit status, stdout, and every line drawn as it was left."""
-        self.read_until(None)
-        os.close(self.controller)
-        out, _ = self.process.communicate(timeout=60)
-        return self.process.returncode, out, self.shown
 
 
 def final_lines(shown: bytes) -> list[str]:
