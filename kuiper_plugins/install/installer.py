@@ -312,8 +312,8 @@ def recover_home(settings: Settings, engine=None) -> Installer:
     """Make the home's folders and registry, and settle what a crash or power cut left; the installer.
 
     gunicorn's master runs it before it tells systemd it is ready, so that an engine ordered after this
-    service boots on settled folders; each worker recovers again as it starts (app.settle_home: nothing is
-    left then, unless a worker died since).
+    service boots on settled folders. The workers forked right after share what it settled; a worker forked
+    later, replacing one that stopped, settles the home again as it starts (app.settle_home).
     """
     layout = Layout.of(settings)
     layout.create()
