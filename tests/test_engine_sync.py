@@ -145,10 +145,14 @@ def test_a_write_right_after_an_engine_install_knows_the_plugin(engine, start_gu
     assert service_names(server) == []
 
 
-def test_an_engine_install_during_an_operation_of_ours_waits_for_it(engine, start_gunicorn, multi_plugin):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_engine_install_during_an_operation_of_ours_waits_for_it(engine, start_gunicorn, multi_plugin, workers):
     # An operation of ours in flight holds the plugin's lock (an install's hand-over makes the engine offer
-    # the plugin before our commit): the looks leave the name alone until the lock is free.
-    server = start_service(start_gunicorn, workers=2)
+    # the plugin before our commit): the looks leave the name alone until the lock is free, and then adopt
+    # it. A worker that looked while the lock was held must ask again, not take the name as refused: with
+    # one worker every look is that worker's; with two, which worker looks is the scheduler's choice (L33
+    # failed when both had looked while the lock was held).
+    server = start_service(start_gunicorn, workers=workers)
     held = plugin_lock(Layout(server.home).locks, "functions", "multi")
     assert held.try_acquire()
     try:

@@ -200,12 +200,14 @@ class EngineSync:
             return
         if not self._offers(plugin_type, name, names):
             return
-        if self.installer.adopt_offered(plugin_type, name):
+        adopted = self.installer.adopt_offered(plugin_type, name)
+        if adopted:
             self._tried.pop(key, None)
             look.adopted.append(f"{type_label(plugin_type)}/{name}")
             log.info("the engine installed %s plugin %s itself: adopted", type_label(plugin_type), name)
-        else:
-            self._tried[key] = present
+        elif adopted is False:
+            self._tried[key] = present  # refused: asked again only once its files change
+        # None: an operation of ours holds the name; the next look asks again
 
     def _present(self, plugin_type: str, name: str) -> tuple | None:
         """What is on disk for the name (binaries or the folder's descriptor, with sizes and times); None: nothing."""

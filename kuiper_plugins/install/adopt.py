@@ -63,29 +63,33 @@ class Adopter:
         for folder in sorted(p for p in portable_root.iterdir() if p.is_dir() and not p.is_symlink()):
             self._adopt_folder(conn, folder, recorded, journaled, engine)
 
-    def adopt_offered(self, plugin_type: str, name: str) -> bool:
+    def adopt_offered(self, plugin_type: str, name: str) -> bool | None:
         """Adopt one plugin the running engine offers, from its files on disk, by start-up's rules.
 
-        Return whether the registry has the plugin now. A plugin whose lock is held (an operation of
-        ours in flight) is left alone: that operation commits or undoes its own files.
+        Return whether the registry has the plugin now, or None when an operation of ours holds it (its
+        lock is held, or its files are in a journal): that operation commits or undoes its own files, so
+        the plugin is left alone now and asked about again later, not taken as refused.
         """
         key = registry.name_key(name)
         with self._writer.session() as conn:
             recorded = registry.all_recorded_files(conn)
             journaled = journaled_files(self.layout.staging)
             engine = self._engine_rows_for_adoption()
+            busy = False
             if plugin_type == PORTABLE:
                 folder = self.layout.portable_dir(name)
                 if folder.is_dir() and not folder.is_symlink():
-                    self._adopt_folder(conn, folder, recorded, journaled, engine)
+                    busy = not self._adopt_folder(conn, folder, recorded, journaled, engine)
             else:
                 for so_path in native_binaries(self.layout, plugin_type, name):
-                    self._adopt_so(conn, plugin_type, so_path, recorded, journaled, engine)
+                    busy = not self._adopt_so(conn, plugin_type, so_path, recorded, journaled, engine) or busy
             found = registry.find_by_key(conn, plugin_type, name)
             if found is not None and found.adopted:
                 with db.transaction(conn):  # the engine offers what it installed: nothing waits for its restart
                     engine_pending.note(conn, found.id, "install", pending=False)
-        return found is not None and registry.name_key(found.name) == key
+        if found is not None and registry.name_key(found.name) == key:
+            return True
+        return None if busy else False
 
     def forget_removed(self, plugin_type: str, name: str) -> bool:
         """Forget a plugin whose binary (or portable folder) is gone: the engine's own delete removed it.
@@ -115,55 +119,63 @@ class Adopter:
         return True
 
     def _adopt_so(self, conn: sqlite3.Connection, plugin_type: str, so_path: Path, recorded: set[str],
-                  journaled: set[str], engine: dict[str, Any]) -> None:
-        """Adopt one native binary found on disk, unless it is recorded, journaled or not a plugin the API takes."""
+                  journaled: set[str], engine: dict[str, Any]) -> bool:
+        """Adopt one native binary found on disk, unless it is recorded, journaled or not a plugin the API takes;
+        False when an operation of ours holds it (journaled, or its plugin's lock held), True otherwise."""
         relative = self.layout.relative(so_path)
-        if relative in recorded or relative in journaled:
-            return
+        if relative in journaled:
+            return False
+        if relative in recorded:
+            return True
         try:
             mode = so_path.lstat().st_mode
         except FileNotFoundError:
-            return
+            return True
         if not stat.S_ISREG(mode):
             # A link, FIFO, socket or device: an install never writes one, and reading it could block.
             log.warning("not adopting %s: it is a %s, not a regular file", relative, found_files.kind_of(mode))
-            return
+            return True
         match = SO_FILE_NAME.fullmatch(so_path.name)
         if match is None:
             log.warning("ignoring %s: its name does not make a plugin name", relative)
-            return
+            return True
         name = match.group(1)[0].lower() + match.group(1)[1:]
         try:
             packages.check_plugin_name(plugin_type, name)
         except InvalidRequest as exc:
             log.warning("not adopting %s: %s (the API refuses such an install)", relative, exc.message)
-            return
-        self._adopt_under_lock(plugin_type, name, relative, self._adopt_native,
-                               conn, plugin_type, name, relative, match.group(2), engine)
+            return True
+        return self._adopt_under_lock(plugin_type, name, relative, self._adopt_native,
+                                      conn, plugin_type, name, relative, match.group(2), engine)
 
     def _adopt_folder(self, conn: sqlite3.Connection, folder: Path, recorded: set[str], journaled: set[str],
-                      engine: dict[str, Any]) -> None:
-        """Adopt one portable plugin folder found on disk, unless it is recorded, journaled or badly named."""
+                      engine: dict[str, Any]) -> bool:
+        """Adopt one portable plugin folder found on disk, unless it is recorded, journaled or badly named;
+        False when an operation of ours holds it (journaled, or its plugin's lock held), True otherwise."""
         relative = self.layout.relative(folder)
-        if relative in recorded or relative in journaled:
-            return
+        if relative in journaled:
+            return False
+        if relative in recorded:
+            return True
         try:
             packages.check_plugin_name(PORTABLE, folder.name)
         except InvalidRequest as exc:
             log.warning("not adopting portable plugin folder %s: %s", folder, exc.message)
-            return
-        self._adopt_under_lock(PORTABLE, folder.name, relative, self._adopt_portable, conn, folder, engine)
+            return True
+        return self._adopt_under_lock(PORTABLE, folder.name, relative, self._adopt_portable, conn, folder, engine)
 
-    def _adopt_under_lock(self, plugin_type: str, name: str, relative: str, adopt: Callable[..., None], *args) -> None:
+    def _adopt_under_lock(self, plugin_type: str, name: str, relative: str, adopt: Callable[..., None], *args) -> bool:
+        """Adopt under the plugin's lock; False, having done nothing, when the lock is held."""
         # A file an operation in flight has just moved in is not hand-copied: that operation holds the
         # plugin's lock until it has committed (and recorded the file) or rolled back.
         with plugin_lock(self.layout.locks, plugin_type, name) as lock:
             if not lock.try_acquire():
-                return
+                return False
             try:
                 adopt(*args)
             except PluginError as exc:
                 log.error("could not adopt %s: %s", relative, exc.message)
+            return True
 
     def _engine_rows_for_adoption(self) -> dict[str, Any]:
         """What eKuiper's own store says of its plugins: install scripts and function lists."""

@@ -235,8 +235,9 @@ class Installer:
             finally:
                 conn.close()
 
-    def adopt_offered(self, plugin_type: str, name: str) -> bool:
-        """Adopt one plugin the running engine offers, from its files on disk; whether the registry has it now."""
+    def adopt_offered(self, plugin_type: str, name: str) -> bool | None:
+        """Adopt one plugin the running engine offers, from its files on disk; whether the registry has it now
+        (None: an operation of ours holds it, ask again later)."""
         return self.adopter.adopt_offered(plugin_type, name)
 
     def forget_removed(self, plugin_type: str, name: str) -> bool:
