@@ -771,8 +771,9 @@ DOCS_PAGE = """<!DOCTYPE html>
         presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
         plugins: [SwaggerUIBundle.plugins.DownloadUrl],
         layout: "StandaloneLayout",
-        onComplete: function () {
-          document.getElementById("first-view").remove();
+        onComplete: function () {  // again for each document Explore loads: the summary is gone by then
+          var first = document.getElementById("first-view");
+          if (first) { first.remove(); }
           document.getElementById("swagger-ui").hidden = false;
         }
       });
