@@ -3,8 +3,9 @@
 A read benchmark needs thousands of registered plugins; installing 10,000 of
 them through the API would take longer than the whole benchmark. The registry
 rows are written instead through the project's own `db` and `registry`
-functions, in one transaction, exactly as an install records them, and each
-native plugin's .so is put on disk so that start-up sees a real installation.
+functions, in one transaction, exactly as an install records them, and every file
+recorded (each native plugin's .so, each source's two yaml files) is put on
+disk, so that start-up sees a real, undamaged installation.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def populate(home: Path, size: int) -> Population:
             for name in sources:
                 so_name = f"{capitalised(name)}@v1.0.0.so"
                 (layout.native_dir("sources") / so_name).write_bytes(b"\0")
+                for config in layout.config_dirs("sources"):  # the files recorded below are all there
+                    (config / f"{name}.yaml").write_text(SOURCE_YAML)
                 registry.save(
                     conn, plugin_type="sources", name=name, version="1.0.0", descriptor=None,
                     request={"name": name, "file": f"file://{layout.uploads}/{name}.zip"}, sha256=None,

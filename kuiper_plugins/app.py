@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ from kuiper_plugins.engine import restart
 from kuiper_plugins.engine.client import EngineClient
 from kuiper_plugins.engine.pending import PendingCount
 from kuiper_plugins.engine.sync import EngineSync
-from kuiper_plugins.errors import PluginError, register_error_handlers
+from kuiper_plugins.errors import register_error_handlers
 from kuiper_plugins.install import scripts
 from kuiper_plugins.install.installer import Installer, recover_home
 from kuiper_plugins.layout import Layout
@@ -87,11 +86,8 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     installer = recover_home(settings, engine)
     service_lock = backup.hold_service_lock(layout)
     backup.sweep_snapshots(layout)
-    try:
-        with contextlib.closing(db.connect(layout.registry_file)) as conn:
-            verify.warn_damaged(conn, layout)  # sizes only: one warning per damaged plugin
-    except PluginError as exc:  # an unreadable registry was logged by recovery; reads report it
-        log.error("the start-up check of the recorded files could not run: %s", exc.message)
+    if installer.damaged_at_recovery is not None:
+        verify.warn_damaged(installer.damaged_at_recovery)  # sizes only: one warning per damaged plugin
     uploads = Uploads(layout.uploads, layout.incoming, settings.max_plugin_size)
     uploads.sweep()
     if settings.install_scripts:

@@ -65,7 +65,7 @@ class Problem:
 def file_problem(layout: Layout, recorded: registry.RecordedFile, *, hashes: bool,
                  user_config: bool = False) -> tuple[str, str] | None:
     """What is wrong with one recorded file now, as (problem, detail); None when it is as recorded."""
-    path = layout.absolute(recorded.path)
+    path = layout.absolute_text(recorded.path)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -82,13 +82,13 @@ def file_problem(layout: Layout, recorded: registry.RecordedFile, *, hashes: boo
     if size != recorded.size:
         return MODIFIED, f"{size} bytes, installed with {recorded.size}"
     if hashes and recorded.sha256 is not None:
-        print_ = durable.fingerprint(path)
+        print_ = durable.fingerprint(Path(path))
         if print_ is None or print_.sha256 != recorded.sha256:
             return MODIFIED, "sha256 differs from the one installed"
     return None
 
 
-def _size(path: Path, mode: int) -> int | None:
+def _size(path: str, mode: int) -> int | None:
     """The size durable.fingerprint would give, without reading a byte (a folder: its files' total)."""
     try:
         if stat.S_ISLNK(mode):
@@ -115,10 +115,10 @@ def file_problems(conn: sqlite3.Connection, layout: Layout, *, hashes: bool) -> 
     """Every recorded file that is missing, empty or modified, plugin by plugin."""
     with db.snapshot(conn):
         plugins = [plugin for plugin, _functions in registry.all_plugins(conn)]
-        files = {plugin.id: registry.recorded_files(conn, plugin.id) for plugin in plugins}
+        files = registry.recorded_files_by_plugin(conn)
     problems = []
     for plugin in plugins:
-        problems += _plugin_file_problems(layout, plugin, files[plugin.id], hashes=hashes)
+        problems += _plugin_file_problems(layout, plugin, files.get(plugin.id, []), hashes=hashes)
     return problems
 
 
@@ -137,15 +137,6 @@ def _plugin_file_problems(layout: Layout, plugin: registry.Plugin, files: list[r
 def damaged_plugins(conn: sqlite3.Connection, layout: Layout, *, hashes: bool = False) -> set[tuple[str, str]]:
     """The (type, name) of every plugin with a file missing, empty or modified (sizes only by default)."""
     return {(p.type, p.name) for p in file_problems(conn, layout, hashes=hashes)}
-
-
-def plugins_missing_files(conn: sqlite3.Connection, layout: Layout) -> set[tuple[str, str]]:
-    """The plugins with a file missing or emptied: never projected into eKuiper's store until repaired.
-
-    A file of another size is reported, not withheld: a portable plugin's folder changes when its
-    program writes beside itself (a Python plugin's __pycache__), and eKuiper loads it all the same.
-    """
-    return {(p.type, p.name) for p in file_problems(conn, layout, hashes=False) if p.problem in WITHHELD}
 
 
 def missing_files(conn: sqlite3.Connection, layout: Layout, plugin: registry.Plugin) -> list[Problem]:
@@ -216,10 +207,10 @@ def report(problems: Iterable[Problem]) -> dict[str, Any]:
     return {"ok": not listed, "problems": listed}
 
 
-def warn_damaged(conn: sqlite3.Connection, layout: Layout) -> int:
-    """Log one warning per damaged plugin (sizes only: the start-up check); return how many there are."""
+def warn_damaged(problems: Iterable[Problem]) -> int:
+    """Log one warning per damaged plugin from the start-up check's problems; return how many there are."""
     by_plugin: dict[tuple[str, str], list[Problem]] = {}
-    for p in file_problems(conn, layout, hashes=False):
+    for p in problems:
         by_plugin.setdefault((p.type, p.name), []).append(p)
     for (plugin_type, name), found in sorted(by_plugin.items()):
         withheld = any(p.problem in WITHHELD for p in found)
