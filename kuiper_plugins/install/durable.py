@@ -12,7 +12,9 @@ a journal commit each (ten thousand of them for a Python plugin with its
 dependencies vendored); one syncfs(2) of the file system holding them makes
 every byte and every name durable with a single commit (`FileSystemSync`).
 Few files, or a file system where that is not known to hold, keep one fsync
-per file and folder.
+per file and folder; those are issued several at a time (`fsync_each`): the
+file system commits fsyncs that wait together in one journal commit, where
+one after the other each waits for its own.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import logging
 import os
 import stat
 import struct
-from collections.abc import Collection, Iterable
+import threading
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,10 @@ SYNCFS_MIN_ENTRIES = 64
 SYNCFS_FILE_SYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs"}
 # syncfs reports writeback errors (EIO, ENOSPC) only since Linux 5.8; before, it returned 0 regardless.
 SYNCFS_MIN_KERNEL = (5, 8)
+# At most this many fsyncs waiting at once (`fsync_each`): a small install's files, or its folders, all go
+# together (on the bench machine, with a test run beside it, 3 new 16 KiB files took a median of 0.75 to 8.2 ms
+# to fsync one by one over three tries, 0.49 to 0.68 ms at once: one by one, each waits for its own commit).
+FSYNC_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -67,11 +74,39 @@ def fsync_path(path: Path | str) -> None:
         os.close(fd)
 
 
+def fsync_each(paths: Sequence[Path | str]) -> None:
+    """`fsync_path` each path, up to FSYNC_THREADS at once; return when all are done, raising the first error.
+
+    The fsyncs share threads started for the call (none is left running, none outlives a fork): one runs
+    here, the others alongside. Every one is waited for, even after another failed.
+    """
+    if len(paths) < 2:
+        for path in paths:
+            fsync_path(path)
+        return
+    lanes = [paths[first::FSYNC_THREADS] for first in range(min(FSYNC_THREADS, len(paths)))]
+    errors: list[BaseException] = []
+
+    def run(lane: Sequence[Path | str]) -> None:
+        try:
+            for path in lane:
+                fsync_path(path)
+        except BaseException as exc:  # noqa: BLE001  (raised in the caller's thread, once all are done)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(lane,), name="fsync", daemon=True) for lane in lanes[1:]]
+    for thread in threads:
+        thread.start()
+    run(lanes[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def sync_folders(folders: Iterable[Path]) -> None:
     """Fsync each folder once, so the renames and removals made in it survive a power cut."""
-    for folder in sorted({Path(f) for f in folders}):
-        if os.path.isdir(folder):
-            fsync_path(folder)
+    fsync_each([folder for folder in sorted({Path(f) for f in folders}) if os.path.isdir(folder)])
 
 
 class FileSystemSync:
@@ -247,8 +282,8 @@ def _flush(pending: list[_Entry], batch: FileSystemSync | None) -> None:
                  "not all on the staging folder's file system" if batch.usable
                  else "syncfs is not known to commit everything on this file system or kernel")
     # Files first, then their folders: a folder's fsync makes its names durable, its files' fsyncs their bytes.
-    for entry in sorted(pending, key=lambda e: e.is_dir):
-        fsync_path(entry.path)
+    fsync_each([entry.path for entry in pending if not entry.is_dir])
+    fsync_each([entry.path for entry in pending if entry.is_dir])
 
 
 def read_fingerprint(path: Path) -> Fingerprint:
