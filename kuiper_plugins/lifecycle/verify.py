@@ -63,17 +63,25 @@ class Problem:
 
 
 def file_problem(layout: Layout, recorded: registry.RecordedFile, *, hashes: bool,
-                 user_config: bool = False) -> tuple[str, str] | None:
-    """What is wrong with one recorded file now, as (problem, detail); None when it is as recorded."""
+                 user_config: bool = False, withheld_only: bool = False) -> tuple[str, str] | None:
+    """What is wrong with one recorded file now, as (problem, detail); None when it is as recorded.
+
+    With `withheld_only`, only a problem in WITHHELD is looked for, with one lstat: a folder's size, which
+    takes a walk of it, only ever makes it MODIFIED (a folder is never EMPTY).
+    """
     path = layout.absolute_text(recorded.path)
     try:
-        mode = os.lstat(path).st_mode
+        status = os.lstat(path)
     except FileNotFoundError:
         return MISSING, "nothing at this path"
     except OSError as exc:
         return MISSING, f"cannot be read: {exc.strerror}"
     if user_config or recorded.size is None:
         return None  # the user's own settings, or a file recorded without a fingerprint: being there is all
+    mode = status.st_mode
+    if withheld_only:
+        emptied = stat.S_ISREG(mode) and status.st_size == 0 and recorded.size > 0
+        return (EMPTY, f"0 bytes, installed with {recorded.size}") if emptied else None
     size = _size(path, mode)
     if size is None:
         return MODIFIED, "cannot be read"
@@ -123,12 +131,13 @@ def file_problems(conn: sqlite3.Connection, layout: Layout, *, hashes: bool) -> 
 
 
 def _plugin_file_problems(layout: Layout, plugin: registry.Plugin, files: list[registry.RecordedFile], *,
-                          hashes: bool) -> list[Problem]:
+                          hashes: bool, withheld_only: bool = False) -> list[Problem]:
     """What is wrong with each of one plugin's recorded files (a source's yaml: only its absence)."""
     config = set(packages.kept_on_delete(plugin.type, plugin.name))
     problems = []
     for recorded in files:
-        found = file_problem(layout, recorded, hashes=hashes, user_config=recorded.path in config)
+        found = file_problem(layout, recorded, hashes=hashes, user_config=recorded.path in config,
+                             withheld_only=withheld_only)
         if found is not None:
             problems.append(Problem(plugin.type, plugin.name, recorded.path, *found))
     return problems
@@ -140,13 +149,13 @@ def damaged_plugins(conn: sqlite3.Connection, layout: Layout, *, hashes: bool = 
 
 
 def missing_files(conn: sqlite3.Connection, layout: Layout, plugin: registry.Plugin) -> list[Problem]:
-    """One plugin's files that are missing or emptied (sizes only, as at start-up): while any is, it is withheld.
+    """One plugin's files that are missing or emptied, as start-up finds them: while any is, it is withheld.
 
-    Asked before each projection of the plugin and each hand-over to the running engine, so it costs what
-    start-up's check costs for one plugin: an lstat per file, a walk per portable folder.
+    Asked before each projection of the plugin and each hand-over to the running engine, so it costs an
+    lstat per recorded file (a portable plugin's folder is not walked: only its being there counts here).
     """
-    found = _plugin_file_problems(layout, plugin, registry.recorded_files(conn, plugin.id), hashes=False)
-    return [p for p in found if p.problem in WITHHELD]
+    return _plugin_file_problems(layout, plugin, registry.recorded_files(conn, plugin.id), hashes=False,
+                                 withheld_only=True)
 
 
 def store_problems(conn: sqlite3.Connection, store: kv.EngineStore,
