@@ -100,15 +100,8 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time used so far by the master and its live workers."""
-        total = 0.0
         master = psutil.Process(self.process.pid)
-        for process in [master, *master.children()]:
-            try:
-                times = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-        return total
+        return _cpu_seconds([master, *master.children()])
 
     def worker_pids(self) -> list[int]:
         return [child.pid for child in psutil.Process(self.process.pid).children()]
@@ -159,14 +152,19 @@ class Process:
     def cpu_seconds(self) -> float:
         """User + system CPU time used so far by the process and its children."""
         process = psutil.Process(self.pid)
-        total = 0.0
-        for each in [process, *process.children(recursive=True)]:
-            try:
-                times = each.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-        return total
+        return _cpu_seconds([process, *process.children(recursive=True)])
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU time of the processes still alive."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def status_of(port: int, method: str, path: str, timeout: float = 1.0) -> int | None:
