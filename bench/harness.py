@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import http.client
+import json
 import os
 import platform
 import re
@@ -99,15 +100,8 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time used so far by the master and its live workers."""
-        total = 0.0
         master = psutil.Process(self.process.pid)
-        for process in [master, *master.children()]:
-            try:
-                times = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-        return total
+        return _cpu_seconds([master, *master.children()])
 
     def worker_pids(self) -> list[int]:
         return [child.pid for child in psutil.Process(self.process.pid).children()]
@@ -149,6 +143,30 @@ class Server:
             return 0
 
 
+@dataclass(frozen=True)
+class Process:
+    """Any process the bench measures beside gunicorn (kuiperd)."""
+
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by the process and its children."""
+        process = psutil.Process(self.pid)
+        return _cpu_seconds([process, *process.children(recursive=True)])
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU time of the processes still alive."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def status_of(port: int, method: str, path: str, timeout: float = 1.0) -> int | None:
     """One request on a fresh connection; the status, or None when nothing answers."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
@@ -161,6 +179,29 @@ def status_of(port: int, method: str, path: str, timeout: float = 1.0) -> int | 
         return None
     finally:
         conn.close()
+
+
+def _call(base: str, method: str, path: str, body: bytes | None, timeout: float) -> int:
+    """One request to `base` (http://127.0.0.1:PORT) on a fresh connection; its status."""
+    port = int(base.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def post_json(base: str, path: str, body: dict, timeout: float = 300) -> int:
+    """POST a JSON body; the status."""
+    return _call(base, "POST", path, json.dumps(body).encode(), timeout)
+
+
+def delete(base: str, path: str, timeout: float = 120) -> int:
+    """DELETE; the status."""
+    return _call(base, "DELETE", path, None, timeout)
 
 
 def fetch_body(port: int, path: str) -> tuple[int, str, bytes]:
@@ -336,6 +377,15 @@ def thread_pool(tasks: list[Callable[[], None]], workers: int, time_limit: float
 # ---------------------------------------------------------------- memory and disk
 
 
+def workers_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by these processes and the children they have reaped."""
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
 def rss_kib(pid: int) -> int:
     return _status_field(pid, "VmRSS")
 
@@ -353,6 +403,17 @@ def _status_field(pid: int, key: str) -> int:
     except FileNotFoundError:
         return 0
     return 0
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """The kernel's memory totals of a process (/proc/<pid>/smaps_rollup), in KiB: Rss, Pss, Private_Dirty..."""
+    totals: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+        for line in rollup:
+            fields = line.split()
+            if len(fields) == 3 and fields[2] == "kB":
+                totals[fields[0].rstrip(":")] = int(fields[1])
+    return totals
 
 
 def reset_peak_rss(pid: int) -> bool:

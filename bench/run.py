@@ -11,6 +11,12 @@
    same POST.
 4. Cold start: spawning gunicorn to the first 200 on /plugins/sources with the large registry,
    against the bare app.
+5. One many-file install: a Python portable plugin of 9,990 small files in 20 folders (its
+   dependencies vendored), handshake checked, by file:// from data/uploads, then `sync`, against
+   `unzip -q` of the same zip into a fresh folder, then `sync`.
+6. Against kuiperd: the same plugins installed in eKuiper's own engine (kuiperd, built as the tests
+   build it) and in the service; the four reads loaded alike, in turns; each side's idle memory (PSS);
+   one small native install through each side's API.
 
 Prints a table and writes bench/RESULTS.md (or --out). `--smoke` runs everything with tiny sizes,
 only to show that the benchmark still runs. Exits 0 whether targets are met or not: a benchmark
@@ -23,6 +29,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import harness
-from fixtures import Population, populate, write_source_zip
+import kuiperd
+from fixtures import Population, populate, write_many_files_portable_zip, write_source_zip
 from harness import Server, median, sync, wrk
 
 MIB = 1 << 20
@@ -53,6 +61,9 @@ class Sizes:
     install_rounds: int
     bare_posts: int
     cold_start_reps: int
+    many_files: int
+    many_files_reps: int
+    engine_install_reps: int = 5
     clients: int = 4
     workers: int = 2
     wrk_connections: int = 4
@@ -61,13 +72,21 @@ class Sizes:
 FULL = Sizes(
     small_registry=200, large_registry=10_000, read_seconds=5, read_rounds=3, warmup_seconds=1,
     large_install_bytes=64 * MIB, large_install_reps=3, small_installs=200, install_rounds=5, bare_posts=1000,
-    cold_start_reps=3,
+    cold_start_reps=3, many_files=9_990, many_files_reps=5,
 )
 SMOKE = Sizes(
     small_registry=20, large_registry=200, read_seconds=1, read_rounds=1, warmup_seconds=0,
     large_install_bytes=1 * MIB, large_install_reps=1, small_installs=12, install_rounds=1, bare_posts=24,
-    cold_start_reps=1,
+    cold_start_reps=1, many_files=300, many_files_reps=1, engine_install_reps=1,
 )
+# The reads asked of both kuiperd and the service, as the issue names them.
+ENGINE_READS = {
+    "GET /plugins/sources": "/plugins/sources",
+    "GET /plugins/sources/random": "/plugins/sources/random",
+    "GET /plugins/functions": "/plugins/functions",
+    "GET /plugins/udfs": "/plugins/udfs",
+}
+IDLE_SECONDS = 3  # quiet after the reads before each side's memory is read
 
 
 @dataclass
@@ -95,6 +114,8 @@ BEFORE_DURABLE = "77afb4452c89ff6f9d3c58b937463ff1970ee59b"
 # The last commit before callers were identified and slow clients held off (issue 10): the same-run
 # baseline of what those cost the reads (it runs gunicorn's sync worker and checks no caller).
 BEFORE_ACCESS = "c373eaa230f467a818dec2dedf464052397aca6b"
+# The bare app's transport for the reads: connections kept open between requests, as the service keeps them.
+BARE_KEEP_ALIVE = "--worker-class gthread --threads 4 --keep-alive 10"
 
 
 class Bench:
@@ -107,6 +128,7 @@ class Bench:
         self.timings: dict[str, float] = {}
         self.load_averages = [os.getloadavg()]
         self.cpu_per_request: dict[tuple[int, str, str], float] = {}
+        self.engine_cpu: dict[tuple[str, str], float] = {}  # (read, side) -> best CPU µs per request
 
     # ------------------------------------------------------------ plumbing
 
@@ -116,11 +138,16 @@ class Bench:
         self.servers.append(server)
         return server
 
-    def bare(self, name: str, population: Population) -> Server:
+    def bare(self, name: str, population: Population, keep_alive: bool = False) -> Server:
+        """The bare Flask app; with `keep_alive`, under gunicorn's gthread worker, which keeps connections open
+        as the service does for reads (the same transport), instead of our worker's one request per connection."""
         home = self.work / f"{name}-home"
         home.mkdir(exist_ok=True)
         data = population.write_bare_data(self.work / f"{name}.json")
-        return self.server(name, "bare_app:app", home, BENCH_BARE_DATA=str(data))
+        env = {"BENCH_BARE_DATA": str(data)}
+        if keep_alive:
+            env["GUNICORN_CMD_ARGS"] = BARE_KEEP_ALIVE
+        return self.server(name, "bare_app:app", home, **env)
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -155,7 +182,7 @@ class Bench:
             if size == sizes.large_registry:
                 self.large_population = population
             service = self.server(f"service-{size}", "wsgi:app", population.home).start()
-            bare = self.bare(f"bare-{size}", population).start()
+            bare = self.bare(f"bare-{size}", population, keep_alive=True).start()
             paths = {
                 "list": "/plugins/sources",
                 "describe": f"/plugins/sources/{population.probe_source}",
@@ -427,6 +454,200 @@ class Bench:
         self.add(Row(section, "spawn to first 200 on list (median)", service, "s", bare, "bare app",
                      "< 2 s", service < 2))
 
+    # ------------------------------------------------------------ 5. one many-file install
+
+    def many_files_install(self) -> None:
+        """A portable plugin of many small files, installed and synced, against unzip and sync of its zip.
+
+        The two alternate, each repetition starting with the other, so that the machine's drift falls on
+        both. Nothing is removed until the last repetition: each installs a plugin of its own name and
+        unzips into a folder of its own. ext4 skips inode numbers freed in the last half minute or so when it
+        makes a file (recently_deleted), so making 10,000 files just after removing 10,000 costs several
+        times the CPU, and would land on whichever side came next. Every worker has checked a small plugin's
+        handshake before (`_warm_handshake_checks`).
+        """
+        sizes = self.sizes
+        count = sizes.many_files
+        section = f"one {count}-file portable install"
+        self.section(section)
+        home = self.work / "many-files"
+        populate(home, 0)
+        names = [f"vendored{rep}" for rep in range(sizes.many_files_reps)]
+        packages = {name: write_many_files_portable_zip(home / "data" / "uploads" / f"{name}.zip", name, count)
+                    for name in names}
+        # The handshake check starts the plugin with a Python that has pynng, as an engine's pythonBin would.
+        service = self.server("service-many-files", "wsgi:app", home,
+                              KUIPER_PLUGINS__PORTABLE__PYTHONBIN=sys.executable).start()
+        unzip_times: list[float] = []
+        install_times: list[float] = []
+        unzip_cpu: list[float] = []
+        install_cpu: list[float] = []
+        folders = [self.work / f"many-files-unzip-{rep}" for rep in range(sizes.many_files_reps)]
+        try:
+            workers = service.wait_workers_settled()
+            self._warm_handshake_checks(service, home, workers)
+            sync()
+            for rep, (name, folder) in enumerate(zip(names, folders, strict=True)):
+                for kind in (("unzip", "install") if rep % 2 == 0 else ("install", "unzip")):
+                    if kind == "unzip":
+                        began, cpu = time.perf_counter(), _children_cpu_seconds()
+                        subprocess.run(["unzip", "-q", str(packages[name]), "-d", str(folder)], check=True,
+                                       timeout=300)
+                        unzip_cpu.append(_children_cpu_seconds() - cpu)
+                        sync()
+                        unzip_times.append(time.perf_counter() - began)
+                    else:
+                        body = json.dumps({"name": name, "file": f"file://{packages[name]}"}).encode()
+                        began, cpu = time.perf_counter(), harness.workers_cpu_seconds(workers)
+                        run = harness.request_pool(service.port, [("POST", "/plugins/portables", body)], 1, 201, 300)
+                        install_cpu.append(harness.workers_cpu_seconds(workers) - cpu)
+                        sync()
+                        install_times.append(time.perf_counter() - began)
+                        if run.failed:
+                            raise RuntimeError(f"many-file install failed: {run.first_failure}")
+                print(f"  rep {rep}: unzip+sync {unzip_times[-1]:.3f}s  install+sync {install_times[-1]:.3f}s"
+                      f"  ({install_times[-1] / unzip_times[-1]:.2f}x)", flush=True)
+            for name in names[:len(install_times)]:
+                if harness.status_of(service.port, "DELETE", f"/plugins/portables/{name}", timeout=120) != 200:
+                    raise RuntimeError(f"could not delete the many-file plugin {name}")
+        finally:
+            service.stop()
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+        install, unzip = median(install_times), median(unzip_times)
+        self.add(Row(section, "install + sync (median)", install, "s", unzip, "unzip -q + sync", "≤ 1.2x",
+                     install <= 1.2 * unzip))
+        # What the machine's load cannot move much: the CPU each side used (the flushes' writeback is done by
+        # the kernel's flusher threads for both, and counts for neither).
+        self.add(Row(section, "CPU time, install (median)", median(install_cpu), "s", median(unzip_cpu),
+                     "unzip -q's own CPU time; the install's: its worker's, handshake included"))
+        ratios = sorted(i / u for i, u in zip(install_times, unzip_times, strict=True))
+        self.notes.append(
+            f"{section}: install + sync {', '.join(f'{t:.2f}' for t in install_times)} s, unzip + sync"
+            f" {', '.join(f'{t:.2f}' for t in unzip_times)} s; per repetition {ratios[0]:.2f}x to"
+            f" {ratios[-1]:.2f}x")
+
+    def _warm_handshake_checks(self, service: Server, home: Path, workers: list[int]) -> None:
+        """Have every worker install (and delete) a 4-file portable plugin first, as in a service that has run.
+
+        A worker's first handshake check also probes, once, whether plugins can be confined here (namespaces,
+        a network of their own, nobody): a start-up cost, not what the section measures. One install per
+        worker at once, so that each takes one; which worker did is read from the log (its pid), and the
+        round is repeated, at most four times, until every worker has.
+        """
+        uploads = home / "data" / "uploads"
+        for round_number in range(4):
+            names = [f"warm{round_number}w{index}" for index in range(len(workers))]
+            installs = [("POST", "/plugins/portables", json.dumps({
+                "name": name, "file": f"file://{write_many_files_portable_zip(uploads / f'{name}.zip', name, 4)}",
+            }).encode()) for name in names]
+            run = harness.request_pool(service.port, installs, len(workers), 201, 120)
+            if run.failed:
+                raise RuntimeError(f"warm-up install failed: {run.first_failure}")
+            for name in names:
+                if harness.status_of(service.port, "DELETE", f"/plugins/portables/{name}", timeout=60) != 200:
+                    raise RuntimeError(f"could not delete the warm-up plugin {name}")
+            log = service.log_path.read_text(errors="replace")
+            if all(f"[{pid}] [INFO] kuiper_plugins.engine.portable: portable plugin warm" in log for pid in workers):
+                return
+        raise RuntimeError("not every worker checked a plugin's handshake in four warm-up rounds")
+
+    # ------------------------------------------------------------ 6. against kuiperd
+
+    def against_engine(self) -> None:
+        """The service against eKuiper's own plugin API in kuiperd, both holding the same plugins (issue 21)."""
+        sizes = self.sizes
+        section = f"against kuiperd, {len(kuiperd.PACKAGES)} plugins"
+        self.section(section)
+        packages = self.work / "engine-packages"
+        build = kuiperd.build(packages)
+        engine_home, home = self.work / "kuiperd-home", self.work / "engine-service-home"
+        kuiperd.place(packages, home / "data" / "uploads")  # an empty home but for these
+        engine = kuiperd.start(build, engine_home, self.work / "kuiperd.log")
+        service = self.server("service-engine", "wsgi:app", home)
+        try:
+            kuiperd.place(packages, engine.uploads)
+            service.start()
+            for url, uploads in ((engine.url, engine.uploads), (service.url, home / "data" / "uploads")):
+                for package in kuiperd.PACKAGES:
+                    status = harness.post_json(url, f"/plugins/{package.plugin_type}", package.body(uploads))
+                    if status != 201:
+                        raise RuntimeError(f"installing {package.name} at {url}: {status}")
+            self._same_contents(engine.url, service.url)
+            engine_process = harness.Process(engine.process.pid)
+            best: dict[tuple[str, str], float] = {}
+            for round_number in range(sizes.read_rounds):
+                print(f"  round {round_number + 1} of {sizes.read_rounds}", flush=True)
+                # Turns alternate which side goes first, so that neither always meets the machine as the other left it.
+                sides = [("kuiperd", engine.url, engine_process.cpu_seconds), ("service", service.url,
+                                                                                 service.cpu_seconds)]
+                for read, path in ENGINE_READS.items():
+                    for side, url, cpu_seconds in (sides if round_number % 2 == 0 else sides[::-1]):
+                        if round_number == 0 and sizes.warmup_seconds:
+                            wrk(url + path, sizes.warmup_seconds, sizes.wrk_connections)
+                        cpu_before = cpu_seconds()
+                        run = wrk(url + path, sizes.read_seconds, sizes.wrk_connections)
+                        cpu_us = (cpu_seconds() - cpu_before) * 1e6 / max(run.requests, 1)
+                        if run.errors:
+                            raise RuntimeError(f"{side} {path}: {run.errors} errors under load")
+                        best[(read, side)] = max(best.get((read, side), 0.0), run.requests_per_second)
+                        self.engine_cpu[(read, side)] = min(self.engine_cpu.get((read, side), float("inf")), cpu_us)
+                        print(f"  {side:8} {read:28} {run.requests_per_second:9.1f} req/s  p50 {run.p50_ms:6.2f} ms"
+                              f"  {cpu_us:7.0f} µs CPU/req  ({run.requests} requests)", flush=True)
+            time.sleep(IDLE_SECONDS)  # idle: what each side holds when nothing asks it anything
+            engine_memory = harness.smaps_rollup(engine.process.pid)
+            service_pids = [service.process.pid, *service.worker_pids()]
+            service_memory = [harness.smaps_rollup(pid) for pid in service_pids]
+            engine_times, service_times = self._engine_installs(engine, service, home / "data" / "uploads")
+        finally:
+            service.stop()
+            engine.stop()
+        for read in ENGINE_READS:
+            self.add(Row(section, read, best[(read, "service")], "req/s", best[(read, "kuiperd")], "kuiperd",
+                         "≥ 1.0x kuiperd", best[(read, "service")] >= best[(read, "kuiperd")]))
+        engine_pss, service_pss = engine_memory["Pss"] / 1024, sum(m["Pss"] for m in service_memory) / 1024
+        self.add(Row(section, f"idle PSS, master + {len(service_pids) - 1} workers", service_pss, "MB", engine_pss,
+                     "kuiperd's own", "≤ 0.6x kuiperd", service_pss <= 0.6 * engine_pss))
+        self.add(Row(section, "idle RSS (for reference: pages shared with other processes counted whole)",
+                     sum(m["Rss"] for m in service_memory) / 1024, "MB", engine_memory["Rss"] / 1024, "kuiperd's own"))
+        self.add(Row(section, "idle private memory (for reference: pages no other process maps)",
+                     sum(m["Private_Clean"] + m["Private_Dirty"] for m in service_memory) / 1024, "MB",
+                     (engine_memory["Private_Clean"] + engine_memory["Private_Dirty"]) / 1024, "kuiperd's own"))
+        service_install, engine_install = median(service_times), median(engine_times)
+        self.add(Row(section, "small native install (median), durable", service_install, "ms", engine_install,
+                     "kuiperd's own install, not durable", "≤ 1.5x kuiperd", service_install <= 1.5 * engine_install))
+
+    def _same_contents(self, engine_url: str, service_url: str) -> None:
+        """Both sides answer each read with 200 and the same content (kuiperd lists in its maps' random order)."""
+        for read, path in ENGINE_READS.items():
+            answers = [harness.fetch_body(int(url.rsplit(":", 1)[1]), path) for url in (engine_url, service_url)]
+            contents = []
+            for status, _type, body in answers:
+                value = json.loads(body) if status == 200 else None
+                contents.append(sorted(value) if isinstance(value, list) else value)
+            if contents[0] is None or contents[0] != contents[1]:
+                raise RuntimeError(f"{read}: kuiperd and the service answer differently: {answers}")
+
+    def _engine_installs(self, engine, service: Server, uploads: Path) -> tuple[list[float], list[float]]:
+        """One small native install, timed through each side's API in turns, each deleted before the next (ms)."""
+        package = kuiperd.INSTALL_TIMED
+        engine_times, service_times = [], []
+        for url in (engine.url, service.url):  # the plugin is installed already on both sides: start without it
+            harness.delete(url, f"/plugins/{package.plugin_type}/{package.name}")
+        for rep in range(self.sizes.engine_install_reps):
+            for side, url, side_uploads, times in (("kuiperd", engine.url, engine.uploads, engine_times),
+                                                   ("service", service.url, uploads, service_times)):
+                began = time.perf_counter()
+                status = harness.post_json(url, f"/plugins/{package.plugin_type}", package.body(side_uploads))
+                took = (time.perf_counter() - began) * 1000
+                if status != 201:
+                    raise RuntimeError(f"{side}: install {package.name}: {status}")
+                times.append(took)
+                if harness.delete(url, f"/plugins/{package.plugin_type}/{package.name}") != 200:
+                    raise RuntimeError(f"{side}: could not delete {package.name} between repetitions")
+                print(f"  rep {rep}: {side:8} install {took:7.1f} ms", flush=True)
+        return engine_times, service_times
+
     # ------------------------------------------------------------ report
 
     def table(self) -> list[str]:
@@ -453,6 +674,15 @@ class Bench:
                 lines.append(f"| {size} | GET {endpoint} | {service:.0f} | {bare:.0f} | {bare / service:.2f}x |")
         return lines
 
+    def engine_cpu_table(self) -> list[str]:
+        """CPU time per request against kuiperd: the service's gunicorn processes, and kuiperd's process."""
+        lines = ["| read | service µs/req | kuiperd µs/req | kuiperd / service |", "|---|---|---|---|"]
+        for read in ENGINE_READS:
+            service, engine = self.engine_cpu.get((read, "service")), self.engine_cpu.get((read, "kuiperd"))
+            if service is not None and engine is not None:
+                lines.append(f"| {read} | {service:.0f} | {engine:.0f} | {engine / service:.2f}x |")
+        return lines
+
     def console_table(self) -> str:
         widths = [28, 34, 14, 44, 7, 22, 6]
         out = []
@@ -465,6 +695,12 @@ class Bench:
             cells = [row.section, row.what, f"{_number(row.value)} {row.unit}", baseline, ratio, row.target, met]
             out.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
         return "\n".join(out)
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU time of this process's children that have ended (unzip)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _number(value: float | None) -> str:
@@ -511,12 +747,17 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         "",
         *bench.cpu_table(),
         "",
+        *(["CPU time per request against kuiperd, best round: the service's gunicorn processes (master + workers)"
+           " and kuiperd's process, under the same wrk runs.", "", *bench.engine_cpu_table(), ""]
+          if bench.engine_cpu else []),
         "## How each figure is measured",
         "",
         f"- **Reads.** `gunicorn -c etc/gunicorn.conf.py wsgi:app` with WEB_CONCURRENCY={sizes.workers} (the"
-        " production configuration: kuiper-plugins' BufferingWorker, gunicorn's sync request handling fed only"
-        " requests that have fully arrived; access log on, written to a file), against"
-        " `bench/bare_app.py` under the same configuration file, same workers, same worker class. The bare app"
+        " production configuration: kuiper-plugins' BufferingWorker, which answers a read the app answered since"
+        " the last commit from the app's kept answer on a connection it keeps open; access log on, written to a"
+        " file), against `bench/bare_app.py` under the same configuration file and worker count, with the same"
+        " transport: kept connections, under gunicorn's gthread worker"
+        f" (`{BARE_KEEP_ALIVE}`), since our worker keeps connections only for kept answers. The bare app"
         " serialises the same data with `json.dumps` per request; the bench checks before loading that both"
         " answer byte-identical bodies and the same Content-Type. Load: `wrk -t1"
         f" -c{sizes.wrk_connections} -d{sizes.read_seconds:g}s --latency <url>`, after a 1 s warm-up; service and"
@@ -550,6 +791,35 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         "- **Cold start.** Spawning the production gunicorn command to the first 200 on `/plugins/sources`"
         f" with the {sizes.large_registry}-plugin registry (polled every 5 ms), against the bare app holding"
         f" the same list; median of {sizes.cold_start_reps}.",
+        f"- **One many-file install.** A Python portable plugin of {sizes.many_files} members (its descriptor,"
+        " script and sink metadata, and small text modules of 256 B to 4 KiB in 20 vendored folders,"
+        " deflated, no folder entries), installed by `POST /plugins/portables` with a `file://` URL from"
+        " `data/uploads`, its handshake checked (portable.verifyOnInstall, the bench's Python as pythonBin),"
+        " then `sync`, against `unzip -q` of the same zip into a fresh folder, then `sync`; median of"
+        f" {sizes.many_files_reps}, the two alternating which goes first; each repetition installs a plugin of"
+        " its own name and unzips into a folder of its own, all removed after the last (ext4 skips the inode"
+        " numbers freed in the last half minute when it makes files, so 10,000 files made just after 10,000"
+        " were removed cost several times the CPU). Before them, each worker has installed a 4-file portable"
+        " plugin (a worker's first handshake check also probes once whether plugins can be confined). CPU time:"
+        " the worker's user + system time, and its reaped"
+        " children's (the handshake check), across the request, against unzip's own; neither side is charged"
+        " for the writeback the flush waits for (the kernel's flusher threads do it). The notes give every"
+        " repetition.",
+        "- **Against kuiperd.** eKuiper's engine (kuiperd 2.4.0, built and started as the tests build and start it"
+        " (kuiper_plugins.testing), cached per machine; loopback only) and the service (production gunicorn command,"
+        f" WEB_CONCURRENCY={sizes.workers}) each get the same plugins through their own API, by file:// from"
+        " their own data/uploads: " + ", ".join(f"{package.plugin_type}/{package.name}" for package in
+                                               kuiperd.PACKAGES) + " (real Go plugins built against that"
+        " engine). Both must answer the four reads with the same content (kuiperd lists in random order). Reads:"
+        f" `wrk -t1 -c{sizes.wrk_connections} -d{sizes.read_seconds:g}s`, each read asked of both sides in turns"
+        f" (which side goes first alternates by round), {sizes.read_rounds} rounds, best req/s kept; CPU per"
+        " request of the service's gunicorn processes and of kuiperd's process, best round. Idle memory: after"
+        f" the reads and {IDLE_SECONDS} s of quiet, PSS from /proc/<pid>/smaps_rollup of kuiperd's process and"
+        " of the gunicorn master and its workers summed; PSS splits each shared page between the processes"
+        " mapping it, so kuiperd's own figure drops when other kuiperd processes run on the machine (RSS and"
+        " private memory are shown beside it). Install: `POST /plugins/functions` of multi (a real Go plugin,"
+        f" the same zip), median of {sizes.engine_install_reps} taken in turns, each deleted before the next; the"
+        " service's install is durable (fsynced before its 201), the engine's is not.",
         "",
         "## Time per section",
         "",
@@ -566,7 +836,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: only check that the bench runs")
     parser.add_argument("--out", type=Path, default=harness.BENCH / "RESULTS.md", help="report to write")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, homes)")
-    parser.add_argument("--only", choices=["reads", "large", "small", "cold"], action="append",
+    parser.add_argument("--only", choices=["reads", "large", "small", "cold", "manyfiles", "engine"],
+                        action="append",
                         help="run only these sections")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
@@ -578,7 +849,7 @@ def main() -> int:
     began = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="kuiper-bench-"))
     bench = Bench(sizes, work)
-    sections = args.only or ["reads", "large", "small", "cold"]
+    sections = args.only or ["reads", "large", "small", "cold", "manyfiles", "engine"]
     try:
         if "reads" in sections:
             bench.reads()
@@ -588,6 +859,10 @@ def main() -> int:
             bench.small_installs()
         if "cold" in sections:
             bench.cold_start()
+        if "manyfiles" in sections:
+            bench.many_files_install()
+        if "engine" in sections:
+            bench.against_engine()
     finally:
         bench.stop_all()
         marks = list(bench.timings.items()) + [("end", time.perf_counter())]
@@ -611,6 +886,8 @@ def main() -> int:
     print("\n" + bench.console_table())
     if bench.cpu_per_request:
         print("\nCPU per request (gunicorn master + workers):\n" + "\n".join(bench.cpu_table()))
+    if bench.engine_cpu:
+        print("\nCPU per request against kuiperd:\n" + "\n".join(bench.engine_cpu_table()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_report(bench, args.out, command, "smoke" if args.smoke else "full", started, seconds)
     print(f"\nwrote {args.out} ({seconds:.0f} s)")

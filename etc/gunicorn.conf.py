@@ -25,10 +25,12 @@ import sys
 
 from kuiper_plugins.settings import SettingsError, load_settings
 from kuiper_plugins.web.gunicorn_hooks import (  # noqa: F401  (gunicorn reads these names from this file)
+    on_reload,
     on_starting,
     post_fork,
     post_request,
     post_worker_init,
+    pre_fork,
     pre_request,
     worker_abort,
     worker_int,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ from kuiper_plugins.engine import restart
 from kuiper_plugins.engine.client import EngineClient
 from kuiper_plugins.engine.pending import PendingCount
 from kuiper_plugins.engine.sync import EngineSync
-from kuiper_plugins.errors import PluginError, register_error_handlers
+from kuiper_plugins.errors import register_error_handlers
 from kuiper_plugins.install import scripts
 from kuiper_plugins.install.installer import Installer, recover_home
 from kuiper_plugins.layout import Layout
@@ -27,6 +26,7 @@ from kuiper_plugins.settings import Settings, load_settings
 from kuiper_plugins.store import db
 from kuiper_plugins.web.access import register_access_checks
 from kuiper_plugins.web.auth import check_key_files
+from kuiper_plugins.web.fast_reads import FastReads, register_fast_reads
 from kuiper_plugins.web.uploads import Uploads
 
 MAX_JSON_BODY = 1024 * 1024
@@ -48,6 +48,7 @@ class Services:
     engine: EngineClient | None = None
     engine_sync: EngineSync | None = None  # started in each gunicorn worker (gunicorn_hooks.post_worker_init)
     audit_writer: db.KeptWriter | None = None  # the audit trail's connection (web/auditing.py)
+    fast_reads: FastReads | None = None  # answers kept until the next commit (web/fast_reads.py)
     service_lock: int | None = None  # a descriptor held shared while this app lives: an offline restore refuses
     pending: PendingCount = field(default_factory=PendingCount)  # GET /'s engine.pendingRestart (engine/pending.py)
 
@@ -85,11 +86,8 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     installer = recover_home(settings, engine)
     service_lock = backup.hold_service_lock(layout)
     backup.sweep_snapshots(layout)
-    try:
-        with contextlib.closing(db.connect(layout.registry_file)) as conn:
-            verify.warn_damaged(conn, layout)  # sizes only: one warning per damaged plugin
-    except PluginError as exc:  # an unreadable registry was logged by recovery; reads report it
-        log.error("the start-up check of the recorded files could not run: %s", exc.message)
+    if installer.damaged_at_recovery is not None:
+        verify.warn_damaged(installer.damaged_at_recovery)  # sizes only: one warning per damaged plugin
     uploads = Uploads(layout.uploads, layout.incoming, settings.max_plugin_size)
     uploads.sweep()
     if settings.install_scripts:
@@ -109,6 +107,7 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
         service_lock=service_lock,
         engine_sync=EngineSync(installer, engine, settings.engine_sync_interval) if engine is not None else None,
         audit_writer=db.KeptWriter(layout.registry_file),
+        fast_reads=FastReads(layout.registry_file),
     )
     from kuiper_plugins.web.api import bp
     from kuiper_plugins.web.auditing import audit_bp, register_request_ids
@@ -117,7 +116,9 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     from kuiper_plugins.web.openapi import docs_bp
     from kuiper_plugins.web.operations import operations_bp, register_progress
 
-    register_request_ids(app)  # first: a request refused by the access checks has its id and row too
+    # Before the request ids: its after-request hook then runs last, and keeps the answer as sent.
+    register_fast_reads(app, app.extensions["kuiper_plugins"].fast_reads)
+    register_request_ids(app)  # a request refused by the access checks has its id and row too
     register_access_checks(app, settings)
     register_progress(app, layout.work)  # after the checks: a refused caller records no progress
     app.register_blueprint(bp)
@@ -128,5 +129,21 @@ def create_app(settings: Settings | None = None, stop_service: Callable[[], None
     app.register_blueprint(operations_bp)
     register_error_handlers(app)
     weakref.finalize(app, os.close, service_lock)  # an app dropped in-process (tests) lets go of the lock
-    log.info("kuiper-plugins %s serving KUIPER_HOME %s", __version__, settings.home)
+    log_serving(settings)
     return app
+
+
+def log_serving(settings: Settings) -> None:
+    """Say that this process serves the home: once its app is built, and in each gunicorn worker as it starts."""
+    log.info("kuiper-plugins %s serving KUIPER_HOME %s", __version__, settings.home)
+
+
+def settle_home(services: Services) -> None:
+    """Undo what a worker that died left (its operation, snapshot, upload), as building the app does.
+
+    Each gunicorn worker runs it as it starts, before it serves: the app is built once, in the master, but a
+    worker replacing one that was killed must first roll back what that one had under way.
+    """
+    services.installer.recover()
+    backup.sweep_snapshots(services.layout)
+    services.uploads.sweep()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePath
 
 NATIVE_TYPES = ("sources", "sinks", "functions")
 PORTABLE = "portables"
@@ -36,21 +36,25 @@ class Layout:
         """The layout a Settings object describes."""
         return cls(settings.home, settings.etc_dir, settings.data_dir, settings.plugins_dir)
 
-    @property
+    # A frozen layout's paths never change: each is worked out once (reads, start-up's check of every recorded
+    # file and the engine's looks ask for them thousands of times).
+    @cached_property
     def plugins(self) -> Path:
         return self.plugins_dir or self.home / "plugins"
 
-    @property
+    @cached_property
     def etc(self) -> Path:
         return self.etc_dir or self.home / "etc"
 
-    @cached_property  # a frozen layout's paths never change: worked out once (reads ask on every request)
+    @cached_property
     def data(self) -> Path:
         return self.data_dir or self.home / "data"
 
-    def roots(self) -> dict[str, Path]:
-        """The three folders by the name the registry records them with."""
-        return {"etc": self.etc, "data": self.data, "plugins": self.plugins}
+    @cached_property
+    def _roots(self) -> tuple[tuple[str, Path, str], ...]:
+        """The three folders: (the name the registry records them with, folder, the folder as a string)."""
+        return tuple((name, root, os.fspath(root)) for name, root in
+                     (("etc", self.etc), ("data", self.data), ("plugins", self.plugins)))
 
     @property
     def uploads(self) -> Path:
@@ -114,26 +118,36 @@ class Layout:
 
     def relative(self, path: Path) -> str:
         """The path as recorded in the registry: `etc/...`, `data/...` or `plugins/...`, "/"-separated."""
-        for name, root in self.roots().items():
-            try:
-                rest = Path(path).relative_to(root)
-            except ValueError:
-                continue
-            return f"{name}/{rest.as_posix()}" if rest.parts else name
+        # Lexical, as PurePath.relative_to is; on the path's normal form (a Path is already in it).
+        text = os.fspath(path) if isinstance(path, PurePath) else os.fspath(PurePath(path))
+        for name, _root, root_text in self._roots:
+            if text == root_text:
+                return name
+            prefix = root_text.rstrip("/") + "/"
+            if text.startswith(prefix):
+                return f"{name}/{text[len(prefix):]}"
         raise ValueError(f"{path} is in none of the folders of {self.home}")
 
     def absolute(self, recorded: str) -> Path:
         """The absolute path of a recorded one."""
         root, _, rest = recorded.partition("/")
-        base = self.roots().get(root)
-        if base is None:
-            raise ValueError(f"{recorded!r} does not start with etc/, data/ or plugins/")
-        return base / rest if rest else base
+        for name, base, _text in self._roots:
+            if name == root:
+                return base / rest if rest else base
+        raise ValueError(f"{recorded!r} does not start with etc/, data/ or plugins/")
+
+    def absolute_text(self, recorded: str) -> str:
+        """`absolute` as a string, without building a Path (a check of every recorded file asks 10,000s)."""
+        root, _, rest = recorded.partition("/")
+        for name, _base, text in self._roots:
+            if name == root:
+                return os.path.join(text, rest) if rest else text
+        raise ValueError(f"{recorded!r} does not start with etc/, data/ or plugins/")
 
     def contains(self, path: Path) -> bool:
         """Whether `path`, links resolved, lies inside one of the three folders."""
         real = os.path.realpath(path)
-        for root in self.roots().values():
+        for _name, root, _text in self._roots:
             base = os.path.realpath(root)
             if os.path.commonpath([base, real]) == base:
                 return True

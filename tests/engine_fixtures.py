@@ -24,6 +24,7 @@ from kuiper_plugins.testing.engine import (
     PLUGIN_FLAGS,
     PORTABLE_FLAGS,
     BuildCache,
+    Say,
     build_go_package,
     cache_root,
     engine_go,
@@ -60,7 +61,12 @@ def build_native_plugin(request, package: str, functions: tuple[str, ...], versi
     Cached like kuiperd; the key is the engine's, the package's Go files and the plugin flags: a plugin is
     rebuilt whenever the engine it must load into is.
     """
-    say = terminal(request)
+    return native_plugin(terminal(request), package, functions, version, tags)
+
+
+def native_plugin(say: Say, package: str, functions: tuple[str, ...], version: str = "1.0.0",
+                  tags: tuple[str, ...] = ()) -> NativePlugin:
+    """`build_native_plugin` outside pytest: `say` reports progress (bench/kuiperd.py builds with it)."""
     flags = (*PLUGIN_FLAGS, *(("-tags", ",".join(tags)) if tags else ()))
     folder = cache_root() / "plugins" / f"{package}-{go_package_key(go_version(engine_go()), SOURCES / package, flags)}"
     # eKuiper's naming: the plugin name, first letter upper-cased, @v<version>

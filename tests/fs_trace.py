@@ -4,7 +4,8 @@ Traces are taken with `strace -f -qq -yy -s 64 -e trace=<TRACED>`: every file de
 its path (`7</home/x/y.so>`), so each event names the paths it touched. `PowerCut` follows the events
 of one run and knows, for every file, how many of its bytes were written and how many had been fsynced;
 `apply` then does to the disk what losing the page cache would: every file keeps only its fsynced bytes,
-and SQLite's WAL only its fsynced frames.
+and SQLite's WAL only its fsynced frames. A syncfs(2) flushes the whole file system its descriptor is on:
+every file on it keeps all its bytes written so far.
 """
 
 from __future__ import annotations
@@ -152,6 +153,13 @@ def synced(event: Event) -> str | None:
     return None
 
 
+def flushed_file_system(event: Event) -> str | None:
+    """The path whose whole file system a successful syncfs flushed, or None."""
+    if event.call == "syncfs" and event.ret == 0:
+        return event.fd_path(0)
+    return None
+
+
 def written(event: Event) -> tuple[str, int, int | None] | None:
     """(path, bytes written, offset or None for the file position) of a successful write to a file."""
     if event.ret is None or event.ret <= 0:
@@ -199,7 +207,8 @@ class PowerCut:
 
     Files that existed before the run count as durable as they were (`start`); renames and hard links
     carry a file's state to its new names. Directory entries are taken as durable: what is checked is
-    whether the bytes behind each name were synced before the name pointed at them.
+    whether the bytes behind each name were synced before the name pointed at them. A syncfs through a
+    descriptor inside `root` makes every file followed durable: `root` lies on one file system.
     """
 
     root: Path
@@ -240,6 +249,11 @@ class PowerCut:
         if (path := synced(event)) is not None:
             if path in self.files:
                 self.files[path].durable = self.files[path].size
+            return
+        if (path := flushed_file_system(event)) is not None:
+            if self._inside(path):
+                for state in self.files.values():
+                    state.durable = state.size
             return
         if event.call == "ftruncate" and event.ret == 0:
             path = event.fd_path(0)

@@ -24,6 +24,7 @@ def test_bench_smoke_runs_every_section_and_writes_its_report(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     text = report.read_text(encoding="utf-8")
     assert text.startswith("# kuiper-plugins benchmark results")
-    for section in ("reads, 20 plugins", "reads, 200 plugins", "one large install", "small installs", "cold start"):
+    for section in ("reads, 20 plugins", "reads, 200 plugins", "one large install", "small installs", "cold start",
+                    "-file portable install", "against kuiperd, 3 plugins"):
         assert section in text, section
     assert "tracebacks in the logs" not in text, text

@@ -4,7 +4,9 @@ Two kinds of proof, both from strace:
 - the order: a real gunicorn's workers are traced through an install, an update and a delete, and the
   trace must show every file's bytes fsynced before its rename into place, each destination folder
   fsynced after its renames and before the commit's WAL sync, the answer sent after that, and no
-  set-aside old file removed before the commit;
+  set-aside old file removed before the commit. A package of many files is flushed by one syncfs of the
+  file system instead of an fsync per file: a syncfs on the home's file system counts as an fsync of
+  every file and folder there, from that point of the trace on;
 - the outcome: one request runs in a process of its own that strace kills at its K-th fsync (or
   fdatasync), for every K the request makes. Then the power cut is replayed from the trace (every file
   cut down to the bytes it had fsynced, SQLite's WAL to its fsynced frames, its shared-memory index
@@ -28,7 +30,18 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import REPO, client_class_for, disk_state, make_zip
-from fs_trace import TRACED, PowerCut, linked, parse, removed, renamed, sent_to_socket, synced, written
+from fs_trace import (
+    TRACED,
+    PowerCut,
+    flushed_file_system,
+    linked,
+    parse,
+    removed,
+    renamed,
+    sent_to_socket,
+    synced,
+    written,
+)
 
 from kuiper_plugins import create_app
 from kuiper_plugins.layout import Layout
@@ -79,6 +92,11 @@ def check_order(events, home: Path) -> dict:
     work = str(Layout(home).work)
     last_write: dict[str, int] = {}
     last_sync: dict[str, int] = {}
+    last_fs_sync = -1  # the last syncfs of the home's file system: it flushed every file and folder there
+
+    def flushes(event, path: str) -> bool:
+        return synced(event) == path or (flushed_file_system(event) or "").startswith(str(home))
+
     placed: list[tuple[int, str, int]] = []  # (event index, destination, pid)
     set_aside: dict[str, tuple[int, str]] = {}  # installed path -> (event index, its backup in staging)
     checked = {"renames": 0, "folders": 0, "answers": 0, "set aside": 0}
@@ -91,18 +109,22 @@ def check_order(events, home: Path) -> dict:
             last_write[write[0]] = event.index
         elif (path := synced(event)) is not None:
             last_sync[path] = event.index
+        elif (flushed_file_system(event) or "").startswith(str(home)):
+            last_fs_sync = event.index
         elif (move := renamed(event)) is not None:
             source, dest = move
             if dest.startswith(str(home)) and not dest.startswith(work):
-                for path, index in list(last_write.items()):
-                    if path == source or path.startswith(f"{source}/"):
-                        assert last_sync.get(path, -1) > index, f"{path} was renamed to {dest} unsynced"
-                assert last_sync.get(source, -1) >= 0, f"{source} was never fsynced before its rename to {dest}"
+                under = {path: index for path, index in last_write.items()
+                         if path == source or path.startswith(f"{source}/")}
+                for path, index in under.items():
+                    assert max(last_sync.get(path, -1), last_fs_sync) > index, f"{path} was renamed to {dest} unsynced"
+                assert last_sync.get(source, -1) >= 0 or last_fs_sync > max(under.values(), default=-1), (
+                    f"{source} was never fsynced before its rename to {dest}")
                 if dest in set_aside:
                     # The old file's backup, and the backup folder's own name, were durable before it was replaced.
                     at, backup = set_aside.pop(dest)
                     for folder in (os.path.dirname(backup), os.path.dirname(os.path.dirname(backup))):
-                        assert any(at < e.index < event.index and synced(e) == folder for e in events), (
+                        assert any(at < e.index < event.index and flushes(e, folder) for e in events), (
                             f"{folder} was not fsynced between setting {dest} aside and replacing it")
                     checked["set aside"] += 1
                 placed.append((event.index, dest, event.pid))
@@ -114,7 +136,7 @@ def check_order(events, home: Path) -> dict:
     for index, dest, pid in placed:
         commit = next(e.index for e in events if e.index > index and synced(e) == wal)
         folder = os.path.dirname(dest)
-        assert any(index < e.index < commit and synced(e) == folder for e in events), (
+        assert any(index < e.index < commit and flushes(e, folder) for e in events), (
             f"{folder} was not fsynced between the rename of {dest} and the commit")
         checked["folders"] += 1
         # Whatever was written inside a placed folder after its rename (a portable install.sh) is synced too.
@@ -124,7 +146,7 @@ def check_order(events, home: Path) -> dict:
                     and write[0].startswith(f"{dest}/"):
                 written_after[write[0]] = event.index
         for path, at in written_after.items():
-            assert any(at < e.index < commit and synced(e) == path for e in events), (
+            assert any(at < e.index < commit and flushes(e, path) for e in events), (
                 f"{path} was written after its folder was placed and not fsynced before the commit")
             checked["written in place"] = checked.get("written in place", 0) + 1
         answer = next(e for e in events if e.index > index and e.pid == pid
@@ -205,9 +227,10 @@ def logical_state(home: Path) -> tuple[dict, list]:
         rows += [("finished", *row) for row in conn.execute("SELECT id FROM finished_operations")]
     finally:
         conn.close()
-    # Each run has a home of its own (a copy of the template): the package URL recorded with a plugin names it.
-    rows = [tuple(re.sub(r"file://[^\"]*/data/uploads/", "file://<home>/data/uploads/", v) if isinstance(v, str)
-                  else v for v in row) for row in rows]
+    # Each run has a home of its own (a copy of the template): the package URL recorded with a plugin names it,
+    # and so does a portable plugin's descriptor (its executable's absolute path).
+    rows = [tuple(re.sub(r"file://[^\"]*/data/uploads/", "file://<home>/data/uploads/", v.replace(str(home), "<home>"))
+                  if isinstance(v, str) else v for v in row) for row in rows]
     return files, rows
 
 
@@ -239,9 +262,9 @@ def restart(home: Path) -> None:
 
 
 def barriers(events, pid: int) -> dict[str, int]:
-    """How many fsyncs and fdatasyncs the request made before its answer: a cut after it is the run
+    """How many fsyncs, fdatasyncs and syncfs the request made before its answer: a cut after it is the run
     without a kill point (the child leaves right after answering)."""
-    counts = {"fsync": 0, "fdatasync": 0}
+    counts = {"fsync": 0, "fdatasync": 0, "syncfs": 0}
     for event in events:
         if event.pid == pid and event.call == "write" and (event.string(1) or "").startswith("ANSWERED"):
             break
@@ -250,8 +273,11 @@ def barriers(events, pid: int) -> dict[str, int]:
     return counts
 
 
-def power_cut_outcomes(template: Path, request, tmp_path: Path) -> dict:
-    """Cut the power at every barrier of one request; return how often the old and the new state came back."""
+def power_cut_outcomes(template: Path, request, tmp_path: Path, max_barriers: int | None = None) -> dict:
+    """Cut the power at every barrier of one request; return how often the old and the new state came back.
+
+    With `max_barriers`, the request must make no more barriers than that (checked before any cut).
+    """
     old = logical_state(template)
     reference = tmp_path / "reference"
     shutil.copytree(template, reference, symlinks=True)
@@ -264,6 +290,8 @@ def power_cut_outcomes(template: Path, request, tmp_path: Path) -> dict:
     assert new != old
     outcomes = {"old": 0, "new": 0, "cuts": 0}
     points = [(call, k) for call, count in barriers(events, child).items() for k in range(1, count + 1)]
+    if max_barriers is not None:
+        assert len(points) <= max_barriers, f"{len(points)} barriers: {barriers(events, child)}"
     points.append(None)  # the power goes after the answer: nothing unsynced may be lost either
     for point in points:
         home = tmp_path / "cut"
@@ -359,3 +387,167 @@ def test_a_power_cut_during_a_delete_leaves_the_plugin_whole_or_gone(template, t
     outcomes = power_cut_outcomes(template, lambda home: ("DELETE", "/plugins/sources/alpha", None), tmp_path)
     assert outcomes["old"] > 0 and outcomes["new"] > 0
     report(capsys, "a delete", outcomes)
+
+
+# ---------------------------------------------------------------------------- many files, one flush
+
+MANY_FILES = 2000
+FLUSHES_MAX = 40  # the fsyncs, fdatasyncs and syncfs of one install, whatever its number of files
+
+
+def many_file_members(name: str, count: int) -> tuple[dict, dict]:
+    """A go-language portable plugin of `count` members, and their modes: its descriptor, an executable that
+    sends eKuiper's handshake (a Python script, as tests/portable/gohand, with the run bit), its sink's
+    metadata, and the rest small modules in 20 vendored folders, as a Python plugin with its dependencies."""
+    descriptor = {"version": "v1.0.0", "language": "go", "executable": "run", "sinks": [name]}
+    handshake = (f"#!{sys.executable} -u\nimport pynng\n"
+                 "with pynng.Req0(recv_timeout=600_000) as sock:\n"
+                 f"    sock.dial('ipc:///tmp/plugin_{name}.ipc', block=True)\n"
+                 "    sock.send(b'handshake')\n"
+                 "    sock.recv()\n")
+    members = {f"{name}.json": json.dumps(descriptor), "run": handshake, f"sinks/{name}.json": "{}"}
+    modules = count - len(members)
+    for index in range(modules):
+        members[f"vendor/pkg{index * 20 // modules:02d}/mod{index:05d}.py"] = f"value = {index}\n" * (1 + index % 40)
+    return members, {"run": 0o100755}
+
+
+def flush_calls(events, pid: int | None = None) -> list:
+    return [e for e in events if e.call in ("fsync", "fdatasync", "syncfs") and (pid is None or e.pid == pid)]
+
+
+def test_a_many_file_package_is_flushed_at_once_and_every_byte_is_durable_before_its_move_and_commit(
+        start_gunicorn, file_server, tmp_path, capsys):
+    """2,000 files: every byte and name durable before the moves and the commit, by a handful of flushes;
+    with an install.sh, what it writes in the folder in place is durable before the commit too."""
+    server = start_gunicorn(workers=1)
+    members, modes = many_file_members("many", MANY_FILES)
+    make_zip(file_server.root / "many.zip", members, modes=modes)
+    members, modes = many_file_members("scripted", MANY_FILES - 1)
+    make_zip(file_server.root / "scripted.zip", {**members, "install.sh": "echo made > made.txt\n"}, modes=modes)
+    import psutil
+    workers = [child.pid for child in psutil.Process(server.process.pid).children()]
+    assert len(workers) == 1, workers
+    trace = tmp_path / "trace.txt"
+    tracer = attach_strace(workers, trace)
+    try:
+        for name in ("many", "scripted"):
+            body = {"name": name, "file": file_server.url(f"{name}.zip")}
+            assert requests.post(f"{server.url}/plugins/portables", json=body, timeout=WAIT * 4).status_code == 201
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=WAIT)
+    events = parse(trace)
+    checked = check_order(events, server.home)
+    # each plugin's folder, and its sink's metadata in etc/sinks and data/sinks
+    assert checked["renames"] == checked["folders"] == checked["answers"] == 6, checked
+    assert checked.get("written in place") == 1  # install.sh's made.txt
+    flushes = flush_calls(events)
+    whole = [e for e in flushes if (flushed_file_system(e) or "").startswith(str(server.home))]
+    assert len(whole) >= 2 and len(flushes) <= 2 * FLUSHES_MAX, f"{len(flushes)} flushes, {len(whole)} of them syncfs"
+    # Every file is still fingerprinted: the registry records each folder as it is on disk.
+    from kuiper_plugins.install import durable
+    conn = sqlite3.connect(Layout(server.home).registry_file)
+    try:
+        recorded = dict(conn.execute("SELECT path, sha256 FROM plugin_files WHERE path LIKE 'plugins/portable/%'"))
+    finally:
+        conn.close()
+    on_disk = {f"plugins/portable/{name}": durable.fingerprint(Layout(server.home).portable_dir(name)).sha256
+               for name in ("many", "scripted")}
+    assert recorded == on_disk
+    scripted = Layout(server.home).portable_dir("scripted")
+    assert (scripted / "made.txt").read_text() == "made\n"
+    assert sum(len(files) for _root, _dirs, files in os.walk(scripted)) == MANY_FILES  # with made.txt
+    with capsys.disabled():
+        print(f"\ndurable order of two {MANY_FILES}-file installs: {checked['renames']} renames into place checked,"
+              f" {len(flushes)} flushes ({len(whole)} syncfs) in {len(events)} traced calls")
+
+
+@pytest.fixture
+def many_file_template(tmp_path) -> Path:
+    """A home with the many-file package in data/uploads, the service started once."""
+    home = tmp_path / "template"
+    layout = Layout(home)
+    layout.create()
+    members, modes = many_file_members("many", MANY_FILES)
+    make_zip(layout.uploads / "many.zip", members, modes=modes)
+    create_app(Settings(home=home), stop_service=lambda: None)
+    return home
+
+
+def test_a_power_cut_during_a_many_file_install_leaves_no_plugin_or_the_whole_plugin(
+        many_file_template, tmp_path, capsys):
+    quiesce(many_file_template)
+
+    def request(home: Path) -> tuple:
+        return "POST", "/plugins/portables", {"name": "many", "file": (Layout(home).uploads / "many.zip").as_uri()}
+
+    outcomes = power_cut_outcomes(many_file_template, request, tmp_path, max_barriers=FLUSHES_MAX)
+    assert outcomes["old"] > 0 and outcomes["new"] > 0
+    report(capsys, f"a {MANY_FILES}-file install", outcomes)
+
+
+# ---------------------------------------------------------------------------- where one syncfs is not trusted
+
+SEALED_FILES = 100  # more than durable.SYNCFS_MIN_ENTRIES
+
+
+def traced_seal(tmp_path: Path, staging: Path, tree: Path, *, tmpfs: Path | None = None) -> list:
+    """Write SEALED_FILES files under `tree`, then seal it with a batch opened on `staging`, in a traced child.
+
+    With `tmpfs`, the child runs in a mount namespace of its own where a fresh tmpfs is mounted there first.
+    """
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from kuiper_plugins.install import durable\n"
+        "staging, tree = Path(sys.argv[1]), Path(sys.argv[2])\n"
+        "staging.mkdir(parents=True, exist_ok=True)\n"
+        "batch = durable.FileSystemSync(staging)\n"
+        f"for index in range({SEALED_FILES}):\n"
+        "    path = tree / ('sub' if index % 2 else 'top') / f'file{index}'\n"
+        "    path.parent.mkdir(parents=True, exist_ok=True)\n"
+        "    path.write_text(f'{index}\\n' * 100)\n"
+        "sealed, read = durable.seal(tree, batch), durable.fingerprint(tree)\n"
+        "print((sealed.size, sealed.sha256) == (read.size, read.sha256))\n"
+    )
+    trace = tmp_path / "seal.trace"
+    command = ["strace", "-f", "-qq", "-yy", "-e", f"trace={TRACED}", "-o", str(trace),
+               sys.executable, "-c", script, str(staging), str(tree)]
+    if tmpfs is not None:
+        tmpfs.mkdir(parents=True, exist_ok=True)
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount -t tmpfs -o size=16m tmpfs "$0" && exec "$@"', str(tmpfs), *command]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == "True\n", done.stdout  # sealing reads what fingerprint reads, however it flushes
+    return parse(trace)
+
+
+def file_fsyncs(events, tree: Path) -> set[str]:
+    return {path for e in events if (path := synced(e)) and path.startswith(f"{tree}/")
+            and os.path.basename(path).startswith("file")}
+
+
+def test_many_files_on_the_staging_folders_file_system_are_flushed_by_one_syncfs(tmp_path):
+    tree = tmp_path / "staging" / "op" / "unit-0"
+    events = traced_seal(tmp_path, tmp_path / "staging" / "op", tree)
+    assert [flushed_file_system(e) for e in flush_calls(events)] == [str(tmp_path / "staging" / "op")]
+
+
+def test_a_file_system_syncfs_is_not_trusted_with_gets_an_fsync_per_file_and_folder(tmp_path):
+    # tmpfs is not one of durable.SYNCFS_FILE_SYSTEMS: a file system not known to commit all with one syncfs
+    mounted = tmp_path / "tmpfs"
+    tree = mounted / "op" / "unit-0"
+    events = traced_seal(tmp_path, mounted / "op", tree, tmpfs=mounted)
+    assert not any(flushed_file_system(e) for e in events)
+    assert len(file_fsyncs(events, tree)) == SEALED_FILES
+    assert {synced(e) for e in events} >= {str(tree), str(tree / "top"), str(tree / "sub")}
+
+
+def test_a_tree_reaching_into_another_file_system_gets_an_fsync_per_file_and_folder(tmp_path):
+    # the staging folder on the test's own file system, half of the tree on a tmpfs mounted inside it
+    tree = tmp_path / "staging" / "op" / "unit-0"
+    events = traced_seal(tmp_path, tmp_path / "staging" / "op", tree, tmpfs=tree / "sub")
+    assert not any(flushed_file_system(e) for e in events)
+    assert len(file_fsyncs(events, tree)) == SEALED_FILES

@@ -3,17 +3,16 @@ answers as eKuiper's REST API does: `GET /` and `GET /plugins/portables/{name}/s
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import resource
 import sys
-import threading
 import time
 
 import pytest
 import requests
 from conftest import make_zip
+from json_stub import JsonStub
 
 from kuiper_plugins.engine.client import EngineClient
 from kuiper_plugins.engine.restart import restart_environment, run_restart_command
@@ -22,42 +21,20 @@ ROOT_ANSWER = {"version": "2.4.1", "os": "linux", "arch": "arm64", "upTimeSecond
 STATUS_ANSWER = [{"pluginName": "mirror", "status": "running", "pid": 123, "refCount": {"rule1": 1}}]
 
 
-class Engine:
+class Engine(JsonStub):
     """A loopback HTTP server answering eKuiper's shapes; it records requests and can be stopped."""
 
     def __init__(self):
-        engine = self
         self.requests: list[tuple[str, str | None]] = []
+        super().__init__(self._answer)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                engine.requests.append((self.path, self.headers.get("Authorization")))
-                if self.path == "/":
-                    self._answer(200, json.dumps(ROOT_ANSWER))
-                elif self.path == "/plugins/portables/mirror/status":
-                    self._answer(200, json.dumps(STATUS_ANSWER))
-                else:  # eKuiper's answer for a portable plugin it does not know
-                    self._answer(404, '{"error":1002,"message":"portable plugin ghost is not found"}\n')
-
-            def _answer(self, status: int, body: str):
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _answer(self, path: str, headers) -> tuple[int, object]:
+        self.requests.append((path, headers.get("Authorization")))
+        if path == "/":
+            return 200, ROOT_ANSWER
+        if path == "/plugins/portables/mirror/status":
+            return 200, STATUS_ANSWER
+        return 404, '{"error":1002,"message":"portable plugin ghost is not found"}\n'  # eKuiper's, for one it lacks
 
 
 @pytest.fixture

@@ -8,17 +8,15 @@ Through the test client and through real gunicorn.
 
 from __future__ import annotations
 
-import http.server
-import json
 import math
 import shutil
 import sqlite3
-import threading
 import time
 
 import pytest
 import requests
 from conftest import free_port
+from json_stub import JsonStub
 
 from kuiper_plugins.layout import Layout
 
@@ -111,7 +109,7 @@ def test_an_install_made_while_the_engine_was_unreachable_is_pending(kuiperd, ma
     attached.stop()
 
 
-class SameSecondEngine:
+class SameSecondEngine(JsonStub):
     """A loopback engine answering eKuiper's GET / and native describe, restarted within one second.
 
     Its GET / counts upTimeSeconds as eKuiper does (whole seconds now less whole seconds at `started`), and
@@ -119,37 +117,16 @@ class SameSecondEngine:
     """
 
     def __init__(self, started: float):
-        engine = self
         self.started, self.loaded = started, None
+        super().__init__(self._answer)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path == "/":
-                    up = math.floor(time.time()) - math.floor(engine.started)
-                    self._answer(200, {"version": "2.4.0", "os": "linux", "arch": "amd64", "upTimeSeconds": up})
-                elif self.path == "/plugins/functions/multi" and engine.loaded:
-                    self._answer(200, {"name": "multi", "version": engine.loaded})
-                else:
-                    self._answer(404, {"error": 1002, "message": "not found"})
-
-            def _answer(self, status: int, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _answer(self, path: str, headers) -> tuple[int, dict]:
+        if path == "/":
+            up = math.floor(time.time()) - math.floor(self.started)
+            return 200, {"version": "2.4.0", "os": "linux", "arch": "amd64", "upTimeSeconds": up}
+        if path == "/plugins/functions/multi" and self.loaded:
+            return 200, {"name": "multi", "version": self.loaded}
+        return 404, {"error": 1002, "message": "not found"}
 
 
 def test_an_engine_restarted_within_the_same_second_is_asked_again(make_service, home, served):

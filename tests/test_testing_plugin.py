@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -31,7 +32,8 @@ from kuiper_plugins.testing import (
     native_plugin_zip,
     portable_plugin_zip,
 )
-from kuiper_plugins.testing.engine import MODULE, find_go
+from kuiper_plugins.testing import engine as engine_module
+from kuiper_plugins.testing.engine import MODULE, Engines, find_go
 
 pytest_plugins = ["pytester"]
 
@@ -270,3 +272,26 @@ def test_a_downstream_test_installs_into_the_service_beside_a_real_engine(pytest
     assert Path(home).is_relative_to(pytester.path)
     assert (Path(home) / "plugins" / "portable" / "echoes" / "echoes.py").is_file()
     assert not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.slow
+def test_kuiperd_whose_port_was_taken_before_it_bound_it_starts_again_on_new_ports(
+        kuiperd_build, sdk_python, tmp_path, monkeypatch):
+    """The fixture's answer to L39: another process took a port between free_port() and kuiperd's bind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        picks = iter([engine_module.free_port(), port])  # the REST port, then the taken one for kuiperd's rpc
+        real = engine_module.free_port
+        monkeypatch.setattr(engine_module, "free_port", lambda: next(picks, None) or real())
+        engines = Engines(kuiperd_build, sdk_python, tmp_path)
+        try:
+            engine = engines.start()
+            assert engine.get("/").status_code == 200
+            assert port not in (engine.rest_port, engine.cli_port, engine.http_server_port)
+            log = engine.log_path.read_text(errors="replace")
+            assert f"listen tcp 127.0.0.1:{port}: bind: address already in use" in log
+            assert "a port was taken before kuiperd bound it: new ports, attempt 2" in log
+        finally:
+            engines.stop_all()

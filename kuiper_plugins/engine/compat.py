@@ -28,12 +28,13 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+from typing import TYPE_CHECKING
 
 from kuiper_plugins.settings import SettingsError
+
+if TYPE_CHECKING:
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,11 @@ def read_binary(path: Path) -> GoBinary:
         if head[:4] != b"\x7fELF":
             raise NotReadable("invalid ELF header")
         stream.seek(0)
+        # pyelftools is needed only with engine.binary set, which reads that binary when the settings load (in
+        # the gunicorn master, before it forks): a standalone service never imports it.
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
+
         try:
             elf = ELFFile(stream)
             return _read_elf(path, elf)
@@ -174,6 +180,8 @@ def read_binary(path: Path) -> GoBinary:
 
 
 def _read_elf(path: Path, elf: ELFFile) -> GoBinary:
+    from elftools.elf.sections import SymbolTableSection
+
     hash_addresses: dict[str, tuple[int, int]] = {}
     string_symbols: dict[int, str] = {}
     for table_name in (".dynsym", ".symtab"):

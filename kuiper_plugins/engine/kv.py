@@ -80,6 +80,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -159,10 +160,13 @@ def store_path(data_dir: Path, sqlite_name: str | None = None) -> Path:
 
 _GO_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _GO_HEX_ESCAPED = frozenset("<>&\u2028\u2029")
+_GO_PLAIN = re.compile('[^"\\\\\x00-\x1f<>&\u2028\u2029\ud800-\udfff]*')  # what no escape above touches
 
 
 def go_json_string(text: str) -> str:
     """Return `text` as Go's json.Marshal writes a string (HTML-safe escapes; bad UTF-16 as U+FFFD)."""
+    if _GO_PLAIN.fullmatch(text):  # nothing to escape (names and URLs, nearly always): as it is
+        return f'"{text}"'
     parts = ['"']
     for char in text:
         short = _GO_SHORT_ESCAPES.get(char)

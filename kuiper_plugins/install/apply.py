@@ -9,8 +9,14 @@ Every operation on a plugin runs the same stages (the plan step has already deci
    operation's last commit makes the row durable with it);
 3. do the slow work inside staging: download, inspect, unpack (the caller and the plan step),
    install.sh; refuse a destination that exists and is not recorded as this plugin's;
-4. seal what will be moved: fsync every staged file and folder, taking the
-   size and sha256 the registry will record;
+4. seal what will be moved: make every staged file and folder durable, taking
+   the size and sha256 the registry will record (a few files: an fsync each;
+   many: all read first, then one syncfs of the file system, through a
+   descriptor opened with the staging folder, before anything was written:
+   see `durable.FileSystemSync`); a portable plugin's folder is only made
+   durable here, and read for its fingerprint in place, once install.sh has
+   run in it (and what that wrote made durable), while its handshake check
+   runs, before the commit;
 5. write the journal (the operation and its file moves) beside the staging
    folder, `<operation id>.journal.json`, fsynced with the staging root (one
    fsync makes both names durable); then set every old file aside into the
@@ -42,6 +48,7 @@ import shutil
 import sqlite3
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +103,8 @@ class Operation:
     # Previous versions this operation keeps at least, whatever basic.keepVersions says: an apply of a plugin
     # set keeps the version an update replaces until the whole set is in (fleet/plugin_set.py).
     keep_at_least: int = 0
+    # Opened with the staging folder, before the operation writes anything: flushes what it wrote in one go.
+    flush: durable.FileSystemSync | None = None
 
 
 class Applier:
@@ -307,24 +316,43 @@ class Applier:
 
         The folder is already moved in (an update's old one set aside): a venv or an absolute link made by
         install.sh stays valid. A failure undoes the moves, taking the whole folder away and putting the
-        old one back. What install.sh added is fsynced and fingerprinted before the commit.
+        old one back. The folder is fingerprinted as it is once install.sh has run, and what install.sh
+        wrote is flushed, before the commit. The handshake check runs the plugin as nobody, who can write
+        nothing in a tree this service made (folders 0755, files 0644 or 0755: see `archive.extract` and the
+        installer's unpacked folder): the folder is read while the check runs, unless this service runs as
+        nobody itself, and then only after it.
         """
         folder = self.layout.portable_dir(plan.name)
         if plan.script:
             passed = {k: os.environ[k] for k in scripts.PORTABLE_PASSED_ENV if k in os.environ}
             self._run_script(op, plan, request, folder, passed)
-        if self.settings.portable_verify_on_install:
-            try:
-                portable.verify_descriptor(folder, plan.name, plan.descriptor or {},
-                                           python_bin=self.settings.portable_python_bin,
-                                           init_timeout=self.settings.portable_init_timeout)
-            except PackageInvalid as exc:
-                raise exc.with_prefix("fail to install plugin")
+
+        def seal() -> durable.Fingerprint:
+            # Without install.sh nothing has written in it since it was flushed in staging, before it moved.
+            return durable.seal(folder, op.flush) if plan.script else durable.read_fingerprint(folder)
+
+        if not self.settings.portable_verify_on_install:
+            print_ = seal()
+        elif os.geteuid() == portable.NOBODY:
+            self._check_handshake(plan, folder)
+            print_ = durable.seal(folder, op.flush)
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seal-{op.id[:8]}") as pool:
+                sealed = pool.submit(seal)
+                self._check_handshake(plan, folder)  # leaving the with-block waits for the reading either way
+                print_ = sealed.result()
         recorded = self.layout.relative(folder)
-        print_ = durable.seal(folder)
         durable.sync_folders([folder.parent])
         return [registry.RecordedFile(recorded, print_.size, print_.sha256) if f.path == recorded else f
                 for f in files]
+
+    def _check_handshake(self, plan: packages.InstallPlan, folder: Path) -> None:
+        try:
+            portable.verify_descriptor(folder, plan.name, plan.descriptor or {},
+                                       python_bin=self.settings.portable_python_bin,
+                                       init_timeout=self.settings.portable_init_timeout)
+        except PackageInvalid as exc:
+            raise exc.with_prefix("fail to install plugin")
 
     def _stage_units(
         self, conn: sqlite3.Connection, op: Operation, plan: packages.InstallPlan, unpacked: Path,
@@ -338,6 +366,7 @@ class Applier:
         old_records, kept_groups, placing = self.refuse_foreign_destinations(conn, plan, unpacked, old)
         first_copy: dict[str, Path] = {}
         moves: list[tuple[Path | None, str]] = []
+        unread: set[Path] = set()
         for index, unit in enumerate(placing):
             staged = op.staging / f"{UNIT_PREFIX}{index}"  # beside the unpacked tree: no folder to make for them
             if unit.src in first_copy:
@@ -351,12 +380,15 @@ class Applier:
                     if (unpacked / kind).is_dir() and not any((unpacked / kind).iterdir()):
                         (unpacked / kind).rmdir()
                 os.replace(unpacked, staged)
+                # Fingerprinted in place, once install.sh has run in it, while the handshake check runs
+                # (`_finish_portable`): here it is only made durable before it moves.
+                unread.add(staged)
             else:
                 os.replace(unpacked / unit.src, staged)
                 first_copy[unit.src] = staged
             moves.append((staged, unit.dest))
-        prints = durable.seal_all([staged for staged, _dest in moves])
-        files = [registry.RecordedFile(dest, print_.size, print_.sha256)
+        prints = durable.seal_all([staged for staged, _dest in moves], op.flush, unread=unread)
+        files = [registry.RecordedFile(dest, print_.size, print_.sha256) if print_ else registry.RecordedFile(dest)
                  for (_staged, dest), print_ in zip(moves, prints, strict=True)]
 
         placed = {u.dest for u in placing}
@@ -546,6 +578,7 @@ class Applier:
         try:
             try:
                 op.staging.mkdir()  # its name is made durable with its journal's, before the first move
+                op.flush = durable.FileSystemSync(op.staging)
                 yield op
             except OSError as exc:
                 raise _os_error(exc) from exc
@@ -556,6 +589,8 @@ class Applier:
                     self.projection.bring_back(conn, op.staging, op.name)
             raise
         finally:
+            if op.flush is not None:
+                op.flush.close()
             if op.committed:
                 self._clear_committed(conn, op)
             elif not op.journal:

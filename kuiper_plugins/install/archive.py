@@ -22,7 +22,6 @@ here only make sure it has nothing ambiguous to interpret.
 
 from __future__ import annotations
 
-import copy
 import errno
 import os
 import re
@@ -47,6 +46,7 @@ MAX_DEPTH = 32
 MAX_RATIO = 1000
 RATIO_FREE_SIZE = 1 << 20  # entries up to 1 MiB may compress as well as they like
 CHUNK_SIZE = 1 << 20
+OPEN_FOLDERS = 64  # folder descriptors kept open while extracting
 
 FILE_MODE = 0o644
 EXECUTABLE_MODE = 0o755
@@ -163,13 +163,15 @@ def extract(zip_path: Path, entries: Sequence[Entry], dest_dir: Path) -> None:
     progress.phase("unpack", sum(entry.size for entry in entries if not entry.is_dir))
     root = os.path.realpath(dest_dir)
     root_fd = os.open(root, _FOLDER_OPEN_FLAGS)
+    folders = _OpenFolders(root_fd)
     try:
         with _refusing_malformed("the archive cannot be read"):
             archive = zipfile.ZipFile(zip_path)
         with archive:
             for entry in entries:
-                _extract_entry(archive, entry, root, root_fd)
+                _extract_entry(archive, entry, root, folders)
     finally:
+        folders.close()
         os.close(root_fd)
 
 
@@ -442,17 +444,17 @@ def _collision_key(name: str) -> str:
 # --- extraction ------------------------------------------------------------------
 
 
-def _extract_entry(archive: zipfile.ZipFile, entry: Entry, root: str, root_fd: int) -> None:
-    """Create one folder or write one file under root_fd, mapping archive and disk errors."""
+def _extract_entry(archive: zipfile.ZipFile, entry: Entry, root: str, folders: _OpenFolders) -> None:
+    """Create one folder or write one file under the root folder, mapping archive and disk errors."""
     segments = _path_segments(entry.name)
     destination = os.path.join(root, *segments)
     if os.path.commonpath([root, destination]) != root:
         raise _entry_rejected(entry.name, "leaves the plugin folder")
     try:
         if entry.is_dir:
-            os.close(_open_folder(root_fd, segments))
+            folders.get(segments)
         else:
-            _write_file(archive, entry, root_fd, segments)
+            _write_file(archive, entry, folders, segments)
     except _MALFORMED as error:
         raise _entry_rejected(entry.name, f"is corrupt: {_escaped(str(error)) or type(error).__name__}")
     except OSError as error:
@@ -461,28 +463,27 @@ def _extract_entry(archive: zipfile.ZipFile, entry: Entry, root: str, root_fd: i
         raise
 
 
-def _write_file(archive: zipfile.ZipFile, entry: Entry, root_fd: int, segments: list[str]) -> None:
+def _write_file(archive: zipfile.ZipFile, entry: Entry, folders: _OpenFolders, segments: list[str]) -> None:
     try:
         info = archive.getinfo(entry.name)
     except KeyError:
         raise _entry_rejected(entry.name, "is not in the archive")
     if info.is_dir() or info.file_size != entry.size:
         raise _entry_rejected(entry.name, "does not match the archive")
-    parent_fd = _open_folder(root_fd, segments[:-1])
-    try:
-        file_fd = os.open(segments[-1], _FILE_OPEN_FLAGS, FILE_MODE, dir_fd=parent_fd)
-    finally:
-        if parent_fd != root_fd:
-            os.close(parent_fd)
+    file_fd = os.open(segments[-1], _FILE_OPEN_FLAGS, FILE_MODE, dir_fd=folders.get(segments[:-1]))
     try:
         # The zip's run bit is kept, as eKuiper keeps the entry's mode; the rest is fixed, whatever the umask.
         os.fchmod(file_fd, EXECUTABLE_MODE if entry.executable else FILE_MODE)
         # zipfile stops inflating at the declared size and drops the rest unseen; asking it for one byte more
         # lets _copy_member see a stream that goes on past its declaration (the CRC covers only what was read).
-        probe = copy.copy(info)
-        probe.file_size = info.file_size + 1
-        with archive.open(probe) as member:
-            _copy_member(member, file_fd, entry)
+        # The entry's own ZipInfo (this extraction's ZipFile's, used for nothing else) says so while it is read:
+        # a copy of it per file costs more than the write.
+        info.file_size = entry.size + 1
+        try:
+            with archive.open(info) as member:
+                _copy_member(member, file_fd, entry)
+        finally:
+            info.file_size = entry.size
     finally:
         os.close(file_fd)
 
@@ -500,6 +501,38 @@ def _copy_member(member: zipfile.ZipExtFile, file_fd: int, entry: Entry) -> None
         progress.advance(len(chunk))
     if written != entry.size:
         raise _entry_rejected(entry.name, f"unpacks to {written} bytes, fewer than the {entry.size} declared")
+
+
+class _OpenFolders:
+    """The descriptors of the folders files were last written into, kept open for the next files there.
+
+    A zip lists a tree folder by folder, so thousands of files share a few folders: opening each one
+    once, not once per file, saves walking (and trying to make) the same path again and again. At most
+    OPEN_FOLDERS stay open (the least recently used goes), well below any descriptor limit.
+    """
+
+    def __init__(self, root_fd: int):
+        self.root_fd = root_fd
+        self.open: dict[tuple[str, ...], int] = {}  # in order of use, the last used last
+
+    def get(self, segments: list[str]) -> int:
+        """A descriptor of root/segments, made where missing and kept open: the caller must not close it."""
+        key = tuple(segments)
+        if not key:
+            return self.root_fd
+        fd = self.open.pop(key, None)
+        if fd is None:
+            fd = _open_folder(self.root_fd, segments)
+            if len(self.open) >= OPEN_FOLDERS:
+                os.close(self.open.pop(next(iter(self.open))))
+        self.open[key] = fd
+        return fd
+
+    def close(self) -> None:
+        """Close every descriptor kept open (not the root's)."""
+        for fd in self.open.values():
+            os.close(fd)
+        self.open.clear()
 
 
 def _open_folder(root_fd: int, segments: list[str]) -> int:

@@ -80,6 +80,7 @@ class Installer:
         self.adopter = Adopter(self.layout, self._writer, self.engine_store)
         self.dry_run = DryRun(self)  # ?dryRun=1: the same refusals, and a plan instead of the operation
         self.versions = Versions(settings, self.layout, self.applier)
+        self.damaged_at_recovery: list | None = None  # what the last recover() found wrong with recorded files
         self.applier.keeper = self.versions
 
     def close(self) -> None:
@@ -231,7 +232,7 @@ class Installer:
                 self.applier.recover(conn)
                 self.versions.sweep(conn)
                 self.adopter.adopt_all(conn)
-                self.reconcile_engine_store(conn)
+                self.damaged_at_recovery = self.reconcile_engine_store(conn)
             finally:
                 conn.close()
 
@@ -244,9 +245,10 @@ class Installer:
         """Forget a plugin whose files the engine's own delete removed; whether it was forgotten."""
         return self.adopter.forget_removed(plugin_type, name)
 
-    def reconcile_engine_store(self, conn: sqlite3.Connection) -> None:
-        """Make eKuiper's plugin rows equal the projection of the whole registry (start-up)."""
-        self.projection.reconcile(conn)
+    def reconcile_engine_store(self, conn: sqlite3.Connection) -> list:
+        """Make eKuiper's plugin rows equal the projection of the whole registry (start-up); return the
+        recorded files found missing, empty or modified on the way (verify.Problem)."""
+        return self.projection.reconcile(conn)
 
     def engine_version(self) -> str | None:
         """The managed engine's version: its own answer (engine.url), else basic.kuiperVersion."""
@@ -270,7 +272,9 @@ class Installer:
         try:
             plan = self.planner.plan_package(conn, op.kind, plugin_type, request, fetched, old, unprivileged_caller)
             unpacked = op.staging / "unpacked"
-            unpacked.mkdir()
+            # A portable plugin's own folder once in place: writable by this service's user alone, whatever
+            # the umask, as archive.extract makes every folder inside it.
+            unpacked.mkdir(mode=archive.FOLDER_MODE)
             try:
                 archive.extract(fetched.path, plan.entries, unpacked)
             except (ArchiveRejected, PackageInvalid, ScriptFailed, Forbidden) as exc:
@@ -311,8 +315,8 @@ def recover_home(settings: Settings, engine=None) -> Installer:
     """Make the home's folders and registry, and settle what a crash or power cut left; the installer.
 
     gunicorn's master runs it before it tells systemd it is ready, so that an engine ordered after this
-    service boots on settled folders; each worker runs it again as it loads the app (nothing is left then,
-    unless a worker died since).
+    service boots on settled folders. The workers forked right after share what it settled; a worker forked
+    later, replacing one that stopped, settles the home again as it starts (app.settle_home).
     """
     layout = Layout.of(settings)
     layout.create()

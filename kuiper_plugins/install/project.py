@@ -45,10 +45,15 @@ class EngineProjection:
 
     # ---------------------------------------------------------------- eKuiper's own store
 
-    def reconcile(self, conn: sqlite3.Connection) -> None:
-        """Make eKuiper's plugin rows equal the projection of the whole registry (start-up)."""
-        from kuiper_plugins.lifecycle.verify import plugins_missing_files  # lifecycle builds on install: imported late
-        damaged = plugins_missing_files(conn, self.layout)  # a plugin whose files are missing is not offered to eKuiper
+    def reconcile(self, conn: sqlite3.Connection) -> list:
+        """Make eKuiper's plugin rows equal the projection of the whole registry (start-up); return what the
+        check of every recorded file found (verify.Problem, sizes only), for start-up to report."""
+        from kuiper_plugins.lifecycle import verify  # lifecycle builds on install: imported late
+        problems = verify.file_problems(conn, self.layout, hashes=False)
+        # A plugin with a file missing or emptied is not offered to eKuiper until repaired. A file of another
+        # size is reported, not withheld: a portable plugin's folder changes when its program writes beside
+        # itself (a Python plugin's __pycache__), and eKuiper loads it all the same.
+        damaged = {(p.type, p.name) for p in problems if p.problem in verify.WITHHELD}
         rows = [row for plugin, functions in registry.all_plugins(conn) if (plugin.type, plugin.name) not in damaged
                 for row in engine_rows(plugin.type, plugin.name, plugin.request, functions)]
         try:
@@ -56,6 +61,7 @@ class EngineProjection:
         except PluginError as exc:
             log.error("eKuiper's store could not be reconciled with the registry (%s); the next start will",
                       exc.message)
+        return problems
 
     def project(self, conn: sqlite3.Connection, plugin_type: str, name: str) -> None:
         """Rewrite one plugin's rows in eKuiper's store after our registry committed its change.

@@ -63,17 +63,25 @@ class Problem:
 
 
 def file_problem(layout: Layout, recorded: registry.RecordedFile, *, hashes: bool,
-                 user_config: bool = False) -> tuple[str, str] | None:
-    """What is wrong with one recorded file now, as (problem, detail); None when it is as recorded."""
-    path = layout.absolute(recorded.path)
+                 user_config: bool = False, withheld_only: bool = False) -> tuple[str, str] | None:
+    """What is wrong with one recorded file now, as (problem, detail); None when it is as recorded.
+
+    With `withheld_only`, only a problem in WITHHELD is looked for, with one lstat: a folder's size, which
+    takes a walk of it, only ever makes it MODIFIED (a folder is never EMPTY).
+    """
+    path = layout.absolute_text(recorded.path)
     try:
-        mode = os.lstat(path).st_mode
+        status = os.lstat(path)
     except FileNotFoundError:
         return MISSING, "nothing at this path"
     except OSError as exc:
         return MISSING, f"cannot be read: {exc.strerror}"
     if user_config or recorded.size is None:
         return None  # the user's own settings, or a file recorded without a fingerprint: being there is all
+    mode = status.st_mode
+    if withheld_only:
+        emptied = stat.S_ISREG(mode) and status.st_size == 0 and recorded.size > 0
+        return (EMPTY, f"0 bytes, installed with {recorded.size}") if emptied else None
     size = _size(path, mode)
     if size is None:
         return MODIFIED, "cannot be read"
@@ -82,13 +90,13 @@ def file_problem(layout: Layout, recorded: registry.RecordedFile, *, hashes: boo
     if size != recorded.size:
         return MODIFIED, f"{size} bytes, installed with {recorded.size}"
     if hashes and recorded.sha256 is not None:
-        print_ = durable.fingerprint(path)
+        print_ = durable.fingerprint(Path(path))
         if print_ is None or print_.sha256 != recorded.sha256:
             return MODIFIED, "sha256 differs from the one installed"
     return None
 
 
-def _size(path: Path, mode: int) -> int | None:
+def _size(path: str, mode: int) -> int | None:
     """The size durable.fingerprint would give, without reading a byte (a folder: its files' total)."""
     try:
         if stat.S_ISLNK(mode):
@@ -115,20 +123,21 @@ def file_problems(conn: sqlite3.Connection, layout: Layout, *, hashes: bool) -> 
     """Every recorded file that is missing, empty or modified, plugin by plugin."""
     with db.snapshot(conn):
         plugins = [plugin for plugin, _functions in registry.all_plugins(conn)]
-        files = {plugin.id: registry.recorded_files(conn, plugin.id) for plugin in plugins}
+        files = registry.recorded_files_by_plugin(conn)
     problems = []
     for plugin in plugins:
-        problems += _plugin_file_problems(layout, plugin, files[plugin.id], hashes=hashes)
+        problems += _plugin_file_problems(layout, plugin, files.get(plugin.id, []), hashes=hashes)
     return problems
 
 
 def _plugin_file_problems(layout: Layout, plugin: registry.Plugin, files: list[registry.RecordedFile], *,
-                          hashes: bool) -> list[Problem]:
+                          hashes: bool, withheld_only: bool = False) -> list[Problem]:
     """What is wrong with each of one plugin's recorded files (a source's yaml: only its absence)."""
     config = set(packages.kept_on_delete(plugin.type, plugin.name))
     problems = []
     for recorded in files:
-        found = file_problem(layout, recorded, hashes=hashes, user_config=recorded.path in config)
+        found = file_problem(layout, recorded, hashes=hashes, user_config=recorded.path in config,
+                             withheld_only=withheld_only)
         if found is not None:
             problems.append(Problem(plugin.type, plugin.name, recorded.path, *found))
     return problems
@@ -139,23 +148,14 @@ def damaged_plugins(conn: sqlite3.Connection, layout: Layout, *, hashes: bool = 
     return {(p.type, p.name) for p in file_problems(conn, layout, hashes=hashes)}
 
 
-def plugins_missing_files(conn: sqlite3.Connection, layout: Layout) -> set[tuple[str, str]]:
-    """The plugins with a file missing or emptied: never projected into eKuiper's store until repaired.
-
-    A file of another size is reported, not withheld: a portable plugin's folder changes when its
-    program writes beside itself (a Python plugin's __pycache__), and eKuiper loads it all the same.
-    """
-    return {(p.type, p.name) for p in file_problems(conn, layout, hashes=False) if p.problem in WITHHELD}
-
-
 def missing_files(conn: sqlite3.Connection, layout: Layout, plugin: registry.Plugin) -> list[Problem]:
-    """One plugin's files that are missing or emptied (sizes only, as at start-up): while any is, it is withheld.
+    """One plugin's files that are missing or emptied, as start-up finds them: while any is, it is withheld.
 
-    Asked before each projection of the plugin and each hand-over to the running engine, so it costs what
-    start-up's check costs for one plugin: an lstat per file, a walk per portable folder.
+    Asked before each projection of the plugin and each hand-over to the running engine, so it costs an
+    lstat per recorded file (a portable plugin's folder is not walked: only its being there counts here).
     """
-    found = _plugin_file_problems(layout, plugin, registry.recorded_files(conn, plugin.id), hashes=False)
-    return [p for p in found if p.problem in WITHHELD]
+    return _plugin_file_problems(layout, plugin, registry.recorded_files(conn, plugin.id), hashes=False,
+                                 withheld_only=True)
 
 
 def store_problems(conn: sqlite3.Connection, store: kv.EngineStore,
@@ -216,10 +216,10 @@ def report(problems: Iterable[Problem]) -> dict[str, Any]:
     return {"ok": not listed, "problems": listed}
 
 
-def warn_damaged(conn: sqlite3.Connection, layout: Layout) -> int:
-    """Log one warning per damaged plugin (sizes only: the start-up check); return how many there are."""
+def warn_damaged(problems: Iterable[Problem]) -> int:
+    """Log one warning per damaged plugin from the start-up check's problems; return how many there are."""
     by_plugin: dict[tuple[str, str], list[Problem]] = {}
-    for p in file_problems(conn, layout, hashes=False):
+    for p in problems:
         by_plugin.setdefault((p.type, p.name), []).append(p)
     for (plugin_type, name), found in sorted(by_plugin.items()):
         withheld = any(p.problem in WITHHELD for p in found)

@@ -155,6 +155,16 @@ def recorded_files(conn: sqlite3.Connection, plugin_id: int) -> list[RecordedFil
 
 
 @mapped_errors
+def recorded_files_by_plugin(conn: sqlite3.Connection) -> dict[int, list[RecordedFile]]:
+    """`recorded_files` of every plugin, by plugin id, in one query (a check of the whole registry)."""
+    files: dict[int, list[RecordedFile]] = {}
+    rows = conn.execute("SELECT plugin_id, path, size, sha256 FROM plugin_files ORDER BY plugin_id, path")
+    for plugin_id, path, size, sha256 in rows:
+        files.setdefault(plugin_id, []).append(RecordedFile(path, size, sha256))
+    return files
+
+
+@mapped_errors
 def functions_of(conn: sqlite3.Connection, plugin_id: int) -> list[str]:
     rows = conn.execute("SELECT name FROM functions WHERE plugin_id = ? ORDER BY position", (plugin_id,))
     return [row[0] for row in rows]

@@ -53,6 +53,8 @@ PORTABLE_FLAGS = ("-trimpath",)  # a portable plugin is an ordinary executable, 
 BUILD_TIMEOUT = 1800  # a cold kuiperd build is ~4 min on 2 idle cores; a shared, loaded machine is slower
 PROGRESS_EVERY = 15.0
 START_TIMEOUT = 60
+PORT_ATTEMPTS = 3  # starts of kuiperd on ports picked anew, when one was taken before it bound it
+PORT_TAKEN = "bind: address already in use"  # Go's words, in kuiperd's fatal line
 STOP_TIMEOUT = 20  # kuiperd's shipped gracefulShutdownTimeout is 10 s
 SDK_REQUIREMENT = "ekuiper>=2,<3"  # eKuiper's Python SDK; it brings the pynng version it was made with
 
@@ -363,6 +365,10 @@ def _has_sdk(python: Path) -> bool:
 
 # ---------------------------------------------------------------------------- a running kuiperd
 
+class _PortTaken(Exception):
+    """kuiperd exited at start because a port picked for it was taken meanwhile."""
+
+
 class Kuiperd:
     """A real kuiperd on loopback ports, with a home of its own and a private /tmp; its output in a log file."""
 
@@ -371,11 +377,14 @@ class Kuiperd:
         self.home = home
         self.log_path = log_path
         self.python_bin = python_bin
+        self._pick_ports()
+        self.process: subprocess.Popen | None = None
+
+    def _pick_ports(self) -> None:
         self.rest_port = free_port()
         self.cli_port = free_port()
         self.http_server_port = free_port()
         self.url = f"http://127.0.0.1:{self.rest_port}"
-        self.process: subprocess.Popen | None = None
 
     @property
     def uploads(self) -> Path:
@@ -426,7 +435,26 @@ class Kuiperd:
         return [*unshare, sys.executable, str(PRIVATE_TMP), *map(str, keep), "--", str(self.build.binary)]
 
     def start(self) -> Kuiperd:
-        """Start kuiperd and wait (bounded) until its REST API answers; fail with its log if it does not."""
+        """Start kuiperd and wait (bounded) until its REST API answers; fail with its log if it does not.
+
+        A port found free can be taken by another process (a client's outgoing connection gets one from the
+        same range) before kuiperd binds it: kuiperd then exits at once, saying so, and is started again on
+        ports picked anew, PORT_ATTEMPTS times at most.
+        """
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return self._start_once()
+            except _PortTaken:
+                if attempt == PORT_ATTEMPTS:
+                    raise AssertionError(f"kuiperd found a port taken {PORT_ATTEMPTS} times:\n{self.log()}") from None
+                self._log.write(f"\n[test] a port was taken before kuiperd bound it: new ports, attempt "
+                                f"{attempt + 1}\n".encode())
+                self._log.close()
+                self._pick_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> Kuiperd:
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.prepare()
         # KUIPER__* variables would override the engine's kuiper.yaml (they are its own), and KUIPER_HOME and
         # KUIPER_PLUGINS* are the service's
@@ -440,6 +468,8 @@ class Kuiperd:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if PORT_TAKEN in self.log_path.read_text(errors="replace")[log_start:]:
+                    raise _PortTaken()
                 raise AssertionError(f"kuiperd exited with {self.process.returncode}:\n{self.log()}")
             try:
                 if requests.get(f"{self.url}/", timeout=5).status_code == 200:

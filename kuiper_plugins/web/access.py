@@ -51,6 +51,8 @@ UNPRIVILEGED_CALLER = "kuiper_plugins.unprivileged_caller"  # environ key set by
 # Also set by AccessCheck.check, for the audit trail (web/auditing.py): who the caller was found to be.
 TOKEN_CLAIMS = "kuiper_plugins.token_claims"  # a JWT's verified claims
 CALLER_UIDS = "kuiper_plugins.caller_uids"  # the uids the kernel names for a local caller
+# Set by a server that may answer more requests on the same connection (our worker's kept answers).
+PERSISTENT_CONNECTION = "kuiper_plugins.persistent_connection"
 ANOTHER_WAY = "or turn on basic.authentication and send a JWT"
 
 # A Host header or an Origin's authority: a name or IPv4 address, or a bracketed IPv6 address; an optional port.
@@ -85,9 +87,10 @@ class LocalCallers:
     """The local users served while authentication is off, and who holds the client's end of a connection.
 
     With the accepted socket in the WSGI environ (gunicorn, werkzeug), the connection's four-tuple is
-    looked up exactly, or SO_PEERCRED read for a Unix domain socket. Under a threaded server, whose
-    connections may carry many requests (gthread keep-alive), the answer is kept for as long as the
-    socket lives, since a connection's client cannot change.
+    looked up exactly, or SO_PEERCRED read for a Unix domain socket. Where a connection may carry many
+    requests (a threaded server's keep-alive, our worker's kept connections: PERSISTENT_CONNECTION),
+    the answer is kept for as long as the socket lives: the kernel records a socket's owner when the
+    socket is made, and only a privileged process (CAP_CHOWN) can give it to another user.
     Without the socket, REMOTE_ADDR and REMOTE_PORT as the server gives them name the client's end,
     and every live socket bound there must belong to an allowed user.
     """
@@ -120,8 +123,8 @@ class LocalCallers:
         """The uids the kernel names for this request's connection; raise PeerUnknown when it cannot."""
         sock = connection_socket(environ)
         if sock is not None:
-            if not environ.get("wsgi.multithread"):
-                # A sync worker answers one request per connection: a cache entry would never be read again.
+            if not (environ.get("wsgi.multithread") or environ.get(PERSISTENT_CONNECTION)):
+                # One request on this connection: a cache entry would never be read again.
                 return peer_of_socket(sock)
             uids = self._known.get(sock)
             if uids is None:

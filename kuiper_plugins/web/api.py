@@ -27,6 +27,7 @@ from kuiper_plugins.lifecycle import verify
 from kuiper_plugins.store import db, registry
 from kuiper_plugins.web import auditing
 from kuiper_plugins.web.access import unprivileged_caller
+from kuiper_plugins.web.fast_reads import mark_fresh
 from kuiper_plugins.web.schemas import (
     FunctionListSchema,
     FunctionOwnerSchema,
@@ -75,16 +76,17 @@ def cached_json(key: str, build: Callable[[sqlite3.Connection], Any]) -> Respons
     building a body costs much more than asking whether anything changed (`db.Changes`: the WAL
     index's header, and PRAGMA data_version when that header moved).
     A `build` that raises (not found) caches nothing; there is at most one entry per plugin or function.
+    The answer is marked fresh until that change: returned as it is, the worker may answer the same
+    request again without the app (web/fast_reads.py).
     """
-    conn = connection()
-    if getattr(_bodies, "conn", None) is not conn:
-        _bodies.conn, _bodies.changes, _bodies.entries = conn, db.Changes(conn, services().layout.registry_file), {}
-    version = _bodies.changes.version()
+    conn, token = services().fast_reads.connection_token()
+    if getattr(_bodies, "tracker", None) != token.tracker:
+        _bodies.tracker, _bodies.entries = token.tracker, {}
     hit = _bodies.entries.get(key)
-    if hit is None or hit[0] != version:
+    if hit is None or hit[0] != token:
         body = json.dumps(build(conn), separators=(",", ":"), ensure_ascii=False)
-        hit = _bodies.entries[key] = (version, body)
-    return Response(hit[1], mimetype="application/json")
+        hit = _bodies.entries[key] = (token, body)
+    return mark_fresh(Response(hit[1], mimetype="application/json"), token)
 
 
 def text(message: str, status: int = 200) -> Response:

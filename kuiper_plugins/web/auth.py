@@ -41,15 +41,13 @@ import pwd
 import stat
 import time
 from pathlib import Path
-from typing import Any
-
-import jwt
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from typing import TYPE_CHECKING, Any
 
 from kuiper_plugins.errors import Unauthorized
 from kuiper_plugins.settings import SettingsError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +59,24 @@ MAX_TOKEN_CHARS = 16 * 1024
 _SHOWN_CHARS = 100
 _BEARER = "bearer"
 
-# What PyJWT and the key loader raise on hostile input; each becomes a 401.
-_TOKEN_ERRORS = (jwt.PyJWTError, ValueError, TypeError, OverflowError, UnicodeError, json.JSONDecodeError)
 _SHOWN_PROBLEMS = 10  # unsafe paths named in the start-up error; the rest are counted
 
 
 class UnsafeKeyFiles(SettingsError):
     """Users other than root and this service's could change the keys tokens are checked with."""
+
+
+def _jwt():
+    """PyJWT, imported once tokens are to be checked: with basic.authentication off the service never needs it,
+    nor the cryptography it imports (4 MB of the service's memory)."""
+    import jwt
+
+    return jwt
+
+
+def _token_errors() -> tuple[type[BaseException], ...]:
+    """What PyJWT and the key loader raise on hostile input; each becomes a 401."""
+    return _jwt().PyJWTError, ValueError, TypeError, OverflowError, UnicodeError, json.JSONDecodeError
 
 
 def check_key_files(keys_dir: Path) -> None:
@@ -157,9 +166,11 @@ class JwtAuthenticator:
     def __init__(self, keys_dir: Path, *, max_lifetime: int = 0):
         self.keys_dir = Path(keys_dir)
         self.max_lifetime = max_lifetime  # seconds; 0: any lifetime, and exp may be left out, as in eKuiper
+        _jwt()  # now, where the app is built (the gunicorn master), not in each worker at its first token
 
     def verify(self, authorization: str | None) -> dict[str, Any]:
         """Return the token's verified claims, or raise Unauthorized saying why not."""
+        jwt = _jwt()
         token = _token_from_header(authorization)
         issuer = _unverified_issuer(token)
         key = self._public_key(issuer)
@@ -178,7 +189,7 @@ class JwtAuthenticator:
             if exc.claim == "aud":
                 raise Unauthorized(f"audience field should contain {AUDIENCE}, but got ")
             raise Unauthorized(f"validate token error: {_shown(str(exc))}")
-        except _TOKEN_ERRORS as exc:
+        except _token_errors() as exc:
             raise Unauthorized(f"validate token error: {_reason(exc)}")
         if self.max_lifetime:
             self._check_lifetime(claims)
@@ -206,6 +217,10 @@ class JwtAuthenticator:
 
     def _public_key(self, issuer: str) -> RSAPublicKey:
         """Load the RSA public key of `issuer` from the file of that name (case-insensitively)."""
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
         path = self._key_file(issuer)
         try:
             # Non-blocking: opening a FIFO that happens to carry the issuer's name must not hang the worker.
@@ -284,12 +299,13 @@ def _token_from_header(authorization: str | None) -> str:
 
 def _unverified_issuer(token: str) -> str:
     """Read `iss` before the signature is checked: only to choose the key that must have signed the token."""
+    jwt = _jwt()
     try:
         header = jwt.get_unverified_header(token)
         if header.get("alg") != ALGORITHM:
             raise jwt.InvalidAlgorithmError(f"signing method {_shown(str(header.get('alg')))} is invalid")
         claims = jwt.decode(token, options={"verify_signature": False})
-    except _TOKEN_ERRORS as exc:
+    except _token_errors() as exc:
         raise Unauthorized(f"validate token error: {_reason(exc)}")
     issuer = claims.get("iss")
     if not isinstance(issuer, str) or not issuer:
@@ -299,8 +315,8 @@ def _unverified_issuer(token: str) -> str:
 
 def _audience_of(token: str) -> str:
     try:
-        audience = jwt.decode(token, options={"verify_signature": False}).get("aud")
-    except _TOKEN_ERRORS:
+        audience = _jwt().decode(token, options={"verify_signature": False}).get("aud")
+    except _token_errors():
         return ""
     if isinstance(audience, list):
         return _shown("[" + " ".join(str(item) for item in audience) + "]")
@@ -308,6 +324,7 @@ def _audience_of(token: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    jwt = _jwt()
     if isinstance(exc, jwt.InvalidSignatureError):
         return "signature is invalid"
     if isinstance(exc, jwt.ExpiredSignatureError):

@@ -1,13 +1,23 @@
 """gunicorn server hooks: say where the service listens, what it found of an engine and whether it asks for
 tokens; refuse to start on a port it cannot have, an unusable registry or JWT keys that others could change;
-and roll back an interrupted request.
+build the app once for every worker; and roll back an interrupted request.
 
 `etc/gunicorn.conf.py` imports these by name; gunicorn calls them in the master or the workers.
+
+The app is built in the master, once the start-up checks have passed, and the workers are forked from it:
+the modules, the app and what they allocated are then in pages the master and every worker share (three
+processes used to hold three copies). `gc.freeze()` just before each fork keeps the collector of a worker
+from writing to the master's objects, which would copy their pages into the worker. Nothing the app opens
+at build time is kept open (the registry's connections are opened per process, on first use), and what
+runs in threads (engine/sync.py) starts in each worker. A reload (SIGHUP) builds the app anew, from the
+settings as they are then, before the new workers are forked.
 """
 
 from __future__ import annotations
 
 import errno
+import gc
+import importlib
 import logging
 import os
 import queue
@@ -16,6 +26,7 @@ import socket
 import stat
 import sys
 
+from kuiper_plugins.app import log_serving, settle_home
 from kuiper_plugins.errors import PluginError, RequestInterrupted
 from kuiper_plugins.install.installer import recover_home
 from kuiper_plugins.layout import Layout
@@ -36,18 +47,17 @@ log = logging.getLogger(__name__)
 WORKER_BOOT_ERROR = 3  # gunicorn's exit status for "worker failed to boot": the master stops, no respawn loop
 
 
-def _registry_problem() -> str | None:
+def _registry_problem(settings: Settings) -> str | None:
     """Why the registry cannot be used (corrupt, too new), read-only and without writing; None when it can."""
     try:
-        db.check(Layout.of(load_settings()).registry_file)
+        db.check(Layout.of(settings).registry_file)
     except PluginError as exc:
         return exc.message
     return None
 
 
-def _key_files_problem() -> str | None:
+def _key_files_problem(settings: Settings) -> str | None:
     """With basic.authentication on, why the JWT keys cannot be trusted (see check_key_files); None when they can."""
-    settings = load_settings()
     if not settings.authentication:
         return None
     try:
@@ -126,13 +136,48 @@ def on_starting(server):
     mismatch = authentication_mismatch(settings)
     if mismatch:
         log.warning("%s", mismatch)
-    problem = _registry_problem() or _key_files_problem()
+    problem = _registry_problem(settings) or _key_files_problem(settings)
     if problem:
         sys.exit(f"kuiper-plugins cannot start: {problem}")
-    # Before gunicorn tells systemd it is ready (Type=notify): an engine ordered after this service then
-    # boots on folders where no install is half done (docs/engine-live.md, "Crashes").
-    recover_home(settings)
+    # Building the app settles the home (recover_home), before gunicorn tells systemd it is ready (Type=notify):
+    # an engine ordered after this service then boots on folders where no install is half done
+    # (docs/engine-live.md, "Crashes").
+    _build_app(server)
     server.kuiper_service_lock = hold_service_lock(Layout.of(settings))  # an offline restore refuses until exit
+
+
+def _build_app(server) -> None:
+    """Build the app in the master, for every worker to share (module docstring); keep its settings.
+
+    Building it settles the home: the workers forked right after it need not settle it again (`pre_fork`).
+    """
+    app = server.app.wsgi()
+    services = getattr(app, "extensions", {}).get("kuiper_plugins")
+    if services is None:  # another app than ours (the bench's bare one): the home is settled here
+        recover_home(load_settings())
+    server.kuiper_settings = services.settings if services is not None else load_settings()
+    server.kuiper_settled_spawns = server.cfg.workers
+
+
+def on_reload(server):
+    """SIGHUP, in the master, before the new workers are forked: build the app again from the settings now."""
+    module = server.app.app_uri.partition(":")[0] if getattr(server.app, "app_uri", None) else None
+    if module in sys.modules:
+        importlib.reload(sys.modules[module])  # the app module builds its app when it runs (wsgi.py)
+    server.app.callable = None
+    _build_app(server)
+
+
+def pre_fork(server, worker):
+    """In the master, just before a worker is forked: what is built so far is shared, leave it be (docstring).
+
+    The first workers after the app was built find the home just settled; any later one replaces a worker
+    that stopped, perhaps in the middle of an operation, and settles the home before it serves.
+    """
+    gc.freeze()
+    settled = getattr(server, "kuiper_settled_spawns", 0)
+    worker.kuiper_home_settled = settled > 0
+    server.kuiper_settled_spawns = max(settled - 1, 0)
 
 
 # What the master sends its workers. Until a new worker has set its own handlers, it still runs the
@@ -150,7 +195,8 @@ def post_fork(server, worker):
     """In each new worker, before the app loads: a registry or keys that went bad since start stop the service."""
     signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
     worker.kuiper_early_signals = _take_queued(getattr(server, "SIG_QUEUE", None))
-    problem = _registry_problem() or _key_files_problem()
+    settings = getattr(server, "kuiper_settings", None) or load_settings()
+    problem = _registry_problem(settings) or _key_files_problem(settings)
     if problem:
         server.log.error("kuiper-plugins cannot start: %s", problem)
         sys.exit(WORKER_BOOT_ERROR)
@@ -172,12 +218,16 @@ def _take_queued(signals) -> list[int]:
 
 
 def post_worker_init(worker):
-    """In each new worker, once its signal handlers are set and the app is loaded: take the signals held back,
-    and start the periodic look at the engine's plugins (engine/sync.py)."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+    """In each new worker, once its signal handlers are set and the app is loaded: undo what a worker that died
+    left, take the signals held back, and start the periodic look at the engine's plugins (engine/sync.py)."""
     services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("kuiper_plugins")
-    if services is not None and services.engine_sync is not None:
-        services.engine_sync.start()  # a thread of this worker: it is started after the fork, never before
+    if services is not None and not getattr(worker, "kuiper_home_settled", False):
+        settle_home(services)  # a worker that died may have left an operation: undone with the signals held back
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+    if services is not None:
+        log_serving(services.settings)  # the app was built in the master: this worker now serves it too
+        if services.engine_sync is not None:
+            services.engine_sync.start()  # a thread of this worker: it is started after the fork, never before
     for sig in dict.fromkeys(getattr(worker, "kuiper_early_signals", ())):
         os.kill(os.getpid(), sig)
 

@@ -42,35 +42,56 @@ variables, read when gunicorn starts, set them, as WEB_CONCURRENCY sets the work
   and after that long must keep up an average of STREAM_MIN_RATE bytes per second; writing the answer
   may stall no longer;
 - after the answer, the worker lingers for the client's close in the selector, not in a recv().
-Every connection is closed after its answer (Connection: close), as the sync worker does.
+Every connection is closed after its answer (Connection: close), as the sync worker does, but for one kind.
+
+Reads answered from the app's kept answer keep their connection. A plain GET (`_plain_get`) whose answer
+the app kept since the registry's last commit (web/fast_reads.py) is answered here, in the selector's
+pass, once the caller passes the app's own check (`AccessCheck`, its uid asked of the kernel once per
+connection) and the change token is still the one the answer was built at. The connection then waits
+in the selector for its next request head, within HEAD_SECONDS (idle that long, it is closed without a
+word); `Connection: close` and a stopping worker close it after the answer. At most PIPELINE_BATCH such
+answers are given in a row on one connection before the others get their turn. An answer the client
+does not take at once waits in the selector (its connection read no further) for BODY_SECONDS at most,
+within WRITE_BUDGET: a client that never reads holds no worker. While a worker answers kept connections
+(SPREAD_WINDOW), or has just taken one (BURST_WINDOW), it offers each new connection to the other workers
+over the hand-over pair below, so that clients connecting together do not all stay with the worker that
+woke first.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import email.utils
 import errno
 import io
 import json
 import logging
 import os
+import re
 import resource
 import selectors
 import socket
 import ssl
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 
-from gunicorn import http, util
+from gunicorn import SERVER, http, util
 from gunicorn.http import wsgi
 from gunicorn.workers.sync import SyncWorker
+from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import RequestTimeout
 from werkzeug.wrappers import Request
 
 from kuiper_plugins.app import MAX_JSON_BODY
 from kuiper_plugins.errors import Forbidden, MalformedBody, Unauthorized
+from kuiper_plugins.lifecycle import audit
 from kuiper_plugins.web import peers
-from kuiper_plugins.web.access import AccessCheck, access_check_of, refusal
+from kuiper_plugins.web.access import PERSISTENT_CONNECTION, AccessCheck, access_check_of, refusal
+from kuiper_plugins.web.fast_reads import REQUEST_ID_HEADER, FastReads, KeptAnswer, fast_reads_of
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +126,23 @@ HANDOFF_MAX = 64 * 1024  # bytes of a request that may go with its connection to
 HANDOFF_FRESH = 1.0  # seconds: a connection with nothing received yet is handed over only this young
 HANDOFF_BATCH = 64  # connections handed over at most before one request is served
 READS = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # served at once: nothing waits long behind them
+PIPELINE_BATCH = 16  # kept answers given in a row on one connection before the others get their turn
+WRITE_BUDGET = 32 * 1024 * 1024  # bytes of kept answers waiting for slow readers, one worker holds at most
+SPREAD_WINDOW = 0.05  # seconds since it last gave a kept answer: a worker is in use
+BURST_WINDOW = 0.005  # ... or since it last took a connection: the next ones of a burst go to the others
+OFFER_WAIT = 0.002  # seconds a worker in use waits, after offering or taking one, before it takes offered ones
+# A header name the fast path reads as it is: a token without "_" (gunicorn drops or maps those names).
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(rb"[\x20-\x7e\t]*")  # printable ASCII: anything else is for gunicorn's parser to judge
+# Headers that change how gunicorn frames or reads a request: such a request is served by the app.
+_FRAMING = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"})
 
 
 class _Connection:
     """One accepted connection while its request arrives (or, answered, while it lingers)."""
 
     __slots__ = ("sock", "fd", "addr", "listener", "data", "head_end", "body_end", "deadline", "watched", "table",
-                 "accepted")
+                 "accepted", "kept", "turn", "out", "closing")
 
     def __init__(self, sock: socket.socket, addr, listener, now: float):
         self.sock = sock
@@ -125,6 +156,10 @@ class _Connection:
         self.watched = False  # registered with the selector
         self.table: dict[int, _Connection] | None = None  # the worker's table it is in, if any
         self.accepted = now
+        self.kept = False  # kept open after a kept answer, for the client's next request
+        self.turn = 0  # kept answers given in a row since it last waited its turn
+        self.out: memoryview | None = None  # what is left to send of a kept answer the client reads slowly
+        self.closing = False  # close once `out` is sent, rather than keep the connection
 
     def answer_continue(self) -> None:
         """Send 100 Continue now and drop the Expect line, so that gunicorn does not send it again."""
@@ -167,6 +202,176 @@ def _announced_body(head: bytes) -> tuple[int | None, bool]:
     if not text.isdigit() or int(text) > MAX_JSON_BODY:
         return None, False
     return int(text), expects
+
+
+class _PlainGet:
+    """A request head the worker may answer from a kept answer: GET, HTTP/1.1, no body, plain headers."""
+
+    __slots__ = ("target", "headers", "close")
+
+    def __init__(self, target: bytes, headers: dict[bytes, bytes], close: bool):
+        self.target = target
+        self.headers = headers  # lower-cased names, values as sent (stripped)
+        self.close = close  # the client asked for the connection to be closed after the answer
+
+
+class _HeadLimits:
+    """What of gunicorn's settings decides whether it would take a head as it is (read once per worker)."""
+
+    __slots__ = ("line", "fields", "field_size", "judged")
+
+    def __init__(self, cfg):
+        self.line = cfg.limit_request_line or sys.maxsize  # 0: unlimited
+        self.fields = cfg.limit_request_fields
+        self.field_size = cfg.limit_request_field_size or sys.maxsize
+        # Headers gunicorn reads to set the URL scheme (nginx's X-Forwarded-Proto), refusing two that disagree:
+        # each name with the value that means https.
+        self.judged = {name.lower().encode("latin-1"): value.encode("latin-1")
+                       for name, value in (cfg.secure_scheme_headers or {}).items()}
+
+
+def _plain_get(head: bytes, limits: _HeadLimits) -> _PlainGet | None:
+    """Read a whole head (without its blank line) as a plain GET; None for anything else.
+
+    Deliberately narrow: whatever is not plainly a GET of an absolute path over HTTP/1.1 with well-formed,
+    unrepeated headers (an HTTP/1.0 client, a body, a header gunicorn would map or drop, secure-scheme
+    headers that disagree, a size over its limits) is left to gunicorn's parser and the app.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if (len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1" or len(lines[0]) > limits.line
+            or len(lines) - 1 > limits.fields):
+        return None
+    target = parts[1]
+    if target[:1] != b"/" or not target.isascii() or b"?" in target or b"%" in target or b"#" in target:
+        return None
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or len(line) > limits.field_size or not _HEADER_NAME.fullmatch(name):
+            return None
+        name, value = name.lower(), value.strip(b" \t")
+        if name in headers or name in _FRAMING or not _HEADER_VALUE.fullmatch(value):
+            return None
+        headers[name] = value
+    if headers.get(b"content-length", b"0") != b"0":
+        return None
+    if len({headers[name] == https for name, https in limits.judged.items() if name in headers}) > 1:
+        return None
+    close = False
+    connection = headers.get(b"connection")
+    if connection is not None:
+        tokens = {token.strip().lower() for token in connection.split(b",")}
+        if b"upgrade" in tokens:
+            return None
+        close = b"close" in tokens
+    return _PlainGet(target, headers, close)
+
+
+class _KeptRequest:
+    """What the caller check (`AccessCheck.check`) reads of a request, as werkzeug's Request would give it."""
+
+    __slots__ = ("environ", "path", "remote_addr", "headers")
+
+    def __init__(self, environ: dict):
+        self.environ = environ
+        self.path = "/" + environ["PATH_INFO"].lstrip("/")  # an ASCII target without escapes: werkzeug's path
+        self.remote_addr = environ["REMOTE_ADDR"]
+        self.headers = EnvironHeaders(environ)
+
+
+class _Logged:
+    """One kept answer as its access log line reads it."""
+
+    __slots__ = ("environ", "status", "sent", "request_headers", "answer_headers", "took")
+
+    def __init__(self, environ: dict, status: str, sent: int, request_headers: dict[bytes, bytes],
+                 answer_headers: list[tuple[str, str]], took: float):
+        self.environ, self.status, self.sent = environ, status, sent
+        self.request_headers, self.answer_headers, self.took = request_headers, answer_headers, took
+
+
+class _AccessLine:
+    """gunicorn's access log line (`access_log_format`) for a kept answer, with only the atoms it names.
+
+    gunicorn builds every atom it knows, and one per request header, response header and environ entry,
+    for each line; the shipped format names ten. Here each atom the format names means what gunicorn's
+    `Logger.atoms` makes it mean (an unknown one is "-", a double quote in a text is escaped, as its
+    SafeAtoms does), and the line goes to gunicorn's access logger as its own lines do.
+    """
+
+    _NAME = re.compile(r"%\(([^)]*)\)")
+
+    def __init__(self, access_log_format: str):
+        self.format = access_log_format
+        self._atoms = [(name, self._reader(name)) for name in dict.fromkeys(self._NAME.findall(access_log_format))]
+        self._stamp = (0, "")
+
+    def atoms(self, logged: _Logged) -> dict[str, object]:
+        """The atoms the format names, for one answer."""
+        atoms: dict[str, object] = {}
+        for name, read in self._atoms:
+            value = read(logged)
+            atoms[name] = value.replace('"', '\\"') if isinstance(value, str) else value
+        return atoms
+
+    def _reader(self, name: str) -> Callable[[_Logged], object]:
+        """How to read one atom of an answer (gunicorn's names and meanings)."""
+        if name.startswith("{"):
+            key, _, kind = name.lower()[1:].rpartition("}")
+            if kind == "i":
+                raw = key.encode("latin-1")
+                return lambda logged: logged.request_headers.get(raw, b"-").decode("latin-1")
+            if kind == "o":
+                return lambda logged: next((value for header, value in logged.answer_headers
+                                            if header.lower() == key), "-")
+            if kind == "e":
+                return lambda logged: next((value for variable, value in logged.environ.items()
+                                            if variable.lower() == key), "-")
+            return lambda logged: "-"
+        readers: dict[str, Callable[[_Logged], object]] = {
+            "h": lambda logged: logged.environ.get("REMOTE_ADDR", "-"),
+            "l": lambda logged: "-",
+            "u": lambda logged: _basic_user(logged.environ.get("HTTP_AUTHORIZATION")),
+            "t": lambda logged: self._now(),
+            "r": lambda logged: " ".join((logged.environ["REQUEST_METHOD"], logged.environ["RAW_URI"],
+                                          logged.environ["SERVER_PROTOCOL"])),
+            "s": lambda logged: logged.status.split(None, 1)[0],
+            "m": lambda logged: logged.environ["REQUEST_METHOD"],
+            "U": lambda logged: logged.environ["PATH_INFO"],
+            "q": lambda logged: logged.environ["QUERY_STRING"],
+            "H": lambda logged: logged.environ["SERVER_PROTOCOL"],
+            "b": lambda logged: str(logged.sent),
+            "B": lambda logged: logged.sent,
+            "f": lambda logged: logged.environ.get("HTTP_REFERER", "-"),
+            "a": lambda logged: logged.environ.get("HTTP_USER_AGENT", "-"),
+            "T": lambda logged: int(logged.took),
+            "D": lambda logged: int(logged.took * 1e6),
+            "M": lambda logged: int(logged.took * 1e3),
+            "L": lambda logged: f"{int(logged.took)}.{int(logged.took * 1e6) % 1000000:06d}",
+            "p": lambda logged: f"<{os.getpid()}>",
+        }
+        return readers.get(name, lambda logged: "-")
+
+    def _now(self) -> str:
+        """gunicorn's `Logger.now()`, made once a second."""
+        second = int(time.time())
+        if self._stamp[0] != second:
+            self._stamp = (second, time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second)))
+        return self._stamp[1]
+
+
+def _basic_user(authorization: str | None) -> str:
+    """The user of a Basic Authorization header, as gunicorn's access log reads it; "-" otherwise."""
+    if not authorization or not authorization.lower().startswith("basic"):
+        return "-"
+    scheme_and_value = authorization.split(" ", 1)
+    if len(scheme_and_value) != 2:
+        return "-"
+    try:
+        return base64.b64decode(scheme_and_value[1].strip().encode("utf-8")).split(b":", 1)[0].decode("utf-8")
+    except (TypeError, binascii.Error, UnicodeDecodeError):
+        return "-"
 
 
 class _StreamedBody:
@@ -261,14 +466,23 @@ class BufferingWorker(SyncWorker):
         self._heads: dict[int, _Connection] = {}  # accepted, the head arriving
         self._bodies: dict[int, _Connection] = {}  # the caller let in, a body arriving to be kept
         self._ready: dict[int, _Connection] = {}  # whole (or to be streamed): waiting to be served
+        self._writing: dict[int, _Connection] = {}  # a kept answer partly sent, the rest waiting for the client
         self._lingering: dict[int, _Connection] = {}  # answered: waiting for the client's close
         self._head_bytes = 0  # held in _heads
         self._body_bytes = 0  # held in _bodies and _ready
+        self._out_bytes = 0  # of kept answers held in _writing
         self._shed = 0  # connections closed to make room since the last warning
         self._warned = -WARN_EVERY
         self._capacity = _connection_capacity(self.cfg.worker_connections)
         self._access: AccessCheck | None = access_check_of(self.wsgi)
-        self._accepting = False
+        self._fast_reads: FastReads | None = fast_reads_of(self.wsgi) if self._access is not None else None
+        self._date = (0, b"")  # the Date header of the current second
+        self._head_limits = _HeadLimits(self.cfg)
+        self._access_line = _AccessLine(self.cfg.access_log_format) if self._fast_reads is not None else None
+        self._accepting = self._taking = False
+        self._kept_given = 0  # kept answers given so far
+        self._last_kept = self._last_taken = -SPREAD_WINDOW  # when the last was given; when one was last taken
+        self._offered_until = 0.0  # until then, what this worker offered is left to the others
         self._selector.register(self.PIPE[0], selectors.EVENT_READ, self._wake)
         # Our end of a connection, known without asking, when its listener is bound to one IP address.
         self._local_ends = {listener: _bound_end(listener) for listener in self.sockets}
@@ -277,7 +491,7 @@ class BufferingWorker(SyncWorker):
         try:
             while self.alive:
                 self.notify()
-                self._set_accepting(not self._ready)
+                self._set_accepting(not self._ready, not self._ready and time.monotonic() >= self._offered_until)
                 self._poll(0 if self._ready else self._next_timeout())
                 self._expire(time.monotonic())
                 if self._ready:
@@ -288,10 +502,11 @@ class BufferingWorker(SyncWorker):
                 self.notify()
                 self._serve(self._next_ready())
         finally:
-            unanswered = len(self._ready) + len(self._heads) + len(self._bodies)
+            idle = sum(1 for conn in self._heads.values() if conn.kept and not conn.data)  # between two requests
+            unanswered = len(self._ready) + len(self._heads) + len(self._bodies) - idle
             if unanswered:
                 log.info("the worker is stopping: closing %d connection(s) whose request was not served", unanswered)
-            for table in (self._ready, self._heads, self._bodies, self._lingering):
+            for table in (self._ready, self._heads, self._bodies, self._writing, self._lingering):
                 for conn in table.values():
                     util.close(conn.sock)
             self._selector.close()
@@ -305,6 +520,8 @@ class BufferingWorker(SyncWorker):
         table[conn.fd] = conn
         if table is self._heads:
             self._head_bytes += len(conn.data)
+        elif table is self._writing:
+            self._out_bytes += len(conn.out)
         elif table is not self._lingering:
             self._body_bytes += len(conn.data)
 
@@ -316,6 +533,8 @@ class BufferingWorker(SyncWorker):
         conn.table = None
         if table is self._heads:
             self._head_bytes -= len(conn.data)
+        elif table is self._writing:
+            self._out_bytes -= len(conn.out)
         elif table is not self._lingering:
             self._body_bytes -= len(conn.data)
 
@@ -347,7 +566,7 @@ class BufferingWorker(SyncWorker):
         return conn
 
     def _open(self) -> int:
-        return len(self._heads) + len(self._bodies) + len(self._ready) + len(self._lingering)
+        return len(self._heads) + len(self._bodies) + len(self._ready) + len(self._writing) + len(self._lingering)
 
     # ------------------------------------------------------------ the selector
 
@@ -367,30 +586,34 @@ class BufferingWorker(SyncWorker):
             pass
 
     def _next_timeout(self) -> float:
-        fronts = [next(iter(table.values())).deadline for table in (self._heads, self._bodies, self._lingering)
-                  if table]
+        fronts = [next(iter(table.values())).deadline
+                  for table in (self._heads, self._bodies, self._writing, self._lingering) if table]
+        if self._offered_until > time.monotonic():
+            fronts.append(self._offered_until)
         if not fronts:
             return 1.0
         return max(0.0, min(1.0, min(fronts) - time.monotonic()))
 
-    def _set_accepting(self, accepting: bool) -> None:
-        if accepting == self._accepting:
-            return
-        for listener in self.sockets:
-            if accepting:
-                self._selector.register(listener, selectors.EVENT_READ, self._accept)
-            else:
-                self._selector.unregister(listener)
-        if self.handoff is not None:
-            if accepting:
+    def _set_accepting(self, accepting: bool, taking: bool) -> None:
+        """Watch the listeners (`accepting`) and the connections other workers hand over (`taking`), or not."""
+        if accepting != self._accepting:
+            for listener in self.sockets:
+                if accepting:
+                    self._selector.register(listener, selectors.EVENT_READ, self._accept)
+                else:
+                    self._selector.unregister(listener)
+            self._accepting = accepting
+        if self.handoff is not None and taking != self._taking:
+            if taking:
                 self._selector.register(self.handoff.receiving, selectors.EVENT_READ, self._take_handed)
             else:
                 self._selector.unregister(self.handoff.receiving)
-        self._accepting = accepting
+            self._taking = taking
 
     def _accept(self, listener) -> None:
         """Take what waits on a listener, a few at a time; stop once a request is whole, leaving the rest to
         idle workers."""
+        given = self._kept_given
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, addr = listener.accept()
@@ -407,9 +630,37 @@ class BufferingWorker(SyncWorker):
                 raise
             sock.setblocking(False)
             util.close_on_exec(sock)
-            self._admit(_Connection(sock, addr, listener, time.monotonic()))
-            if self._ready:
+            conn = _Connection(sock, addr, listener, time.monotonic())
+            if self._offer(conn):
+                continue
+            self._admit(conn)
+            self._last_taken = time.monotonic()
+            if self._ready or self._kept_given != given:
                 return
+
+    def _offer(self, conn: _Connection) -> bool:
+        """Hand a new connection to the other workers while this one answers kept connections; True if handed.
+
+        Clients that connect together and keep their connections would otherwise all stay with the worker
+        that woke first. This worker leaves what it offered for OFFER_WAIT before it takes it back itself,
+        when no other worker was free to.
+        """
+        if self.handoff is None or self.cfg.workers < 2 or not self.alive or not self._in_use():
+            return False
+        if not self.handoff.send(conn, self.sockets.index(conn.listener)):
+            return False
+        util.close(conn.sock)  # our descriptor only: the connection travels in the message
+        self._offered_until = time.monotonic() + OFFER_WAIT
+        return True
+
+    def _in_use(self) -> bool:
+        """Whether this worker gave a kept answer within SPREAD_WINDOW, or took a connection within BURST_WINDOW.
+
+        Clients that keep connections are spread over the workers; one connection after another from clients
+        that do not (installs, each on a new connection) stays with the worker that takes it.
+        """
+        now = time.monotonic()
+        return now - self._last_kept < SPREAD_WINDOW or now - self._last_taken < BURST_WINDOW
 
     def _admit(self, conn: _Connection) -> None:
         """Take a connection (just accepted, or handed over): make room, read what it brought, watch it."""
@@ -423,8 +674,8 @@ class BufferingWorker(SyncWorker):
             self._head_received(conn, 0)
         if conn.table is self._heads or conn.table is self._bodies:
             self._receive(conn)  # the head often came with the connection
-        if conn.table is self._heads or conn.table is self._bodies:
-            self._watch(conn, self._receive)
+        if (conn.table is self._heads or conn.table is self._bodies) and not conn.watched:
+            self._watch(conn, self._receive)  # (answered and kept meanwhile, it is watched already)
 
     def _make_room(self) -> bool:
         """Make a place for one more connection when the worker holds its capacity; False if none can be freed.
@@ -450,6 +701,9 @@ class BufferingWorker(SyncWorker):
             log.warning("closed %d connection(s) still without a whole request head, oldest first, to make room:"
                         " %s", self._shed, why)
             self._shed, self._warned = 0, now
+        if conn.kept and not conn.data:
+            self._close(conn)  # kept after an answer, no request begun: closing it answers nobody
+            return
         self._refuse(conn, 503, "Service Unavailable",
                      f"too many connections: {why}, and this one, the oldest still without a whole request head,"
                      " was closed to make room")
@@ -457,13 +711,18 @@ class BufferingWorker(SyncWorker):
     def _receive(self, conn: _Connection, _sock=None) -> None:
         """Take what has arrived: check the caller once the head is whole, queue the request once it can be
         served, drop the connection when it closed."""
+        conn.turn = 0
         while conn.table is self._heads or conn.table is self._bodies:
             in_head = conn.table is self._heads
-            chunk = _recv(conn.sock, HEAD_RECV_SIZE if in_head else RECV_SIZE)
+            size = HEAD_RECV_SIZE if in_head else RECV_SIZE
+            chunk = _recv(conn.sock, size)
             if chunk is None:
                 return
             if not chunk:
-                log.debug("%s closed (or reset) its connection before a whole request", _peer(conn.addr))
+                if conn.kept and not conn.data:
+                    log.debug("%s closed its kept connection", _peer(conn.addr))
+                else:
+                    log.debug("%s closed (or reset) its connection before a whole request", _peer(conn.addr))
                 self._close(conn)
                 return
             seen = len(conn.data)
@@ -479,6 +738,8 @@ class BufferingWorker(SyncWorker):
                     log.info("serving %s before its body has arrived: %d bytes of requests are buffered",
                              _peer(conn.addr), self._body_bytes)
                     self._queue(conn)  # the rest of its body streams while it is served
+            if len(chunk) < size:
+                return  # nothing more had arrived: asking again would only fail (the selector says when)
 
     def _head_received(self, conn: _Connection, seen: int) -> None:
         """After more of a head arrived (`seen` bytes were there before): act on a whole, bad or large head."""
@@ -499,7 +760,8 @@ class BufferingWorker(SyncWorker):
         conn.head_end = head_end
         length, expects = _announced_body(bytes(conn.data[: head_end - 4]))
         if length == 0:
-            self._queue(conn)
+            if not self._answer_kept(conn):
+                self._queue(conn)
             return
         keep_body = self._check_caller(conn)
         if conn.table is not self._heads:
@@ -515,6 +777,176 @@ class BufferingWorker(SyncWorker):
         self._enter(conn, self._bodies)
         if len(conn.data) >= conn.body_end:
             self._queue(conn)
+
+    # ------------------------------------------------------------ kept answers, on kept connections
+
+    def _answer_kept(self, conn: _Connection) -> bool:
+        """Answer a whole GET from the app's kept answer (web/fast_reads.py); False to let the app serve it.
+
+        The caller is checked as the app checks it; the answer is used only while the registry has not
+        changed since the app gave it. The connection is then kept for the client's next request (unless
+        it asked to close, or the worker is stopping), which must arrive within HEAD_SECONDS.
+        """
+        reads = self._fast_reads
+        if reads is None or not self.alive or conn.turn >= PIPELINE_BATCH or not isinstance(conn.addr, tuple):
+            return False
+        began = time.monotonic()
+        get = _plain_get(bytes(conn.data[: conn.head_end - 4]), self._head_limits)
+        if get is None:
+            return False
+        kept = reads.answer(get.target)
+        if kept is None and reads.known(get.target) and self._refresh(conn):
+            kept = reads.answer(get.target)
+        if kept is None:
+            return False
+        environ = self._kept_environ(conn, get)
+        peers.serving(conn.sock, conn.addr, self._local_ends.get(conn.listener))
+        try:
+            self._access.check(_KeptRequest(environ))
+        except Exception:  # (refused, or the check failed: the app runs it again and answers, with its log line)
+            return False
+        finally:
+            peers.serving(None)
+        conn.turn += 1
+        self._kept_given += 1
+        self._last_kept = time.monotonic()
+        self._leave(conn)
+        del conn.data[: conn.head_end]
+        conn.head_end = None
+        request_id = audit.request_id_from(environ.get("HTTP_X_REQUEST_ID"))
+        self.nr += 1
+        if self.nr >= self.max_requests:
+            self.log.info("Autorestarting worker after current request.")
+            self.alive = False
+        conn.closing = not self.alive or get.close
+        self._log_kept(kept, request_id, get, environ, began)
+        self._send_answer(conn, kept, request_id)
+        return True
+
+    def _refresh(self, conn: _Connection) -> bool:
+        """Have the app answer this GET again, within the worker, so that it keeps its new answer; False if not.
+
+        An answer kept before a commit is stale after it: the app, asked as any request asks it, builds and
+        keeps the new one (or refuses the caller, and keeps nothing), and the client's connection stays kept
+        instead of being closed by an answer served the sync worker's way.
+        """
+        try:
+            environ = self._environ(conn)
+        except Exception:  # (gunicorn's parser answers it when the request is served)
+            return False
+        environ[PERSISTENT_CONNECTION] = True
+        peers.serving(conn.sock, conn.addr, self._local_ends.get(conn.listener))
+        try:
+            answer = self.wsgi(environ, lambda status, headers, exc_info=None: None)
+            try:
+                for _ in answer:
+                    pass
+            finally:
+                if hasattr(answer, "close"):
+                    answer.close()
+        except Exception:  # (served the sync worker's way, the request meets the same failure and answers it)
+            log.debug("the app did not give %s a new answer to keep", _peer(conn.addr), exc_info=True)
+            return False
+        finally:
+            peers.serving(None)
+        return True
+
+    def _answered(self, conn: _Connection) -> None:
+        """A kept answer is sent: keep the connection for the client's next request, or close it."""
+        if conn.closing or not self.alive:
+            self._unwatch(conn)
+            self._linger(conn)
+            return
+        conn.kept = True
+        conn.deadline = time.monotonic() + HEAD_SECONDS
+        self._enter(conn, self._heads)
+        if not conn.watched:
+            self._watch(conn, self._receive)
+        if conn.data:  # a pipelined request came with this one
+            self._head_received(conn, 0)
+
+    def _kept_environ(self, conn: _Connection, get: _PlainGet) -> dict:
+        """The environ the caller check reads, as gunicorn would build it for this head."""
+        target = get.target.decode("latin-1")
+        server = self._local_ends.get(conn.listener) or conn.listener.getsockname()
+        environ = {
+            "REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": target, "QUERY_STRING": "", "RAW_URI": target,
+            "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": str(server[0]), "SERVER_PORT": str(server[1]),
+            "REMOTE_ADDR": conn.addr[0], "REMOTE_PORT": str(conn.addr[1]), "wsgi.url_scheme": "http",
+            "wsgi.multithread": False, "gunicorn.socket": conn.sock, PERSISTENT_CONNECTION: True,
+        }
+        for name, value in get.headers.items():
+            environ["HTTP_" + name.decode("latin-1").upper().replace("-", "_")] = value.decode("latin-1")
+        return environ
+
+    def _send_answer(self, conn: _Connection, kept: KeptAnswer, request_id: str) -> None:
+        """Write a kept answer, with its own request id, as gunicorn writes the app's; never wait for the client.
+
+        What the client is not ready to take waits in the selector (`_flush`), its connection read no further,
+        for at most BODY_SECONDS, and within WRITE_BUDGET: a client that sends requests without reading the
+        answers holds no worker, and at most its unread answer here.
+        """
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, email.utils.formatdate(now, usegmt=True).encode("latin-1"))
+        answer = b"".join((
+            b"HTTP/1.1 ", kept.status, b"\r\nServer: ", SERVER.encode(), b"\r\nDate: ", self._date[1],
+            b"\r\nConnection: close\r\n" if conn.closing else b"\r\nConnection: keep-alive\r\n",
+            kept.before_id, f"{REQUEST_ID_HEADER}: {request_id}\r\n".encode("latin-1"), kept.after_id, kept.body,
+        ))
+        try:
+            sent = conn.sock.send(answer)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            log.debug("%s went away before its answer: %s", _peer(conn.addr), exc)
+            self._close(conn)
+            return
+        if sent == len(answer):
+            self._answered(conn)
+            return
+        if self._out_bytes + len(answer) - sent > WRITE_BUDGET:
+            log.info("closing %s: %d bytes of answers already wait for slow readers in this worker",
+                     _peer(conn.addr), self._out_bytes)
+            self._close(conn)
+            return
+        self._unwatch(conn)
+        conn.out = memoryview(answer)[sent:]
+        conn.deadline = time.monotonic() + BODY_SECONDS
+        self._enter(conn, self._writing)
+        self._selector.register(conn.sock, selectors.EVENT_WRITE, partial(self._flush, conn))
+        conn.watched = True
+
+    def _flush(self, conn: _Connection, _sock=None) -> None:
+        """Send more of a kept answer the client reads slowly; once it is all sent, carry on as `_answered`."""
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("%s went away while it was answered: %s", _peer(conn.addr), exc)
+            self._close(conn)
+            return
+        self._out_bytes -= sent
+        conn.out = conn.out[sent:]
+        if conn.out:
+            return
+        self._leave(conn)
+        self._unwatch(conn)
+        conn.out = None
+        self._answered(conn)
+
+    def _log_kept(self, kept: KeptAnswer, request_id: str, get: _PlainGet, environ: dict, began: float) -> None:
+        """The access log line gunicorn writes for an answer of the app, for a kept answer."""
+        if self._access_line is None or not self.log.access_log_enabled:
+            return
+        atoms = self._access_line.atoms(_Logged(environ, kept.status.decode("latin-1"), len(kept.body), get.headers,
+                                                [*kept.headers, (REQUEST_ID_HEADER, request_id)],
+                                                time.monotonic() - began))
+        try:
+            self.log.access_log.info(self._access_line.format, atoms)
+        except Exception:  # as gunicorn's own access(): a broken log line never fails the request
+            self.log.error(traceback.format_exc())
 
     # ------------------------------------------------------------ the caller, before the body
 
@@ -609,9 +1041,19 @@ class BufferingWorker(SyncWorker):
                 if conn.deadline > now:
                     break
                 self._receive(conn)  # it may have arrived while a request was being served
-                if conn.table is table:
-                    log.info("closing %s: its %s did not arrive within %g s", _peer(conn.addr), what, seconds)
-                    self._refuse(conn, 408, "Request Timeout", f"{what} not received within {seconds:g} seconds")
+                if conn.table is not table:
+                    continue
+                if conn.kept and not conn.data:
+                    self._close(conn)  # idle between two requests: no request is late, nothing to answer
+                    continue
+                log.info("closing %s: its %s did not arrive within %g s", _peer(conn.addr), what, seconds)
+                self._refuse(conn, 408, "Request Timeout", f"{what} not received within {seconds:g} seconds")
+        while self._writing:
+            conn = next(iter(self._writing.values()))
+            if conn.deadline > now:
+                break
+            log.info("closing %s: it stopped reading the answer for %g s", _peer(conn.addr), BODY_SECONDS)
+            self._close(conn)
         while self._lingering:
             conn = next(iter(self._lingering.values()))
             if conn.deadline > now:
@@ -635,6 +1077,9 @@ class BufferingWorker(SyncWorker):
 
     def _serve(self, conn: _Connection) -> None:
         """Serve one whole request as the sync worker does, then leave the close to the selector."""
+        conn.turn = 0  # its turn in the queue: pipelined requests may be answered again
+        if conn.head_end is not None and self._answer_kept(conn):
+            return
         if self.alive and self.handoff is not None and bytes(conn.data[: conn.data.find(b" ")]) not in READS:
             self._hand_over_the_others()
         sock = conn.sock
@@ -684,7 +1129,8 @@ class BufferingWorker(SyncWorker):
             for conn in list(table.values()):
                 if handed >= HANDOFF_BATCH:
                     return
-                if len(conn.data) > HANDOFF_MAX or (not conn.data and now - conn.accepted > HANDOFF_FRESH):
+                if len(conn.data) > HANDOFF_MAX or (not conn.data and not conn.kept
+                                                     and now - conn.accepted > HANDOFF_FRESH):
                     continue  # too much to carry, or idle long enough not to be a client about to send
                 if not self.handoff.send(conn, self.sockets.index(conn.listener)):
                     return  # the pair is full: the rest stay here
@@ -693,12 +1139,18 @@ class BufferingWorker(SyncWorker):
 
     def _take_handed(self, _sock=None) -> None:
         """Take connections other workers handed over, while this one is free, as if just accepted."""
+        given = self._kept_given
         for _ in range(ACCEPT_BATCH):
+            in_use = self._in_use()
             handed = self.handoff.receive(self.sockets)
             if handed is None:
                 return
             self._admit(handed)
-            if self._ready:
+            self._last_taken = time.monotonic()
+            if in_use:  # one at a time: workers not in use, or whose wait is over, take the next ones
+                self._offered_until = self._last_taken + OFFER_WAIT
+                return
+            if self._ready or self._kept_given != given:
                 return
 
     def _linger(self, conn: _Connection) -> None:
@@ -757,7 +1209,7 @@ class _Handoff:
         """Hand one connection over; False if the pair has no room for it now."""
         addr = list(conn.addr) if isinstance(conn.addr, tuple) else conn.addr
         header = json.dumps({"listener": listener_index, "addr": addr, "deadline": conn.deadline,
-                             "accepted": conn.accepted}).encode()
+                             "accepted": conn.accepted, "kept": conn.kept}).encode()
         message = len(header).to_bytes(4, "big") + header + bytes(conn.data)
         try:
             socket.send_fds(self.sending, [message], [conn.fd])
@@ -783,6 +1235,7 @@ class _Handoff:
                 conn = _Connection(sock, tuple(addr) if isinstance(addr, list) else addr,
                                    listeners[header["listener"]], header["accepted"])
                 conn.deadline = header["deadline"]
+                conn.kept = bool(header.get("kept"))
                 conn.data = bytearray(message[4 + size:])
                 return conn
             except (ValueError, KeyError, IndexError, TypeError, OSError) as exc:
