@@ -25,6 +25,18 @@ CHURN_SECONDS = 12
 READERS = 6
 
 
+def locked(log: str) -> list[str]:
+    """The log's lines saying the registry or eKuiper's store was locked too long (each one is a failure).
+
+    Progress rows are best effort (kuiper_plugins/lifecycle/progress.py): a progress write that finds
+    progress.db locked past its short wait is skipped with a warning and the request goes on, which heavy I/O
+    beside the service can cause (L45: twelve installs at once, with a bench writing beside the run). Those
+    lines are left out; the others are not.
+    """
+    return [line for line in log.splitlines() if "database is locked" in line
+            and not ("progress of request" in line and "progress.db" in line)]
+
+
 def fire_at_once(count: int, send) -> list:
     """Run send(index) from `count` threads released together; return what each returned or raised."""
     barrier = threading.Barrier(count)
@@ -115,7 +127,7 @@ def test_concurrent_installs_of_different_names_all_succeed(start_gunicorn, file
     assert requests.get(f"{server.url}/plugins/udfs", timeout=WAIT).json() == sorted(f"g{i}" for i in range(12))
     assert list(Layout(server.home).staging.iterdir()) == []
     log = (tmp_path / "gunicorn.log").read_text()
-    assert "database is locked" not in log and " 503 " not in log
+    assert locked(log) == [] and " 503 " not in log
 
 
 def test_delete_update_and_install_of_a_name_being_installed_are_refused(start_gunicorn, file_server, tmp_path):
@@ -346,6 +358,6 @@ def test_readers_see_only_whole_plugins_while_installs_and_deletes_churn(start_g
     assert reads > 100 and writes["churn True"] > 10 and writes["flux True"] > 10
     assert list(Layout(server.home).staging.iterdir()) == []
     log = (tmp_path / "gunicorn.log").read_text()
-    assert "database is locked" not in log
+    assert locked(log) == []
     if tally.torn:
         raise TornDescribe(f"{len(tally.torn)} describes were not of a whole plugin: {tally.torn[:3]}")
