@@ -130,18 +130,20 @@ class Layout:
 
     def absolute(self, recorded: str) -> Path:
         """The absolute path of a recorded one."""
-        root, _, rest = recorded.partition("/")
-        for name, base, _text in self._roots:
-            if name == root:
-                return base / rest if rest else base
-        raise ValueError(f"{recorded!r} does not start with etc/, data/ or plugins/")
+        base, _text, rest = self._root_of(recorded)
+        return base / rest if rest else base
 
     def absolute_text(self, recorded: str) -> str:
         """`absolute` as a string, without building a Path (a check of every recorded file asks 10,000s)."""
+        _base, text, rest = self._root_of(recorded)
+        return os.path.join(text, rest) if rest else text
+
+    def _root_of(self, recorded: str) -> tuple[Path, str, str]:
+        """The folder a recorded path starts with (as a Path and as a string), and the rest of the path."""
         root, _, rest = recorded.partition("/")
-        for name, _base, text in self._roots:
+        for name, base, text in self._roots:
             if name == root:
-                return os.path.join(text, rest) if rest else text
+                return base, text, rest
         raise ValueError(f"{recorded!r} does not start with etc/, data/ or plugins/")
 
     def contains(self, path: Path) -> bool:
