@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from conftest import REPO
 
 from kuiper_plugins.errors import InvalidRequest, PackageInvalid
@@ -275,14 +276,31 @@ def test_a_downstream_test_installs_into_the_service_beside_a_real_engine(pytest
 
 
 @pytest.mark.slow
+def test_the_engine_home_starts_from_ekuipers_own_shipped_etc(kuiperd_build):
+    """A home is laid out from the etc/ of the eKuiper module kuiperd is built from (on a cold Go module cache the
+    fixture once copied the clone's own etc/ instead, and every engine test then failed on a missing kuiper.yaml)."""
+    shipped = yaml.safe_load((kuiperd_build.shipped_etc / "kuiper.yaml").read_text())
+    assert shipped["basic"]["restPort"] == 9081
+    assert shipped["portable"]["pythonBin"] == "python"
+    assert (kuiperd_build.shipped_etc / "sources").is_dir()
+    assert not (kuiperd_build.shipped_etc / "kuiper-plugins.yaml").exists()
+
+
+@pytest.mark.parametrize("taken, failure", [
+    ("rest", "panic: listen tcp"),  # the REST server's bind fails in a goroutine: a Go panic
+    ("rpc", "level=fatal"),  # the rpc server's bind fails first at start: a fatal log line
+])
 def test_kuiperd_whose_port_was_taken_before_it_bound_it_starts_again_on_new_ports(
-        kuiperd_build, sdk_python, tmp_path, monkeypatch):
-    """The fixture's answer to L39: another process took a port between free_port() and kuiperd's bind."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        picks = iter([engine_module.free_port(), port])  # the REST port, then the taken one for kuiperd's rpc
+        kuiperd_build, sdk_python, tmp_path, monkeypatch, taken, failure):
+    """The fixture's answer to L39 (rpc port) and to a clean clone of 6253e5f (REST port): another process took a
+    port between free_port() and kuiperd's bind. The engine starts again on new ports, and the first start's
+    panic or fatal line, which is the retry's cause and not the engine's fault, does not fail the teardown."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        # the picks are the REST port, then the rpc port, then the HTTP data server's
+        picks = iter([port] if taken == "rest" else [engine_module.free_port(), port])
         real = engine_module.free_port
         monkeypatch.setattr(engine_module, "free_port", lambda: next(picks, None) or real())
         engines = Engines(kuiperd_build, sdk_python, tmp_path)
@@ -292,6 +310,7 @@ def test_kuiperd_whose_port_was_taken_before_it_bound_it_starts_again_on_new_por
             assert port not in (engine.rest_port, engine.cli_port, engine.http_server_port)
             log = engine.log_path.read_text(errors="replace")
             assert f"listen tcp 127.0.0.1:{port}: bind: address already in use" in log
+            assert failure in log.partition("a port was taken before kuiperd bound it")[0]
             assert "a port was taken before kuiperd bound it: new ports, attempt 2" in log
         finally:
             engines.stop_all()

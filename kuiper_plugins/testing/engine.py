@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -54,7 +55,8 @@ BUILD_TIMEOUT = 1800  # a cold kuiperd build is ~4 min on 2 idle cores; a shared
 PROGRESS_EVERY = 15.0
 START_TIMEOUT = 60
 PORT_ATTEMPTS = 3  # starts of kuiperd on ports picked anew, when one was taken before it bound it
-PORT_TAKEN = "bind: address already in use"  # Go's words, in kuiperd's fatal line
+PORT_TAKEN = "bind: address already in use"  # Go's words, in kuiperd's fatal line (rpc port) or panic (REST port)
+RESTARTED = "[test] a port was taken before kuiperd bound it"  # the fixture's line before it starts kuiperd again
 STOP_TIMEOUT = 20  # kuiperd's shipped gracefulShutdownTimeout is 10 s
 SDK_REQUIREMENT = "ekuiper>=2,<3"  # eKuiper's Python SDK; it brings the pynng version it was made with
 
@@ -271,18 +273,26 @@ def build_kuiperd(say: Say) -> KuiperdBuild:
     with cache.locked("kuiperd"):
         module = cache.module(version)
         folder.mkdir(parents=True, exist_ok=True)
-        if not shipped_etc.is_dir():
+        if not (shipped_etc / "kuiper.yaml").is_file():
             # eKuiper's etc/ as released (kuiper.yaml, the sources' default settings, the sinks' metadata),
-            # from the module the engine is built from: an engine home starts as an installed eKuiper's does
+            # from the module the engine is built from: an engine home starts as an installed eKuiper's does.
+            # `go mod download` fetches the module first; `go list -m` names no folder for a module not yet
+            # downloaded, which on a cold cache once copied the clone's own etc/ here.
             done = subprocess.run(
-                [go, "list", "-m", "-f", "{{.Dir}}", EKUIPER], cwd=module, env=go_build_env(),
+                [go, "mod", "download", "-json", EKUIPER], cwd=module, env=go_build_env(),
                 capture_output=True, text=True, timeout=600,
             )
-            if done.returncode != 0:
-                pytest.fail(f"finding {EKUIPER} {EKUIPER_VERSION} through the Go module proxy failed:\n{done.stderr}")
+            try:
+                source = Path(json.loads(done.stdout)["Dir"]) / "etc"
+            except (ValueError, KeyError, TypeError):
+                source = None
+            if done.returncode != 0 or source is None or not (source / "kuiper.yaml").is_file():
+                pytest.fail(f"fetching {EKUIPER} {EKUIPER_VERSION} through the Go module proxy failed:\n"
+                            f"{done.stdout}{done.stderr}")
+            shutil.rmtree(shipped_etc, ignore_errors=True)  # a copy of something else, from before that fix
             shutil.rmtree(folder / "etc.partial", ignore_errors=True)
             # copyfile, not copy: the module cache's files and folders are read-only, ours must not be
-            shutil.copytree(Path(done.stdout.strip()) / "etc", folder / "etc.partial", copy_function=shutil.copyfile)
+            shutil.copytree(source, folder / "etc.partial", copy_function=shutil.copyfile)
             for path in (folder / "etc.partial").rglob("*"):
                 path.chmod(0o755 if path.is_dir() else 0o644)
             (folder / "etc.partial").chmod(0o755)
@@ -447,8 +457,7 @@ class Kuiperd:
             except _PortTaken:
                 if attempt == PORT_ATTEMPTS:
                     raise AssertionError(f"kuiperd found a port taken {PORT_ATTEMPTS} times:\n{self.log()}") from None
-                self._log.write(f"\n[test] a port was taken before kuiperd bound it: new ports, attempt "
-                                f"{attempt + 1}\n".encode())
+                self._log.write(f"\n{RESTARTED}: new ports, attempt {attempt + 1}\n".encode())
                 self._log.close()
                 self._pick_ports()
         raise AssertionError("unreachable")
@@ -506,6 +515,12 @@ class Kuiperd:
             time.sleep(0.05)  # polling the exit, bounded by the deadline
         return False
 
+    def last_run_output(self) -> str:
+        """The engine's output since its last start: a start that found its port taken ended in a panic or
+        fatal line by design, and is not the engine's fault."""
+        output = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return output.rpartition(RESTARTED)[2]
+
     def log(self) -> str:
         """The end of the engine's output."""
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
@@ -541,9 +556,10 @@ class Engines:
         return engine.start()
 
     def stop_all(self) -> None:
-        """Stop every engine started; then fail if an engine's output shows a Go panic or a fatal runtime error."""
+        """Stop every engine started; then fail if an engine's output shows a Go panic or a fatal runtime error
+        (since its last start: a start on a port taken meanwhile ends in one, and is retried)."""
         for engine in self.started:
             engine.stop()
         for engine in self.started:
-            output = engine.log_path.read_text(errors="replace") if engine.log_path.exists() else ""
+            output = engine.last_run_output()
             assert "panic:" not in output and "fatal error:" not in output, engine.log()
