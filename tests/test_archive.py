@@ -670,7 +670,10 @@ def test_the_same_member_without_the_lie_extracts(tmp_path):
 @pytest.mark.parametrize(
     ("patch", "expect"),
     [
-        pytest.param(lambda p: patch_entry(p, "liar.bin", file_size=4000), "Bad CRC-32", id="inflates-past-size"),
+        pytest.param(
+            lambda p: patch_entry(p, "liar.bin", file_size=4000), "unpacks to more than the 4000 bytes declared",
+            id="inflates-past-size",
+        ),
         pytest.param(lambda p: patch_entry(p, "liar.bin", crc=lambda c: c ^ 1), "Bad CRC-32", id="bad-crc"),
         # Declared larger than the data, with the data's own CRC: only the byte count catches it.
         pytest.param(
@@ -767,7 +770,7 @@ def test_other_os_errors_propagate(tmp_path, monkeypatch):
 
 def test_read_member_returns_the_bytes(tmp_path):
     zip_path = make_zip(tmp_path / "p.zip", {"random.json": '{"about": {}}', "docs/": ""})
-    assert read_member(zip_path, "random.json", max_size=13) == b'{"about": {}}'
+    assert read_member(zip_path, inspect(zip_path, **LIMITS), "random.json", max_size=13) == b'{"about": {}}'
 
 
 @pytest.mark.parametrize(
@@ -781,17 +784,25 @@ def test_read_member_returns_the_bytes(tmp_path):
 def test_read_member_refuses(name, expect, tmp_path):
     zip_path = make_zip(tmp_path / "p.zip", {"random.json": '{"about": {}}', "docs/": ""})
     with pytest.raises(ArchiveRejected, match=f"^invalid zip file: {expect}$"):
-        read_member(zip_path, name, max_size=12)
+        read_member(zip_path, inspect(zip_path, **LIMITS), name, max_size=12)
 
 
-def test_read_member_refuses_a_bad_crc_and_a_non_zip(tmp_path):
+def test_read_member_refuses_a_bad_crc_and_a_zip_cut_short_since_it_was_inspected(tmp_path):
     zip_path = make_zip(tmp_path / "p.zip", {"random.json": '{"about": {}}'})
     patch_entry(zip_path, "random.json", crc=lambda c: c ^ 1)
-    with pytest.raises(ArchiveRejected, match="Bad CRC-32"):
-        read_member(zip_path, "random.json", max_size=100)
+    with pytest.raises(ArchiveRejected, match='^invalid zip file: entry "random.json" is corrupt: Bad CRC-32'):
+        read_member(zip_path, inspect(zip_path, **LIMITS), "random.json", max_size=100)
+    entries = inspect(make_zip(zip_path, {"random.json": '{"about": {}}'}), **LIMITS)
     zip_path.write_bytes(b"not a zip")
-    with pytest.raises(ArchiveRejected, match="^invalid zip file: "):
-        read_member(zip_path, "random.json", max_size=100)
+    with pytest.raises(ArchiveRejected, match='^invalid zip file: entry "random.json" is corrupt: the archive ends'):
+        read_member(zip_path, entries, "random.json", max_size=100)
+
+
+def test_read_member_refuses_an_entry_that_inspect_did_not_return(tmp_path):
+    zip_path = make_zip(tmp_path / "p.zip", {"random.json": '{"about": {}}'})
+    made = [Entry(name="random.json", is_dir=False, size=13, executable=False)]
+    with pytest.raises(ArchiveRejected, match='^invalid zip file: entry "random.json" is not in the archive$'):
+        read_member(zip_path, made, "random.json", max_size=100)
 
 
 # --- properties ----------------------------------------------------------------------------

@@ -16,8 +16,13 @@ three passes, cheapest first:
 `extract` then writes exactly the accepted entries under a fresh folder. It
 walks that folder by file descriptor with ``O_NOFOLLOW`` so no link is ever
 followed, sets fixed modes (0644, or 0755 for an entry with a run bit), and counts every byte against the size `inspect`
-accepted. `zipfile` is the one parser for both steps; the byte-level checks
-here only make sure it has nothing ambiguous to interpret.
+accepted. `zipfile` parses the central directory; the byte-level checks here
+make sure it has nothing ambiguous to interpret. Each accepted entry carries
+where its data lies, as `inspect` found it from the entry's local header (the
+same sum zipfile makes when it opens a member), so `extract` and `read_member`
+inflate it from there, checking its size and CRC-32, without parsing the
+directory again or building a reader object per member: for a package of
+10,000 small files, that was a third of the install's time.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ import struct
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import BinaryIO
@@ -114,6 +119,16 @@ _FILE_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_C
 
 
 @dataclass(frozen=True)
+class Location:
+    """Where an accepted entry's data lies in the archive `inspect` read, and what it must unpack to."""
+
+    start: int  # the offset of its first byte of (packed) data
+    packed_size: int
+    deflated: bool  # else stored
+    crc: int  # the CRC-32 the central directory declares
+
+
+@dataclass(frozen=True)
 class Entry:
     """One accepted archive entry."""
 
@@ -121,6 +136,8 @@ class Entry:
     is_dir: bool
     size: int  # declared uncompressed size, 0 for folders
     executable: bool  # the Unix mode has an x bit (files only)
+    # Set by `inspect` only: an entry made any other way is not read from any archive.
+    at: Location | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -145,8 +162,8 @@ def inspect(zip_path: Path, *, max_entries: int, max_unpacked_size: int) -> list
         if len(infos) != directory.entry_count:
             raise _rejected("the central directory cannot be read")
 
-        entries = [_check_entry(info) for info in infos]
-        extents = [_data_extent(archive, info, directory.offset) for info in infos]
+        extents = [_data_extent(archive.fileno(), info, directory.offset) for info in infos]
+        entries = [_check_entry(info, extent[3]) for info, extent in zip(infos, extents, strict=True)]
 
     _refuse_overlaps(extents)
     _refuse_collisions(entries, infos)
@@ -159,46 +176,39 @@ def inspect(zip_path: Path, *, max_entries: int, max_unpacked_size: int) -> list
 
 
 def extract(zip_path: Path, entries: Sequence[Entry], dest_dir: Path) -> None:
-    """Unpack exactly `entries` (as returned by `inspect`) under `dest_dir`, an existing empty folder."""
+    """Unpack exactly `entries` (as returned by `inspect` for this zip) under `dest_dir`, an existing empty folder."""
     progress.phase("unpack", sum(entry.size for entry in entries if not entry.is_dir))
-    root = os.path.realpath(dest_dir)
-    root_fd = os.open(root, _FOLDER_OPEN_FLAGS)
+    root_fd = os.open(os.path.realpath(dest_dir), _FOLDER_OPEN_FLAGS)
     folders = _OpenFolders(root_fd)
     try:
-        with _refusing_malformed("the archive cannot be read"):
-            archive = zipfile.ZipFile(zip_path)
-        with archive:
+        archive_fd = os.open(zip_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
             for entry in entries:
-                _extract_entry(archive, entry, root, folders)
+                _extract_entry(archive_fd, entry, folders)
+        finally:
+            os.close(archive_fd)
     finally:
         folders.close()
         os.close(root_fd)
 
 
-def read_member(zip_path: Path, name: str, *, max_size: int) -> bytes:
-    """Return one small member's bytes, refusing one larger than `max_size`.
-
-    Meant for an archive `inspect` has accepted: it opens the zip with no limits of its own.
-    """
-    with _refusing_malformed(f"entry {_shown(name)} cannot be read"):
-        with zipfile.ZipFile(zip_path) as archive:
-            try:
-                info = archive.getinfo(name)
-            except KeyError:
-                raise _rejected(f"entry {_shown(name)} is not in the archive")
-            if info.is_dir():
-                raise _rejected(f"entry {_shown(name)} is a folder")
-            if info.file_size > max_size:
-                raise _rejected(
-                    f"entry {_shown(name)} is {info.file_size} bytes, more than the limit of {max_size}"
-                )
-            with archive.open(info) as member:
-                data = member.read(max_size + 1)
-    if len(data) != info.file_size:
-        raise _rejected(
-            f"entry {_shown(name)} unpacks to {len(data)} bytes, not the {info.file_size} declared"
-        )
-    return data
+def read_member(zip_path: Path, entries: Sequence[Entry], name: str, *, max_size: int) -> bytes:
+    """Return the bytes of the member `name` of `entries` (as `inspect` returned them for this zip), refusing
+    one larger than `max_size`."""
+    entry = next((entry for entry in entries if entry.name == name.removesuffix("/")), None)
+    if entry is None or entry.at is None:
+        raise _rejected(f"entry {_shown(name)} is not in the archive")
+    if entry.is_dir:
+        raise _rejected(f"entry {_shown(name)} is a folder")
+    if entry.size > max_size:
+        raise _rejected(f"entry {_shown(name)} is {entry.size} bytes, more than the limit of {max_size}")
+    chunks: list[bytes] = []
+    archive_fd = os.open(zip_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _unpack(archive_fd, entry, chunks.append)
+    finally:
+        os.close(archive_fd)
+    return b"".join(chunks)
 
 
 # --- pass 1: the end records -------------------------------------------------
@@ -302,7 +312,7 @@ def _count_central_headers(archive: BinaryIO, directory: _Directory) -> None:
 # --- pass 2: each entry ------------------------------------------------------
 
 
-def _check_entry(info: zipfile.ZipInfo) -> Entry:
+def _check_entry(info: zipfile.ZipInfo, data_start: int) -> Entry:
     """Refuse an unsafe entry; return what `extract` needs to know about a safe one."""
     name = info.orig_filename
     segments = _path_segments(name)
@@ -338,6 +348,7 @@ def _check_entry(info: zipfile.ZipInfo) -> Entry:
         is_dir=is_dir,
         size=info.file_size,
         executable=not is_dir and bool(mode & 0o111),
+        at=Location(data_start, info.compress_size, info.compress_type == zipfile.ZIP_DEFLATED, info.CRC),
     )
 
 
@@ -361,17 +372,19 @@ def _path_segments(name: str) -> list[str]:
         raise _entry_rejected(name, "leaves the plugin folder")
     if "" in segments or "." in segments:
         raise _entry_rejected(name, 'has an empty or "." path segment')
-    if len(name.encode()) > MAX_NAME_BYTES:
+    name_bytes = len(name.encode())
+    if name_bytes > MAX_NAME_BYTES:
         raise _entry_rejected(name, f"is longer than {MAX_NAME_BYTES} bytes")
-    if any(len(segment.encode()) > MAX_SEGMENT_BYTES for segment in segments):
+    if name_bytes > MAX_SEGMENT_BYTES and any(len(segment.encode()) > MAX_SEGMENT_BYTES for segment in segments):
         raise _entry_rejected(name, f"has a path segment longer than {MAX_SEGMENT_BYTES} bytes")
     if len(segments) > MAX_DEPTH:
         raise _entry_rejected(name, f"is nested deeper than {MAX_DEPTH} levels")
     return segments
 
 
-def _data_extent(archive: BinaryIO, info: zipfile.ZipInfo, directory_offset: int) -> tuple[int, int, str]:
-    """Check the entry's local header; return (start, end, name) of its header and data in the file.
+def _data_extent(archive_fd: int, info: zipfile.ZipInfo, directory_offset: int) -> tuple[int, int, str, int]:
+    """Check the entry's local header; return (start, end, name) of its header and data in the file, and where
+    its data starts.
 
     A data descriptor after the data is not counted, as in zipfile's own overlap check.
     """
@@ -379,32 +392,33 @@ def _data_extent(archive: BinaryIO, info: zipfile.ZipInfo, directory_offset: int
     start = info.header_offset
     if start + _LOCAL_HEADER.size > directory_offset:
         raise _entry_rejected(name, "points past the entries' data")
-    archive.seek(start)
-    header = _LOCAL_HEADER.unpack(archive.read(_LOCAL_HEADER.size))
+    central_name = name.encode("utf-8" if info.flag_bits & _FLAG_UTF8 else "cp437")
+    # the header and, when it names the entry as the central directory does, the name: one read
+    read = os.pread(archive_fd, _LOCAL_HEADER.size + len(central_name), start)
+    header = _LOCAL_HEADER.unpack_from(read)
     if header[0] != _LOCAL_HEADER_SIG:
         raise _entry_rejected(name, "points to no local header")
     flags, method, name_size, extra_size = header[2], header[3], header[9], header[10]
-    local_name = archive.read(name_size)
-    central_name = name.encode("utf-8" if info.flag_bits & _FLAG_UTF8 else "cp437")
-    if local_name != central_name:
+    if name_size != len(central_name) or read[_LOCAL_HEADER.size:] != central_name:
         raise _entry_rejected(name, "has a different name in its local header")
     if method != info.compress_type or (flags ^ info.flag_bits) & _FLAGS_BOTH_HEADERS_SHARE:
         raise _entry_rejected(name, "has a local header that disagrees with the central directory")
-    end = start + _LOCAL_HEADER.size + name_size + extra_size + info.compress_size
+    data_start = start + _LOCAL_HEADER.size + name_size + extra_size
+    end = data_start + info.compress_size
     if end > directory_offset:
         raise _entry_rejected(name, "runs into the central directory")
-    return start, end, name
+    return start, end, name, data_start
 
 
 # --- pass 3: the entries together ----------------------------------------------
 
 
-def _refuse_overlaps(extents: list[tuple[int, int, str]]) -> None:
+def _refuse_overlaps(extents: list[tuple[int, int, str, int]]) -> None:
     """Refuse entries sharing bytes (overlapping zip bombs) and data before the first entry."""
     extents = sorted(extents)
     if extents and extents[0][0] != 0:
         raise _rejected("data before the first entry")
-    for (_, previous_end, previous_name), (start, _, name) in pairwise(extents):
+    for (_, previous_end, previous_name, _), (start, _, name, _) in pairwise(extents):
         if start < previous_end:
             raise _rejected(f"entries {_shown(previous_name)} and {_shown(name)} overlap in the archive")
 
@@ -444,17 +458,16 @@ def _collision_key(name: str) -> str:
 # --- extraction ------------------------------------------------------------------
 
 
-def _extract_entry(archive: zipfile.ZipFile, entry: Entry, root: str, folders: _OpenFolders) -> None:
+def _extract_entry(archive_fd: int, entry: Entry, folders: _OpenFolders) -> None:
     """Create one folder or write one file under the root folder, mapping archive and disk errors."""
-    segments = _path_segments(entry.name)
-    destination = os.path.join(root, *segments)
-    if os.path.commonpath([root, destination]) != root:
-        raise _entry_rejected(entry.name, "leaves the plugin folder")
+    segments = _path_segments(entry.name)  # an entry from `inspect` passes; any other is refused below
+    if entry.at is None:
+        raise _entry_rejected(entry.name, "is not in the archive")
     try:
         if entry.is_dir:
             folders.get(segments)
         else:
-            _write_file(archive, entry, folders, segments)
+            _write_file(archive_fd, entry, folders, segments)
     except _MALFORMED as error:
         raise _entry_rejected(entry.name, f"is corrupt: {_escaped(str(error)) or type(error).__name__}")
     except OSError as error:
@@ -463,44 +476,61 @@ def _extract_entry(archive: zipfile.ZipFile, entry: Entry, root: str, folders: _
         raise
 
 
-def _write_file(archive: zipfile.ZipFile, entry: Entry, folders: _OpenFolders, segments: list[str]) -> None:
-    try:
-        info = archive.getinfo(entry.name)
-    except KeyError:
-        raise _entry_rejected(entry.name, "is not in the archive")
-    if info.is_dir() or info.file_size != entry.size:
-        raise _entry_rejected(entry.name, "does not match the archive")
+def _write_file(archive_fd: int, entry: Entry, folders: _OpenFolders, segments: list[str]) -> None:
     file_fd = os.open(segments[-1], _FILE_OPEN_FLAGS, FILE_MODE, dir_fd=folders.get(segments[:-1]))
     try:
         # The zip's run bit is kept, as eKuiper keeps the entry's mode; the rest is fixed, whatever the umask.
         os.fchmod(file_fd, EXECUTABLE_MODE if entry.executable else FILE_MODE)
-        # zipfile stops inflating at the declared size and drops the rest unseen; asking it for one byte more
-        # lets _copy_member see a stream that goes on past its declaration (the CRC covers only what was read).
-        # The entry's own ZipInfo (this extraction's ZipFile's, used for nothing else) says so while it is read:
-        # a copy of it per file costs more than the write.
-        info.file_size = entry.size + 1
-        try:
-            with archive.open(info) as member:
-                _copy_member(member, file_fd, entry)
-        finally:
-            info.file_size = entry.size
+
+        def write(chunk: bytes) -> None:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(file_fd, view) :]
+            progress.advance(len(chunk))
+
+        _unpack(archive_fd, entry, write)
     finally:
         os.close(file_fd)
 
 
-def _copy_member(member: zipfile.ZipExtFile, file_fd: int, entry: Entry) -> None:
-    """Stream the member into file_fd, refusing it as soon as it yields more than declared, or fewer."""
-    written = 0
-    while chunk := member.read1(CHUNK_SIZE):
+def _unpack(archive_fd: int, entry: Entry, write: Callable[[bytes], None]) -> None:
+    """Pass the entry's unpacked bytes to `write`, CHUNK_SIZE at most at a time, refusing it as soon as it
+    yields more than its declared size, and at the end if it yielded fewer or its CRC-32 differs."""
+    crc = written = 0
+    for chunk in _unpacked_chunks(archive_fd, entry):
         written += len(chunk)
         if written > entry.size:
             raise _entry_rejected(entry.name, f"unpacks to more than the {entry.size} bytes declared")
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(file_fd, view) :]
-        progress.advance(len(chunk))
+        crc = zlib.crc32(chunk, crc)
+        write(chunk)
     if written != entry.size:
         raise _entry_rejected(entry.name, f"unpacks to {written} bytes, fewer than the {entry.size} declared")
+    if crc != entry.at.crc:
+        raise _entry_rejected(
+            entry.name, "is corrupt: Bad CRC-32 (what it unpacks to does not match the checksum the archive declares)"
+        )
+
+
+def _unpacked_chunks(archive_fd: int, entry: Entry) -> Iterator[bytes]:
+    """The entry's data, read from where `inspect` found it and inflated when deflated, CHUNK_SIZE at most at a
+    time. Bytes after the end of a deflate stream, within the entry's packed size, are ignored, as zipfile does."""
+    at = entry.at
+    position, packed_left = at.start, at.packed_size
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS) if at.deflated else None
+    while packed_left or (inflater is not None and inflater.unconsumed_tail):
+        if inflater is not None and inflater.eof:
+            return
+        if inflater is not None and inflater.unconsumed_tail:
+            yield inflater.decompress(inflater.unconsumed_tail, CHUNK_SIZE)
+            continue
+        packed = os.pread(archive_fd, min(packed_left, CHUNK_SIZE), position)
+        if not packed:
+            raise _entry_rejected(entry.name, "is corrupt: the archive ends inside its data")
+        position += len(packed)
+        packed_left -= len(packed)
+        yield packed if inflater is None else inflater.decompress(packed, CHUNK_SIZE)
+    if inflater is not None and not inflater.eof:
+        yield inflater.flush()  # what the last input holds beyond the last chunk's limit (all input is in)
 
 
 class _OpenFolders:

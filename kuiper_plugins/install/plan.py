@@ -250,7 +250,8 @@ class Planner:
             max_unpacked_size=self.settings.max_unpacked_size,
         )
         plan = packages.plan_package(
-            plugin_type, name, entries, lambda member, limit: archive.read_member(zip_path, member, max_size=limit),
+            plugin_type, name, entries,
+            lambda member, limit: archive.read_member(zip_path, entries, member, max_size=limit),
             shell_paras=request.get("shellParas") or [], functions=request.get("functions") or [name],
             shown=lambda recorded: str(self.layout.absolute(recorded)),
         )
