@@ -14,7 +14,10 @@ every byte and every name durable with a single commit (`FileSystemSync`).
 Few files, or a file system where that is not known to hold, keep one fsync
 per file and folder; those are issued several at a time (`fsync_each`): the
 file system commits fsyncs that wait together in one journal commit, where
-one after the other each waits for its own.
+one after the other each waits for its own. The threads that issue them are
+kept for the process's life, and the flush of an install's files can run
+while its caller writes the journal that must be durable with them
+(`Unflushed.flush`): one wait for the disk, where there were two.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,34 +78,61 @@ def fsync_path(path: Path | str) -> None:
         os.close(fd)
 
 
-def fsync_each(paths: Sequence[Path | str]) -> None:
+def fsync_each(paths: Sequence[Path | str], alongside: Callable[[], None] | None = None) -> None:
     """`fsync_path` each path, up to FSYNC_THREADS at once; return when all are done, raising the first error.
 
-    The fsyncs share threads started for the call (none is left running, none outlives a fork): one runs
-    here, the others alongside. Every one is waited for, even after another failed.
+    The fsyncs are shared out among this process's fsync threads (kept; see `_FsyncThreads`) and this one;
+    with `alongside`, this thread runs it meanwhile instead. Every fsync is waited for, even after another
+    failed, or `alongside` did.
     """
-    if len(paths) < 2:
+    lanes = [paths[first::FSYNC_THREADS] for first in range(min(FSYNC_THREADS, len(paths)))]
+    if alongside is None and len(lanes) < 2:
         for path in paths:
             fsync_path(path)
         return
-    lanes = [paths[first::FSYNC_THREADS] for first in range(min(FSYNC_THREADS, len(paths)))]
-    errors: list[BaseException] = []
+    here = lanes.pop(0) if alongside is None else None
+    futures = [_fsync_threads.submit(_fsync_lane, lane) for lane in lanes]
+    _run_beside(futures, alongside or (lambda: _fsync_lane(here)))
 
-    def run(lane: Sequence[Path | str]) -> None:
-        try:
-            for path in lane:
-                fsync_path(path)
-        except BaseException as exc:  # noqa: BLE001  (raised in the caller's thread, once all are done)
-            errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(lane,), name="fsync", daemon=True) for lane in lanes[1:]]
-    for thread in threads:
-        thread.start()
-    run(lanes[0])
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+def _fsync_lane(paths: Sequence[Path | str]) -> None:
+    for path in paths:
+        fsync_path(path)
+
+
+def _run_beside(futures: list[Future], work: Callable[[], None]) -> None:
+    """Run `work` in this thread, then wait for every future; raise work's error, else the first future's."""
+    try:
+        work()
+    finally:
+        wait(futures)
+    for future in futures:
+        future.result()
+
+
+class _FsyncThreads:
+    """This process's threads for `fsync_each` and deferred flushes, started on first use.
+
+    Kept between calls: starting a thread for each fsync cost more than a small install's fsyncs waited
+    (py-spy). A forked child (a gunicorn worker) starts its own, since threads do not cross a fork.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid: int | None = None
+
+    def submit(self, function: Callable[..., None], *args: object) -> Future:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
+                self._pid = os.getpid()
+            return self._pool.submit(function, *args)
+
+
+_fsync_threads = _FsyncThreads()
+# A fork while another thread held the lock (only for the moment of a submit) must not leave it held in the child.
+os.register_at_fork(after_in_child=lambda: setattr(_fsync_threads, "_lock", threading.Lock()))
 
 
 def sync_folders(folders: Iterable[Path]) -> None:
@@ -207,6 +238,15 @@ def seal_all(
     a tree that will change before it is recorded (a portable plugin's folder, which install.sh and the
     handshake run in), whose fingerprint is taken then.
     """
+    prints, unflushed = read_all(paths, batch, unread=unread)
+    unflushed.flush()
+    return prints
+
+
+def read_all(
+    paths: Iterable[Path], batch: FileSystemSync | None, *, unread: Collection[Path] = (),
+) -> tuple[list[Fingerprint | None], Unflushed]:
+    """`seal_all` with `batch`, but with the flush left to the caller: `Unflushed.flush` does it."""
     pending: list[_Entry] = []
     prints: list[Fingerprint | None] = []
     for path in paths:
@@ -215,8 +255,7 @@ def seal_all(
             prints.append(None)
         else:
             prints.append(_seal(path, pending if batch is not None else None))
-    _flush(pending, batch)
-    return prints
+    return prints, Unflushed(pending, batch)
 
 
 def seal(path: Path, batch: FileSystemSync | None = None) -> Fingerprint:
@@ -232,6 +271,19 @@ def seal(path: Path, batch: FileSystemSync | None = None) -> Fingerprint:
     print_ = _seal(path, pending if batch is not None else None)
     _flush(pending, batch)
     return print_
+
+
+@dataclass(frozen=True)
+class Unflushed:
+    """Files and folders read by `read_all` and not yet made durable."""
+
+    entries: list[_Entry]
+    batch: FileSystemSync | None
+
+    def flush(self, alongside: Callable[[], None] | None = None) -> None:
+        """Make them all durable (see `seal`); with `alongside`, run it in this thread meanwhile (the writing of
+        the journal that must be durable with them, before anything moves); return when both are done."""
+        _flush(self.entries, self.batch, alongside)
 
 
 @dataclass(frozen=True)
@@ -254,35 +306,52 @@ def _seal(path: Path, pending: list[_Entry] | None) -> Fingerprint:
 
 
 def _add_unread(path: Path, pending: list[_Entry]) -> None:
-    """Add a file, or every file and folder of a tree, to `pending` without reading any (links need nothing)."""
+    """Add a file, or every file and folder of a tree, to `pending` without reading any (links need nothing).
+
+    Such a tree is one this service has just unpacked into its own staging folder, so every file and folder
+    in it is on the tree's own file system (only root could mount something inside it meanwhile): the kind of
+    each entry is known from its folder's listing, without a stat call per file (they were a twentieth of the
+    time a package of 10,000 files took to install).
+    """
     status = os.lstat(path)
     if stat.S_ISREG(status.st_mode):
         pending.append(_Entry(os.fspath(path), status.st_dev))
     if not stat.S_ISDIR(status.st_mode):
         return
-    pending.append(_Entry(os.fspath(path), status.st_dev, is_dir=True))
-    for folder, dirs, files in os.walk(path, followlinks=False):
-        for name in dirs + files:
-            child = os.path.join(folder, name)
-            status = os.lstat(child)
-            if stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode):
-                pending.append(_Entry(child, status.st_dev, is_dir=stat.S_ISDIR(status.st_mode)))
+    device = status.st_dev
+    folders = [os.fspath(path)]
+    pending.append(_Entry(folders[0], device, is_dir=True))
+    while folders:  # bounded: each folder of the tree is listed once
+        with os.scandir(folders.pop()) as listing:
+            for child in listing:
+                if child.is_dir(follow_symlinks=False):
+                    folders.append(child.path)
+                    pending.append(_Entry(child.path, device, is_dir=True))
+                elif child.is_file(follow_symlinks=False):
+                    pending.append(_Entry(child.path, device))
 
 
-def _flush(pending: list[_Entry], batch: FileSystemSync | None) -> None:
-    """Make every pending file, then every pending folder, durable: by one syncfs, or one by one."""
+def _flush(pending: list[_Entry], batch: FileSystemSync | None,
+           alongside: Callable[[], None] | None = None) -> None:
+    """Make every pending file, then every pending folder, durable: by one syncfs, or one by one; run
+    `alongside` in this thread while the files' flush runs."""
     if not pending:
+        if alongside is not None:
+            alongside()
         return
     if batch is not None and len(pending) >= SYNCFS_MIN_ENTRIES \
             and all(batch.covers(entry.device) for entry in pending):
-        batch.sync()
+        if alongside is None:
+            batch.sync()
+        else:
+            _run_beside([_fsync_threads.submit(batch.sync)], alongside)
         return
     if batch is not None and len(pending) >= SYNCFS_MIN_ENTRIES:
         log.info("fsyncing %d files and folders one by one: %s", len(pending),
                  "not all on the staging folder's file system" if batch.usable
                  else "syncfs is not known to commit everything on this file system or kernel")
     # Files first, then their folders: a folder's fsync makes its names durable, its files' fsyncs their bytes.
-    fsync_each([entry.path for entry in pending if not entry.is_dir])
+    fsync_each([entry.path for entry in pending if not entry.is_dir], alongside)
     fsync_each([entry.path for entry in pending if entry.is_dir])
 
 
