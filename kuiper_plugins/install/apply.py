@@ -19,7 +19,8 @@ Every operation on a plugin runs the same stages (the plan step has already deci
    runs, before the commit;
 5. write the journal (the operation and its file moves) beside the staging
    folder, `<operation id>.journal.json`, fsynced with the staging root (one
-   fsync makes both names durable); then set every old file aside into the
+   fsync makes both names durable), while the flush of step 4 runs in other
+   threads (both are durable before anything moves); then set every old file aside into the
    staging folder (a file being replaced is hard-linked, so its path never
    goes missing) and fsync that folder, make the moves with os.replace, and
    fsync every folder a move touched;
@@ -134,9 +135,9 @@ class Applier:
 
         if plugin_type != PORTABLE:
             progress.phase("commit")  # sealing, moving into place, the engine's hand-over, the registry's commit
-        moves, files = self._stage_units(conn, op, plan, unpacked, old)
+        moves, files, unflushed = self._stage_units(conn, op, plan, unpacked, old)
         kept = self.keeper.keep(conn, op, old) if self.keeper is not None and old is not None else None
-        self._publish(op, moves)
+        self._publish(op, moves, unflushed)
         if plugin_type == PORTABLE:
             # Its folder is in place before install.sh and the handshake run in it (as eKuiper unpacks it there).
             files = self._finish_portable(op, plan, request, files)
@@ -357,8 +358,9 @@ class Applier:
     def _stage_units(
         self, conn: sqlite3.Connection, op: Operation, plan: packages.InstallPlan, unpacked: Path,
         old: registry.Plugin | None,
-    ) -> tuple[list[tuple[Path | None, str]], list[registry.RecordedFile]]:
-        """Materialise and seal each unit in staging; return the moves to make and the files to record.
+    ) -> tuple[list[tuple[Path | None, str]], list[registry.RecordedFile], durable.Unflushed]:
+        """Materialise and read each unit in staging; return the moves to make, the files to record, and what
+        must be flushed before the moves (`_publish` does it while it writes the journal).
 
         A destination that exists must be recorded as this plugin's, or the install is refused: nothing
         that is not ours is replaced. The source yaml is the one exception (see `_kept_groups`).
@@ -387,7 +389,7 @@ class Applier:
                 os.replace(unpacked / unit.src, staged)
                 first_copy[unit.src] = staged
             moves.append((staged, unit.dest))
-        prints = durable.seal_all([staged for staged, _dest in moves], op.flush, unread=unread)
+        prints, unflushed = durable.read_all([staged for staged, _dest in moves], op.flush, unread=unread)
         files = [registry.RecordedFile(dest, print_.size, print_.sha256) if print_ else registry.RecordedFile(dest)
                  for (_staged, dest), print_ in zip(moves, prints, strict=True)]
 
@@ -397,7 +399,7 @@ class Applier:
         for stale in sorted(set(old_records) - placed - kept_owned):
             if self._exists(stale):
                 moves.append((None, stale))
-        return moves, sorted(files, key=lambda f: f.path)
+        return moves, sorted(files, key=lambda f: f.path), unflushed
 
     def refuse_foreign_destinations(
         self, conn: sqlite3.Connection, plan: packages.InstallPlan, unpacked: Path, old: registry.Plugin | None,
@@ -453,8 +455,12 @@ class Applier:
         """Journal and make an operation's moves (staged path or None to remove, destination), durably."""
         self._publish(op, moves)
 
-    def _publish(self, op: Operation, moves: list[tuple[Path | None, str]]) -> None:
+    def _publish(self, op: Operation, moves: list[tuple[Path | None, str]],
+                 unflushed: durable.Unflushed | None = None) -> None:
         """Journal the moves in the staging folder, make them, then fsync every folder they touched.
+
+        What was staged and not yet flushed (`unflushed`) is made durable while the journal is written:
+        both are on disk before the first move.
 
         Old files go aside into staging, new ones in. When this returns, the new state is on disk and the
         old one is still recoverable from staging: only the commit decides which one stays.
@@ -469,9 +475,11 @@ class Applier:
             journal.append({"dest": dest, "backup": backup, "placed": staged is not None})
         if any(entry["backup"] for entry in journal):
             (op.staging / "backup").mkdir(exist_ok=True)  # made only when old files will go there
-        _write_journal(op.staging, {
-            "operation": op.id, "type": op.plugin_type, "name": op.name, "kind": op.kind, "moves": journal,
-        })
+        written = {"operation": op.id, "type": op.plugin_type, "name": op.name, "kind": op.kind, "moves": journal}
+        if unflushed is not None:
+            unflushed.flush(alongside=lambda: _write_journal(op.staging, written))
+        else:
+            _write_journal(op.staging, written)
         op.journal = journal
         moving = [(staged, self._inside_home(entry["dest"]), entry)
                   for (staged, _dest), entry in zip(moves, [e for e in journal if not e.get("made")], strict=True)]
