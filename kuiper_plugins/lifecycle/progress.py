@@ -179,8 +179,11 @@ class _Flusher:
                 self._due.clear()  # a forked child's copy: its parent's trackers are not its own
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="progress-flusher", daemon=True).start()
+            earliest = min(self._due.values(), default=None)
             self._due.setdefault(tracker, due)
-            self._wake.notify()
+            if earliest is None or due < earliest:
+                # the thread waits for the earliest time due: woken only when that is now sooner
+                self._wake.notify()
 
     def _run(self) -> None:
         while True:
