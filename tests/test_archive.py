@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from kuiper_plugins.errors import ArchiveRejected, DiskFull
 from kuiper_plugins.install import archive
-from kuiper_plugins.install.archive import Entry, extract, inspect, read_member
+from kuiper_plugins.install.archive import PARALLEL_MIN_FILES, Entry, extract, inspect, read_member
 
 MiB = 1 << 20
 LIMITS = {"max_entries": 100, "max_unpacked_size": 16 * MiB}
@@ -650,6 +650,33 @@ def test_extract_writes_only_the_entries_given(tmp_path):
     dest.mkdir()
     extract(zip_path, [e for e in entries if e.name.startswith("etc/")], dest)
     assert all_paths(dest) == {"etc", "etc/conf.yaml"}
+
+
+def many_members(count: int) -> list[tuple[str, bytes]]:
+    """`count` small files in 8 folders, listed folder by folder as `zip -r` lists a tree, deflated."""
+    return [(f"vendor/pkg{index * 8 // count}/mod{index:04d}.py", f"value_{index} = {index}\n".encode() * 20)
+            for index in range(count)]
+
+
+def test_extract_writes_a_package_of_many_files_whole_from_both_threads(tmp_path, outside):
+    members = many_members(2 * PARALLEL_MIN_FILES)
+    zip_path = write_members(tmp_path / "p.zip", members)
+    assert_installs(zip_path, members, tmp_path / "dest", max_entries=len(members))
+    assert_untouched(outside)
+
+
+@pytest.mark.parametrize("corrupt", [5, 2 * PARALLEL_MIN_FILES - 5], ids=["first-thread", "second-thread"])
+def test_extract_refuses_a_corrupt_member_whichever_thread_writes_it(corrupt, tmp_path, outside):
+    members = many_members(2 * PARALLEL_MIN_FILES)
+    zip_path = write_members(tmp_path / "p.zip", members)
+    entries = inspect(zip_path, **{**LIMITS, "max_entries": len(members)})
+    overwrite_data(zip_path, members[corrupt][0], b"\xff" * 16)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ArchiveRejected) as refusal:
+        extract(zip_path, entries, dest)
+    assert refusal.value.message.startswith(f'invalid zip file: entry "{members[corrupt][0]}" is corrupt: ')
+    assert_untouched(outside)
 
 
 def accepted_then_patched(tmp_path: Path, patch: Callable[[Path], None]) -> tuple[Path, list[Entry]]:

@@ -27,15 +27,17 @@ directory again or building a reader object per member: for a package of
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import re
 import stat
 import struct
+import threading
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -51,7 +53,9 @@ MAX_DEPTH = 32
 MAX_RATIO = 1000
 RATIO_FREE_SIZE = 1 << 20  # entries up to 1 MiB may compress as well as they like
 CHUNK_SIZE = 1 << 20
-OPEN_FOLDERS = 64  # folder descriptors kept open while extracting
+OPEN_FOLDERS = 64  # folder descriptors kept open while extracting, by each thread
+EXTRACT_THREADS = 2  # threads writing a package's files (see `extract`)
+PARALLEL_MIN_FILES = 256  # fewer files are written by the calling thread alone
 
 FILE_MODE = 0o644
 EXECUTABLE_MODE = 0o755
@@ -176,19 +180,31 @@ def inspect(zip_path: Path, *, max_entries: int, max_unpacked_size: int) -> list
 
 
 def extract(zip_path: Path, entries: Sequence[Entry], dest_dir: Path) -> None:
-    """Unpack exactly `entries` (as returned by `inspect` for this zip) under `dest_dir`, an existing empty folder."""
+    """Unpack exactly `entries` (as returned by `inspect` for this zip) under `dest_dir`, an existing empty folder.
+
+    Every folder is made first, in archive order. The files of a package of PARALLEL_MIN_FILES or more are
+    then written by EXTRACT_THREADS threads, each taking a run of them in archive order (so mostly folders
+    of its own): a file's creation waits in the kernel, with Python's lock let go, while the other thread
+    inflates and writes. The first error stops both and is raised; what was written is the caller's to
+    remove, as after any failed extraction.
+    """
     progress.phase("unpack", sum(entry.size for entry in entries if not entry.is_dir))
     root_fd = os.open(os.path.realpath(dest_dir), _FOLDER_OPEN_FLAGS)
-    folders = _OpenFolders(root_fd)
     try:
         archive_fd = os.open(zip_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for entry in entries:
-                _extract_entry(archive_fd, entry, folders)
+            folders = _OpenFolders(root_fd)
+            try:
+                files = [(entry, segments) for entry in entries
+                         if (segments := _make_folders(entry, folders)) is not None]
+            finally:
+                folders.close()
+            shares = EXTRACT_THREADS if len(files) >= PARALLEL_MIN_FILES else 1
+            _write_shares(archive_fd, root_fd,
+                          [files[i * len(files) // shares:(i + 1) * len(files) // shares] for i in range(shares)])
         finally:
             os.close(archive_fd)
     finally:
-        folders.close()
         os.close(root_fd)
 
 
@@ -205,7 +221,7 @@ def read_member(zip_path: Path, entries: Sequence[Entry], name: str, *, max_size
     chunks: list[bytes] = []
     archive_fd = os.open(zip_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _unpack(archive_fd, entry, chunks.append)
+        _unpack(archive_fd, entry, chunks)
     finally:
         os.close(archive_fd)
     return b"".join(chunks)
@@ -458,16 +474,53 @@ def _collision_key(name: str) -> str:
 # --- extraction ------------------------------------------------------------------
 
 
-def _extract_entry(archive_fd: int, entry: Entry, folders: _OpenFolders) -> None:
-    """Create one folder or write one file under the root folder, mapping archive and disk errors."""
+def _make_folders(entry: Entry, folders: _OpenFolders) -> list[str] | None:
+    """Make a folder entry, or a file entry's folder; return a file's path segments (None for a folder)."""
     segments = _path_segments(entry.name)  # an entry from `inspect` passes; any other is refused below
     if entry.at is None:
         raise _entry_rejected(entry.name, "is not in the archive")
+    with _unpacking(entry):
+        folders.get(segments if entry.is_dir else segments[:-1])
+    return None if entry.is_dir else segments
+
+
+def _write_shares(archive_fd: int, root_fd: int, shares: list[list[tuple[Entry, list[str]]]]) -> None:
+    """Write each share of files, the first in this thread and each other in one of its own; raise the first
+    error any of them met (each stops at its next file once one has failed)."""
+    failed = threading.Event()
+    errors: list[BaseException] = []
+
+    def write_share(share: list[tuple[Entry, list[str]]]) -> None:
+        folders = _OpenFolders(root_fd)
+        try:
+            for entry, segments in share:
+                if failed.is_set():
+                    return
+                with _unpacking(entry):
+                    _write_file(archive_fd, entry, folders, segments)
+        except BaseException as error:  # noqa: BLE001  (raised in the caller's thread once all have stopped)
+            errors.append(error)
+            failed.set()
+        finally:
+            folders.close()
+
+    # each thread counts its bytes in the request's progress, which lives in the caller's context
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(write_share, share), name="unpack",
+                                daemon=True) for share in shares[1:]]
+    for thread in threads:
+        thread.start()
+    write_share(shares[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+@contextmanager
+def _unpacking(entry: Entry) -> Iterator[None]:
+    """Map what unpacking one entry can raise: a corrupt archive, a full disk."""
     try:
-        if entry.is_dir:
-            folders.get(segments)
-        else:
-            _write_file(archive_fd, entry, folders, segments)
+        yield
     except _MALFORMED as error:
         raise _entry_rejected(entry.name, f"is corrupt: {_escaped(str(error)) or type(error).__name__}")
     except OSError as error:
@@ -481,28 +534,28 @@ def _write_file(archive_fd: int, entry: Entry, folders: _OpenFolders, segments: 
     try:
         # The zip's run bit is kept, as eKuiper keeps the entry's mode; the rest is fixed, whatever the umask.
         os.fchmod(file_fd, EXECUTABLE_MODE if entry.executable else FILE_MODE)
-
-        def write(chunk: bytes) -> None:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(file_fd, view) :]
-            progress.advance(len(chunk))
-
-        _unpack(archive_fd, entry, write)
+        _unpack(archive_fd, entry, file_fd)
     finally:
         os.close(file_fd)
 
 
-def _unpack(archive_fd: int, entry: Entry, write: Callable[[bytes], None]) -> None:
-    """Pass the entry's unpacked bytes to `write`, CHUNK_SIZE at most at a time, refusing it as soon as it
-    yields more than its declared size, and at the end if it yielded fewer or its CRC-32 differs."""
+def _unpack(archive_fd: int, entry: Entry, out: int | list[bytes]) -> None:
+    """Write the entry's unpacked bytes to the file descriptor `out` (or add them to the list), CHUNK_SIZE at most
+    at a time, refusing it as soon as it yields more than its declared size, and at the end if it yielded
+    fewer or its CRC-32 differs."""
     crc = written = 0
     for chunk in _unpacked_chunks(archive_fd, entry):
         written += len(chunk)
         if written > entry.size:
             raise _entry_rejected(entry.name, f"unpacks to more than the {entry.size} bytes declared")
         crc = zlib.crc32(chunk, crc)
-        write(chunk)
+        if isinstance(out, list):
+            out.append(chunk)
+            continue
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+        progress.advance(len(chunk))
     if written != entry.size:
         raise _entry_rejected(entry.name, f"unpacks to {written} bytes, fewer than the {entry.size} declared")
     if crc != entry.at.crc:
