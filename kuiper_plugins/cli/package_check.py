@@ -63,7 +63,7 @@ def check_zip(plugin_type: str, name: str, zip_path: Path, action: str, *, shell
         entries = archive.inspect(zip_path, max_entries=sys.maxsize, max_unpacked_size=sys.maxsize)
         packages.plan_package(
             plugin_type, name, entries,
-            lambda member, limit: archive.read_member(zip_path, member, max_size=limit),
+            archive.member_reader(zip_path, entries),
             shell_paras=shell_paras, functions=functions,
         )
     except PluginError as exc:

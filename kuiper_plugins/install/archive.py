@@ -37,7 +37,7 @@ import threading
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -206,6 +206,12 @@ def extract(zip_path: Path, entries: Sequence[Entry], dest_dir: Path) -> None:
             os.close(archive_fd)
     finally:
         os.close(root_fd)
+
+
+def member_reader(zip_path: Path, entries: Sequence[Entry]) -> Callable[[str, int], bytes]:
+    """`read_member` of this zip and its entries (as `inspect` returned them), as `packages.plan_package` takes
+    it: (name, max_size) -> bytes."""
+    return lambda name, max_size: read_member(zip_path, entries, name, max_size=max_size)
 
 
 def read_member(zip_path: Path, entries: Sequence[Entry], name: str, *, max_size: int) -> bytes:

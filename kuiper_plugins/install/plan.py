@@ -251,7 +251,7 @@ class Planner:
         )
         plan = packages.plan_package(
             plugin_type, name, entries,
-            lambda member, limit: archive.read_member(zip_path, entries, member, max_size=limit),
+            archive.member_reader(zip_path, entries),
             shell_paras=request.get("shellParas") or [], functions=request.get("functions") or [name],
             shown=lambda recorded: str(self.layout.absolute(recorded)),
         )

@@ -129,7 +129,7 @@ def check_plugin_zip(path: Path, plugin_type: str, name: str) -> packages.Instal
                               max_unpacked_size=_LIMITS["max_unpacked_size"])
     # The planner's own entry point, as the server and the CLI's --zip check call it.
     return packages.plan_package(plugin_type, name, entries,
-                                 lambda member, limit: archive.read_member(path, member, max_size=limit))
+                                 archive.member_reader(path, entries))
 
 
 def _keep_if_accepted(path: Path, plugin_type: str, name: str) -> None:
