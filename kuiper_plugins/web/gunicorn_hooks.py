@@ -11,10 +11,18 @@ from writing to the master's objects, which would copy their pages into the work
 at build time is kept open (the registry's connections are opened per process, on first use), and what
 runs in threads (engine/sync.py) starts in each worker. A reload (SIGHUP) builds the app anew, from the
 settings as they are then, before the new workers are forked.
+
+Before that, the master caps glibc's malloc arenas at MALLOC_ARENAS, for itself and the workers it forks:
+glibc gives every thread that allocates an arena of its own (up to eight per core) and keeps in it what the
+thread freed, so a worker's threads (the fsyncs it keeps threads for, a package's unpacking, the progress
+flusher) each held memory of their own: with eight fsync threads kept, the bench's idle PSS of master and two
+workers rose from 72 to 81 MB, and fell back to 73 MB with the cap. The threads run Python, one at a time
+under its lock: they have little to gain from arenas of their own.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import gc
 import importlib
@@ -151,12 +159,28 @@ def _build_app(server) -> None:
 
     Building it settles the home: the workers forked right after it need not settle it again (`pre_fork`).
     """
+    limit_malloc_arenas()
     app = server.app.wsgi()
     services = getattr(app, "extensions", {}).get("kuiper_plugins")
     if services is None:  # another app than ours (the bench's bare one): the home is settled here
         recover_home(load_settings())
     server.kuiper_settings = services.settings if services is not None else load_settings()
     server.kuiper_settled_spawns = server.cfg.workers
+
+
+MALLOC_ARENAS = 2  # glibc malloc arenas of the master and its workers (module docstring)
+_M_ARENA_MAX = -8  # glibc's mallopt parameter for it (malloc.h)
+
+
+def limit_malloc_arenas() -> None:
+    """Cap this process's malloc arenas at MALLOC_ARENAS (a forked worker inherits the cap); nothing without glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if not mallopt(_M_ARENA_MAX, MALLOC_ARENAS):
+        log.debug("malloc arenas could not be capped at %d (a C library other than glibc?)", MALLOC_ARENAS)
 
 
 def on_reload(server):
