@@ -825,6 +825,12 @@ def test_read_member_refuses_a_bad_crc_and_a_zip_cut_short_since_it_was_inspecte
         read_member(zip_path, entries, "random.json", max_size=100)
 
 
+def test_read_member_refuses_member_data_that_does_not_inflate(tmp_path):
+    zip_path, entries = accepted_then_patched(tmp_path, lambda p: overwrite_data(p, "liar.bin", b"\xff" * 64))
+    with pytest.raises(ArchiveRejected, match='^invalid zip file: entry "liar.bin" is corrupt: '):
+        read_member(zip_path, entries, "liar.bin", max_size=20_000)
+
+
 def test_read_member_refuses_an_entry_that_inspect_did_not_return(tmp_path):
     zip_path = make_zip(tmp_path / "p.zip", {"random.json": '{"about": {}}'})
     made = [Entry(name="random.json", is_dir=False, size=13, executable=False)]

@@ -224,13 +224,12 @@ def read_member(zip_path: Path, entries: Sequence[Entry], name: str, *, max_size
         raise _rejected(f"entry {_shown(name)} is a folder")
     if entry.size > max_size:
         raise _rejected(f"entry {_shown(name)} is {entry.size} bytes, more than the limit of {max_size}")
-    chunks: list[bytes] = []
     archive_fd = os.open(zip_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _unpack(archive_fd, entry, chunks)
+        with _unpacking(entry):
+            return b"".join(_checked_chunks(archive_fd, entry))
     finally:
         os.close(archive_fd)
-    return b"".join(chunks)
 
 
 # --- pass 1: the end records -------------------------------------------------
@@ -540,28 +539,25 @@ def _write_file(archive_fd: int, entry: Entry, folders: _OpenFolders, segments: 
     try:
         # The zip's run bit is kept, as eKuiper keeps the entry's mode; the rest is fixed, whatever the umask.
         os.fchmod(file_fd, EXECUTABLE_MODE if entry.executable else FILE_MODE)
-        _unpack(archive_fd, entry, file_fd)
+        for chunk in _checked_chunks(archive_fd, entry):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(file_fd, view) :]
+            progress.advance(len(chunk))
     finally:
         os.close(file_fd)
 
 
-def _unpack(archive_fd: int, entry: Entry, out: int | list[bytes]) -> None:
-    """Write the entry's unpacked bytes to the file descriptor `out` (or add them to the list), CHUNK_SIZE at most
-    at a time, refusing it as soon as it yields more than its declared size, and at the end if it yielded
-    fewer or its CRC-32 differs."""
+def _checked_chunks(archive_fd: int, entry: Entry) -> Iterator[bytes]:
+    """The entry's unpacked bytes, CHUNK_SIZE at most at a time, refused as soon as they go past its declared
+    size, and at the end if they fell short of it or their CRC-32 differs."""
     crc = written = 0
     for chunk in _unpacked_chunks(archive_fd, entry):
         written += len(chunk)
         if written > entry.size:
             raise _entry_rejected(entry.name, f"unpacks to more than the {entry.size} bytes declared")
         crc = zlib.crc32(chunk, crc)
-        if isinstance(out, list):
-            out.append(chunk)
-            continue
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(out, view) :]
-        progress.advance(len(chunk))
+        yield chunk
     if written != entry.size:
         raise _entry_rejected(entry.name, f"unpacks to {written} bytes, fewer than the {entry.size} declared")
     if crc != entry.at.crc:
