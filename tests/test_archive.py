@@ -9,11 +9,15 @@ installs, so a case cannot pass by refusing everything.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
+import json
 import os
 import random
 import stat
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 import unicodedata
@@ -24,14 +28,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import make_zip
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kuiper_plugins.errors import ArchiveRejected, DiskFull
-from kuiper_plugins.install import archive
-from kuiper_plugins.install.archive import PARALLEL_MIN_FILES, Entry, extract, inspect, read_member
+from kuiper_plugins.install import unpack
+from kuiper_plugins.install.archive import Entry, extract, inspect, read_member
+from kuiper_plugins.install.unpack import SECOND_PROCESS_MIN_FILES
 
 MiB = 1 << 20
 LIMITS = {"max_entries": 100, "max_unpacked_size": 16 * MiB}
@@ -247,14 +253,17 @@ def all_paths(folder: Path) -> set[str]:
 
 
 def assert_installs(zip_path: Path, members: Members, dest: Path, **limits: int) -> list[Entry]:
-    """inspect accepts the zip, and extract writes exactly `members` under dest with fixed modes.
+    """inspect accepts the zip, and extract writes exactly `members` under dest with fixed modes, and returns the
+    sha256 of every file it wrote.
 
     Folders are 0755, files 0644, or 0755 when their entry has a run bit (kept, as eKuiper keeps it).
     """
     entries = inspect(zip_path, **{**LIMITS, **limits})
     assert [e.name for e in entries] == [name.removesuffix("/") for name, _ in members]
     dest.mkdir()
-    extract(zip_path, entries, dest)
+    digests = extract(zip_path, entries, dest)
+    assert digests == {name: hashlib.sha256(as_bytes(content)).hexdigest()
+                       for name, content in members if not name.endswith("/")}
     expected_paths = set()
     for name, content in members:
         parts = name.removesuffix("/").split("/")
@@ -658,16 +667,92 @@ def many_members(count: int) -> list[tuple[str, bytes]]:
             for index in range(count)]
 
 
-def test_extract_writes_a_package_of_many_files_whole_from_both_threads(tmp_path, outside):
-    members = many_members(2 * PARALLEL_MIN_FILES)
+def unpackers_running() -> list[str]:
+    """The second unpacking processes this test process started that are still running."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and any(a.endswith("unpack.py") for a in child.cmdline()):
+                found.append(f"{child.pid}: {' '.join(child.cmdline())}")
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_extract_writes_a_package_of_many_files_whole_from_both_processes(tmp_path, outside):
+    members = many_members(2 * SECOND_PROCESS_MIN_FILES)
     zip_path = write_members(tmp_path / "p.zip", members)
     assert_installs(zip_path, members, tmp_path / "dest", max_entries=len(members))
+    assert unpackers_running() == []
     assert_untouched(outside)
 
 
-@pytest.mark.parametrize("corrupt", [5, 2 * PARALLEL_MIN_FILES - 5], ids=["first-thread", "second-thread"])
-def test_extract_refuses_a_corrupt_member_whichever_thread_writes_it(corrupt, tmp_path, outside):
-    members = many_members(2 * PARALLEL_MIN_FILES)
+def second_process_members(zip_path: Path, entries: list[Entry]) -> list[unpack.Member]:
+    return [(tuple(e.name.split("/")[:-1]), e.name.split("/")[-1], e.at.start, e.at.packed_size, e.at.deflated,
+             e.at.crc, e.size, e.executable) for e in entries]
+
+
+def test_the_second_process_alone_writes_the_members_it_is_given_and_reports_their_digests(tmp_path):
+    members = [*many_members(40), ("bin/run", b"#!/bin/sh\nexit 0\n")]
+    zip_path = write_members(tmp_path / "p.zip", members, modes={"bin/run": 0o100755})
+    entries = inspect(zip_path, **LIMITS)
+    dest = tmp_path / "dest"
+    for folder in ("vendor/pkg0", "vendor/pkg1", "vendor/pkg2", "vendor/pkg3", "vendor/pkg4", "vendor/pkg5",
+                   "vendor/pkg6", "vendor/pkg7", "bin"):
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+    archive_fd, root_fd = os.open(zip_path, os.O_RDONLY), os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        digests = unpack._SecondProcess(archive_fd, root_fd, second_process_members(zip_path, entries)).result(0)
+    finally:
+        os.close(archive_fd)
+        os.close(root_fd)
+    assert digests == [hashlib.sha256(content).hexdigest() for _name, content in members]
+    for name, content in members:
+        assert (dest / name).read_bytes() == content
+    assert stat.S_IMODE((dest / "bin/run").stat().st_mode) == 0o755
+    assert stat.S_IMODE((dest / "vendor/pkg0/mod0000.py").stat().st_mode) == 0o644
+    assert unpackers_running() == []
+
+
+@pytest.mark.parametrize(("patch", "kind", "expect"), [
+    (lambda p, name: patch_entry(p, name, crc=lambda c: c ^ 1), unpack.Refused, "is corrupt: Bad CRC-32"),
+    (lambda p, name: overwrite_data(p, name, b"\xff" * 16), zlib.error, "invalid"),
+], ids=["bad-crc", "corrupt-deflate"])
+def test_the_second_process_reports_the_member_it_could_not_write_and_why(patch, kind, expect, tmp_path):
+    members = many_members(40)
+    zip_path = write_members(tmp_path / "p.zip", members)
+    patch(zip_path, members[17][0])
+    entries = inspect(zip_path, **LIMITS)
+    dest = tmp_path / "dest"
+    for folder in range(8):
+        (dest / f"vendor/pkg{folder}").mkdir(parents=True)
+    archive_fd, root_fd = os.open(zip_path, os.O_RDONLY), os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(unpack.MemberFailed) as failure:
+            unpack._SecondProcess(archive_fd, root_fd, second_process_members(zip_path, entries)).result(offset=100)
+    finally:
+        os.close(archive_fd)
+        os.close(root_fd)
+    assert failure.value.index == 117
+    assert isinstance(failure.value.error, kind) and expect in str(failure.value.error)
+    assert not (dest / members[18][0]).exists()  # it stopped at the first failure
+    assert unpackers_running() == []
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED], ids=["deflated", "stored"])
+def test_extract_writes_members_larger_than_a_read_whole_and_returns_their_digests(method, tmp_path):
+    """Members past one read (a megabyte) are unpacked chunk by chunk; the digest covers every chunk."""
+    pick = random.Random(3)
+    members = [("lib/big.so", pick.randbytes(3 << 20)), ("lib/text.txt", b"0123456789abcdef" * (1 << 17) + b"end"),
+               ("small.txt", b"small\n")]
+    zip_path = write_members(tmp_path / "p.zip", members, methods=dict.fromkeys(("lib/big.so", "lib/text.txt"), method))
+    assert_installs(zip_path, members, tmp_path / "dest")
+
+
+@pytest.mark.parametrize("corrupt", [5, SECOND_PROCESS_MIN_FILES + 5, 2 * SECOND_PROCESS_MIN_FILES - 5],
+                         ids=["this-process", "second-process-first", "second-process-last"])
+def test_extract_refuses_a_corrupt_member_whichever_process_writes_it(corrupt, tmp_path, outside):
+    members = many_members(2 * SECOND_PROCESS_MIN_FILES)
     zip_path = write_members(tmp_path / "p.zip", members)
     entries = inspect(zip_path, **{**LIMITS, "max_entries": len(members)})
     overwrite_data(zip_path, members[corrupt][0], b"\xff" * 16)
@@ -676,6 +761,7 @@ def test_extract_refuses_a_corrupt_member_whichever_thread_writes_it(corrupt, tm
     with pytest.raises(ArchiveRejected) as refusal:
         extract(zip_path, entries, dest)
     assert refusal.value.message.startswith(f'invalid zip file: entry "{members[corrupt][0]}" is corrupt: ')
+    assert unpackers_running() == []
     assert_untouched(outside)
 
 
@@ -712,6 +798,32 @@ def test_the_same_member_without_the_lie_extracts(tmp_path):
 )
 def test_extract_refuses_member_data_that_lies(patch, expect, tmp_path, outside):
     zip_path, entries = accepted_then_patched(tmp_path, patch)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ArchiveRejected) as refusal:
+        extract(zip_path, entries, dest)
+    assert refusal.value.message.startswith('invalid zip file: entry "liar.bin" ')
+    assert expect in refusal.value.message
+    assert_untouched(outside)
+
+
+BIG_LIAR = 5 * MiB // 2  # past one read (CHUNK_SIZE) packed and unpacked: unpacked chunk by chunk
+
+
+@pytest.mark.parametrize(
+    ("fields", "expect"),
+    [
+        pytest.param({"file_size": 2 * MiB}, f"unpacks to more than the {2 * MiB} bytes declared",
+                     id="inflates-past-size"),
+        pytest.param({"crc": lambda c: c ^ 1}, "Bad CRC-32", id="bad-crc"),
+        pytest.param({"file_size": BIG_LIAR + 1000}, f"unpacks to {BIG_LIAR} bytes, fewer than the"
+                     f" {BIG_LIAR + 1000} declared", id="fewer-than-declared"),
+    ],
+)
+def test_extract_refuses_a_large_member_that_lies(fields, expect, tmp_path, outside):
+    zip_path = write_members(tmp_path / "p.zip", [*BASE, ("liar.bin", noise(BIG_LIAR - MiB) + bytes(MiB))])
+    patch_entry(zip_path, "liar.bin", **fields)
+    entries = inspect(zip_path, **LIMITS)
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(ArchiveRejected) as refusal:
@@ -758,7 +870,7 @@ def test_extract_never_follows_a_link_already_in_the_destination(planted, tmp_pa
 
 
 class FailingWrites:
-    """Stands in for the os module inside archive.py, failing every os.write with one errno."""
+    """Stands in for the os module inside unpack.py, failing every os.write with one errno."""
 
     def __init__(self, error_number: int):
         self.error_number = error_number
@@ -776,9 +888,44 @@ def test_a_full_disk_is_disk_full(error_number, tmp_path, monkeypatch):
     entries = inspect(zip_path, **LIMITS)
     dest = tmp_path / "dest"
     dest.mkdir()
-    monkeypatch.setattr(archive, "os", FailingWrites(error_number))
+    monkeypatch.setattr(unpack, "os", FailingWrites(error_number))
     with pytest.raises(DiskFull, match='^disk full while unpacking "Random@v1.0.0.so"$'):
         extract(zip_path, entries, dest)
+
+
+FULL_DISK_CHILD = """
+import json, sys
+from pathlib import Path
+from kuiper_plugins.errors import DiskFull
+from kuiper_plugins.install.archive import extract, inspect
+zip_path, dest = Path(sys.argv[1]), Path(sys.argv[2])
+dest.mkdir()
+try:
+    extract(zip_path, inspect(zip_path, max_entries=10000, max_unpacked_size=1 << 30), dest)
+    print(json.dumps({"outcome": "written"}))
+except DiskFull as refusal:
+    print(json.dumps({"outcome": "disk full", "message": refusal.message}))
+"""
+
+
+def test_a_full_disk_met_by_the_second_process_is_disk_full(tmp_path):
+    """A real full file system (a 16 MiB tmpfs in a mount namespace of the test's own): the first half of the
+    files is small and fits, the second half, written by the second process, does not."""
+    count = 2 * SECOND_PROCESS_MIN_FILES
+    members = [(f"small/f{index:04d}", b"s" * 10) for index in range(count // 2)]
+    members += [(f"large/f{index:04d}", bytes(64 * 1024)) for index in range(count // 2, count)]
+    zip_path = write_members(tmp_path / "p.zip", members)
+    mounted = tmp_path / "full"
+    mounted.mkdir()
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs -o size=16m tmpfs "$0" && exec "$@"', str(mounted),
+               sys.executable, "-c", FULL_DISK_CHILD, str(zip_path), str(mounted / "dest")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout)
+    assert outcome["outcome"] == "disk full"
+    assert outcome["message"].startswith('disk full while unpacking "large/f')
+    assert unpackers_running() == []
 
 
 def test_other_os_errors_propagate(tmp_path, monkeypatch):
@@ -786,7 +933,7 @@ def test_other_os_errors_propagate(tmp_path, monkeypatch):
     entries = inspect(zip_path, **LIMITS)
     dest = tmp_path / "dest"
     dest.mkdir()
-    monkeypatch.setattr(archive, "os", FailingWrites(errno.EIO))
+    monkeypatch.setattr(unpack, "os", FailingWrites(errno.EIO))
     with pytest.raises(OSError) as failure:
         extract(zip_path, entries, dest)
     assert failure.value.errno == errno.EIO and not isinstance(failure.value, ArchiveRejected)

@@ -27,13 +27,12 @@ directory again or building a reader object per member: for a package of
 
 from __future__ import annotations
 
-import contextvars
 import errno
+import mmap
 import os
 import re
 import stat
 import struct
-import threading
 import unicodedata
 import zipfile
 import zlib
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kuiper_plugins.errors import ArchiveRejected, DiskFull
+from kuiper_plugins.install import unpack
 from kuiper_plugins.lifecycle import progress
 
 MAX_NAME_BYTES = 1024
@@ -52,14 +52,7 @@ MAX_SEGMENT_BYTES = 255  # NAME_MAX of ext4 and most other filesystems
 MAX_DEPTH = 32
 MAX_RATIO = 1000
 RATIO_FREE_SIZE = 1 << 20  # entries up to 1 MiB may compress as well as they like
-CHUNK_SIZE = 1 << 20
-OPEN_FOLDERS = 64  # folder descriptors kept open while extracting, by each thread
-EXTRACT_THREADS = 2  # threads writing a package's files (see `extract`)
-PARALLEL_MIN_FILES = 256  # fewer files are written by the calling thread alone
-
-FILE_MODE = 0o644
-EXECUTABLE_MODE = 0o755
-FOLDER_MODE = 0o755
+FOLDER_MODE = unpack.FOLDER_MODE  # every folder extract makes, whatever the umask
 
 # Record layouts from PKWARE's APPNOTE.TXT, section 4.3; all little-endian, signature first.
 # End record: disk, directory's disk, entries on this disk, entries, directory size and offset, comment size.
@@ -90,6 +83,7 @@ _REFUSED_FLAGS = (
     (_FLAG_PATCHED_DATA, "holds compressed patched data"),
     (_FLAG_MASKED_HEADERS, "has masked (encrypted) headers"),
 )
+_REFUSED_FLAG_BITS = sum(flag for flag, _refusal in _REFUSED_FLAGS)
 # Flags the local header must repeat: zipfile reads them from the central
 # directory, other tools from the local header.
 _FLAGS_BOTH_HEADERS_SHARE = _FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION | _FLAG_UTF8
@@ -118,8 +112,7 @@ _MALFORMED = (
 )
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
-_FOLDER_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_FOLDER_OPEN_FLAGS = unpack.FOLDER_OPEN_FLAGS
 
 
 @dataclass(frozen=True)
@@ -166,7 +159,9 @@ def inspect(zip_path: Path, *, max_entries: int, max_unpacked_size: int) -> list
         if len(infos) != directory.entry_count:
             raise _rejected("the central directory cannot be read")
 
-        extents = [_data_extent(archive.fileno(), info, directory.offset) for info in infos]
+        # The local headers are read from a mapping of the file: a read call for each costs more than the check.
+        with mmap.mmap(archive.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            extents = [_data_extent(mapped, info, directory.offset) for info in infos]
         entries = [_check_entry(info, extent[3]) for info, extent in zip(infos, extents, strict=True)]
 
     _refuse_overlaps(extents)
@@ -179,33 +174,46 @@ def inspect(zip_path: Path, *, max_entries: int, max_unpacked_size: int) -> list
     return entries
 
 
-def extract(zip_path: Path, entries: Sequence[Entry], dest_dir: Path) -> None:
-    """Unpack exactly `entries` (as returned by `inspect` for this zip) under `dest_dir`, an existing empty folder.
+def extract(zip_path: Path, entries: Sequence[Entry], dest_dir: Path) -> dict[str, str]:
+    """Unpack exactly `entries` (as returned by `inspect` for this zip) under `dest_dir`, an existing empty folder;
+    return the sha256 (hex) of each file written, by entry name: what it holds, without reading it back.
 
-    Every folder is made first, in archive order. The files of a package of PARALLEL_MIN_FILES or more are
-    then written by EXTRACT_THREADS threads, each taking a run of them in archive order (so mostly folders
-    of its own): a file's creation waits in the kernel, with Python's lock let go, while the other thread
-    inflates and writes. The first error stops both and is raised; what was written is the caller's to
-    remove, as after any failed extraction.
+    Every folder is made first, in archive order; then the files are written (`unpack.write_members`: a
+    package of many files by this process and a second one, each taking a run of them in archive order). The
+    first error stops both and is raised; what was written is the caller's to remove, as after any failed
+    extraction.
     """
     progress.phase("unpack", sum(entry.size for entry in entries if not entry.is_dir))
     root_fd = os.open(os.path.realpath(dest_dir), _FOLDER_OPEN_FLAGS)
     try:
         archive_fd = os.open(zip_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            folders = _OpenFolders(root_fd)
+            folders = unpack.OpenFolders(root_fd)
             try:
                 files = [(entry, segments) for entry in entries
                          if (segments := _make_folders(entry, folders)) is not None]
             finally:
                 folders.close()
-            shares = EXTRACT_THREADS if len(files) >= PARALLEL_MIN_FILES else 1
-            _write_shares(archive_fd, root_fd,
-                          [files[i * len(files) // shares:(i + 1) * len(files) // shares] for i in range(shares)])
+            try:
+                digests = unpack.write_members(archive_fd, root_fd, [_member(entry, segments)
+                                                                     for entry, segments in files],
+                                               progress.advance)
+            except unpack.MemberFailed as failure:
+                failed = files[failure.index][0]
+                mapped = _unpacking_error(failed, failure.error)
+                raise mapped from failure.error
+            return {entry.name: digest for (entry, _segments), digest in zip(files, digests, strict=True)}
         finally:
             os.close(archive_fd)
     finally:
         os.close(root_fd)
+
+
+def _member(entry: Entry, segments: list[str]) -> unpack.Member:
+    """What `unpack` needs of an accepted file entry: where it goes, where its data is and what it must be."""
+    at = entry.at
+    return (tuple(segments[:-1]), segments[-1], at.start, at.packed_size, at.deflated, at.crc, entry.size,
+            entry.executable)
 
 
 def member_reader(zip_path: Path, entries: Sequence[Entry]) -> Callable[[str, int], bytes]:
@@ -227,7 +235,7 @@ def read_member(zip_path: Path, entries: Sequence[Entry], name: str, *, max_size
     archive_fd = os.open(zip_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with _unpacking(entry):
-            return b"".join(_checked_chunks(archive_fd, entry))
+            return b"".join(unpack.checked_chunks(archive_fd, _member(entry, entry.name.split("/"))))
     finally:
         os.close(archive_fd)
 
@@ -346,9 +354,8 @@ def _check_entry(info: zipfile.ZipInfo, data_start: int) -> Entry:
         raise _entry_rejected(name, f"has an unknown Unix file type {file_type:#o}")
     if file_type == stat.S_IFDIR and not is_dir:
         raise _entry_rejected(name, 'is marked as a folder but its name does not end with "/"')
-    for flag, refusal in _REFUSED_FLAGS:
-        if info.flag_bits & flag:
-            raise _entry_rejected(name, refusal)
+    if info.flag_bits & _REFUSED_FLAG_BITS:
+        raise _entry_rejected(name, next(refusal for flag, refusal in _REFUSED_FLAGS if info.flag_bits & flag))
     if info.compress_type not in _ALLOWED_METHODS:
         raise _entry_rejected(
             name, f"uses compression method {info.compress_type}; only stored (0) and deflate (8) are allowed"
@@ -403,7 +410,7 @@ def _path_segments(name: str) -> list[str]:
     return segments
 
 
-def _data_extent(archive_fd: int, info: zipfile.ZipInfo, directory_offset: int) -> tuple[int, int, str, int]:
+def _data_extent(mapped: mmap.mmap, info: zipfile.ZipInfo, directory_offset: int) -> tuple[int, int, str, int]:
     """Check the entry's local header; return (start, end, name) of its header and data in the file, and where
     its data starts.
 
@@ -413,9 +420,10 @@ def _data_extent(archive_fd: int, info: zipfile.ZipInfo, directory_offset: int) 
     start = info.header_offset
     if start + _LOCAL_HEADER.size > directory_offset:
         raise _entry_rejected(name, "points past the entries' data")
-    central_name = name.encode("utf-8" if info.flag_bits & _FLAG_UTF8 else "cp437")
+    # (an ASCII name is the same bytes in both encodings, and encodes much faster as ASCII)
+    central_name = name.encode("ascii" if name.isascii() else "utf-8" if info.flag_bits & _FLAG_UTF8 else "cp437")
     # the header and, when it names the entry as the central directory does, the name: one read
-    read = os.pread(archive_fd, _LOCAL_HEADER.size + len(central_name), start)
+    read = mapped[start:start + _LOCAL_HEADER.size + len(central_name)]
     header = _LOCAL_HEADER.unpack_from(read)
     if header[0] != _LOCAL_HEADER_SIG:
         raise _entry_rejected(name, "points to no local header")
@@ -448,8 +456,8 @@ def _refuse_collisions(entries: list[Entry], infos: list[zipfile.ZipInfo]) -> No
     """Refuse names equal up to case, Unicode form or a folder's "/", and files used as folders."""
     names_by_key: dict[str, str] = {}
     file_names_by_key: dict[str, str] = {}
-    for entry, info in zip(entries, infos, strict=True):
-        key = _collision_key(entry.name)
+    keys = [_collision_key(entry.name) for entry in entries]
+    for entry, info, key in zip(entries, infos, keys, strict=True):
         if key in names_by_key:
             first = names_by_key[key]
             if first == info.orig_filename:
@@ -461,8 +469,7 @@ def _refuse_collisions(entries: list[Entry], infos: list[zipfile.ZipInfo]) -> No
         names_by_key[key] = info.orig_filename
         if not entry.is_dir:
             file_names_by_key[key] = info.orig_filename
-    for entry, info in zip(entries, infos, strict=True):
-        key = _collision_key(entry.name)
+    for info, key in zip(infos, keys, strict=True):
         parent = key
         while "/" in parent:
             parent = parent.rpartition("/")[0]
@@ -473,13 +480,15 @@ def _refuse_collisions(entries: list[Entry], infos: list[zipfile.ZipInfo]) -> No
 
 
 def _collision_key(name: str) -> str:
+    if name.isascii():
+        return name.lower()  # what the line below gives an ASCII name, at a fraction of its cost
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
 
 
 # --- extraction ------------------------------------------------------------------
 
 
-def _make_folders(entry: Entry, folders: _OpenFolders) -> list[str] | None:
+def _make_folders(entry: Entry, folders: unpack.OpenFolders) -> list[str] | None:
     """Make a folder entry, or a file entry's folder; return a file's path segments (None for a folder)."""
     segments = _path_segments(entry.name)  # an entry from `inspect` passes; any other is refused below
     if entry.at is None:
@@ -489,161 +498,27 @@ def _make_folders(entry: Entry, folders: _OpenFolders) -> list[str] | None:
     return None if entry.is_dir else segments
 
 
-def _write_shares(archive_fd: int, root_fd: int, shares: list[list[tuple[Entry, list[str]]]]) -> None:
-    """Write each share of files, the first in this thread and each other in one of its own; raise the first
-    error any of them met (each stops at its next file once one has failed)."""
-    failed = threading.Event()
-    errors: list[BaseException] = []
-
-    def write_share(share: list[tuple[Entry, list[str]]]) -> None:
-        folders = _OpenFolders(root_fd)
-        try:
-            for entry, segments in share:
-                if failed.is_set():
-                    return
-                with _unpacking(entry):
-                    _write_file(archive_fd, entry, folders, segments)
-        except BaseException as error:  # noqa: BLE001  (raised in the caller's thread once all have stopped)
-            errors.append(error)
-            failed.set()
-        finally:
-            folders.close()
-
-    # each thread counts its bytes in the request's progress, which lives in the caller's context
-    threads = [threading.Thread(target=contextvars.copy_context().run, args=(write_share, share), name="unpack",
-                                daemon=True) for share in shares[1:]]
-    for thread in threads:
-        thread.start()
-    write_share(shares[0])
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-
-
 @contextmanager
 def _unpacking(entry: Entry) -> Iterator[None]:
-    """Map what unpacking one entry can raise: a corrupt archive, a full disk."""
+    """Map what unpacking one entry can raise: a corrupt archive, a full disk (see `_unpacking_error`)."""
     try:
         yield
-    except _MALFORMED as error:
-        raise _entry_rejected(entry.name, f"is corrupt: {_escaped(str(error)) or type(error).__name__}")
-    except OSError as error:
-        if error.errno in _DISK_FULL:
-            raise DiskFull(f"disk full while unpacking {_shown(entry.name)}")
-        raise
+    except BaseException as error:
+        mapped = _unpacking_error(entry, error)
+        if mapped is error:
+            raise
+        raise mapped from error
 
 
-def _write_file(archive_fd: int, entry: Entry, folders: _OpenFolders, segments: list[str]) -> None:
-    file_fd = os.open(segments[-1], _FILE_OPEN_FLAGS, FILE_MODE, dir_fd=folders.get(segments[:-1]))
-    try:
-        # The zip's run bit is kept, as eKuiper keeps the entry's mode; the rest is fixed, whatever the umask.
-        os.fchmod(file_fd, EXECUTABLE_MODE if entry.executable else FILE_MODE)
-        for chunk in _checked_chunks(archive_fd, entry):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(file_fd, view) :]
-            progress.advance(len(chunk))
-    finally:
-        os.close(file_fd)
-
-
-def _checked_chunks(archive_fd: int, entry: Entry) -> Iterator[bytes]:
-    """The entry's unpacked bytes, CHUNK_SIZE at most at a time, refused as soon as they go past its declared
-    size, and at the end if they fell short of it or their CRC-32 differs."""
-    crc = written = 0
-    for chunk in _unpacked_chunks(archive_fd, entry):
-        written += len(chunk)
-        if written > entry.size:
-            raise _entry_rejected(entry.name, f"unpacks to more than the {entry.size} bytes declared")
-        crc = zlib.crc32(chunk, crc)
-        yield chunk
-    if written != entry.size:
-        raise _entry_rejected(entry.name, f"unpacks to {written} bytes, fewer than the {entry.size} declared")
-    if crc != entry.at.crc:
-        raise _entry_rejected(
-            entry.name, "is corrupt: Bad CRC-32 (what it unpacks to does not match the checksum the archive declares)"
-        )
-
-
-def _unpacked_chunks(archive_fd: int, entry: Entry) -> Iterator[bytes]:
-    """The entry's data, read from where `inspect` found it and inflated when deflated, CHUNK_SIZE at most at a
-    time. Bytes after the end of a deflate stream, within the entry's packed size, are ignored, as zipfile does."""
-    at = entry.at
-    position, packed_left = at.start, at.packed_size
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS) if at.deflated else None
-    while packed_left or (inflater is not None and inflater.unconsumed_tail):
-        if inflater is not None and inflater.eof:
-            return
-        if inflater is not None and inflater.unconsumed_tail:
-            yield inflater.decompress(inflater.unconsumed_tail, CHUNK_SIZE)
-            continue
-        packed = os.pread(archive_fd, min(packed_left, CHUNK_SIZE), position)
-        if not packed:
-            raise _entry_rejected(entry.name, "is corrupt: the archive ends inside its data")
-        position += len(packed)
-        packed_left -= len(packed)
-        yield packed if inflater is None else inflater.decompress(packed, CHUNK_SIZE)
-    if inflater is not None and not inflater.eof:
-        yield inflater.flush()  # what the last input holds beyond the last chunk's limit (all input is in)
-
-
-class _OpenFolders:
-    """The descriptors of the folders files were last written into, kept open for the next files there.
-
-    A zip lists a tree folder by folder, so thousands of files share a few folders: opening each one
-    once, not once per file, saves walking (and trying to make) the same path again and again. At most
-    OPEN_FOLDERS stay open (the least recently used goes), well below any descriptor limit.
-    """
-
-    def __init__(self, root_fd: int):
-        self.root_fd = root_fd
-        self.open: dict[tuple[str, ...], int] = {}  # in order of use, the last used last
-
-    def get(self, segments: list[str]) -> int:
-        """A descriptor of root/segments, made where missing and kept open: the caller must not close it."""
-        key = tuple(segments)
-        if not key:
-            return self.root_fd
-        fd = self.open.pop(key, None)
-        if fd is None:
-            fd = _open_folder(self.root_fd, segments)
-            if len(self.open) >= OPEN_FOLDERS:
-                os.close(self.open.pop(next(iter(self.open))))
-        self.open[key] = fd
-        return fd
-
-    def close(self) -> None:
-        """Close every descriptor kept open (not the root's)."""
-        for fd in self.open.values():
-            os.close(fd)
-        self.open.clear()
-
-
-def _open_folder(root_fd: int, segments: list[str]) -> int:
-    """Return a descriptor of root_fd/segments, creating missing folders; never follows a link.
-
-    Returns root_fd itself when segments is empty; any other descriptor is the caller's to close.
-    """
-    folder_fd = root_fd
-    try:
-        for segment in segments:
-            try:
-                os.mkdir(segment, FOLDER_MODE, dir_fd=folder_fd)
-                created = True
-            except FileExistsError:
-                created = False
-            child_fd = os.open(segment, _FOLDER_OPEN_FLAGS, dir_fd=folder_fd)
-            if folder_fd != root_fd:
-                os.close(folder_fd)
-            folder_fd = child_fd
-            if created:
-                os.fchmod(folder_fd, FOLDER_MODE)  # whatever the umask
-    except BaseException:
-        if folder_fd != root_fd:
-            os.close(folder_fd)
-        raise
-    return folder_fd
+def _unpacking_error(entry: Entry, error: BaseException) -> BaseException:
+    """What to raise for `error`, met unpacking `entry`: a corrupt archive's or a full disk's refusal, else itself."""
+    if isinstance(error, unpack.Refused):
+        return _entry_rejected(entry.name, str(error))
+    if isinstance(error, _MALFORMED):
+        return _entry_rejected(entry.name, f"is corrupt: {_escaped(str(error)) or type(error).__name__}")
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        return DiskFull(f"disk full while unpacking {_shown(entry.name)}")
+    return error
 
 
 # --- messages ------------------------------------------------------------------
