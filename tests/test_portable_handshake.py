@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -114,6 +115,58 @@ def test_a_real_python_plugin_on_ekuipers_sdk_shakes_hands(sdk_python, tmp_path,
     assert processes_with(token) == []
     assert not Path("/tmp/plugin_pygreet.ipc").exists()
     assert tree(plugin_dir) == before  # nothing written: no __pycache__ beside the plugin's own files
+
+
+def helpers_of_this_process() -> list[str]:
+    """The handshake checks this test process started that are still running (unshare leads each)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            command = child.cmdline()
+            if child.status() != psutil.STATUS_ZOMBIE and command and os.path.basename(command[0]) == "unshare":
+                found.append(f"{child.pid}: {' '.join(command)[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_a_check_started_before_its_plugin_exists_waits_for_it_then_shakes_hands(sdk_python, tmp_path, token):
+    """An install starts the check as the package begins to unpack; the plugin is put in place only later."""
+    ahead = portable.check_ahead()
+    assert ahead is not None and ahead.proc.poll() is None  # waiting for its spec
+    plugin_dir = place("pygreet", tmp_path, token)
+    descriptor = json.loads((plugin_dir / "pygreet.json").read_text())
+
+    shook = verify_descriptor(plugin_dir, "pygreet", descriptor, python_bin=str(sdk_python), init_timeout=30.0,
+                              ahead=ahead)
+
+    assert shook.message == b"handshake"
+    assert f"pygreet started in {plugin_dir}" in shook.output
+    assert ahead.used and ahead.proc.returncode is not None
+    assert processes_with(token) == [] and helpers_of_this_process() == []
+
+
+def test_a_check_started_ahead_and_never_given_its_plugin_is_stopped_when_the_install_ends(tmp_path):
+    ahead = portable.check_ahead()
+    assert ahead is not None and helpers_of_this_process() != []
+    ahead.close()
+    assert ahead.proc.returncode is not None
+    assert helpers_of_this_process() == []
+    with pytest.raises(RuntimeError):
+        ahead.run({"mode": "run"}, 5)  # a stopped helper runs no check
+
+
+def test_a_check_started_ahead_that_died_meanwhile_refuses_the_plugin_and_says_so(tmp_path, token):
+    plugin_dir = place("silent", tmp_path, token)
+    ahead = portable.check_ahead()
+    os.killpg(ahead.proc.pid, signal.SIGKILL)
+    ahead.proc.wait(timeout=10)
+
+    message, _ = refusal(plugin_dir, "silent", "go", "silent.sh", ahead=ahead)
+
+    assert message.startswith("portable plugin silent cannot be started for its handshake check on this machine"
+                              " (the check ended without a verdict (exit status -9)")
+    assert processes_with(token) == [] and helpers_of_this_process() == []
 
 
 def test_the_check_never_meets_a_running_engine_socket(sdk_python, tmp_path, token):
@@ -749,6 +802,19 @@ def test_a_real_python_plugin_installs_through_the_api_after_its_handshake(make_
     assert described["executable"] == str(service.layout.portable_dir("pygreet") / "pygreet.py")
     assert (service.home / "etc/sources/greeting.yaml").exists()
     assert not Path("/tmp/plugin_pygreet.ipc").exists()
+    assert helpers_of_this_process() == []  # the check started ahead ran, and ended with it
+
+
+def test_a_portable_with_install_sh_is_checked_after_its_script_and_leaves_no_check_running(
+        make_service, file_server, sdk_python):
+    """The check started on download is stopped once install.sh shows up; a new one runs after the script."""
+    service = make_service(portable_verify_on_install=True, portable_python_bin=str(sdk_python))
+    zip_folder(FIXTURES / "pygreet", file_server.root / "pygreet.zip",
+               {"install.sh": (b"#!/bin/sh\ntouch installed.txt\n", 0o755)})
+    response = service.post("portables", {"name": "pygreet", "file": file_server.url("pygreet.zip")})
+    assert response.status_code == 201, response.data
+    assert (service.layout.portable_dir("pygreet") / "installed.txt").is_file()
+    assert helpers_of_this_process() == []
 
 
 def test_a_real_go_plugin_installs_through_gunicorn_after_its_handshake(start_gunicorn, file_server, go_portable):
@@ -795,6 +861,41 @@ def test_a_plugin_that_never_shakes_hands_is_refused_through_the_api_and_nothing
     exe = service.layout.portable_dir("silent") / "silent.sh"
     assert message.startswith(f"portable plugin create command error: fail to install plugin: plugin {exe} control"
                               " handshake error: receive time out")
+    assert helpers_of_this_process() == []
+    service.assert_unchanged(before)
+
+
+def test_a_portable_refused_by_its_plan_leaves_no_check_running_and_nothing_written(make_service, file_server):
+    """The check starts as soon as the package is downloaded: a package refused by the rules ends it."""
+    service = make_service(portable_verify_on_install=True, portable_init_timeout=2.0)
+    descriptor = {"version": "v1", "language": "java", "executable": "silent.sh", "sinks": ["hush"]}
+    zip_folder(FIXTURES / "silent", file_server.root / "java.zip",
+               {"silent.json": (json.dumps(descriptor).encode(), 0o644)})
+    before = service.snapshot()
+    response = service.post("portables", {"name": "silent", "file": file_server.url("java.zip")})
+    assert response.status_code == 400, response.data
+    assert helpers_of_this_process() == []
+    service.assert_unchanged(before)
+
+
+def test_a_portable_refused_while_it_unpacks_leaves_no_check_running_and_nothing_written(make_service, file_server):
+    """The check starts once the package is planned, before it unpacks: a member found corrupt then ends it."""
+    service = make_service(portable_verify_on_install=True, portable_init_timeout=2.0)
+    descriptor = {"version": "v1", "language": "go", "executable": "silent.sh", "sinks": ["hush"]}
+    target = zip_folder(FIXTURES / "silent", file_server.root / "torn.zip", {
+        "silent.json": (json.dumps(descriptor).encode(), 0o644),
+        "lib/data.txt": (b"CORRUPT-ME " * 50, 0o644),  # stored: its bytes stand as they are in the zip
+    })
+    target.write_bytes(target.read_bytes().replace(b"CORRUPT-ME", b"CORRUPT-MF", 1))  # its CRC no longer holds
+    before = service.snapshot()
+
+    response = service.post("portables", {"name": "silent", "file": file_server.url("torn.zip")})
+
+    assert response.status_code == 400
+    assert response.get_json()["message"] == ('portable plugin create command error: fail to install plugin: invalid'
+                                              ' zip file: entry "lib/data.txt" is corrupt: Bad CRC-32 (what it unpacks'
+                                              ' to does not match the checksum the archive declares)')
+    assert helpers_of_this_process() == []
     service.assert_unchanged(before)
 
 

@@ -6,16 +6,18 @@ operator or a failing disk would.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import sqlite3
 
 import pytest
-from conftest import engine_dump, make_zip
+from conftest import engine_dump, make_zip, recorded_files
 from test_api import SO, plugin_zip, portable_members, source_zip
 
 from kuiper_plugins.engine import kv
+from kuiper_plugins.install import durable
 from kuiper_plugins.layout import Layout
 
 
@@ -325,3 +327,33 @@ def test_projecting_a_damaged_plugin_withdraws_its_rows(service, file_server):
     assert TALLY_ROWS <= keys
     assert [(p["name"], p["path"], p["problem"]) for p in verified(service)["problems"]] == [
         ("influx", "plugins/sinks/Influx.so", "missing")]
+
+
+def test_a_portable_folder_is_recorded_as_read_back_from_disk_though_its_files_are_not_read_again(
+        service, file_server):
+    """Without install.sh the folder's fingerprint comes from the digests the unpacking kept; it must be the very
+    fingerprint a fresh read of the folder gives, executable bit and nested folders included."""
+    extra = {f"lib/pkg{n}/mod{n}.py": f"value = {n}\n" * (n + 1) for n in range(5)}
+    url = plugin_zip(file_server, "mirror.zip", portable_members(extra=extra), modes={"mirror": 0o100755})
+    assert service.post("portables", {"name": "mirror", "file": url}).status_code == 201
+    folder = service.home / "plugins/portable/mirror"
+    read_back = durable.fingerprint(folder)
+    assert recorded_files(service.home, "mirror")["plugins/portable/mirror"] == (read_back.size, read_back.sha256)
+    assert verified(service) == {"ok": True, "problems": []}
+
+
+def test_a_folders_fingerprint_takes_a_known_files_digest_only_while_its_size_is_the_known_one(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_bytes(b"alpha")
+    (tree / "sub" / "b.txt").write_bytes(b"bravo!")
+    fresh = durable.read_fingerprint(tree)
+    known = {"a.txt": durable.Fingerprint(5, hashlib.sha256(b"alpha").hexdigest()),
+             "sub/b.txt": durable.Fingerprint(6, hashlib.sha256(b"bravo!").hexdigest())}
+    assert durable.read_fingerprint(tree, known=known) == fresh
+    # A known digest is taken as given, the file unread: a wrong one shows in the folder's fingerprint.
+    told_wrong = {**known, "a.txt": durable.Fingerprint(5, hashlib.sha256(b"other").hexdigest())}
+    assert durable.read_fingerprint(tree, known=told_wrong) != fresh
+    # A file whose size is not the known one is read.
+    (tree / "a.txt").write_bytes(b"alpha, longer")
+    assert durable.read_fingerprint(tree, known=known) == durable.read_fingerprint(tree) != fresh

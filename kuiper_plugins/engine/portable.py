@@ -84,13 +84,24 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 _PRIVATE = ("--pid", "--fork", "--kill-child", "--mount", "--net", "--ipc", "--propagation", "private")
 UNSHARE_OPTIONS = ((*_PRIVATE, "--mount-proc"), _PRIVATE)
 
-# PID 1 of the check's namespaces, run as root as `python -I -c _HELPER <spec json>`. It reports one JSON
-# object on stdout. It never signals -1 unless it is PID 1, where that means "everyone in this PID namespace".
-# Everything that needs root happens here, before the plugin starts: the plugin itself runs as nobody.
+# PID 1 of the check's namespaces, run as root as `python -I -c _HELPER <mode>`, its spec then sent as one JSON
+# line on its stdin (it may be started ahead: see `CheckAhead`). It reports one JSON object on stdout. It never
+# signals -1 unless it is PID 1, where that means "everyone in this PID namespace". Everything that needs root
+# happens here, before the plugin starts: the plugin itself runs as nobody.
 _HELPER = r"""
 import ctypes, fcntl, json, os, selectors, signal, socket, struct, subprocess, sys, time
 
-spec = json.loads(sys.argv[1])
+pynng = None
+if sys.argv[1] == "run":
+    # Imported while the spec may still be awaited. (A probe forks first: no thread may hold a lock then.)
+    try:
+        import pynng
+    except ImportError as exc:
+        pynng_missing = str(exc)
+line = sys.stdin.buffer.readline()
+if not line:
+    os._exit(0)  # no spec: the install ended before its plugin was in place
+spec = json.loads(line)
 started = time.monotonic()
 nobody = spec["nobody"]
 
@@ -180,12 +191,14 @@ if spec["mode"] == "probe":
     if code != 0:
         why = os.strerror(code) if code > 0 else "killed by signal " + str(-code)
         finish(outcome="setup", error="cannot become nobody: " + why)
-try:
-    import pynng
-except ImportError as exc:
-    finish(outcome="setup", error="pynng cannot be imported: " + str(exc))
 if spec["mode"] == "probe":
+    try:
+        import pynng
+    except ImportError as exc:
+        finish(outcome="setup", error="pynng cannot be imported: " + str(exc))
     finish(outcome="probed")
+if pynng is None:
+    finish(outcome="setup", error="pynng cannot be imported: " + pynng_missing)
 
 sock = pynng.Rep0()
 try:
@@ -449,7 +462,7 @@ def namespaces() -> Namespaces:
 
 def verify_descriptor(
     plugin_dir: Path, name: str, descriptor: Mapping, *, python_bin: str, init_timeout: float,
-    display_dir: Path | None = None,
+    display_dir: Path | None = None, ahead: CheckAhead | None = None,
 ) -> Handshake:
     """Run `verify_handshake` for a portable package unpacked in `plugin_dir`, its descriptor as read.
 
@@ -459,14 +472,14 @@ def verify_descriptor(
     return verify_handshake(
         plugin_dir, name, str(descriptor.get("language", "")), str(descriptor.get("executable", "")),
         python_bin=python_bin, init_timeout=init_timeout, virtual_env_type=descriptor.get("virtualEnvType"),
-        env_name=descriptor.get("env"), display_dir=display_dir,
+        env_name=descriptor.get("env"), display_dir=display_dir, ahead=ahead,
     )
 
 
 def verify_handshake(
     plugin_dir: Path, name: str, language: str, executable: str, *, python_bin: str, init_timeout: float,
     virtual_env_type: str | None = None, env_name: str | None = None, display_dir: Path | None = None,
-    confined: Namespaces | None = None,
+    confined: Namespaces | None = None, ahead: CheckAhead | None = None,
 ) -> Handshake:
     """Start plugin `name` from `plugin_dir` as eKuiper's runtime does and return its handshake.
 
@@ -477,7 +490,8 @@ def verify_handshake(
     when this machine cannot confine the check. Messages name the executable as if `plugin_dir` were
     `display_dir` (say, the plugin's final folder while it is checked in a staging one). The plugin runs
     as nobody, without the host's network or scratch folders (see the module's docstring). Whatever the
-    outcome, nothing the plugin started is left running, and the host's /tmp is not touched.
+    outcome, nothing the plugin started is left running, and the host's /tmp is not touched. `ahead`, a
+    helper `check_ahead` started earlier, runs the check when it has not run one (else a new one does).
     """
     if not 0 < init_timeout <= MAX_INIT_TIMEOUT:
         raise ValueError(f"init_timeout must be above 0 and at most {MAX_INIT_TIMEOUT:g} seconds")
@@ -508,7 +522,9 @@ def verify_handshake(
     }
     log.info("starting portable plugin %s for its handshake: %s (in %s), timeout %g s",
              name, " ".join(argv), exe.parent, init_timeout)
-    report, problem = _run_helper(confined.command, spec, init_timeout + _SETUP_GRACE)
+    if ahead is None or ahead.used or ahead.command != confined.command:
+        ahead = CheckAhead(confined.command)
+    report, problem = ahead.run(spec, init_timeout + _SETUP_GRACE)
     outcome = report.get("outcome")
     elapsed = float(report.get("elapsed", 0.0))
     output = _sanitize(str(report.get("output", "")))
@@ -602,43 +618,95 @@ def _run_helper(command: tuple[str, ...], spec: dict, timeout: float) -> tuple[d
     The helper's stdout and stderr are read with a cap of REPORT_LIMIT bytes each: past it, or past
     `timeout`, the check is killed. An overflow is reported as outcome ``overflow``.
     """
-    spec = {**spec, "nobody": NOBODY, "host_net": _network_namespace()}
-    try:
-        proc = subprocess.Popen(
-            [*command, sys.executable, "-I", "-c", _HELPER, json.dumps(spec)],
-            cwd="/", env={"PATH": PLUGIN_PATH, "LC_ALL": "C.UTF-8"},
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, close_fds=True,
-        )
-    except OSError as exc:
-        return {}, f"{command[0]} could not be started: {exc.strerror or exc}"
-    try:
-        (stdout, stderr), cut = _read_capped(proc, timeout)
-        if cut is None:
+    return CheckAhead(command, spec["mode"]).run(spec, timeout)
+
+
+class CheckAhead:
+    """A handshake check's helper, started before its plugin is in place: it imports what it needs meanwhile.
+
+    Starting the helper (unshare, a Python, pynng) took about half of a handshake check. An install starts
+    it as soon as it knows the package is a portable plugin whose handshake it checks, and hands it the
+    plugin's spec once the plugin is in place (`run`, through `verify_handshake`); one never run is stopped
+    by `close`, which the install calls whatever its outcome. Until it is given its spec, the helper, in the
+    namespaces unshare made for it, only imports: it mounts nothing, drops nothing and starts nothing.
+    """
+
+    def __init__(self, command: tuple[str, ...], mode: str = "run"):
+        self.command = command
+        self.used = False
+        self.problem = ""
+        try:
+            self.proc: subprocess.Popen | None = subprocess.Popen(
+                [*command, sys.executable, "-I", "-c", _HELPER, mode],
+                cwd="/", env={"PATH": PLUGIN_PATH, "LC_ALL": "C.UTF-8"},
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, close_fds=True,
+            )
+        except OSError as exc:
+            self.proc = None
+            self.problem = f"{command[0]} could not be started: {exc.strerror or exc}"
+
+    def run(self, spec: dict, timeout: float) -> tuple[dict, str]:
+        """Hand the helper its spec and wait for its report (see `_run_helper`); once only."""
+        if self.used:
+            raise RuntimeError("a handshake check's helper runs one check")
+        self.used = True
+        proc = self.proc
+        if proc is None:
+            return {}, self.problem
+        spec = {**spec, "nobody": NOBODY, "host_net": _network_namespace()}
+        try:
             try:
-                # Both pipes are closed: unshare, which holds them too, is gone or about to be.
-                proc.wait(timeout=_REAP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                cut = "timeout"
+                proc.stdin.write(json.dumps(spec).encode() + b"\n")
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it ended before it read its spec: its report, or its exit, says why
+            (stdout, stderr), cut = _read_capped(proc, timeout)
+            if cut is None:
+                try:
+                    # Both pipes are closed: unshare, which holds them too, is gone or about to be.
+                    proc.wait(timeout=_REAP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    cut = "timeout"
+            if cut is not None:
+                _kill(proc)
+        finally:
+            self._close_pipes()
+        detail = _tail(_sanitize(stderr.decode("utf-8", errors="replace")))
+        if cut == "timeout":
+            return {}, f"the check did not end within {timeout:g} s and was killed: {detail}"
         if cut is not None:
-            _kill(proc)
-    finally:
-        proc.stdout.close()
-        proc.stderr.close()
-    detail = _tail(_sanitize(stderr.decode("utf-8", errors="replace")))
-    if cut == "timeout":
-        return {}, f"the check did not end within {timeout:g} s and was killed: {detail}"
-    if cut is not None:
-        return {"outcome": "overflow", "stream": cut}, (
-            f"the check wrote more than {REPORT_LIMIT} bytes to its {cut} and was killed"
-        )
-    try:
-        report = json.loads(stdout)
-    except ValueError:
-        report = None
-    if isinstance(report, dict):
-        return report, ""
-    return {}, f"the check ended without a verdict (exit status {proc.returncode}): {detail}"
+            return {"outcome": "overflow", "stream": cut}, (
+                f"the check wrote more than {REPORT_LIMIT} bytes to its {cut} and was killed"
+            )
+        try:
+            report = json.loads(stdout)
+        except ValueError:
+            report = None
+        if isinstance(report, dict):
+            return report, ""
+        return {}, f"the check ended without a verdict (exit status {proc.returncode}): {detail}"
+
+    def close(self) -> None:
+        """Stop a helper that was never run (an install that ended before its check); nothing if it was."""
+        if self.used or self.proc is None:
+            return
+        self.used = True
+        _kill(self.proc)  # unshare leads its group; its --kill-child takes the helper
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass  # the stdin a helper gone early left unread: nothing to flush
+
+
+def check_ahead() -> CheckAhead | None:
+    """Start a handshake check's helper now, to be given its plugin later; None where checks cannot be confined."""
+    confined = namespaces()
+    return CheckAhead(confined.command) if confined.available else None
 
 
 def _read_capped(proc: subprocess.Popen, timeout: float) -> tuple[tuple[bytes, bytes], str | None]:

@@ -14,9 +14,9 @@ Every operation on a plugin runs the same stages (the plan step has already deci
    many: all read first, then one syncfs of the file system, through a
    descriptor opened with the staging folder, before anything was written:
    see `durable.FileSystemSync`); a portable plugin's folder is only made
-   durable here, and read for its fingerprint in place, once install.sh has
-   run in it (and what that wrote made durable), while its handshake check
-   runs, before the commit;
+   durable here, and fingerprinted in place, once install.sh has run in it
+   (and what that wrote made durable), while its handshake check runs, before
+   the commit (without install.sh, from the digests the unpacking kept);
 5. write the journal (the operation and its file moves) beside the staging
    folder, `<operation id>.journal.json`, fsynced with the staging root (one
    fsync makes both names durable), while the flush of step 4 runs in other
@@ -106,6 +106,9 @@ class Operation:
     keep_at_least: int = 0
     # Opened with the staging folder, before the operation writes anything: flushes what it wrote in one go.
     flush: durable.FileSystemSync | None = None
+    # A portable plugin's handshake check, started once its package is downloaded (engine/portable.py); stopped with
+    # the operation if it never ran.
+    check: portable.CheckAhead | None = None
 
 
 class Applier:
@@ -140,7 +143,7 @@ class Applier:
         self._publish(op, moves, unflushed)
         if plugin_type == PORTABLE:
             # Its folder is in place before install.sh and the handshake run in it (as eKuiper unpacks it there).
-            files = self._finish_portable(op, plan, request, files)
+            files = self._finish_portable(op, operation, files)
             progress.phase("commit")
         engine = None
         live_engine = self.projection.live
@@ -311,7 +314,7 @@ class Applier:
         except ScriptFailed as exc:
             raise exc.with_prefix("fail to install plugin")
 
-    def _finish_portable(self, op: Operation, plan: packages.InstallPlan, request: dict[str, Any],
+    def _finish_portable(self, op: Operation, operation: OperationPlan,
                          files: list[registry.RecordedFile]) -> list[registry.RecordedFile]:
         """Run install.sh and the handshake in the plugin's own folder, in place (as eKuiper does), then seal it.
 
@@ -321,35 +324,42 @@ class Applier:
         wrote is flushed, before the commit. The handshake check runs the plugin as nobody, who can write
         nothing in a tree this service made (folders 0755, files 0644 or 0755: see `archive.extract` and the
         installer's unpacked folder): the folder is read while the check runs, unless this service runs as
-        nobody itself, and then only after it.
+        nobody itself, and then only after it. Without install.sh, the folder's files are not read again: their
+        digests are those `archive.extract` kept as it wrote them (only a file it did not write is read).
         """
+        plan, request, written = operation.package, operation.request, operation.unpacked
         folder = self.layout.portable_dir(plan.name)
         if plan.script:
             passed = {k: os.environ[k] for k in scripts.PORTABLE_PASSED_ENV if k in os.environ}
             self._run_script(op, plan, request, folder, passed)
 
         def seal() -> durable.Fingerprint:
-            # Without install.sh nothing has written in it since it was flushed in staging, before it moved.
-            return durable.seal(folder, op.flush) if plan.script else durable.read_fingerprint(folder)
+            if plan.script:
+                return durable.seal(folder, op.flush)
+            # Nothing has written in it since it was unpacked and flushed in staging, before it moved: each
+            # file holds what extract wrote, whose digest it kept (the folder is the whole unpacked tree).
+            known = {entry.name: durable.Fingerprint(entry.size, written[entry.name])
+                     for entry in operation.entries if entry.name in written}
+            return durable.read_fingerprint(folder, known=known)
 
         if not self.settings.portable_verify_on_install:
             print_ = seal()
         elif os.geteuid() == portable.NOBODY:
-            self._check_handshake(plan, folder)
+            self._check_handshake(op, plan, folder)
             print_ = durable.seal(folder, op.flush)
         else:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seal-{op.id[:8]}") as pool:
                 sealed = pool.submit(seal)
-                self._check_handshake(plan, folder)  # leaving the with-block waits for the reading either way
+                self._check_handshake(op, plan, folder)  # leaving the with-block waits for the reading either way
                 print_ = sealed.result()
         recorded = self.layout.relative(folder)
         durable.sync_folders([folder.parent])
         return [registry.RecordedFile(recorded, print_.size, print_.sha256) if f.path == recorded else f
                 for f in files]
 
-    def _check_handshake(self, plan: packages.InstallPlan, folder: Path) -> None:
+    def _check_handshake(self, op: Operation, plan: packages.InstallPlan, folder: Path) -> None:
         try:
-            portable.verify_descriptor(folder, plan.name, plan.descriptor or {},
+            portable.verify_descriptor(folder, plan.name, plan.descriptor or {}, ahead=op.check,
                                        python_bin=self.settings.portable_python_bin,
                                        init_timeout=self.settings.portable_init_timeout)
         except PackageInvalid as exc:
@@ -597,6 +607,8 @@ class Applier:
                     self.projection.bring_back(conn, op.staging, op.name)
             raise
         finally:
+            if op.check is not None:
+                op.check.close()
             if op.flush is not None:
                 op.flush.close()
             if op.committed:

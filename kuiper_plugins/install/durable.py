@@ -30,7 +30,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,8 +355,17 @@ def _flush(pending: list[_Entry], batch: FileSystemSync | None,
     fsync_each([entry.path for entry in pending if entry.is_dir])
 
 
-def read_fingerprint(path: Path) -> Fingerprint:
-    """The fingerprint of what is at `path` now, without syncing anything; OSError where it cannot be read."""
+def read_fingerprint(path: Path, *, known: Mapping[str, Fingerprint] | None = None) -> Fingerprint:
+    """The fingerprint of what is at `path` now, without syncing anything; OSError where it cannot be read.
+
+    `known` gives, for a tree, the fingerprints of files whose content the caller knows (it wrote them and
+    nothing can have written since), by path relative to the tree: such a file is not read when its size is
+    the known one. Every file is still looked at (kind, mode, size), and any other file is read.
+    """
+    if known:
+        status = os.lstat(path)
+        if stat.S_ISDIR(status.st_mode):
+            return _tree(path, sync=False, known=known)
     return _seal(path, pending=[])  # collects what a flush would need, and flushes none of it
 
 
@@ -400,11 +409,13 @@ def _file(path: Path | str, *, sync: bool, pending: list[_Entry] | None = None) 
     return Fingerprint(size, digest.hexdigest() if size else _EMPTY_SHA256)
 
 
-def _tree(root: Path, *, sync: bool, pending: list[_Entry] | None = None) -> Fingerprint:
+def _tree(root: Path, *, sync: bool, pending: list[_Entry] | None = None,
+          known: Mapping[str, Fingerprint] | None = None) -> Fingerprint:
     """A folder's fingerprint: one line per entry (path, kind, mode, size, digest), sorted, hashed.
 
-    With `sync`, every file and folder is fsynced, or added to `pending` when given. Paths are plain
-    strings here: building a Path per entry costs more than reading a small file.
+    With `sync`, every file and folder is fsynced, or added to `pending` when given. A file in `known` (by
+    path relative to `root`) whose size is the known one is not read (see `read_fingerprint`). Paths are
+    plain strings here: building a Path per entry costs more than reading a small file.
     """
     top = os.fspath(root)
     lines: list[str] = []
@@ -415,12 +426,15 @@ def _tree(root: Path, *, sync: bool, pending: list[_Entry] | None = None) -> Fin
         prefix = folder[len(top) + 1:] + "/" if folder != top else ""
         for name in sorted(files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]):
             path = os.path.join(folder, name)
-            mode = os.lstat(path).st_mode
+            status = os.lstat(path)
+            mode = status.st_mode
             if stat.S_ISLNK(mode):
                 print_ = _link(path)
                 kind = "link"
             elif stat.S_ISREG(mode):
-                print_ = _file(path, sync=sync, pending=pending)
+                print_ = known.get(prefix + name) if known else None
+                if print_ is None or print_.size != status.st_size:
+                    print_ = _file(path, sync=sync, pending=pending)
                 kind = "file"
             else:
                 print_ = Fingerprint(0, _EMPTY_SHA256)

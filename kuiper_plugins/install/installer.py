@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from kuiper_plugins.engine import kv, live
+from kuiper_plugins.engine import kv, live, portable
 from kuiper_plugins.errors import (
     ArchiveRejected,
     Forbidden,
@@ -270,13 +270,20 @@ class Installer:
             timeout=settings.download_timeout, tls_verify=settings.tls_verify, sha256=request.get("sha256"),
         )
         try:
+            if plugin_type == PORTABLE and settings.portable_verify_on_install:
+                # Its handshake check starts now and readies itself while the package is checked and unpacked
+                # (the applier runs it once the plugin is in place; the operation stops it if it never runs).
+                op.check = portable.check_ahead()
             plan = self.planner.plan_package(conn, op.kind, plugin_type, request, fetched, old, unprivileged_caller)
+            if op.check is not None and plan.package.script:
+                op.check.close()  # install.sh may run for minutes: the check is started after it instead
+                op.check = None
             unpacked = op.staging / "unpacked"
             # A portable plugin's own folder once in place: writable by this service's user alone, whatever
             # the umask, as archive.extract makes every folder inside it.
             unpacked.mkdir(mode=archive.FOLDER_MODE)
             try:
-                archive.extract(fetched.path, plan.entries, unpacked)
+                plan.unpacked = archive.extract(fetched.path, plan.entries, unpacked)
             except (ArchiveRejected, PackageInvalid, ScriptFailed, Forbidden) as exc:
                 raise exc.with_prefix("fail to install plugin")
         finally:

@@ -85,6 +85,8 @@ class OperationPlan:
     package: packages.InstallPlan | None = field(default=None, repr=False)
     entries: list[archive.Entry] = field(default_factory=list, repr=False)
     old: registry.Plugin | None = field(default=None, repr=False)  # the plugin replaced or removed
+    # The sha256 of each file `archive.extract` wrote, by entry name, once the package is unpacked.
+    unpacked: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The plan as JSON-ready values, in eKuiper's type names."""
