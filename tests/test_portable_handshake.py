@@ -849,13 +849,20 @@ def test_a_real_go_plugin_installs_through_gunicorn_after_its_handshake(start_gu
     assert processes_with(str(folder)) == []
 
 
-def test_a_plugin_that_never_shakes_hands_is_refused_through_the_api_and_nothing_is_written(make_service, file_server):
+def install_silent(make_service, file_server, language: str):
+    """Install tests/portable/silent, declared a `language` plugin, with the check on; the service, its state
+    before, and the answer."""
     service = make_service(portable_verify_on_install=True, portable_init_timeout=2.0)
-    descriptor = {"version": "v1", "language": "go", "executable": "silent.sh", "sinks": ["hush"]}
-    zip_folder(FIXTURES / "silent", file_server.root / "silent.zip",
+    descriptor = {"version": "v1", "language": language, "executable": "silent.sh", "sinks": ["hush"]}
+    zip_folder(FIXTURES / "silent", file_server.root / f"silent-{language}.zip",
                {"silent.json": (json.dumps(descriptor).encode(), 0o644)})
     before = service.snapshot()
-    response = service.post("portables", {"name": "silent", "file": file_server.url("silent.zip")})
+    response = service.post("portables", {"name": "silent", "file": file_server.url(f"silent-{language}.zip")})
+    return service, before, response
+
+
+def test_a_plugin_that_never_shakes_hands_is_refused_through_the_api_and_nothing_is_written(make_service, file_server):
+    service, before, response = install_silent(make_service, file_server, "go")
     assert response.status_code == 400
     message = response.get_json()["message"]
     exe = service.layout.portable_dir("silent") / "silent.sh"
@@ -867,12 +874,7 @@ def test_a_plugin_that_never_shakes_hands_is_refused_through_the_api_and_nothing
 
 def test_a_portable_refused_by_its_plan_leaves_no_check_running_and_nothing_written(make_service, file_server):
     """The check starts as soon as the package is downloaded: a package refused by the rules ends it."""
-    service = make_service(portable_verify_on_install=True, portable_init_timeout=2.0)
-    descriptor = {"version": "v1", "language": "java", "executable": "silent.sh", "sinks": ["hush"]}
-    zip_folder(FIXTURES / "silent", file_server.root / "java.zip",
-               {"silent.json": (json.dumps(descriptor).encode(), 0o644)})
-    before = service.snapshot()
-    response = service.post("portables", {"name": "silent", "file": file_server.url("java.zip")})
+    service, before, response = install_silent(make_service, file_server, "java")
     assert response.status_code == 400, response.data
     assert helpers_of_this_process() == []
     service.assert_unchanged(before)
