@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import sqlite3
 import subprocess
@@ -254,6 +255,9 @@ def test_reads_in_a_snapshot_never_straddle_another_commit(tmp_path):
 
 
 def _initialise_when_released(path, barrier, results) -> None:
+    # A forked child must not finalize what it inherited: a pynng socket an earlier test left to the collector
+    # would close here, and nng panics in a forked process (as gunicorn's workers, it freezes them first).
+    gc.freeze()
     barrier.wait(timeout=30)
     try:
         db.initialise(path)
