@@ -687,6 +687,17 @@ def test_extract_writes_a_package_of_many_files_whole_from_both_processes(tmp_pa
     assert_untouched(outside)
 
 
+def test_where_no_second_process_can_start_the_worker_writes_every_file_and_says_so(tmp_path, monkeypatch, caplog):
+    def cannot_start(*args):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(unpack, "_SecondProcess", cannot_start)
+    members = many_members(2 * SECOND_PROCESS_MIN_FILES)
+    zip_path = write_members(tmp_path / "p.zip", members)
+    assert_installs(zip_path, members, tmp_path / "dest", max_entries=len(members))
+    assert f"writing {len(members)} files in one process: the second could not be started: [Errno 24]" in caplog.text
+
+
 def second_process_members(zip_path: Path, entries: list[Entry]) -> list[unpack.Member]:
     return [(tuple(e.name.split("/")[:-1]), e.name.split("/")[-1], e.at.start, e.at.packed_size, e.at.deflated,
              e.at.crc, e.size, e.executable) for e in entries]

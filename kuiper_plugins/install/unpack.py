@@ -24,7 +24,6 @@ import errno
 import hashlib
 import marshal
 import os
-import subprocess
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -85,7 +84,14 @@ def write_members(archive_fd: int, root_fd: int, members: Sequence[Member],
     if len(members) < SECOND_PROCESS_MIN_FILES or not hasattr(os, "memfd_create"):
         return _write_run(archive_fd, root_fd, members, advance)
     cut = int(len(members) * FIRST_SHARE)
-    child = _SecondProcess(archive_fd, root_fd, members[cut:])
+    import logging  # here, not above: the second process, which runs this file, starts without it (15 ms)
+
+    try:
+        child = _SecondProcess(archive_fd, root_fd, members[cut:])
+    except OSError as error:  # no memfd, no Python to start (an embedded interpreter), no descriptor left
+        logging.getLogger(__name__).warning("writing %d files in one process: the second could not be started: %s",
+                                            len(members), error)
+        return _write_run(archive_fd, root_fd, members, advance)
     try:
         first = _write_run(archive_fd, root_fd, members[:cut], advance, stop=child.failed)
     except BaseException:
@@ -287,6 +293,8 @@ class _SecondProcess:
     """This file run as a program on some of the members (see the module's docstring)."""
 
     def __init__(self, archive_fd: int, root_fd: int, members: Sequence[Member]):
+        import subprocess  # here, not above: the second process itself never needs it
+
         self.count = len(members)
         self.given = os.memfd_create("kuiper-plugins-unpack-members", os.MFD_CLOEXEC)
         self.report = os.memfd_create("kuiper-plugins-unpack-report", os.MFD_CLOEXEC)
