@@ -520,7 +520,7 @@ class Bench:
         # What the machine's load cannot move much: the CPU each side used (the flushes' writeback is done by
         # the kernel's flusher threads for both, and counts for neither).
         self.add(Row(section, "CPU time, install (median)", median(install_cpu), "s", median(unzip_cpu),
-                     "unzip -q's own CPU time; the install's: its worker's, handshake included"))
+                     "unzip -q's own CPU time; the install's: its worker's and its children's"))
         ratios = sorted(i / u for i, u in zip(install_times, unzip_times, strict=True))
         self.notes.append(
             f"{section}: install + sync {', '.join(f'{t:.2f}' for t in install_times)} s, unzip + sync"
@@ -802,7 +802,8 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         " were removed cost several times the CPU). Before them, each worker has installed a 4-file portable"
         " plugin (a worker's first handshake check also probes once whether plugins can be confined). CPU time:"
         " the worker's user + system time, and its reaped"
-        " children's (the handshake check), across the request, against unzip's own; neither side is charged"
+        " children's (the handshake check, the second unpacking process), across the request, against unzip's"
+        " own; neither side is charged"
         " for the writeback the flush waits for (the kernel's flusher threads do it). The notes give every"
         " repetition.",
         "- **Against kuiperd.** eKuiper's engine (kuiperd 2.4.0, built and started as the tests build and start it"

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from kuiper_plugins.errors import ArchiveRejected, DiskFull
 from kuiper_plugins.install import unpack
@@ -188,21 +188,22 @@ def extract(zip_path: Path, entries: Sequence[Entry], dest_dir: Path) -> dict[st
     try:
         archive_fd = os.open(zip_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            files: list[Entry] = []
+            members: list[unpack.Member] = []
             folders = unpack.OpenFolders(root_fd)
             try:
-                files = [(entry, segments) for entry in entries
-                         if (segments := _make_folders(entry, folders)) is not None]
+                for entry in entries:
+                    segments = _make_folders(entry, folders)
+                    if segments is not None:
+                        files.append(entry)
+                        members.append(_member(entry, segments))
             finally:
                 folders.close()
             try:
-                digests = unpack.write_members(archive_fd, root_fd, [_member(entry, segments)
-                                                                     for entry, segments in files],
-                                               progress.advance)
+                digests = unpack.write_members(archive_fd, root_fd, members, progress.advance)
             except unpack.MemberFailed as failure:
-                failed = files[failure.index][0]
-                mapped = _unpacking_error(failed, failure.error)
-                raise mapped from failure.error
-            return {entry.name: digest for (entry, _segments), digest in zip(files, digests, strict=True)}
+                _raise_unpacking_error(files[failure.index], failure.error)
+            return {entry.name: digest for entry, digest in zip(files, digests, strict=True)}
         finally:
             os.close(archive_fd)
     finally:
@@ -493,9 +494,14 @@ def _make_folders(entry: Entry, folders: unpack.OpenFolders) -> list[str] | None
     segments = _path_segments(entry.name)  # an entry from `inspect` passes; any other is refused below
     if entry.at is None:
         raise _entry_rejected(entry.name, "is not in the archive")
-    with _unpacking(entry):
-        folders.get(segments if entry.is_dir else segments[:-1])
-    return None if entry.is_dir else segments
+    try:
+        if entry.is_dir:
+            folders.get(segments)
+            return None
+        folders.get(segments[:-1])
+    except OSError as error:
+        _raise_unpacking_error(entry, error)
+    return segments
 
 
 @contextmanager
@@ -504,10 +510,15 @@ def _unpacking(entry: Entry) -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        mapped = _unpacking_error(entry, error)
-        if mapped is error:
-            raise
-        raise mapped from error
+        _raise_unpacking_error(entry, error)
+
+
+def _raise_unpacking_error(entry: Entry, error: BaseException) -> NoReturn:
+    """Raise what `_unpacking_error` makes of `error`, or `error` itself as it came."""
+    mapped = _unpacking_error(entry, error)
+    if mapped is error:
+        raise error
+    raise mapped from error
 
 
 def _unpacking_error(entry: Entry, error: BaseException) -> BaseException:
