@@ -83,7 +83,6 @@ _REFUSED_FLAGS = (
     (_FLAG_PATCHED_DATA, "holds compressed patched data"),
     (_FLAG_MASKED_HEADERS, "has masked (encrypted) headers"),
 )
-_REFUSED_FLAG_BITS = sum(flag for flag, _refusal in _REFUSED_FLAGS)
 # Flags the local header must repeat: zipfile reads them from the central
 # directory, other tools from the local header.
 _FLAGS_BOTH_HEADERS_SHARE = _FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION | _FLAG_UTF8
@@ -355,8 +354,9 @@ def _check_entry(info: zipfile.ZipInfo, data_start: int) -> Entry:
         raise _entry_rejected(name, f"has an unknown Unix file type {file_type:#o}")
     if file_type == stat.S_IFDIR and not is_dir:
         raise _entry_rejected(name, 'is marked as a folder but its name does not end with "/"')
-    if info.flag_bits & _REFUSED_FLAG_BITS:
-        raise _entry_rejected(name, next(refusal for flag, refusal in _REFUSED_FLAGS if info.flag_bits & flag))
+    for flag, refusal in _REFUSED_FLAGS:
+        if info.flag_bits & flag:
+            raise _entry_rejected(name, refusal)
     if info.compress_type not in _ALLOWED_METHODS:
         raise _entry_rejected(
             name, f"uses compression method {info.compress_type}; only stored (0) and deflate (8) are allowed"
@@ -423,7 +423,7 @@ def _data_extent(mapped: mmap.mmap, info: zipfile.ZipInfo, directory_offset: int
         raise _entry_rejected(name, "points past the entries' data")
     # (an ASCII name is the same bytes in both encodings, and encodes much faster as ASCII)
     central_name = name.encode("ascii" if name.isascii() else "utf-8" if info.flag_bits & _FLAG_UTF8 else "cp437")
-    # the header and, when it names the entry as the central directory does, the name: one read
+    # the header and, when it names the entry as the central directory does, the name, in one slice
     read = mapped[start:start + _LOCAL_HEADER.size + len(central_name)]
     header = _LOCAL_HEADER.unpack_from(read)
     if header[0] != _LOCAL_HEADER_SIG:

@@ -14,10 +14,11 @@ settings as they are then, before the new workers are forked.
 
 Before that, the master caps glibc's malloc arenas at MALLOC_ARENAS, for itself and the workers it forks:
 glibc gives every thread that allocates an arena of its own (up to eight per core) and keeps in it what the
-thread freed, so a worker's threads (the fsyncs it keeps threads for, a package's unpacking, the progress
-flusher) each held memory of their own: with eight fsync threads kept, the bench's idle PSS of master and two
-workers rose from 72 to 81 MB, and fell back to 73 MB with the cap. The threads run Python, one at a time
-under its lock: they have little to gain from arenas of their own.
+thread freed, so a worker's threads (the fsyncs it keeps threads for, the progress flusher, a portable
+plugin's sealing) could each hold memory of their own. When the fsync threads came, one bench run gave an idle
+PSS of master and two workers of 81 MB where it had been 72, and the next, with the cap, 73 MB; later runs of
+the same capped code gave 72 or 81 MB from one run to the next, so what the cap saves is not established. The
+threads run Python, one at a time under its lock: they have little to gain from arenas of their own.
 """
 
 from __future__ import annotations
