@@ -69,6 +69,7 @@ logconfig_dict = {
     # Each line logged while a request is served ends with its id (lifecycle/audit.py: RequestIdFilter).
     "filters": {"request_id": {"()": "kuiper_plugins.lifecycle.audit.RequestIdFilter"}},
     "formatters": {"plain": {
+        "class": "kuiper_plugins.lifecycle.audit.LineFormatter",
         "format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s%(request_id)s"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr",
                             "filters": ["request_id"]}},

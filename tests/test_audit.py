@@ -329,3 +329,20 @@ def test_a_caller_refused_on_the_head_of_a_post_is_audited_with_its_request_id(s
     assert (row["status"], row["outcome"], row["operation"]) == (403, "refused", "create"), row
     assert row["actor"] == {"user": "nobody", "address": "127.0.0.1"}, row
     assert re.search(r"audit: create .*status=403 .*request_id=head-refused", log), log[-2000:]
+
+
+def test_the_log_line_formatter_dates_lines_as_loggings_own_does():
+    """LineFormatter works the date out once a second; each line must still read as logging's Formatter writes it."""
+    import logging
+
+    from kuiper_plugins.lifecycle.audit import LineFormatter
+
+    fmt = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
+    ours, logging_own = LineFormatter(fmt), logging.Formatter(fmt)
+    dated, dated_own = LineFormatter(fmt, "%H:%M"), logging.Formatter(fmt, "%H:%M")
+    for created in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_000.5, 1_765_150_399.123456,
+                    1_765_150_400.0):
+        record = logging.LogRecord("kuiper", logging.INFO, __file__, 1, "line %s", ("one",), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        assert ours.format(record) == logging_own.format(record)
+        assert dated.format(record) == dated_own.format(record)

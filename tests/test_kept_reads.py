@@ -243,6 +243,26 @@ def test_each_kept_answer_has_its_own_request_id_and_log_line(start_gunicorn, fi
         assert '"GET /plugins/sources HTTP/1.1" 200 10 "-" "-"' in line, line
 
 
+@pytest.mark.slow
+def test_workers_giving_kept_answers_nonstop_or_idle_still_tell_the_master_they_live(start_gunicorn, file_server):
+    """The worker tells the master it lives at most once a second (gunicorn_worker.NOTIFY_EVERY). With gunicorn's
+    timeout at 3 s, no worker is taken for hung: not the one giving kept answers without a break, nor the idle one,
+    nor either once no request comes for longer than the timeout."""
+    server = start_gunicorn(workers=2, GUNICORN_CMD_ARGS="--timeout 3")
+    workers = server.workers_booted()
+    install_plugins(server, file_server)
+    client, _ = kept_connection(server.port, "/plugins/sources")
+    given, deadline = 0, time.monotonic() + 7
+    while time.monotonic() < deadline:  # bounded: 7 s of kept answers, back to back
+        client.send(get("/plugins/sources"))
+        assert client.answer().header("Connection") == "keep-alive"
+        given += 1
+    client.close()
+    time.sleep(4)  # no request for longer than the timeout: only the heartbeat keeps the workers
+    assert "WORKER TIMEOUT" not in server.log() and given > 100
+    assert server.workers_booted() == workers
+
+
 # ---------------------------------------------------------------------------- as fresh as the app
 
 

@@ -52,6 +52,23 @@ def request_id_from(header: str | None) -> str:
     return raw.hex()
 
 
+class LineFormatter(logging.Formatter):
+    """logging's Formatter, its `%(asctime)s` (default format) worked out once a second instead of once a line.
+
+    Every access line of a kept read goes through it: strftime took a tenth of that line's cost.
+    """
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if self._second[0] != second:
+            self._second = (second, time.strftime(self.default_time_format, self.converter(second)))
+        return self.default_msec_format % (self._second[1], record.msecs)
+
+
 class RequestIdFilter(logging.Filter):
     """Append ` request_id=<id>` to each record logged while a request is served (the `request_id` field).
 

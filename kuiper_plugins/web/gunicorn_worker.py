@@ -131,6 +131,8 @@ WRITE_BUDGET = 32 * 1024 * 1024  # bytes of kept answers waiting for slow reader
 SPREAD_WINDOW = 0.05  # seconds since it last gave a kept answer: a worker is in use
 BURST_WINDOW = 0.005  # ... or since it last took a connection: the next ones of a burst go to the others
 OFFER_WAIT = 0.002  # seconds a worker in use waits, after offering or taking one, before it takes offered ones
+PLAIN_HEADS_KEPT = 256  # heads read as plain GETs, kept by their bytes (a client repeats its head); past it, all dropped
+NOTIFY_EVERY = 1.0  # seconds between two heartbeats to the master (its timeout, far longer, counts from the last)
 # A header name the fast path reads as it is: a token without "_" (gunicorn drops or maps those names).
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^`|~0-9A-Za-z-]+")
 _HEADER_VALUE = re.compile(rb"[\x20-\x7e\t]*")  # printable ASCII: anything else is for gunicorn's parser to judge
@@ -207,12 +209,20 @@ def _announced_body(head: bytes) -> tuple[int | None, bool]:
 class _PlainGet:
     """A request head the worker may answer from a kept answer: GET, HTTP/1.1, no body, plain headers."""
 
-    __slots__ = ("target", "headers", "close")
+    __slots__ = ("target", "headers", "close", "environ")
 
     def __init__(self, target: bytes, headers: dict[bytes, bytes], close: bool):
         self.target = target
         self.headers = headers  # lower-cased names, values as sent (stripped)
         self.close = close  # the client asked for the connection to be closed after the answer
+        path = target.decode("latin-1")
+        # What the environ gunicorn builds holds of this head alone (the connection's ends are added per request).
+        self.environ = {
+            "REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": "", "RAW_URI": path,
+            "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http", "wsgi.multithread": False,
+            **{"HTTP_" + name.decode("latin-1").upper().replace("-", "_"): value.decode("latin-1")
+               for name, value in headers.items()},
+        }
 
 
 class _HeadLimits:
@@ -283,12 +293,13 @@ class _KeptRequest:
 class _Logged:
     """One kept answer as its access log line reads it."""
 
-    __slots__ = ("environ", "status", "sent", "request_headers", "answer_headers", "took")
+    __slots__ = ("environ", "status", "sent", "request_headers", "answer_headers", "request_id", "took")
 
     def __init__(self, environ: dict, status: str, sent: int, request_headers: dict[bytes, bytes],
-                 answer_headers: list[tuple[str, str]], took: float):
+                 answer_headers: tuple[tuple[str, str], ...], request_id: str, took: float):
         self.environ, self.status, self.sent = environ, status, sent
         self.request_headers, self.answer_headers, self.took = request_headers, answer_headers, took
+        self.request_id = request_id  # the answer's X-Request-Id header, which answer_headers leave out
 
 
 class _AccessLine:
@@ -323,6 +334,8 @@ class _AccessLine:
                 raw = key.encode("latin-1")
                 return lambda logged: logged.request_headers.get(raw, b"-").decode("latin-1")
             if kind == "o":
+                if key == REQUEST_ID_HEADER.lower():
+                    return lambda logged: logged.request_id
                 return lambda logged: next((value for header, value in logged.answer_headers
                                             if header.lower() == key), "-")
             if kind == "e":
@@ -459,6 +472,15 @@ class BufferingWorker(SyncWorker):
             sys.exit("kuiper-plugins: the worker does not terminate TLS (certfile/keyfile): put nginx in front")
         BufferingWorker.handoff = _Handoff.make()
 
+    _notified = -NOTIFY_EVERY  # when the master was last told this worker is alive (time.monotonic())
+
+    def notify(self) -> None:
+        """Tell the master this worker is alive, at most once per NOTIFY_EVERY (each time is a system call)."""
+        now = time.monotonic()
+        if now - self._notified >= NOTIFY_EVERY:
+            self._notified = now
+            super().notify()
+
     def run(self) -> None:
         """Accept, read and serve until told to stop; then serve what has fully arrived and close the rest."""
         self._selector = selectors.DefaultSelector()
@@ -478,6 +500,7 @@ class BufferingWorker(SyncWorker):
         self._fast_reads: FastReads | None = fast_reads_of(self.wsgi) if self._access is not None else None
         self._date = (0, b"")  # the Date header of the current second
         self._head_limits = _HeadLimits(self.cfg)
+        self._plain_heads: dict[bytes, _PlainGet] = {}
         self._access_line = _AccessLine(self.cfg.access_log_format) if self._fast_reads is not None else None
         self._accepting = self._taking = False
         self._kept_given = 0  # kept answers given so far
@@ -758,9 +781,11 @@ class BufferingWorker(SyncWorker):
     def _head_whole(self, conn: _Connection, head_end: int) -> None:
         """The head is whole: serve a request without a body; check the caller of one with a body."""
         conn.head_end = head_end
-        length, expects = _announced_body(bytes(conn.data[: head_end - 4]))
+        head = bytes(conn.data[: head_end - 4])
+        get = self._plain_head(head)
+        length, expects = (0, False) if get is not None else _announced_body(head)  # a plain GET has no body
         if length == 0:
-            if not self._answer_kept(conn):
+            if not self._answer_kept(conn, get):
                 self._queue(conn)
             return
         keep_body = self._check_caller(conn)
@@ -780,7 +805,20 @@ class BufferingWorker(SyncWorker):
 
     # ------------------------------------------------------------ kept answers, on kept connections
 
-    def _answer_kept(self, conn: _Connection) -> bool:
+    def _plain_head(self, head: bytes) -> _PlainGet | None:
+        """`_plain_get` of a head (without its blank line), remembered: a client sends the same head again and again."""
+        if self._fast_reads is None:
+            return None
+        get = self._plain_heads.get(head)
+        if get is None:
+            get = _plain_get(head, self._head_limits)
+            if get is not None:
+                if len(self._plain_heads) >= PLAIN_HEADS_KEPT:
+                    self._plain_heads.clear()
+                self._plain_heads[head] = get
+        return get
+
+    def _answer_kept(self, conn: _Connection, get: _PlainGet | None = None) -> bool:
         """Answer a whole GET from the app's kept answer (web/fast_reads.py); False to let the app serve it.
 
         The caller is checked as the app checks it; the answer is used only while the registry has not
@@ -791,9 +829,10 @@ class BufferingWorker(SyncWorker):
         if reads is None or not self.alive or conn.turn >= PIPELINE_BATCH or not isinstance(conn.addr, tuple):
             return False
         began = time.monotonic()
-        get = _plain_get(bytes(conn.data[: conn.head_end - 4]), self._head_limits)
         if get is None:
-            return False
+            get = self._plain_head(bytes(conn.data[: conn.head_end - 4]))
+            if get is None:
+                return False
         kept = reads.answer(get.target)
         if kept is None and reads.known(get.target) and self._refresh(conn):
             kept = reads.answer(get.target)
@@ -867,16 +906,12 @@ class BufferingWorker(SyncWorker):
 
     def _kept_environ(self, conn: _Connection, get: _PlainGet) -> dict:
         """The environ the caller check reads, as gunicorn would build it for this head."""
-        target = get.target.decode("latin-1")
         server = self._local_ends.get(conn.listener) or conn.listener.getsockname()
-        environ = {
-            "REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": target, "QUERY_STRING": "", "RAW_URI": target,
-            "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": str(server[0]), "SERVER_PORT": str(server[1]),
-            "REMOTE_ADDR": conn.addr[0], "REMOTE_PORT": str(conn.addr[1]), "wsgi.url_scheme": "http",
-            "wsgi.multithread": False, "gunicorn.socket": conn.sock, PERSISTENT_CONNECTION: True,
-        }
-        for name, value in get.headers.items():
-            environ["HTTP_" + name.decode("latin-1").upper().replace("-", "_")] = value.decode("latin-1")
+        environ = get.environ.copy()  # (the check adds to its environ: each request gets its own)
+        environ.update({
+            "SERVER_NAME": str(server[0]), "SERVER_PORT": str(server[1]), "REMOTE_ADDR": conn.addr[0],
+            "REMOTE_PORT": str(conn.addr[1]), "gunicorn.socket": conn.sock, PERSISTENT_CONNECTION: True,
+        })
         return environ
 
     def _send_answer(self, conn: _Connection, kept: KeptAnswer, request_id: str) -> None:
@@ -938,13 +973,16 @@ class BufferingWorker(SyncWorker):
 
     def _log_kept(self, kept: KeptAnswer, request_id: str, get: _PlainGet, environ: dict, began: float) -> None:
         """The access log line gunicorn writes for an answer of the app, for a kept answer."""
-        if self._access_line is None or not self.log.access_log_enabled:
+        logger = self.log.access_log
+        if self._access_line is None or not self.log.access_log_enabled or not logger.isEnabledFor(logging.INFO):
             return
         atoms = self._access_line.atoms(_Logged(environ, kept.status.decode("latin-1"), len(kept.body), get.headers,
-                                                [*kept.headers, (REQUEST_ID_HEADER, request_id)],
-                                                time.monotonic() - began))
+                                                kept.headers, request_id, time.monotonic() - began))
         try:
-            self.log.access_log.info(self._access_line.format, atoms)
+            # What logger.info() does, but for looking up which line of which file called it (nothing in gunicorn's
+            # format prints that): a tenth of a kept answer's time went there.
+            logger.handle(logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, self._access_line.format,
+                                            (atoms,), None))
         except Exception:  # as gunicorn's own access(): a broken log line never fails the request
             self.log.error(traceback.format_exc())
 
