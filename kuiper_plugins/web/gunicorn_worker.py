@@ -131,7 +131,7 @@ WRITE_BUDGET = 32 * 1024 * 1024  # bytes of kept answers waiting for slow reader
 SPREAD_WINDOW = 0.05  # seconds since it last gave a kept answer: a worker is in use
 BURST_WINDOW = 0.005  # ... or since it last took a connection: the next ones of a burst go to the others
 OFFER_WAIT = 0.002  # seconds a worker in use waits, after offering or taking one, before it takes offered ones
-PLAIN_HEADS_KEPT = 256  # heads read as plain GETs, kept by their bytes (a client repeats its head); past it, all dropped
+PLAIN_HEADS_KEPT = 256  # heads read as plain GETs, kept by their bytes (a client repeats its head); then all dropped
 NOTIFY_EVERY = 1.0  # seconds between two heartbeats to the master (its timeout, far longer, counts from the last)
 # A header name the fast path reads as it is: a token without "_" (gunicorn drops or maps those names).
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^`|~0-9A-Za-z-]+")
