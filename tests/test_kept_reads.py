@@ -243,6 +243,19 @@ def test_each_kept_answer_has_its_own_request_id_and_log_line(start_gunicorn, fi
         assert '"GET /plugins/sources HTTP/1.1" 200 10 "-" "-"' in line, line
 
 
+def test_a_long_head_gets_its_kept_answer_each_time_too(start_gunicorn, file_server):
+    """Heads of over 2 KiB are read anew each time rather than remembered (gunicorn_worker.PLAIN_HEAD_KEPT_MAX);
+    they are answered from the kept answer all the same, one after another on one connection."""
+    server = start_gunicorn(workers=2)
+    install_plugins(server, file_server)
+    client, _ = kept_connection(server.port, "/plugins/sources")
+    for index in range(3):
+        client.send(get("/plugins/sources", f"X-Pad: {index}{'a' * 3000}"))
+        answer = client.answer()
+        assert answer.header("Connection") == "keep-alive" and answer.body == b'["random"]', answer.headers
+    client.close()
+
+
 @pytest.mark.slow
 def test_workers_giving_kept_answers_nonstop_or_idle_still_tell_the_master_they_live(start_gunicorn, file_server):
     """The worker tells the master it lives at most once a second (gunicorn_worker.NOTIFY_EVERY). With gunicorn's

@@ -132,6 +132,7 @@ SPREAD_WINDOW = 0.05  # seconds since it last gave a kept answer: a worker is in
 BURST_WINDOW = 0.005  # ... or since it last took a connection: the next ones of a burst go to the others
 OFFER_WAIT = 0.002  # seconds a worker in use waits, after offering or taking one, before it takes offered ones
 PLAIN_HEADS_KEPT = 256  # heads read as plain GETs, kept by their bytes (a client repeats its head); then all dropped
+PLAIN_HEAD_KEPT_MAX = 2048  # bytes of such a head at most (a client's is a few hundred): 256 kept hold little memory
 NOTIFY_EVERY = 1.0  # seconds between two heartbeats to the master (its timeout, far longer, counts from the last)
 # A header name the fast path reads as it is: a token without "_" (gunicorn drops or maps those names).
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^`|~0-9A-Za-z-]+")
@@ -812,7 +813,7 @@ class BufferingWorker(SyncWorker):
         get = self._plain_heads.get(head)
         if get is None:
             get = _plain_get(head, self._head_limits)
-            if get is not None:
+            if get is not None and len(head) <= PLAIN_HEAD_KEPT_MAX:
                 if len(self._plain_heads) >= PLAIN_HEADS_KEPT:
                     self._plain_heads.clear()
                 self._plain_heads[head] = get
