@@ -25,6 +25,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,8 @@ from kuiper_plugins.settings import Settings
 pytestmark = pytest.mark.slow
 
 WAIT = 30
+# Killed runs of one power-cut test going at once, each on a copy of its own: a run mostly waits for its flushes.
+CUTS_AT_ONCE = 2
 CHILD = Path(__file__).with_name("power_cut_child.py")
 
 
@@ -293,29 +296,37 @@ def power_cut_outcomes(template: Path, request, tmp_path: Path, max_barriers: in
     if max_barriers is not None:
         assert len(points) <= max_barriers, f"{len(points)} barriers: {barriers(events, child)}"
     points.append(None)  # the power goes after the answer: nothing unsynced may be lost either
-    for point in points:
-        home = tmp_path / "cut"
-        shutil.rmtree(home, ignore_errors=True)
+
+    def killed_run(index: int, point: tuple[str, int] | None) -> tuple[Path, PowerCut, Path, object]:
+        """One run on a copy of its own, killed at `point`: the processes, run CUTS_AT_ONCE at a time."""
+        home = tmp_path / f"cut{index}"
         shutil.copytree(template, home, symlinks=True)
         cut = PowerCut(home).start()
-        trace = tmp_path / "cut.trace"
-        result = run_child(home, request, trace, point)
-        if point is not None:
-            assert result.returncode != 0 and "ANSWERED" not in result.stdout, (point, result.stdout)
-        cut.follow(parse(trace))
-        registry_file = str(Layout(home).registry_file)
-        outcomes["cuts"] += len(cut.apply(keep=(registry_file,)))
-        restart(home)
-        state = logical_state(home)
-        if state == old:
-            outcomes["old"] += 1
-        elif state == new:
-            outcomes["new"] += 1
-        else:
-            raise AssertionError(f"a power cut at {point} left neither the old nor the new state:\n"
-                                 f"{_difference(old, new, state)}")
-        if point is None:
-            assert state == new
+        trace = tmp_path / f"cut{index}.trace"
+        return home, cut, trace, run_child(home, request, trace, point)
+
+    with ThreadPoolExecutor(CUTS_AT_ONCE) as pool:
+        # In order, each checked as soon as its run is over; the restarts run in this thread only.
+        runs = pool.map(killed_run, range(len(points)), points)
+        for point, (home, cut, trace, result) in zip(points, runs, strict=True):
+            if point is not None:
+                assert result.returncode != 0 and "ANSWERED" not in result.stdout, (point, result.stdout)
+            cut.follow(parse(trace))
+            registry_file = str(Layout(home).registry_file)
+            outcomes["cuts"] += len(cut.apply(keep=(registry_file,)))
+            restart(home)
+            state = logical_state(home)
+            if state == old:
+                outcomes["old"] += 1
+            elif state == new:
+                outcomes["new"] += 1
+            else:
+                raise AssertionError(f"a power cut at {point} left neither the old nor the new state:\n"
+                                     f"{_difference(old, new, state)}")
+            if point is None:
+                assert state == new
+            shutil.rmtree(home)
+            trace.unlink()
     return outcomes
 
 
