@@ -357,3 +357,52 @@ def test_a_folders_fingerprint_takes_a_known_files_digest_only_while_its_size_is
     # A file whose size is not the known one is read.
     (tree / "a.txt").write_bytes(b"alpha, longer")
     assert durable.read_fingerprint(tree, known=known) == durable.read_fingerprint(tree) != fresh
+
+
+def _on_disk(home, recorded):
+    """What `durable.fingerprint` reads at each recorded path now: (size, sha256)."""
+    prints = {path: durable.fingerprint(Layout(home).absolute(path)) for path in recorded}
+    return {path: (p.size, p.sha256) for path, p in prints.items()}
+
+
+def test_a_native_plugins_files_are_recorded_as_read_back_from_disk_though_not_read_again(service, file_server):
+    """Without install.sh, the .so and yaml are recorded with the digests the unpacking kept as it wrote them; they
+    must be the very digests a fresh read gives (the .so here is larger than one unpacking chunk)."""
+    so = os.urandom((1 << 20) + 4096)
+    url = source_zip(file_server, members={"Random@v1.0.0.so": so})
+    assert service.post("sources", {"name": "random", "file": url}).status_code == 201
+    recorded = recorded_files(service.home, "random")
+    assert recorded["plugins/sources/Random@v1.0.0.so"] == (len(so), hashlib.sha256(so).hexdigest())
+    assert recorded == _on_disk(service.home, recorded)
+    assert verified(service) == {"ok": True, "problems": []}
+
+
+def test_a_native_plugins_file_that_install_sh_changed_is_recorded_as_the_script_left_it(service, file_server):
+    """install.sh runs among the unpacked files before they are staged: what it writes into the .so is what is
+    installed, and what the registry records (the digest the unpacking kept is stale then). The script keeps
+    the file's size: only its bytes tell."""
+    script = "#!/bin/sh\nprintf 'PATCHED' | dd of=Random@v1.0.0.so bs=1 conv=notrunc 2>/dev/null\n"
+    url = source_zip(file_server, members={"install.sh": script})
+    assert service.post("sources", {"name": "random", "file": url}).status_code == 201
+    so_path = service.home / "plugins/sources/Random@v1.0.0.so"
+    assert so_path.read_bytes() == b"PATCHED" + SO[len("PATCHED"):]
+    recorded = recorded_files(service.home, "random")
+    assert recorded["plugins/sources/Random@v1.0.0.so"] == (so_path.stat().st_size,
+                                                             hashlib.sha256(so_path.read_bytes()).hexdigest())
+    assert recorded == _on_disk(service.home, recorded)
+    assert verified(service) == {"ok": True, "problems": []}
+
+
+def test_reading_files_for_their_flush_takes_a_known_digest_only_while_the_size_is_the_known_one(tmp_path):
+    files = [tmp_path / "a.so", tmp_path / "b.yaml"]
+    files[0].write_bytes(b"alpha")
+    files[1].write_bytes(b"bravo!")
+    truth = [durable.fingerprint(path) for path in files]
+    told = durable.Fingerprint(5, hashlib.sha256(b"other").hexdigest())  # a digest taken as given: shows as such
+    prints, unflushed = durable.read_all(files, None, known={files[0]: told})
+    unflushed.flush()
+    assert prints == [told, truth[1]]
+    # A file whose size is not the known one is read.
+    prints, unflushed = durable.read_all(files, None, known={files[0]: durable.Fingerprint(4, told.sha256)})
+    unflushed.flush()
+    assert prints == truth

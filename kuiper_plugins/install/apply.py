@@ -138,7 +138,7 @@ class Applier:
 
         if plugin_type != PORTABLE:
             progress.phase("commit")  # sealing, moving into place, the engine's hand-over, the registry's commit
-        moves, files, unflushed = self._stage_units(conn, op, plan, unpacked, old)
+        moves, files, unflushed = self._stage_units(conn, op, operation, unpacked, old)
         kept = self.keeper.keep(conn, op, old) if self.keeper is not None and old is not None else None
         self._publish(op, moves, unflushed)
         if plugin_type == PORTABLE:
@@ -366,19 +366,24 @@ class Applier:
             raise exc.with_prefix("fail to install plugin")
 
     def _stage_units(
-        self, conn: sqlite3.Connection, op: Operation, plan: packages.InstallPlan, unpacked: Path,
+        self, conn: sqlite3.Connection, op: Operation, operation: OperationPlan, unpacked: Path,
         old: registry.Plugin | None,
     ) -> tuple[list[tuple[Path | None, str]], list[registry.RecordedFile], durable.Unflushed]:
         """Materialise and read each unit in staging; return the moves to make, the files to record, and what
         must be flushed before the moves (`_publish` does it while it writes the journal).
 
         A destination that exists must be recorded as this plugin's, or the install is refused: nothing
-        that is not ours is replaced. The source yaml is the one exception (see `_kept_groups`).
+        that is not ours is replaced. The source yaml is the one exception (see `_kept_groups`). A file moved
+        as `archive.extract` wrote it is not read again: its digest is the one extract kept. Only when an
+        install.sh has run in the unpacked tree is every file read, as the script may have changed it.
         """
+        plan = operation.package
         old_records, kept_groups, placing = self.refuse_foreign_destinations(conn, plan, unpacked, old)
         first_copy: dict[str, Path] = {}
         moves: list[tuple[Path | None, str]] = []
         unread: set[Path] = set()
+        known: dict[Path, durable.Fingerprint] = {}
+        sizes = {entry.name: entry.size for entry in operation.entries if not entry.is_dir} if not plan.script else {}
         for index, unit in enumerate(placing):
             staged = op.staging / f"{UNIT_PREFIX}{index}"  # beside the unpacked tree: no folder to make for them
             if unit.src in first_copy:
@@ -398,8 +403,11 @@ class Applier:
             else:
                 os.replace(unpacked / unit.src, staged)
                 first_copy[unit.src] = staged
+                if unit.src in sizes and unit.src in operation.unpacked:
+                    known[staged] = durable.Fingerprint(sizes[unit.src], operation.unpacked[unit.src])
             moves.append((staged, unit.dest))
-        prints, unflushed = durable.read_all([staged for staged, _dest in moves], op.flush, unread=unread)
+        prints, unflushed = durable.read_all([staged for staged, _dest in moves], op.flush, unread=unread,
+                                             known=known)
         files = [registry.RecordedFile(dest, print_.size, print_.sha256) if print_ else registry.RecordedFile(dest)
                  for (_staged, dest), print_ in zip(moves, prints, strict=True)]
 

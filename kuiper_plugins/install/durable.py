@@ -245,17 +245,38 @@ def seal_all(
 
 def read_all(
     paths: Iterable[Path], batch: FileSystemSync | None, *, unread: Collection[Path] = (),
+    known: Mapping[Path, Fingerprint] | None = None,
 ) -> tuple[list[Fingerprint | None], Unflushed]:
-    """`seal_all` with `batch`, but with the flush left to the caller: `Unflushed.flush` does it."""
+    """`seal_all` with `batch`, but with the flush left to the caller: `Unflushed.flush` does it.
+
+    `known` gives the fingerprints of files whose content the caller knows (it wrote them, and nothing
+    can have written since): such a file is made durable with the others but not read, when it is still
+    a regular file of the known size (see `read_fingerprint`).
+    """
     pending: list[_Entry] = []
     prints: list[Fingerprint | None] = []
     for path in paths:
         if path in unread:
             _add_unread(path, pending)
             prints.append(None)
+        elif known is not None and path in known and _add_known(path, known[path], pending, batch is not None):
+            prints.append(known[path])
         else:
             prints.append(_seal(path, pending if batch is not None else None))
     return prints, Unflushed(pending, batch)
+
+
+def _add_known(path: Path, print_: Fingerprint, pending: list[_Entry], batched: bool) -> bool:
+    """Add a file of known content to `pending` (or fsync it, unbatched); False, doing nothing, when it is
+    not a regular file of the known size (it is then read)."""
+    status = os.lstat(path)
+    if not stat.S_ISREG(status.st_mode) or status.st_size != print_.size:
+        return False
+    if batched:
+        pending.append(_Entry(os.fspath(path), status.st_dev))
+    else:
+        fsync_path(path)
+    return True
 
 
 def seal(path: Path, batch: FileSystemSync | None = None) -> Fingerprint:
