@@ -46,7 +46,8 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """One `gunicorn -c etc/gunicorn.conf.py <app>` on a free loopback port, as production starts it."""
+    """One `gunicorn -c etc/gunicorn.conf.py <app>` on a free loopback port, as production starts it (or, without
+    `config`, a plain `gunicorn --bind <port> <app>`)."""
 
     name: str
     app: str  # "wsgi:app" or "bare_app:app"
@@ -56,6 +57,9 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     checkout: Path = REPO  # the source tree served: this one, or an older commit's worktree (a baseline)
+    # None: gunicorn's defaults (its own sync worker, nothing of the service's configuration), bound to `port`,
+    # the app loaded before the workers fork (as the service loads it)
+    config: str | None = "etc/gunicorn.conf.py"
     process: subprocess.Popen | None = None
     started_in: float = 0.0
 
@@ -77,11 +81,12 @@ class Server:
             **self.env,
         }
         extra = ["--pythonpath", str(BENCH)] if self.app.startswith("bare_app") else []
+        extra = (["-c", self.config] if self.config else ["--bind", f"{HOST}:{self.port}", "--preload"]) + extra
         log = open(self.log_path, "ab")
         try:
             began = time.perf_counter()
             self.process = subprocess.Popen(
-                [str(GUNICORN), "-c", "etc/gunicorn.conf.py", *extra, self.app],
+                [str(GUNICORN), *extra, self.app],
                 cwd=self.checkout, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )

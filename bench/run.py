@@ -87,6 +87,7 @@ ENGINE_READS = {
     "GET /plugins/udfs": "/plugins/udfs",
 }
 IDLE_SECONDS = 3  # quiet after the reads before each side's memory is read
+FLOOR_READS = 200  # rounds of three reads given the design's floor (bare_app.py) before its memory is read
 
 
 @dataclass
@@ -602,12 +603,16 @@ class Bench:
         finally:
             service.stop()
             engine.stop()
+        floor_pss = self._floor_pss(len(service_pids) - 1)
         for read in ENGINE_READS:
             self.add(Row(section, read, best[(read, "service")], "req/s", best[(read, "kuiperd")], "kuiperd",
                          "≥ 1.0x kuiperd", best[(read, "service")] >= best[(read, "kuiperd")]))
         engine_pss, service_pss = engine_memory["Pss"] / 1024, sum(m["Pss"] for m in service_memory) / 1024
         self.add(Row(section, f"idle PSS, master + {len(service_pids) - 1} workers", service_pss, "MB", engine_pss,
                      "kuiperd's own", "≤ 0.6x kuiperd", service_pss <= 0.6 * engine_pss))
+        self.add(Row(section, f"idle PSS of the design's floor: bare_app.py under gunicorn's own sync worker, master"
+                              f" + {len(service_pids) - 1} workers (for reference)", floor_pss, "MB", engine_pss,
+                     "kuiperd's own"))
         self.add(Row(section, "idle RSS (for reference: pages shared with other processes counted whole)",
                      sum(m["Rss"] for m in service_memory) / 1024, "MB", engine_memory["Rss"] / 1024, "kuiperd's own"))
         self.add(Row(section, "idle private memory (for reference: pages no other process maps)",
@@ -616,6 +621,29 @@ class Bench:
         service_install, engine_install = median(service_times), median(engine_times)
         self.add(Row(section, "small native install (median), durable", service_install, "ms", engine_install,
                      "kuiperd's own install, not durable", "≤ 1.5x kuiperd", service_install <= 1.5 * engine_install))
+
+    def _floor_pss(self, workers: int) -> float:
+        """Idle PSS (MB) of the least the design could be: gunicorn, with its own sync worker and the app preloaded,
+        serving bench/bare_app.py (a Flask app of a few routes, no service code), read, then left as quiet."""
+        home = self.work / "floor-home"
+        home.mkdir(exist_ok=True)
+        data = Population(home, 1, {"random": "1.0.0"}, {"twice": "multi"}).write_bare_data(self.work / "floor.json")
+        floor = Server(name="floor", app="bare_app:app", home=home, log_path=self.work / "floor.log", workers=workers,
+                       env={"BENCH_BARE_DATA": str(data)}, config=None)
+        self.servers.append(floor)
+        floor.start()
+        try:
+            floor.wait_workers_settled()
+            for _ in range(FLOOR_READS):
+                for path in ("/plugins/sources", "/plugins/sources/random", "/plugins/udfs"):
+                    harness.fetch_body(floor.port, path)
+            time.sleep(IDLE_SECONDS)
+            pids = [floor.process.pid, *floor.worker_pids()]
+            total = sum(harness.smaps_rollup(pid)["Pss"] for pid in pids) / 1024
+            print(f"  floor: {total:.1f} MB PSS (master + {len(pids) - 1} workers, {FLOOR_READS * 3} reads)", flush=True)
+            return total
+        finally:
+            floor.stop()
 
     def _same_contents(self, engine_url: str, service_url: str) -> None:
         """Both sides answer each read with 200 and the same content (kuiperd lists in its maps' random order)."""
@@ -818,7 +846,11 @@ def write_report(bench: Bench, path: Path, command: str, mode: str, started: dat
         f" the reads and {IDLE_SECONDS} s of quiet, PSS from /proc/<pid>/smaps_rollup of kuiperd's process and"
         " of the gunicorn master and its workers summed; PSS splits each shared page between the processes"
         " mapping it, so kuiperd's own figure drops when other kuiperd processes run on the machine (RSS and"
-        " private memory are shown beside it). Install: `POST /plugins/functions` of multi (a real Go plugin,"
+        " private memory are shown beside it). The design's floor, for reference: once both sides have stopped,"
+        " plain `gunicorn --bind --preload` (its own sync worker, no configuration file, no service code; the app"
+        " loaded in the master before the workers fork, as the service's is) with"
+        f" the same worker count serving bench/bare_app.py, given {FLOOR_READS} rounds of three reads, then the same"
+        " quiet and the same sum. Install: `POST /plugins/functions` of multi (a real Go plugin,"
         f" the same zip), median of {sizes.engine_install_reps} taken in turns, each deleted before the next; the"
         " service's install is durable (fsynced before its 201), the engine's is not.",
         "",
