@@ -640,7 +640,8 @@ class Bench:
             time.sleep(IDLE_SECONDS)
             pids = [floor.process.pid, *floor.worker_pids()]
             total = sum(harness.smaps_rollup(pid)["Pss"] for pid in pids) / 1024
-            print(f"  floor: {total:.1f} MB PSS (master + {len(pids) - 1} workers, {FLOOR_READS * 3} reads)", flush=True)
+            print(f"  floor: {total:.1f} MB PSS (master + {len(pids) - 1} workers, {FLOOR_READS * 3} reads)",
+                  flush=True)
             return total
         finally:
             floor.stop()
