@@ -139,14 +139,44 @@ def _write_file(archive_fd: int, folder_fd: int, member: Member, advance: Callab
             data = _small_member(archive_fd, member)
             _write_all(file_fd, data)
             return hashlib.sha256(data).hexdigest()
-        digest = hashlib.sha256()
+        digest, offset = hashlib.sha256(), 0
         for chunk in checked_chunks(archive_fd, member):
             digest.update(chunk)
             _write_all(file_fd, chunk)
+            _start_writeback(file_fd, offset, len(chunk))
+            offset += len(chunk)
             advance(len(chunk))
         return digest.hexdigest()
     finally:
         os.close(file_fd)
+
+
+_sync_file_range: Callable[[int, int, int, int], int] | None | bool = False  # False: not looked up yet
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages out, without waiting for them
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing `length` bytes at `offset` to disk now, and return at once.
+
+    A large member is written a chunk at a time while the next is inflated, and the install flushes it
+    only once everything is staged: a 5 MB plugin's fsync then waited for all 5 MB (6 ms on the bench
+    machine). Started chunk by chunk, the writing overlaps the inflating, and the flush waits for the last
+    chunk alone. Nothing is promised here: the fsync still decides. Where libc has no sync_file_range(2),
+    this does nothing.
+    """
+    global _sync_file_range
+    if _sync_file_range is False:
+        try:
+            import ctypes  # here, not above: only a member larger than a chunk needs it
+
+            function = ctypes.CDLL(None, use_errno=True).sync_file_range
+            function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            function.restype = ctypes.c_int
+            _sync_file_range = function
+        except (ImportError, OSError, AttributeError):
+            _sync_file_range = None
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only leaves it to the fsync
 
 
 def _write_all(fd: int, data: bytes) -> None:
