@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,4 +28,7 @@ def test_bench_smoke_runs_every_section_and_writes_its_report(tmp_path):
     for section in ("reads, 20 plugins", "reads, 200 plugins", "one large install", "small installs", "cold start",
                     "-file portable install", "against kuiperd, 3 plugins"):
         assert section in text, section
+    # Beside the service's idle memory, the design's floor, measured in the same run (a bare gunicorn and Flask).
+    floor = re.search(r"\| idle PSS of the design's floor[^|]*\| ([0-9.]+) MB \| ([0-9.]+) MB \(kuiperd's own\)", text)
+    assert floor is not None and 0 < float(floor[1]) and 0 < float(floor[2]), text
     assert "tracebacks in the logs" not in text, text
