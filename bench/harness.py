@@ -80,13 +80,14 @@ class Server:
             **({"PYTHONPATH": str(self.checkout)} if self.checkout != REPO else {}),
             **self.env,
         }
-        extra = ["--pythonpath", str(BENCH)] if self.app.startswith("bare_app") else []
-        extra = (["-c", self.config] if self.config else ["--bind", f"{HOST}:{self.port}", "--preload"]) + extra
+        options = ["-c", self.config] if self.config else ["--bind", f"{HOST}:{self.port}", "--preload"]
+        if self.app.startswith("bare_app"):
+            options += ["--pythonpath", str(BENCH)]
         log = open(self.log_path, "ab")
         try:
             began = time.perf_counter()
             self.process = subprocess.Popen(
-                [str(GUNICORN), *extra, self.app],
+                [str(GUNICORN), *options, self.app],
                 cwd=self.checkout, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )

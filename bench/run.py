@@ -133,22 +133,23 @@ class Bench:
 
     # ------------------------------------------------------------ plumbing
 
-    def server(self, name: str, app: str, home: Path, **env: str) -> Server:
+    def server(self, name: str, app: str, home: Path, config: str | None = Server.config, **env: str) -> Server:
         server = Server(name=name, app=app, home=home, log_path=self.work / f"{name}.log",
-                        workers=self.sizes.workers, env=env)
+                        workers=self.sizes.workers, env=env, config=config)
         self.servers.append(server)
         return server
 
-    def bare(self, name: str, population: Population, keep_alive: bool = False) -> Server:
+    def bare(self, name: str, population: Population, keep_alive: bool = False, plain: bool = False) -> Server:
         """The bare Flask app; with `keep_alive`, under gunicorn's gthread worker, which keeps connections open
-        as the service does for reads (the same transport), instead of our worker's one request per connection."""
+        as the service does for reads (the same transport), instead of our worker's one request per connection;
+        `plain`, under gunicorn's defaults and sync worker, without the service's configuration file."""
         home = self.work / f"{name}-home"
         home.mkdir(exist_ok=True)
         data = population.write_bare_data(self.work / f"{name}.json")
         env = {"BENCH_BARE_DATA": str(data)}
         if keep_alive:
             env["GUNICORN_CMD_ARGS"] = BARE_KEEP_ALIVE
-        return self.server(name, "bare_app:app", home, **env)
+        return self.server(name, "bare_app:app", home, config=None if plain else Server.config, **env)
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -603,7 +604,7 @@ class Bench:
         finally:
             service.stop()
             engine.stop()
-        floor_pss = self._floor_pss(len(service_pids) - 1)
+        floor_pss = self._floor_pss()
         for read in ENGINE_READS:
             self.add(Row(section, read, best[(read, "service")], "req/s", best[(read, "kuiperd")], "kuiperd",
                          "≥ 1.0x kuiperd", best[(read, "service")] >= best[(read, "kuiperd")]))
@@ -622,16 +623,11 @@ class Bench:
         self.add(Row(section, "small native install (median), durable", service_install, "ms", engine_install,
                      "kuiperd's own install, not durable", "≤ 1.5x kuiperd", service_install <= 1.5 * engine_install))
 
-    def _floor_pss(self, workers: int) -> float:
+    def _floor_pss(self) -> float:
         """Idle PSS (MB) of the least the design could be: gunicorn, with its own sync worker and the app preloaded,
         serving bench/bare_app.py (a Flask app of a few routes, no service code), read, then left as quiet."""
-        home = self.work / "floor-home"
-        home.mkdir(exist_ok=True)
-        data = Population(home, 1, {"random": "1.0.0"}, {"twice": "multi"}).write_bare_data(self.work / "floor.json")
-        floor = Server(name="floor", app="bare_app:app", home=home, log_path=self.work / "floor.log", workers=workers,
-                       env={"BENCH_BARE_DATA": str(data)}, config=None)
-        self.servers.append(floor)
-        floor.start()
+        population = Population(self.work / "floor-home", 1, {"random": "1.0.0"}, {"twice": "multi"})
+        floor = self.bare("floor", population, plain=True).start()
         try:
             floor.wait_workers_settled()
             for _ in range(FLOOR_READS):

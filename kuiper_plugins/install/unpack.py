@@ -21,6 +21,7 @@ path by name but the folders below the descriptor it was given, each segment wit
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import marshal
 import os
@@ -151,7 +152,6 @@ def _write_file(archive_fd: int, folder_fd: int, member: Member, advance: Callab
         os.close(file_fd)
 
 
-_sync_file_range: Callable[[int, int, int, int], int] | None | bool = False  # False: not looked up yet
 _SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages out, without waiting for them
 
 
@@ -164,19 +164,23 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     chunk alone. Nothing is promised here: the fsync still decides. Where libc has no sync_file_range(2),
     this does nothing.
     """
-    global _sync_file_range
-    if _sync_file_range is False:
-        try:
-            import ctypes  # here, not above: only a member larger than a chunk needs it
+    sync_file_range = _sync_file_range()
+    if sync_file_range is not None:
+        sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only leaves it to the fsync
 
-            function = ctypes.CDLL(None, use_errno=True).sync_file_range
-            function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-            function.restype = ctypes.c_int
-            _sync_file_range = function
-        except (ImportError, OSError, AttributeError):
-            _sync_file_range = None
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only leaves it to the fsync
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range(2), looked up once per process; None where there is none."""
+    try:
+        import ctypes  # here, not above: only a member larger than a chunk needs it
+
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
 
 
 def _write_all(fd: int, data: bytes) -> None:
